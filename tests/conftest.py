@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny random models built in-process (no download), one Mimi per session."""
+
+import json
+import logging
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the network
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+logging.getLogger("transformers").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*pad_token_id.*|.*bos_token_id.*|.*audio_.*token_id.*")
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def tiny_hf_config(rope=LLAMA3_ROPE):
+    """A transformers CsmConfig with the shapes of our 'tiny' flavour (and a small codec)."""
+    from transformers import CsmConfig
+
+    return CsmConfig(
+        text_vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        rope_parameters=dict(rope),
+        depth_decoder_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2,
+                                  backbone_hidden_size=64, rope_parameters=dict(rope)),
+        codec_config=dict(num_hidden_layers=1, hidden_size=64, upsample_groups=64, num_filters=8,
+                          intermediate_size=64, codebook_dim=16, num_attention_heads=2,
+                          num_key_value_heads=2, head_dim=32),
+        bos_token_id=1, eos_token_id=2, pad_token_id=3, audio_token_id=4, audio_eos_token_id=5)
+
+
+def make_hf_checkpoint(folder, rope=LLAMA3_ROPE, seed=0):
+    """Write a transformers-format tiny CSM (save_pretrained) plus a tokenizer.json; return the model."""
+    from transformers import CsmForConditionalGeneration
+
+    from generator import random_text_tokenizer
+
+    torch.manual_seed(seed)
+    hf = CsmForConditionalGeneration(tiny_hf_config(rope)).eval()
+    with torch.no_grad():  # transformers' init leaves norms at 1 and some weights tiny: spread them
+        for name, p in hf.named_parameters():
+            if not name.startswith("codec_model") and p.dim() > 1:
+                p.normal_(0, 0.1)
+            elif not name.startswith("codec_model"):
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(folder)
+    random_text_tokenizer().save(str(folder / "tokenizer.json"))
+    return hf
+
+
+@pytest.fixture(scope="session")
+def mimi():
+    from generator import load_mimi
+
+    return load_mimi("random", "cpu")
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf_tiny")
+    hf = make_hf_checkpoint(folder)
+    return hf, folder
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(mimi):
+    """The plain reference Generator on random:tiny (no watermark)."""
+    from generator import Generator, load_model_and_tokenizer
+
+    model, tok, _ = load_model_and_tokenizer("random:tiny", torch.device("cpu"))
+    return Generator(model, tok, mimi)
+
+
+def speech_like(seconds=1.0, sr=24_000, seed=0):
+    """A deterministic voiced signal: harmonics with a syllable-rate envelope."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(int(seconds * sr)) / sr
+    f0 = 120 + 20 * torch.sin(2 * torch.pi * 0.5 * t)
+    phase = 2 * torch.pi * torch.cumsum(f0, 0) / sr
+    x = sum(torch.sin(k * phase) / k for k in range(1, 6))
+    env = 0.5 * (1 - torch.cos(2 * torch.pi * 4 * t)).clamp(min=0)
+    return (0.2 * x * env + 0.005 * torch.randn(t.shape, generator=g)).float()
