@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import CSM, FLAVORS, SamplingState, build_model, checkpoint_files, load_state
+from models import CSM, FLAVORS, MIMI_CODES, SamplingState, build_model, checkpoint_files, load_state
 
 log = logging.getLogger("csm")
 
@@ -381,9 +381,13 @@ class Generator:
         a, am = self._tokenize_audio(to_mono_24k(seg.audio, seg.sample_rate))
         return torch.cat([t, a]), torch.cat([tm, am])
 
-    def build_prompt(self, req: GenerationRequest, reserve_frames: int | None = None):
+    def build_prompt(self, req: GenerationRequest, reserve_frames: int | None = None, history=()):
         """-> (tokens [S, 33], mask [S, 33]) on device. Context that does not fit in the window
-        beside the text and `reserve_frames` is dropped, oldest first, with a warning."""
+        beside the text and `reserve_frames` is dropped, oldest first, with a warning.
+
+        history: prompt pieces (tokens, mask) said after `req.context` (the sentences of a long
+        text already spoken), placed between the context and the text.
+        """
         reserve = req.max_frames if reserve_frames is None else reserve_frames
         text_t, text_m = self._tokenize_text_segment(req.text, req.speaker)
         window = self.max_seq_len
@@ -392,7 +396,7 @@ class Generator:
                 f"text is too long: {len(text_t)} tokens + {reserve} frames of audio "
                 f"(max_audio_length_ms={req.max_audio_length_ms:g}) exceed the {window}-position "
                 "window; split the text or lower max_audio_length_ms")
-        segs = [self._tokenize_segment(s) for s in req.context]
+        segs = [self._tokenize_segment(s) for s in req.context] + list(history)
         budget = window - reserve - len(text_t)
         kept = []
         for tokens, mask in reversed(segs):  # newest context first
@@ -411,7 +415,7 @@ class Generator:
     def sampling_state(self, req: GenerationRequest) -> SamplingState:
         s = SamplingState.empty(1, self.device)
         s.temperature.fill_(req.temperature)
-        s.topk.fill_(min(req.topk, self._model.args.audio_vocab_size))
+        s.topk.fill_(min(req.topk, MIMI_CODES))
         s.seed.fill_(draw_seed(req.seed))
         return s
 

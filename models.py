@@ -257,14 +257,19 @@ def exponential_noise(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> 
     return -torch.log(u)
 
 
+MIMI_CODES = 2048  # Mimi's codebook size; ids 2048..2050 of the 2051-way heads are never audio
+
+
 def sample_topk(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor,
                 seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
     """logits [B, V]; temperature [B] float; topk [B] int64; seed, counter [B] -> [B] int64.
 
     Multinomial draw over the top-k of softmax(logits / T) with the exponential trick
-    (argmax(p / q), q ~ Exp(1)): no host sync, no generator state.
+    (argmax(p / q), q ~ Exp(1)): no host sync, no generator state. Ids Mimi cannot decode
+    (>= 2048) are never drawn.
     """
     logits = logits.float() / temperature[:, None]
+    logits[:, MIMI_CODES:] = float("-inf")
     kth = logits.sort(dim=-1, descending=True).values.gather(-1, (topk[:, None] - 1))
     logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
@@ -348,17 +353,23 @@ class CSM(nn.Module):
         pos = torch.arange(tokens.shape[1], device=tokens.device)[None]
         return self.backbone(self.embed_tokens(tokens, mask), pos, slot=slot)[:, -1]
 
-    def backbone_step(self, codes: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Feed one frame codes [B, 32] at positions pos [B]; return the next h [B, D]."""
-        return self.backbone(self.embed_frame(codes), pos[:, None])[:, -1]
+    def backbone_step(self, codes: torch.Tensor, pos: torch.Tensor, backbone=None) -> torch.Tensor:
+        """Feed one frame codes [B, 32] at positions pos [B]; return the next h [B, D].
 
-    def sample_frame(self, h: torch.Tensor, s: SamplingState, slot: int | None = None) -> torch.Tensor:
+        backbone: a compiled wrapper of self.backbone (the fast path), or None for eager.
+        """
+        backbone = self.backbone if backbone is None else backbone
+        return backbone(self.embed_frame(codes), pos[:, None])[:, -1]
+
+    def sample_frame(self, h: torch.Tensor, s: SamplingState, slot: int | None = None,
+                     decoder=None) -> torch.Tensor:
         """Backbone hidden h [B, D] -> the frame's 32 codes [B, 32] (codebook 0 + depth loop).
 
         The depth decoder starts empty each frame: positions 0..31 are rewritten and the causal
         mask hides what the previous frame left further on.
         """
         n = self.args.audio_num_codebooks
+        decoder = self.decoder if decoder is None else decoder
         dtype = h.dtype
         counter = s.frame * n
         c = sample_topk(self.codebook0_head(h), s.temperature, s.topk, s.seed, counter)
@@ -366,7 +377,7 @@ class CSM(nn.Module):
         x = torch.stack([h, self.embed_audio(0, c)], dim=1)  # [B, 2, D]
         pos = torch.arange(2, device=h.device)[None].expand(h.shape[0], 2)
         for i in range(1, n):
-            out = self.decoder(self.projection(x), pos, slot).to(dtype)[:, -1]  # [B, Dd]
+            out = decoder(self.projection(x), pos, slot).to(dtype)[:, -1]  # [B, Dd]
             c = sample_topk(out @ self.audio_head[i - 1], s.temperature, s.topk, s.seed, counter + i)
             codes.append(c)
             x = self.embed_audio(i, c)[:, None]

@@ -1,0 +1,190 @@
+"""The fast path against the plain one, on the tiny random model."""
+
+import pytest
+import torch
+
+from conftest import speech_like
+from generator import FRAME_SAMPLES, Segment
+from streaming_generator import (StreamingConfig, StreamingGenerator, StreamRequest, split_sentences)
+
+
+@pytest.fixture(scope="module")
+def streamer(tiny_generator):
+    return StreamingGenerator(tiny_generator, StreamingConfig(enable_compilation=False, max_batch_size=3))
+
+
+def force_end_at(model, frame_of_end: dict[int, int | list[int]]):
+    """Make sample_frame emit the all-zero end frame when a stream's seed reaches a frame index.
+
+    frame_of_end: seed -> frame index (or indices). Pure device ops, like the real step.
+    """
+    original = model.sample_frame
+
+    def patched(h, s, slot=None, decoder=None):
+        codes = original(h, s, slot, decoder)
+        end = torch.zeros_like(s.frame, dtype=torch.bool)
+        for seed, frames in frame_of_end.items():
+            for f in ([frames] if isinstance(frames, int) else frames):
+                end |= (s.seed == seed) & (s.frame == f)
+        return torch.where(end[:, None], torch.zeros_like(codes), codes)
+
+    model.sample_frame = patched
+    return lambda: setattr(model, "sample_frame", original) or model.__dict__.pop("sample_frame", None)
+
+
+def test_stream_equals_generate_at_any_topk(streamer, tiny_generator):
+    for topk, temp in ((1, 0.9), (50, 0.9), (2051, 1.3)):
+        ref = tiny_generator.generate("Hello there.", 0, max_audio_length_ms=1600, topk=topk,
+                                      temperature=temp, seed=11)
+        chunks = list(streamer.generate_streaming("Hello there.", 0, max_audio_length_ms=1600,
+                                                  topk=topk, temperature=temp, seed=11))
+        out = torch.cat(chunks)
+        assert out.shape == ref.shape == (20 * FRAME_SAMPLES,)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+def test_chunks_equal_one_shot_decode_of_the_same_codes(streamer, tiny_generator):
+    chunks = list(streamer.generate_streaming("Stream me.", 1, max_audio_length_ms=2000, seed=3))
+    stream = streamer.engine._last_stream
+    codes = stream.all_codes
+    assert codes.shape == (25, 32)
+    one_shot = tiny_generator.decode_codes(codes)
+    torch.testing.assert_close(torch.cat(chunks), one_shot, atol=1e-4, rtol=0)
+    # chunk sizes: a small first chunk, then full chunks, the rest at the end
+    cfg = streamer.config
+    sizes = [c.shape[0] // FRAME_SAMPLES for c in chunks]
+    assert sizes[0] == cfg.first_chunk_frames and sizes[1] == cfg.chunk_frames and sum(sizes) == 25
+
+
+def test_first_chunk_comes_before_the_end(streamer):
+    it = streamer.generate_streaming("An utterance long enough to stream.", 0, max_audio_length_ms=4000, seed=1)
+    first = next(it)
+    stream = streamer.engine._last_stream
+    assert first.shape[0] == streamer.config.first_chunk_frames * FRAME_SAMPLES
+    assert not stream.finished and stream.metrics.frames < 50
+    assert stream.metrics.first_audio_s is not None
+    rest = list(it)
+    assert stream.finished and stream.metrics.frames == 50 and len(rest) >= 2
+
+
+def test_end_of_speech_mid_chunk(streamer, tiny_generator):
+    undo = force_end_at(tiny_generator.model, {77: 5})
+    try:
+        ref = tiny_generator.generate_codes("Stop early.", 0, max_audio_length_ms=4000, seed=77)
+        chunks = list(streamer.generate_streaming("Stop early.", 0, max_audio_length_ms=4000, seed=77))
+    finally:
+        undo()
+    assert ref.shape == (5, 32)
+    assert torch.cat(chunks).shape == (5 * FRAME_SAMPLES,)
+    assert torch.equal(streamer.engine._last_stream.all_codes, ref)
+    assert streamer.metrics.stop_reason == "end of speech"
+
+
+def test_batched_streams_equal_their_solo_runs(streamer, tiny_generator):
+    reqs = [StreamRequest("First voice here.", 0, max_audio_length_ms=1200, seed=1, topk=1),
+            StreamRequest("A second, different one.", 1, max_audio_length_ms=2000, seed=2, topk=30,
+                          temperature=0.7),
+            StreamRequest("Third.", 2, max_audio_length_ms=800, seed=3, topk=5, temperature=1.2),
+            # more requests than the 3 slots: this one joins when a slot frees up
+            StreamRequest("Fourth joins late.", 0, max_audio_length_ms=960, seed=4, topk=50,
+                          context=(Segment(1, "Earlier.", speech_like(0.4)),))]
+    undo = force_end_at(tiny_generator.model, {2: 13})  # request 1 ends on its own, mid-chunk
+    try:
+        got = {i: [] for i in range(len(reqs))}
+        for i, chunk in streamer.generate_streaming_batch(reqs):
+            got[i].append(chunk)
+        solo = [tiny_generator.generate(r.text, r.speaker, r.context, r.max_audio_length_ms,
+                                        r.temperature, r.topk, r.seed) for r in reqs]
+    finally:
+        undo()
+    assert solo[1].shape[0] == 13 * FRAME_SAMPLES
+    for i, ref in enumerate(solo):
+        torch.testing.assert_close(torch.cat(got[i]), ref, atol=1e-4, rtol=0)
+    assert streamer.engine.free_slots == 3
+
+
+def test_caller_stopping_early_frees_the_engine(streamer, tiny_generator):
+    it = streamer.generate_streaming("Interrupted speech.", 0, max_audio_length_ms=8000, seed=9)
+    next(it)
+    it.close()  # the caller stops listening
+    assert streamer.engine.free_slots == 3
+    assert streamer.engine._last_stream.metrics.stop_reason == "cancelled"
+    ref = tiny_generator.generate("Next one.", 0, max_audio_length_ms=800, seed=2)
+    out = torch.cat(list(streamer.generate_streaming("Next one.", 0, max_audio_length_ms=800, seed=2)))
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+def test_long_text_is_spoken_in_segments_without_a_seam(tiny_generator):
+    sg = StreamingGenerator(tiny_generator, StreamingConfig(enable_compilation=False, max_segment_chars=40))
+    text = "This is the first sentence here. And this one is the second. A third one ends it."
+    assert len(split_sentences(text, 40)) == 3
+    # the draw counter runs on across segments: frame 6 ends the first, frame 14 the second
+    undo = force_end_at(tiny_generator.model, {5: [6, 14]})
+    try:
+        chunks = list(sg.generate_streaming(text, 0, max_audio_length_ms=6000, seed=5))
+    finally:
+        undo()
+    stream = sg.engine._last_stream
+    assert stream.metrics.segments == 3 and stream.segment_index == 2
+    audio = torch.cat(chunks)
+    codes = stream.all_codes
+    # 6 + 7 frames for the first two; the last may use what is left of the 75-frame budget
+    assert codes.shape[0] == 75 and stream.metrics.stop_reason == "max_audio_length_ms reached"
+    assert audio.shape[0] == codes.shape[0] * FRAME_SAMPLES
+    # one Mimi state across the segments: the stream equals a one-shot decode of all its codes
+    torch.testing.assert_close(audio, tiny_generator.decode_codes(codes), atol=1e-4, rtol=0)
+    assert len(stream.history) == 2  # what was said is the context of what comes next
+
+
+def test_split_sentences():
+    assert split_sentences("Short one. Two.") == ["Short one. Two."]
+    text = "One sentence is here. " * 20
+    pieces = split_sentences(text, 50)
+    assert all(len(p) <= 50 for p in pieces) and " ".join(pieces) == " ".join(text.split())
+    long = "a clause, " * 40
+    assert all(len(p) <= 60 for p in split_sentences(long, 60))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"chunk_size_ms": 100}, "multiple of 80"), ({"chunk_size_ms": 0}, "multiple of 80"),
+    ({"first_chunk_ms": -80}, "multiple of 80"), ({"frame_batch_size": 3}, "must divide"),
+    ({"frame_batch_size": 0}, ">= 1"), ({"max_batch_size": 0}, ">= 1"),
+    ({"rtf_target": 0}, "rtf_target"), ({"max_seq_len": 4096}, "max_seq_len")])
+def test_config_is_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StreamingConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"text": "  "}, "text"), ({"speaker": -1}, "speaker"), ({"speaker": "0"}, "speaker"),
+    ({"temperature": float("nan")}, "temperature"), ({"temperature": 0}, "temperature"),
+    ({"topk": 0}, "topk"), ({"max_audio_length_ms": 0}, "max_audio_length_ms"),
+    ({"context": [Segment(0, "x", torch.zeros(0))]}, r"context\[0\].audio"),
+    ({"context": [Segment(0, "x", torch.tensor([0.0, float("nan")]))]}, r"context\[0\].audio")])
+def test_bad_input_fails_before_any_work(streamer, kwargs, name):
+    args = {"text": "Fine.", "speaker": 0, **kwargs}
+    frames_before = streamer.engine.sampling.frame.clone()
+    with pytest.raises(ValueError, match=name):
+        streamer.generate_streaming(**args)
+    assert torch.equal(streamer.engine.sampling.frame, frames_before)
+    assert streamer.engine.free_slots == 3
+
+
+def test_compiled_step_equals_eager(tiny_generator):
+    eager = StreamingGenerator(tiny_generator, StreamingConfig(enable_compilation=False))
+    ref = torch.cat(list(eager.generate_streaming("Compile me.", 0, max_audio_length_ms=480, seed=4)))
+    compiled = StreamingGenerator(tiny_generator, StreamingConfig(enable_compilation=True))
+    assert compiled.engine._backbone is not None
+    out = torch.cat(list(compiled.generate_streaming("Compile me.", 0, max_audio_length_ms=480, seed=4)))
+    assert torch.equal(compiled.engine._last_stream.all_codes, eager.engine._last_stream.all_codes)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+def test_kill_switch_env(monkeypatch):
+    monkeypatch.setenv("NO_TORCH_COMPILE", "1")
+    monkeypatch.setenv("NO_CUDA_GRAPH", "1")
+    cfg = StreamingConfig(enable_compilation=True, enable_cuda_graphs=True)
+    assert not cfg.compile_enabled()
+    assert not cfg.cuda_graphs_enabled(torch.device("cuda"))
+    monkeypatch.delenv("NO_TORCH_COMPILE")
+    assert cfg.compile_enabled()
