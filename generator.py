@@ -258,6 +258,7 @@ def load_mimi(spec: str | None, device):
 
     if spec == "random":
         mimi = loaders.get_mimi(None, device=device)
+        _randomize_codebooks(mimi)
     else:
         path = Path(spec).expanduser() if spec else None
         if path is None or not path.exists():
@@ -274,6 +275,18 @@ def load_mimi(spec: str | None, device):
         mimi = loaders.get_mimi(str(path), device=device)
     mimi.set_num_codebooks(32)
     return mimi.eval()
+
+
+@torch.no_grad()
+def _randomize_codebooks(mimi, seed: int = 0):
+    """moshi's random Mimi has all-zero codebooks, so every input encodes to code 0. Give them
+    random centroids, so encoded context audio yields varied codes, as a trained codec does."""
+    g = torch.Generator().manual_seed(seed)
+    for name, buf in mimi.named_buffers():
+        if name.endswith("_codebook.embedding_sum"):
+            buf.copy_(torch.randn(buf.shape, generator=g).to(buf) * 0.1)
+        elif name.endswith("_codebook._initialized"):
+            buf.fill_(1.0)
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:

@@ -253,7 +253,9 @@ def exponential_noise(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> 
     key = hash32(hash32(seed & _MASK32) ^ (counter & _MASK32))  # [B]
     tokens = torch.arange(vocab, device=seed.device)
     bits = hash32(key[:, None] ^ hash32(tokens)[None, :])
-    u = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # uniform in (0, 1)
+    # 23 bits: (k + 0.5) / 2**23 is exact in float32, so u stays strictly inside (0, 1) and the
+    # noise is never 0 (with 24 bits the top value rounds to u = 1, q = 0 and p / q = inf).
+    u = ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
     return -torch.log(u)
 
 
