@@ -398,6 +398,72 @@ class CSM(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# CPU: weights prepacked for a batch size
+# ---------------------------------------------------------------------------------------------
+
+
+class PackedLinear(nn.Module):
+    """nn.Linear with its weight also prepacked by MKL for `batch` rows (CPU, fp32).
+
+    Skinny matrix products (a few streams x a big weight) run ~2.5x faster packed on CPU; calls
+    with another row count fall back to the plain weight inside the same MKL op, exactly.
+    """
+
+    def __init__(self, linear: nn.Linear, batch: int):
+        super().__init__()
+        self.weight = linear.weight  # same parameter, same state-dict key
+        self.batch = batch
+        self.register_buffer("packed", torch.ops.mkl._mkl_reorder_linear_weight(self.weight, batch),
+                             persistent=False)
+
+    def forward(self, x):
+        return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, self.batch)
+
+
+def can_prepack(model: nn.Module) -> bool:
+    p = next(model.parameters())
+    return p.device.type == "cpu" and p.dtype == torch.float32 and torch._C.has_mkl
+
+
+@torch.no_grad()
+def prepack_linears(model: CSM, batch: int) -> int:
+    """Swap every Linear of the frame step for a PackedLinear sized for `batch` rows."""
+    if batch < 2 or not can_prepack(model):
+        return 0
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, PackedLinear(child, batch))
+                count += 1
+            elif isinstance(child, PackedLinear) and child.batch != batch:
+                setattr(parent, name, _repack(child, batch))
+                count += 1
+    return count
+
+
+def _plain_linear(layer: PackedLinear) -> nn.Linear:
+    lin = nn.Linear(layer.weight.shape[1], layer.weight.shape[0], bias=False, device="meta")
+    lin.weight = layer.weight
+    return lin
+
+
+def _repack(layer: PackedLinear, batch: int) -> PackedLinear:
+    return PackedLinear(_plain_linear(layer), batch)
+
+
+def unpack_linears(model: CSM) -> int:
+    """Undo prepack_linears (torch.compile traces plain Linear layers, not MKL's packed op)."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, PackedLinear):
+                setattr(parent, name, _plain_linear(child))
+                count += 1
+    return count
+
+
+# ---------------------------------------------------------------------------------------------
 # Weights: the original format and the transformers format, detected from the tensor names
 # ---------------------------------------------------------------------------------------------
 
@@ -591,6 +657,7 @@ def build_model(args: ModelArgs, state: dict | None, device, dtype) -> CSM:
                   * rope_frequencies(part.args).to(device)[None, :])
         part.rope_cos, part.rope_sin = angles.cos(), angles.sin()
     model.codebook_offsets = torch.arange(args.audio_num_codebooks, device=device) * args.audio_vocab_size
+    model = model.to(dtype=dtype)
     if state is None:
         init_random(model)
     else:
@@ -598,17 +665,18 @@ def build_model(args: ModelArgs, state: dict | None, device, dtype) -> CSM:
         if missing or unexpected:
             raise ValueError(f"checkpoint does not match the model: missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]}")
-    return model.to(dtype=dtype).eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
 
 
 @torch.no_grad()
 def init_random(model: CSM, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
+    """Normal(0, 0.02) weights, unit norms; in place, in the model's dtype, on its device."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, p in model.named_parameters():
         if name.endswith(".scale"):
-            p.copy_(torch.ones_like(p))
+            p.fill_(1.0)
         else:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            p.normal_(0.0, 0.02, generator=g)
 
 
 def with_max_seq(args: ModelArgs, max_seq_len: int) -> ModelArgs:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models import MIMI_CODES, SamplingState
+from models import MIMI_CODES, SamplingState, prepack_linears, unpack_linears
 from generator import (FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, DEFAULT_REPO, GenerationRequest, Generator,
                        draw_seed, is_eos, load_csm_1b, validate_request)
 
@@ -58,8 +58,9 @@ class StreamingConfig:
     chunk_size_ms: int = 320
     first_chunk_ms: int = 160
     frame_batch_size: int = 2
-    enable_compilation: bool = True
+    enable_compilation: bool | None = None  # None: on CUDA only (minutes to build on a CPU)
     enable_cuda_graphs: bool = True
+    cpu_weight_prepack: bool = True  # MKL-packed fp32 weights for batched streams on CPU
     rtf_target: float = 0.5
     max_batch_size: int = 1
     max_seq_len: int | None = None
@@ -95,8 +96,11 @@ class StreamingConfig:
     def first_chunk_frames(self) -> int:
         return self.first_chunk_ms // FRAME_MS
 
-    def compile_enabled(self) -> bool:
-        return self.enable_compilation and not _env_off("NO_TORCH_COMPILE")
+    def compile_enabled(self, device: torch.device | None = None) -> bool:
+        wanted = self.enable_compilation
+        if wanted is None:
+            wanted = device is not None and device.type == "cuda"
+        return wanted and not _env_off("NO_TORCH_COMPILE")
 
     def cuda_graphs_enabled(self, device: torch.device) -> bool:
         return self.enable_cuda_graphs and device.type == "cuda" and not _env_off("NO_CUDA_GRAPH")
@@ -308,16 +312,20 @@ class StreamEngine:
         self._last_stream: Stream | None = None
         self._next_id = 0
         self._backbone = self._decoder = None  # compiled wrappers, or None for eager
+        self.prepacked = 0  # Linear layers swapped for MKL-packed ones (CPU, batched)
         self._step = CUDAGraphed(self._frame_step, disable=not config.cuda_graphs_enabled(dev))
         self.mimi.streaming_forever(b)
-        if config.compile_enabled():
+        if config.compile_enabled(dev):
             self._compile()
+        elif config.cpu_weight_prepack:
+            self.prepacked = prepack_linears(self.model, b)
 
     # -- set-up -------------------------------------------------------------------------------
 
     def _compile(self):
         """Compile the per-frame shapes of the backbone and depth decoder (prefill stays eager:
         prompt lengths vary). Compile time is spent on the first frames, reported apart."""
+        unpack_linears(self.model)
         self._backbone = torch.compile(self.model.backbone, dynamic=False)
         self._decoder = torch.compile(self.model.decoder, dynamic=False)
 

@@ -185,6 +185,27 @@ def test_kill_switch_env(monkeypatch):
     monkeypatch.setenv("NO_CUDA_GRAPH", "1")
     cfg = StreamingConfig(enable_compilation=True, enable_cuda_graphs=True)
     assert not cfg.compile_enabled()
+    assert StreamingConfig().compile_enabled(torch.device("cpu")) is False  # auto: CUDA only
     assert not cfg.cuda_graphs_enabled(torch.device("cuda"))
     monkeypatch.delenv("NO_TORCH_COMPILE")
     assert cfg.compile_enabled()
+
+
+def test_cpu_prepacked_weights_give_the_same_numbers(tiny_generator):
+    """Batched CPU streams use MKL-packed weights; the model must compute the same values."""
+    from models import PackedLinear, can_prepack, prepack_linears, unpack_linears
+
+    if not can_prepack(tiny_generator.model):
+        pytest.skip("no MKL in this torch build")
+    model = tiny_generator.model
+    unpack_linears(model)
+    h = torch.randn(4, model.args.backbone.dim)
+    codes = torch.randint(0, 2048, (4, 32))
+    pos = torch.tensor([3, 7, 11, 2])
+    model.setup_caches(4)
+    plain = model.backbone_step(codes, pos)
+    assert prepack_linears(model, 4) > 0
+    assert any(isinstance(m, PackedLinear) for m in model.modules())
+    packed = model.backbone_step(codes, pos)
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+    assert unpack_linears(model) > 0 and not any(isinstance(m, PackedLinear) for m in model.modules())

@@ -1,0 +1,86 @@
+"""Time of one frame step at full CSM-1B size (random weights) beside the bandwidth floor.
+
+    .venv/bin/python benchmarks/bench_frame.py [--device auto] [--frames 5] [--dtypes bf16,fp32]
+
+For each dtype: (a) the floor, weight bytes read per frame over the memory bandwidth measured in
+the same run; (b) our engine's frame step (static caches, no host sync); (c) the plain per-frame
+loop of the reference Generator, which has the original release's structure (tokens grown with
+torch.cat, one backbone call over the new positions, 31 depth-decoder calls). Prints a table and
+saves benchmarks/results/frame_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+import torch
+
+from common import (device_name, memory_bandwidth, print_table, save_json, sync, time_calls,
+                    weight_bytes_per_frame)
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def bench_dtype(name: str, device: torch.device, frames: int, flavour: str, bandwidth: float,
+                compile_: bool) -> dict:
+    from generator import Generator, load_mimi, load_model_and_tokenizer
+    from streaming_generator import StreamEngine, StreamingConfig
+
+    model, tok, _ = load_model_and_tokenizer(f"random:{flavour}", device, DTYPES[name])
+    gen = Generator(model, tok, load_mimi("random", device))
+    bytes_per_frame = weight_bytes_per_frame(model)
+    floor = bytes_per_frame / bandwidth
+
+    engine = StreamEngine(gen, StreamingConfig(enable_compilation=compile_, max_batch_size=1))
+    from generator import validate_request
+
+    engine.submit(validate_request("Benchmark sentence for timing.", 0, max_audio_length_ms=60_000))
+    ours = time_calls(engine._step, device, frames, warmup=2 if compile_ else 1)
+    engine.cancel(engine.active[0])
+
+    def plain(n):
+        return lambda: gen.generate_codes("Benchmark sentence for timing.", 0,
+                                          max_audio_length_ms=n * 80, stop_at_eos=False, seed=0)
+    # per frame = (time for n+1 frames - time for 1 frame) / n: the prefill cancels out
+    one = min(time_calls(plain(1), device, 2))
+    many = min(time_calls(plain(frames + 1), device, 1, warmup=0))
+    plain_per_frame = (many - one) / frames
+    del engine, gen, model
+    gc.collect()
+    ours_best = min(ours)
+    return {"dtype": name, "weight_gb_per_frame": bytes_per_frame / 1e9, "floor_ms": floor * 1e3,
+            "ours_ms": ours_best * 1e3, "ours_median_ms": sorted(ours)[len(ours) // 2] * 1e3,
+            "plain_ms": plain_per_frame * 1e3, "ours_over_floor": ours_best / floor,
+            "plain_over_ours": plain_per_frame / ours_best, "ours_rtf": ours_best / 0.08,
+            "compiled": compile_}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--frames", type=int, default=5)
+    p.add_argument("--dtypes", default="bf16,fp32")
+    p.add_argument("--model", default="csm-1b", help="flavour of the random model (csm-1b, tiny)")
+    p.add_argument("--compile", action="store_true", help="also compile our step (slow to build on CPU)")
+    p.add_argument("--out-dir", default=None)
+    args = p.parse_args(argv)
+    from generator import pick_device
+
+    device = pick_device(args.device)
+    torch.set_grad_enabled(False)
+    probe = memory_bandwidth(device)
+    bw = probe["best"]
+    print(f"device: {device_name(device)}; read bandwidth {bw / 1e9:.1f} GB/s "
+          f"(probes: {', '.join(f'{k} {v:.1f}' for k, v in probe['probes_gb_s'].items())} GB/s)")
+    rows = [bench_dtype(d, device, args.frames, args.model, bw, args.compile)
+            for d in args.dtypes.split(",")]
+    print_table(rows, ["dtype", "weight_gb_per_frame", "floor_ms", "ours_ms", "plain_ms",
+                       "ours_over_floor", "plain_over_ours", "ours_rtf"])
+    save_json("frame", device, {"model": args.model, "bandwidth_gb_s": bw / 1e9,
+                                "bandwidth_probes_gb_s": probe["probes_gb_s"],
+                                "frames": args.frames, "rows": rows}, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()

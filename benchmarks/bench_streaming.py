@@ -1,0 +1,155 @@
+"""Streaming at full CSM-1B size (random weights): first audio, RTF and frames/s.
+
+    .venv/bin/python benchmarks/bench_streaming.py [--device auto] [--frames 12] [--streams 1,4,8,16]
+
+Sweeps chunk size, frame batch size (frames per Mimi call), compile on/off (--compile) and the
+number of streams advanced together per step, beside Generator.generate's plain loop measured in
+the same run. Random weights never say "end", so every stream runs exactly --frames frames.
+Prints a table, saves benchmarks/results/streaming_<device>.json and a PNG plot beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+
+from common import (RESULTS, device_name, memory_bandwidth, print_table, save_json, slug, sync,
+                    weight_bytes_per_frame)
+
+TEXT = "The quick brown fox jumps over the lazy dog, and then it runs away."
+
+
+def run_streams(sg, n_streams: int, frames: int) -> dict:
+    from streaming_generator import StreamRequest
+
+    reqs = [StreamRequest(TEXT, speaker=i % 2, max_audio_length_ms=frames * 80, seed=i)
+            for i in range(n_streams)]
+    sync(sg.device)
+    t0 = time.perf_counter()
+    first = {}
+    samples = {i: 0 for i in range(n_streams)}
+    for i, chunk in sg.generate_streaming_batch(reqs):
+        first.setdefault(i, time.perf_counter() - t0)
+        samples[i] += chunk.numel()
+    sync(sg.device)
+    wall = time.perf_counter() - t0
+    audio_s = sum(samples.values()) / 24_000
+    return {"streams": n_streams, "ttfa_ms": max(first.values()) * 1e3,
+            "rtf_per_stream": wall / (audio_s / n_streams), "aggregate_frames_per_s": audio_s / 0.08 / wall,
+            "aggregate_audio_s_per_s": audio_s / wall, "wall_s": wall}
+
+
+def build(gen, **cfg):
+    from streaming_generator import StreamingConfig, StreamingGenerator
+
+    return StreamingGenerator(gen, StreamingConfig(**cfg))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--model", default="csm-1b", help="flavour of the random model")
+    p.add_argument("--dtype", default=None, help="bf16 or fp32 (default: bf16 on cuda, fp32 elsewhere)")
+    p.add_argument("--frames", type=int, default=12, help="frames per stream in each run")
+    p.add_argument("--streams", default="1,4,8,16")
+    p.add_argument("--chunks", default="160,320,640", help="chunk sizes (ms) for the 1-stream sweep")
+    p.add_argument("--frame-batches", default="1,2,4", help="frames per Mimi call for the sweep")
+    p.add_argument("--compile", action="store_true", help="add compiled runs (minutes to build on CPU)")
+    p.add_argument("--max-seq-len", type=int, default=512, help="backbone window of the benchmark")
+    p.add_argument("--out-dir", default=None)
+    args = p.parse_args(argv)
+    from generator import Generator, load_mimi, load_model_and_tokenizer, pick_device
+
+    torch.set_grad_enabled(False)
+    device = pick_device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
+    bw = memory_bandwidth(device)["best"]
+    model, tok, _ = load_model_and_tokenizer(f"random:{args.model}", device, dtype)
+    gen = Generator(model, tok, load_mimi("random", device))
+    floor_ms = weight_bytes_per_frame(model) / bw * 1e3
+    print(f"device: {device_name(device)}; floor {floor_ms:.1f} ms/frame at {bw / 1e9:.1f} GB/s")
+
+    # the plain loop, same text and length, same process
+    sync(device)
+    t = time.perf_counter()
+    gen.generate(TEXT, 0, max_audio_length_ms=args.frames * 80, seed=0)
+    sync(device)
+    plain_wall = time.perf_counter() - t
+    plain = {"name": "Generator.generate (plain loop)", "streams": 1, "chunk_ms": None,
+             "frame_batch": None, "compiled": False, "ttfa_ms": plain_wall * 1e3,
+             "rtf_per_stream": plain_wall / (args.frames * 0.08),
+             "aggregate_frames_per_s": args.frames / plain_wall}
+    rows = [plain]
+    base = dict(max_seq_len=args.max_seq_len, enable_compilation=False)
+
+    def record(name, sg, n, **info):
+        r = run_streams(sg, n, args.frames)
+        r.update(name=name, **info)
+        r["speedup_vs_plain"] = r["aggregate_frames_per_s"] / plain["aggregate_frames_per_s"]
+        rows.append(r)
+        print(f"  {name}: ttfa {r['ttfa_ms']:.0f} ms, rtf {r['rtf_per_stream']:.3f}, "
+              f"{r['aggregate_frames_per_s']:.2f} frames/s")
+
+    for chunk in map(int, args.chunks.split(",")):
+        sg = build(gen, chunk_size_ms=chunk, first_chunk_ms=80 * 2, frame_batch_size=2, **base)
+        run_streams(sg, 1, 2)  # warm-up
+        record(f"chunk {chunk} ms", sg, 1, chunk_ms=chunk, frame_batch=2, compiled=False)
+    for fb in map(int, args.frame_batches.split(",")):
+        sg = build(gen, chunk_size_ms=320, first_chunk_ms=80 * fb if fb <= 2 else 320,
+                   frame_batch_size=fb, **base)
+        record(f"frame batch {fb}", sg, 1, chunk_ms=320, frame_batch=fb, compiled=False)
+    if args.compile:
+        sg = build(gen, chunk_size_ms=320, max_seq_len=args.max_seq_len, enable_compilation=True)
+        t = time.perf_counter()
+        run_streams(sg, 1, 3)  # compiles (and captures a CUDA graph on cuda)
+        warm_s = time.perf_counter() - t
+        record("compiled", sg, 1, chunk_ms=320, frame_batch=2, compiled=True, warmup_s=warm_s)
+    for n in map(int, args.streams.split(",")):
+        sg = build(gen, chunk_size_ms=320, max_batch_size=n, **base)
+        run_streams(sg, n, 2)  # warm-up at this batch size
+        record(f"{n} streams", sg, n, chunk_ms=320, frame_batch=2, compiled=False)
+        del sg
+        gc.collect()
+
+    one = next(r for r in rows if r["name"] == "1 streams")
+    for r in rows:
+        if r["name"].endswith(" streams"):
+            r["aggregate_vs_1_stream"] = r["aggregate_frames_per_s"] / one["aggregate_frames_per_s"]
+    print_table(rows, ["name", "streams", "ttfa_ms", "rtf_per_stream", "aggregate_frames_per_s",
+                       "speedup_vs_plain", "aggregate_vs_1_stream"])
+    path = save_json("streaming", device, {"model": args.model, "dtype": str(next(model.parameters()).dtype),
+                                           "frames": args.frames, "floor_ms_per_frame": floor_ms,
+                                           "rows": rows}, args.out_dir)
+    plot(rows, floor_ms, device, path.with_suffix(".png"))
+
+
+def plot(rows, floor_ms, device, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    streams = [r for r in rows if r["name"].endswith(" streams")]
+    a.plot([r["streams"] for r in streams], [r["aggregate_frames_per_s"] for r in streams], "o-",
+           label="engine, batched")
+    a.axhline(1000 / floor_ms, ls="--", c="gray", label="1-stream bandwidth floor")
+    a.axhline(12.5, ls=":", c="red", label="real time, 1 stream")
+    a.set(xlabel="streams per step", ylabel="aggregate frames / s", title="Batched streams")
+    a.legend()
+    names = [r["name"] for r in rows if r["streams"] == 1]
+    b.barh(names, [r["rtf_per_stream"] for r in rows if r["streams"] == 1])
+    b.axvline(1.0, c="red", ls=":", label="real time")
+    b.set(xlabel="RTF (lower is faster)", title="One stream")
+    b.legend()
+    fig.suptitle(f"CSM-1B streaming, random weights, {device_name(device)}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"saved {path.name}")
+
+
+if __name__ == "__main__":
+    main()

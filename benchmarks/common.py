@@ -1,0 +1,119 @@
+"""Shared by the benchmark scripts: device facts, a bandwidth probe, timing, table and JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+def slug(device: torch.device) -> str:
+    return "cpu" if device.type == "cpu" else device_name(device).lower().replace(" ", "-")
+
+
+def memory_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 5) -> dict:
+    """Read bandwidth (bytes/s) of two probes over ~1 GiB of fp32, best of `repeats` each: a sum
+    (a pure stream read) and a matrix-vector product (the access pattern of a frame step). The
+    floor uses the faster one: the best this device is seen to read."""
+    n = int((gib * 2**30 / 4) ** 0.5)
+    w = torch.ones(n, n, device=device)
+    v = torch.ones(n, device=device)
+
+    def best(fn):
+        t_best = float("inf")
+        for _ in range(repeats + 1):
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            t_best = min(t_best, time.perf_counter() - t)
+        return w.numel() * 4 / t_best
+
+    probes = {"sum": best(lambda: w.sum()), "gemv": best(lambda: w @ v)}
+    return {"probes_gb_s": {k: b / 1e9 for k, b in probes.items()}, "best": max(probes.values())}
+
+
+def weight_bytes_per_frame(model) -> int:
+    """Weight bytes one frame must read: the backbone step, codebook-0 head, 31 depth-decoder
+    steps with the projection, and the audio heads. Embedding rows read are negligible."""
+    def nbytes(module_or_tensor):
+        if isinstance(module_or_tensor, torch.Tensor):
+            return module_or_tensor.numel() * module_or_tensor.element_size()
+        return sum(p.numel() * p.element_size() for p in module_or_tensor.parameters())
+
+    steps = model.args.audio_num_codebooks - 1
+    return (nbytes(model.backbone) + nbytes(model.codebook0_head)
+            + steps * (nbytes(model.decoder) + nbytes(model.projection)) + nbytes(model.audio_head))
+
+
+def time_calls(fn, device, n: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(n):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def print_table(rows: list[dict], columns: list[str]):
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    print("  ".join("-" * widths[c] for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+    return "-" if v is None else str(v)
+
+
+def save_json(name: str, device: torch.device, payload: dict, out_dir: Path | None = None) -> Path:
+    out_dir = Path(out_dir or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}_{slug(device)}.json"
+    payload = {"device": device_name(device), "device_type": device.type,
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "threads": torch.get_num_threads(), **payload}
+    path.write_text(json.dumps(payload, indent=2))
+    print(f"saved {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    return path
+
+
+def env_flags() -> dict:
+    return {k: os.environ[k] for k in ("NO_TORCH_COMPILE", "NO_CUDA_GRAPH") if k in os.environ}
