@@ -257,7 +257,9 @@ def load_mimi(spec: str | None, device):
     from moshi.models import loaders
 
     if spec == "random":
-        mimi = loaders.get_mimi(None, device=device)
+        with torch.random.fork_rng(devices=[]):  # the same random codec in every process
+            torch.manual_seed(0)
+            mimi = loaders.get_mimi(None, device=device)
         _randomize_codebooks(mimi)
     else:
         path = Path(spec).expanduser() if spec else None
@@ -510,6 +512,8 @@ def load_csm_1b(device: str = "auto", model: str = DEFAULT_REPO, mimi: str | Non
 
 def _load_watermark_stage(enabled: bool, device, key):
     if not enabled:
+        warnings.warn("watermarking is off: the audio will not carry the CSM-1B watermark that "
+                      "Sesame asks users to keep", UserWarning, stacklevel=3)
         return None, None
     from watermarking import load_watermarker, resolve_key
 

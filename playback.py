@@ -236,6 +236,8 @@ def play_stream(chunks: Iterable, sample_rate: int = 24_000, rtf_hint: float = 0
         while not player.wait(0.1):
             if on_chunk is not None:
                 on_chunk(player.stats())
+        if on_chunk is not None:
+            on_chunk(player.stats())  # the drained state
     finally:
         if own:
             player.close()

@@ -65,6 +65,7 @@ class StreamingConfig:
     max_batch_size: int = 1
     max_seq_len: int | None = None
     max_segment_chars: int = 250
+    watermark_window_ms: int = 2000  # largest window the stream watermark marks at once
 
     def __post_init__(self):
         for name in ("chunk_size_ms", "first_chunk_ms"):
@@ -565,12 +566,25 @@ class StreamingGenerator:
         play_audio=True also plays the chunks on the default output device as they come.
         """
         req = validate_request(text, speaker, context, max_audio_length_ms, temperature, topk, seed)
-        chunks = self._stream_one(req)
+        chunks = self._marked(self._stream_one(req))
         if not play_audio:
             return chunks
         from playback import play_stream
 
         return play_stream(chunks, self.sample_rate, rtf_hint=self.config.rtf_target)
+
+    @property
+    def watermarked(self) -> bool:
+        return self.generator._watermarker is not None
+
+    def _marked(self, chunks: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """The watermark stage of a stream (see watermarking.StreamMarker), when enabled."""
+        if not self.watermarked:
+            return chunks
+        from watermarking import mark_chunks
+
+        return mark_chunks(chunks, self.generator._watermarker, self.generator._watermark_key,
+                           self.sample_rate, self.config.watermark_window_ms)
 
     def _stream_one(self, req: GenerationRequest) -> Iterator[torch.Tensor]:
         with self._lock:  # one thread drives the engine; a second caller waits its turn
@@ -595,6 +609,13 @@ class StreamingGenerator:
             r = StreamRequest(**r) if isinstance(r, dict) else r
             reqs.append(validate_request(r.text, r.speaker, r.context, r.max_audio_length_ms,
                                          r.temperature, r.topk, r.seed))
+        markers = {}
+        if self.watermarked:
+            from watermarking import StreamMarker
+
+            markers = {i: StreamMarker(self.generator._watermarker, self.generator._watermark_key,
+                                       self.sample_rate, self.config.watermark_window_ms)
+                       for i in range(len(reqs))}
         with self._lock:
             waiting = list(enumerate(reqs))
             index_of: dict[int, int] = {}
@@ -607,10 +628,14 @@ class StreamingGenerator:
                         index_of[s.id] = i
                         live.append(s)
                     for ev in self.engine.step():
-                        if ev.audio.numel():
-                            yield index_of[ev.stream.id], ev.audio
+                        i = index_of[ev.stream.id]
+                        out = [ev.audio] if not markers else markers[i].feed(ev.audio)
                         if ev.finished:
                             live.remove(ev.stream)
+                            out += markers[i].flush() if markers else []
+                        for audio in out:
+                            if audio.numel():
+                                yield i, audio
             finally:
                 for s in live:
                     self.engine.cancel(s)

@@ -66,6 +66,19 @@ def _silentcipher_device(device) -> str:
     return "cuda" if dev.type == "cuda" else "cpu"
 
 
+def _float32_messages(model):
+    """silentcipher builds its message as a float64 NumPy array and moves it to the device before
+    casting (`torch.from_numpy(msgs).to(device).float()`), which MPS refuses. Hand it float32."""
+    original = model.letters_encoding
+
+    def letters_encoding(*args, **kwargs):
+        return tuple(x.astype(np.float32) if isinstance(x, np.ndarray) and x.dtype == np.float64
+                     else x for x in original(*args, **kwargs))
+
+    model.letters_encoding = letters_encoding
+    return model
+
+
 def load_watermarker(device="cpu", model_dir: str | None = None):
     """silentcipher's 44.1 kHz model. model_dir: a local copy; default: its hub download/cache."""
     try:
@@ -78,14 +91,16 @@ def load_watermarker(device="cpu", model_dir: str | None = None):
     try:
         if model_dir:
             folder = Path(model_dir)
-            return silentcipher.get_model(model_type="44.1k", ckpt_path=str(folder),
-                                          config_path=str(folder / "hparams.yaml"), device=dev)
+            return _float32_messages(silentcipher.get_model(
+                model_type="44.1k", ckpt_path=str(folder), config_path=str(folder / "hparams.yaml"),
+                device=dev))
         from huggingface_hub import snapshot_download
 
         folder = Path(snapshot_download("sony/silentcipher",
                                         allow_patterns=["44_1_khz/73999_iteration/*"])) / "44_1_khz/73999_iteration"
-        return silentcipher.get_model(model_type="44.1k", ckpt_path=str(folder),
-                                      config_path=str(folder / "hparams.yaml"), device=dev)
+        return _float32_messages(silentcipher.get_model(
+            model_type="44.1k", ckpt_path=str(folder), config_path=str(folder / "hparams.yaml"),
+            device=dev))
     except Exception as e:
         raise WatermarkError(
             f"could not load the silentcipher watermark model ({type(e).__name__}: {str(e)[:160]}). "
@@ -116,9 +131,9 @@ def build_random_watermarker(folder: str | Path, device="cpu", seed: int = 0):
     torch.save(dec_c.state_dict(), folder / "dec_c.ckpt")
     torch.save(dec_m.state_dict(), folder / "dec_m_0.ckpt")
     (folder / "hparams.yaml").write_text(yaml.safe_dump(SILENTCIPHER_44K_HPARAMS))
-    return silentcipher.get_model(model_type="44.1k", ckpt_path=str(folder),
-                                  config_path=str(folder / "hparams.yaml"),
-                                  device=_silentcipher_device(device))
+    return _float32_messages(silentcipher.get_model(
+        model_type="44.1k", ckpt_path=str(folder), config_path=str(folder / "hparams.yaml"),
+        device=_silentcipher_device(device)))
 
 
 def _resample(x: np.ndarray, src: int, dst: int) -> np.ndarray:
@@ -151,6 +166,67 @@ def _fit_length(y: np.ndarray, n: int) -> np.ndarray:
     return np.pad(y, (0, n - y.shape[0]))
 
 
+class StreamMarker:
+    """Watermarks a stream of chunks in growing windows, so the mark is in the streamed audio.
+
+    The first window is the first chunk alone (first audio waits only for one small mark); each
+    next window is twice the previous one, up to `max_window_ms` (silentcipher's message spans
+    ~1 s of audio, so windows of 1-2 s carry whole messages). A window is marked as a unit and
+    sent on as one chunk. When generation is faster than real time by 2x or more, a window is
+    ready before the audio ahead of it has played, so the mark adds no stall, only the marking
+    time of the first chunk to the first audio.
+    """
+
+    def __init__(self, watermarker, key=None, sample_rate: int = 24_000, max_window_ms: int = 2000):
+        self.watermarker = watermarker
+        self.key = resolve_key(key)
+        self.sample_rate = sample_rate
+        self.max_window = int(max_window_ms * sample_rate / 1000)
+        self._pending: list[torch.Tensor] = []
+        self._pending_len = 0
+        self._target = 0  # 0: the first window is the first chunk
+        self.marked_s = 0.0  # time spent marking, for metrics
+        self.windows = 0
+
+    def feed(self, chunk: torch.Tensor) -> list[torch.Tensor]:
+        """Take a chunk; return the windows that are complete (marked)."""
+        if chunk.numel() == 0:
+            return []
+        self._pending.append(chunk)
+        self._pending_len += chunk.numel()
+        if self._pending_len >= self._target:
+            return [self._mark_pending()]
+        return []
+
+    def flush(self) -> list[torch.Tensor]:
+        """The stream ended: mark and return what is left."""
+        return [self._mark_pending()] if self._pending_len else []
+
+    def _mark_pending(self) -> torch.Tensor:
+        import time
+
+        audio = torch.cat(self._pending)
+        self._target = min(self.max_window, max(2 * audio.numel(), self._target))
+        self._pending, self._pending_len = [], 0
+        t = time.perf_counter()
+        marked = watermark(self.watermarker, audio, self.sample_rate, self.key)
+        self.marked_s += time.perf_counter() - t
+        self.windows += 1
+        return marked
+
+
+def mark_chunks(chunks, watermarker, key=None, sample_rate: int = 24_000, max_window_ms: int = 2000):
+    """Wrap an iterator of audio chunks: yield them marked, in StreamMarker's windows."""
+    marker = StreamMarker(watermarker, key, sample_rate, max_window_ms)
+    try:
+        for chunk in chunks:
+            yield from marker.feed(chunk)
+        yield from marker.flush()
+    finally:
+        if hasattr(chunks, "close"):  # a consumer that stops early stops the generation too
+            chunks.close()
+
+
 @torch.inference_mode()
 def verify(watermarker, audio: torch.Tensor, sample_rate: int, key) -> bool:
     """Does this audio carry the mark of `key`?"""
@@ -165,13 +241,14 @@ def main(argv=None) -> int:
     p.add_argument("--audio_path", required=True, help="audio file to check (wav, flac, ...)")
     p.add_argument("--key", default=None, help=f"five integers 0..255 (default: ${KEY_ENV} or the public CSM-1B key)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--model-dir", default=None, help="a local copy of silentcipher's 44.1 kHz model")
     args = p.parse_args(argv)
     from generator import load_audio, to_mono_24k
 
     audio, sr = load_audio(args.audio_path)
     audio = to_mono_24k(audio, sr)
     try:
-        wm = load_watermarker(args.device)
+        wm = load_watermarker(args.device, args.model_dir)
     except WatermarkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
