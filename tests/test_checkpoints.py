@@ -28,6 +28,12 @@ def hf_embed(hf, tokens, mask):
     return torch.stack(rows)[None]
 
 
+def audio_argmax(logits):
+    """argmax over the 2048 ids Mimi can decode (transformers' suppress_tokens=[2048, 2049, 2050],
+    which random weights need: they do pick those ids)."""
+    return logits[..., :2048].argmax(-1)
+
+
 @torch.no_grad()
 def hf_greedy_codes(hf, embeds, n_frames):
     """Greedy CSM decoding written with transformers' backbone, heads and depth decoder."""
@@ -35,13 +41,13 @@ def hf_greedy_codes(hf, embeds, n_frames):
     past, h = out.past_key_values, out.last_hidden_state[:, -1]
     frames = []
     for _ in range(n_frames):
-        c = hf.lm_head(h).argmax(-1)
+        c = audio_argmax(hf.lm_head(h))
         codes = [c]
         ids = torch.stack([torch.zeros_like(c), c], dim=1)
         dout = hf.depth_decoder(input_ids=ids, backbone_last_hidden_state=h, use_cache=True,
                                 logits_to_keep=1)
         for i in range(1, 32):
-            c = dout.logits[:, -1].argmax(-1)
+            c = audio_argmax(dout.logits[:, -1])
             codes.append(c)
             if i < 31:
                 dout = hf.depth_decoder(input_ids=c[:, None], past_key_values=dout.past_key_values,
