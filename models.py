@@ -134,7 +134,10 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: int | None):
         """Write k, v [B, S, Hkv, D] at input_pos [B, S]; return the caches the batch attends to."""
-        kc, vc = (self.k, self.v) if slot is None else (self.k[slot:slot + 1], self.v[slot:slot + 1])
+        if slot is not None:  # one row: prefill and the plain loop
+            kc, vc = self.k[slot:slot + 1], self.v[slot:slot + 1]
+        else:  # the leading rows: the engine steps the smallest batch bucket holding its streams
+            kc, vc = self.k[:k.shape[0]], self.v[:k.shape[0]]
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
         kc[rows, :, input_pos] = k
         vc[rows, :, input_pos] = v
@@ -287,6 +290,10 @@ class SamplingState:
     topk: torch.Tensor  # int64
     seed: torch.Tensor  # int64 in [0, 2**32)
     frame: torch.Tensor  # int64, frames drawn so far (the counter of the random draw)
+
+    def rows(self, n: int) -> SamplingState:
+        """Views of the first n rows (in-place updates reach the full tensors)."""
+        return SamplingState(self.temperature[:n], self.topk[:n], self.seed[:n], self.frame[:n])
 
     @classmethod
     def empty(cls, batch: int, device) -> SamplingState:

@@ -314,7 +314,9 @@ class StreamEngine:
         self._next_id = 0
         self._backbone = self._decoder = None  # compiled wrappers, or None for eager
         self.prepacked = 0  # Linear layers swapped for MKL-packed ones (CPU, batched)
-        self._step = CUDAGraphed(self._frame_step, disable=not config.cuda_graphs_enabled(dev))
+        self._graphs = not config.cuda_graphs_enabled(dev)  # True: graphs disabled
+        self._steps: dict[int, CUDAGraphed] = {}  # batch bucket -> its (graphed) step
+        self.last_bucket = 0
         self.mimi.streaming_forever(b)
         if config.compile_enabled(dev):
             self._compile()
@@ -402,16 +404,31 @@ class StreamEngine:
 
     # -- the frame step (graphed) ---------------------------------------------------------------
 
-    def _frame_step(self) -> torch.Tensor:
-        """Advance every slot by one frame. No arguments, no host sync: graph-capturable."""
+    def _frame_step(self, n: int) -> torch.Tensor:
+        """Advance the first n slots by one frame. No host sync: graph-capturable per n."""
         m = self.model
-        codes = m.sample_frame(self.last_h, self.sampling, decoder=self._decoder)  # [B, 32]
-        self.sampling.frame.add_(1)
-        self.ended.logical_or_(is_eos(codes))
-        self.valid.add_((~self.ended).long())
-        self.last_h.copy_(m.backbone_step(codes, self.pos, backbone=self._backbone))
-        self.pos.add_(1).clamp_(max=m.max_seq_len - 1)
+        last_h, pos, ended, valid = self.last_h[:n], self.pos[:n], self.ended[:n], self.valid[:n]
+        sampling = self.sampling.rows(n)
+        codes = m.sample_frame(last_h, sampling, decoder=self._decoder)  # [n, 32]
+        sampling.frame.add_(1)
+        ended.logical_or_(is_eos(codes))
+        valid.add_((~ended).long())
+        last_h.copy_(m.backbone_step(codes, pos, backbone=self._backbone))
+        pos.add_(1).clamp_(max=m.max_seq_len - 1)
         return codes
+
+    def _bucket(self) -> int:
+        """Smallest power of two (capped at max_batch_size) covering the highest busy slot."""
+        top = max(s.slot for s in self.active) + 1
+        n = 1
+        while n < top:
+            n *= 2
+        return min(n, len(self.slots))
+
+    def _step_for(self, n: int) -> CUDAGraphed:
+        if n not in self._steps:
+            self._steps[n] = CUDAGraphed(lambda: self._frame_step(n), disable=self._graphs)
+        return self._steps[n]
 
     # -- one chunk for everyone -----------------------------------------------------------------
 
@@ -425,9 +442,11 @@ class StreamEngine:
         first = any(s.metrics.chunks == 0 for s in streams)
         n = self.config.first_chunk_frames if first else self.config.chunk_frames
         n = max(1, min(n, max(s.segment_limit - s.segment_frames for s in streams)))
+        rows = self.last_bucket = self._bucket()
+        step = self._step_for(rows)
         self.valid.zero_()
         for f in range(n):
-            self.codes_buf[:, f].copy_(self._step())
+            self.codes_buf[:rows, f].copy_(step())
         valid = self.valid.tolist()  # the one sync of the chunk
         codes = self.codes_buf[:, :n]
         return self._emit(streams, codes, valid, n, t0)

@@ -209,3 +209,25 @@ def test_cpu_prepacked_weights_give_the_same_numbers(tiny_generator):
     packed = model.backbone_step(codes, pos)
     torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
     assert unpack_linears(model) > 0 and not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def test_engine_steps_only_the_bucket_of_busy_slots(tiny_generator):
+    from generator import validate_request
+
+    sg = StreamingGenerator(tiny_generator, StreamingConfig(enable_compilation=False, max_batch_size=8))
+    eng = sg.engine
+    a = eng.submit(validate_request("One.", 0, max_audio_length_ms=800, seed=1))
+    eng.step()
+    assert eng.last_bucket == 1
+    b = eng.submit(validate_request("Two.", 0, max_audio_length_ms=800, seed=2))
+    c = eng.submit(validate_request("Three.", 0, max_audio_length_ms=800, seed=3))
+    eng.step()
+    assert (a.slot, b.slot, c.slot) == (0, 1, 2) and eng.last_bucket == 4
+    eng.cancel(b)
+    eng.cancel(c)
+    eng.step()
+    assert eng.last_bucket == 1
+    while not a.finished:
+        eng.step()
+    ref = tiny_generator.generate_codes("One.", 0, max_audio_length_ms=800, seed=1)
+    assert torch.equal(a.all_codes, ref)  # joins and leaves around it changed nothing

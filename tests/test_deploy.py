@@ -1,0 +1,72 @@
+"""deploy_vast.py on this machine (no GPU): info, a dry-run setup, a tiny benchmark, no leaks."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def deploy(*args, env=None, timeout=900):
+    return subprocess.run([sys.executable, str(ROOT / "deploy_vast.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def test_info_says_what_the_box_can_do():
+    r = deploy("--info")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "disk free:" in out and "memory free:" in out and "torch: 2." in out
+    if shutil.which("nvidia-smi") is None:
+        assert "GPU: none found" in out and "no GPU: CSM-1B runs on the CPU" in out
+
+
+def test_setup_dry_run_prints_the_readme_install_and_runs_nothing():
+    r = deploy("--setup", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "(dry run" in r.stdout and "$ bash setup.sh" in r.stdout
+    assert "torch.cuda.is_available()" in r.stdout
+    # the CUDA check was printed, not run: none of its output lines is there
+    assert not any(line.startswith(("CUDA works:", "CUDA is not available")) for line in r.stdout.splitlines())
+
+
+def test_secrets_never_reach_the_output():
+    secret = "hf_thisIsASecretToken123"
+    r = deploy("--download", "--dry-run", env={"HF_TOKEN": secret})
+    assert r.returncode == 0 and secret not in r.stdout + r.stderr
+    assert "using HF_TOKEN" in r.stdout
+    r = deploy("--serve", "--dry-run", "--model", "random:tiny", "--token", "serverSecret987")
+    assert r.returncode == 0 and "serverSecret987" not in r.stdout + r.stderr
+    assert "stream slots" in r.stdout and "--max-streams 2" in r.stdout
+
+
+def test_no_step_is_an_error():
+    r = deploy()
+    assert r.returncode == 2
+
+
+def test_benchmark_with_the_tiny_random_model_writes_a_results_folder():
+    before = set((ROOT / "results").glob("*")) if (ROOT / "results").exists() else set()
+    r = deploy("--benchmark", "--model", "random:tiny", "--device", "cpu")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    new = sorted(set((ROOT / "results").glob("*")) - before)
+    assert len(new) == 1
+    out = new[0]
+    try:
+        names = {p.name for p in out.iterdir()}
+        assert {"frame_cpu.json", "streaming_cpu.json", "streaming_cpu.png", "watermark_cpu.json",
+                "report.md"} <= names
+        frame = json.loads((out / "frame_cpu.json").read_text())
+        assert frame["model"] == "tiny" and frame["rows"][0]["ours_ms"] > 0
+        report = (out / "report.md").read_text()
+        assert frame["device"] in report and "## Frame step" in report and "## Streaming" in report
+        assert "![streaming](streaming_cpu.png)" in report
+    finally:
+        shutil.rmtree(out)
+        if not before:
+            shutil.rmtree(ROOT / "results", ignore_errors=True)
