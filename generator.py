@@ -10,13 +10,15 @@ import logging
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from models import CSM, FLAVORS, MIMI_CODES, SamplingState, build_model, checkpoint_files, load_state
+from normalize import normalize_text
+from runaway import TailConfig, TailGuard
 
 log = logging.getLogger("csm")
 
@@ -43,6 +45,18 @@ def is_eos(codes: torch.Tensor, min_zero_codes: int = EOS_MIN_ZERO_CODES) -> tor
 
 class CheckpointError(RuntimeError):
     """Weights could not be found or read; the message says what to do."""
+
+
+class EmptyOutputError(RuntimeError):
+    """The model ended before any audio frame, on every retry."""
+
+
+MAX_EMPTY_RETRIES = 2
+
+
+def retry_request(req: "GenerationRequest") -> "GenerationRequest":
+    """The next try after an empty output: cooler and narrower sampling."""
+    return replace(req, temperature=max(0.3, round(req.temperature * 0.7, 4)), topk=max(1, req.topk // 2))
 
 
 @dataclass
@@ -351,7 +365,8 @@ class Generator:
     """Upstream's Generator: text (+ context) -> 24 kHz audio, one plain frame loop."""
 
     def __init__(self, model: CSM, text_tokenizer, audio_tokenizer, device=None, watermarker=None,
-                 watermark_key=None, max_batch_size: int = 1):
+                 watermark_key=None, max_batch_size: int = 1, tail: TailConfig | None = None,
+                 normalize: bool = True, allow_cpu_fallback: bool = False):
         self._model = model
         self._text_tokenizer = text_tokenizer
         self._audio_tokenizer = audio_tokenizer
@@ -359,6 +374,11 @@ class Generator:
         self.sample_rate = SAMPLE_RATE
         self._watermarker = watermarker
         self._watermark_key = watermark_key
+        self.tail = tail or TailConfig()  # runaway-output guard (runaway.py)
+        self.normalize = normalize  # spell out numbers and symbols (normalize.py)
+        self.allow_cpu_fallback = allow_cpu_fallback
+        self.events: list[str] = []  # fallbacks and retries, as logged
+        self.last_stop_reason = ""
         if model.max_batch_size < max_batch_size:
             model.setup_caches(max_batch_size)
 
@@ -372,8 +392,16 @@ class Generator:
 
     # -- prompt -------------------------------------------------------------------------------
 
+    def prepare_text(self, text: str) -> str:
+        return normalize_text(text) if self.normalize else text
+
+    def note(self, event: str):
+        """A fallback or retry: logged, and kept for the dashboard and the server's metrics."""
+        log.warning(event)
+        self.events.append(event)
+
     def _tokenize_text_segment(self, text: str, speaker: int):
-        ids = self._text_tokenizer.encode(f"[{speaker}]{text}").ids
+        ids = self._text_tokenizer.encode(f"[{speaker}]{self.prepare_text(text)}").ids
         tokens = torch.zeros(len(ids), 33, dtype=torch.long)
         mask = torch.zeros(len(ids), 33, dtype=torch.bool)
         tokens[:, -1] = torch.tensor(ids)
@@ -442,24 +470,27 @@ class Generator:
                        stop_at_eos: bool = True) -> torch.Tensor:
         """The generated Mimi codes [frames, 32] int64, before decoding (the end frame excluded)."""
         req = validate_request(text, speaker, context, max_audio_length_ms, temperature, topk, seed)
-        tokens, mask = self.build_prompt(req)
+        frames = list(self._frames(req, stop_at_eos))
+        if not frames:
+            return torch.zeros(0, 32, dtype=torch.long)
+        return torch.cat(frames).cpu()
+
+    def _frames(self, req: GenerationRequest, stop_at_eos: bool = True, prompt=None):
+        """The plain loop: yield each frame's codes [1, 32] (on device) until the end frame."""
+        tokens, mask = prompt if prompt is not None else self.build_prompt(req)
         sampling = self.sampling_state(req)
         pos = torch.arange(tokens.shape[0], device=self.device)[None]
         tokens, mask = tokens[None], mask[None]
-        frames = []
         for _ in range(req.max_frames):
             codes = self._model.generate_frame(tokens, mask, pos, sampling)  # [1, 32]
             sampling.frame += 1
             if stop_at_eos and bool(is_eos(codes)):
-                break
-            frames.append(codes)
+                return
+            yield codes
             tokens = torch.cat([codes, torch.zeros_like(codes[:, :1])], dim=1)[:, None]
             mask = torch.ones_like(tokens, dtype=torch.bool)
             mask[..., -1] = False
             pos = pos[:, -1:] + 1
-        if not frames:
-            return torch.zeros(0, 32, dtype=torch.long)
-        return torch.cat(frames).cpu()
 
     @torch.inference_mode()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
@@ -471,10 +502,65 @@ class Generator:
 
     def generate(self, text: str, speaker: int, context=(), max_audio_length_ms: float = 90_000,
                  temperature: float = 0.9, topk: int = 50, seed: int | None = None) -> torch.Tensor:
-        """Text -> 1-D float32 audio at `self.sample_rate` (24 kHz), watermarked when enabled."""
-        codes = self.generate_codes(text, speaker, context, max_audio_length_ms, temperature, topk, seed)
-        audio = self.decode_codes(codes)
-        return self._watermark(audio)
+        """Text -> 1-D float32 audio at `self.sample_rate` (24 kHz), watermarked when enabled.
+
+        A runaway tail (silence, a stuck frame) stops the loop early and is trimmed; an output
+        with no audio is retried with cooler sampling; out of device memory falls back to the
+        CPU when `allow_cpu_fallback` is set.
+        """
+        req = validate_request(text, speaker, context, max_audio_length_ms, temperature, topk, seed)
+        for attempt in range(MAX_EMPTY_RETRIES + 1):
+            audio = self._with_cpu_fallback(lambda: self._speak(req))
+            if audio.numel():
+                return self._watermark(audio)
+            if attempt < MAX_EMPTY_RETRIES:
+                req = retry_request(req)
+                self.note(f"no audio: retry {attempt + 1} with temperature {req.temperature:g}, "
+                          f"top-k {req.topk}")
+        raise EmptyOutputError(f"the model ended before any audio on {MAX_EMPTY_RETRIES + 1} tries; "
+                               "rephrase the text (spell out symbols) or raise the temperature")
+
+    @torch.inference_mode()
+    def _speak(self, req: GenerationRequest) -> torch.Tensor:
+        """One try: the plain loop, decoded frame by frame in Mimi's streaming state, guarded."""
+        guard = TailGuard(self.tail, self.sample_rate)
+        pieces = []
+        self.last_stop_reason = "max_audio_length_ms reached"
+        prompt = self.build_prompt(req)  # context audio is encoded outside the streaming state
+        with self._audio_tokenizer.streaming(1):
+            n = 0
+            for codes in self._frames(req, prompt=prompt):
+                n += 1
+                audio = self._audio_tokenizer.decode(codes[..., None])[0, 0].float().cpu()
+                out, stop = guard.feed(codes.cpu(), audio)
+                pieces.append(out)
+                if stop:
+                    self.last_stop_reason = f"runaway: {stop}"
+                    break
+            else:
+                if n < req.max_frames:
+                    self.last_stop_reason = "end of speech"
+        audio = torch.cat(pieces) if pieces else torch.zeros(0)
+        return guard.end(audio)
+
+    def _with_cpu_fallback(self, fn):
+        try:
+            return fn()
+        except torch.OutOfMemoryError:
+            if not self.allow_cpu_fallback or self.device.type == "cpu":
+                raise
+            self.note(f"out of memory on {self.device}: falling back to the CPU (allow_cpu_fallback)")
+            self.to_device(torch.device("cpu"))
+            return fn()
+
+    def to_device(self, device: torch.device):
+        """Move the model and codec (float32 on the CPU); caches are rebuilt there."""
+        dtype = torch.float32 if device.type == "cpu" else next(self._model.parameters()).dtype
+        self._model.to(device=device, dtype=dtype)
+        self._model.codebook_offsets = self._model.codebook_offsets.to(device)
+        self._model.setup_caches(max(1, self._model.max_batch_size), self._model.max_seq_len)
+        self._audio_tokenizer.to(device)
+        self.device = device
 
     def _watermark(self, audio: torch.Tensor) -> torch.Tensor:
         if self._watermarker is None or audio.numel() == 0:
@@ -492,8 +578,8 @@ def draw_seed(seed: int | None) -> int:
 
 
 def load_csm_1b(device: str = "auto", model: str = DEFAULT_REPO, mimi: str | None = None,
-                dtype: torch.dtype | None = None, watermark: bool = True,
-                watermark_key=None) -> Generator:
+                dtype: torch.dtype | None = None, watermark: bool = True, watermark_key=None,
+                allow_cpu_fallback: bool = False, normalize: bool = True) -> Generator:
     """Load CSM-1B and Mimi and return a Generator.
 
     model: a hub repo id (default: the ungated copy; `sesame/csm-1b` for the official gated
@@ -501,13 +587,25 @@ def load_csm_1b(device: str = "auto", model: str = DEFAULT_REPO, mimi: str | Non
     `random:tiny` for random weights with no download. mimi: None (Kyutai's release), a local
     file, a repo id, or 'random' (the default for random models).
     """
-    dev = pick_device(device)
-    csm, tok, _ = load_model_and_tokenizer(model, dev, dtype)
+    events = []
+    try:
+        dev = pick_device(device)
+        csm, tok, _ = load_model_and_tokenizer(model, dev, dtype)
+    except (RuntimeError, torch.OutOfMemoryError) as e:
+        if isinstance(e, CheckpointError) or not allow_cpu_fallback or str(device) == "cpu":
+            raise
+        events.append(f"device '{device}' failed ({str(e)[:120]}): falling back to the CPU")
+        log.warning(events[-1])
+        dev = torch.device("cpu")
+        csm, tok, _ = load_model_and_tokenizer(model, dev, None)
     if mimi is None and model.startswith("random:"):
         mimi = "random"
     audio_tokenizer = load_mimi(mimi, dev)
     wm, key = _load_watermark_stage(watermark, dev, watermark_key)
-    return Generator(csm, tok, audio_tokenizer, dev, watermarker=wm, watermark_key=key)
+    gen = Generator(csm, tok, audio_tokenizer, dev, watermarker=wm, watermark_key=key,
+                    normalize=normalize, allow_cpu_fallback=allow_cpu_fallback)
+    gen.events.extend(events)
+    return gen
 
 
 def _load_watermark_stage(enabled: bool, device, key):

@@ -130,6 +130,7 @@ class Scheduler:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._next_id = 0
+        self.max_active = self.slots  # lowered when the device runs out of memory
         self._thread = threading.Thread(target=self._run, name="csm-engine", daemon=True)
 
     # -- called from the event loop ---------------------------------------------------------------
@@ -186,6 +187,9 @@ class Scheduler:
                     self._wake.clear()
                     continue
                 events = self.engine.step()
+            except torch.OutOfMemoryError:
+                self._narrow()
+                continue
             except Exception as e:  # the device failed under every stream: tell them all
                 log.exception("engine step failed")
                 self._fail_all(e)
@@ -197,11 +201,31 @@ class Scheduler:
                 if ev.audio.numel():
                     ticket._put(ev.audio)
                 if ev.finished:
-                    self._finish(ticket)
+                    self._finish(ticket, ev.error)
         self._fail_all(RuntimeError("the server is shutting down"))
 
+    def _narrow(self):
+        """Out of device memory: keep the older half of the streams, requeue the newer ones that
+        sent nothing yet (the others are told to retry), and admit fewer from now on."""
+        live = sorted(self._live.values(), key=lambda t: t.id)
+        keep = len(live) // 2
+        self.max_active = max(1, keep)
+        with self.metrics.lock:
+            self.metrics.fallbacks["oom_narrowed_batch"] += 1
+        log.warning("out of device memory with %d streams: narrowing to %d", len(live), self.max_active)
+        requeue = []
+        for t in live[keep:]:
+            self.engine.cancel(t.stream)
+            del self._live[t.stream.id]
+            if t.metrics.frames == 0:
+                requeue.append(t)
+            else:
+                t._put(MemoryError("the server ran out of device memory mid-stream; retry the request"))
+        with self._lock:
+            self._pending.extendleft(reversed(requeue))
+
     def _admit(self):
-        while self.engine.free_slots:
+        while self.engine.free_slots and len(self._live) < self.max_active:
             with self._lock:
                 if not self._pending:
                     return
@@ -227,7 +251,7 @@ class Scheduler:
                 self.metrics.cancelled += 1
                 ticket._put(_END)
 
-    def _finish(self, ticket: Ticket):
+    def _finish(self, ticket: Ticket, error: Exception | None = None):
         del self._live[ticket.stream.id]
         m = ticket.metrics
         with self.metrics.lock:
@@ -235,7 +259,12 @@ class Scheduler:
                 self.metrics.rtf.observe(m.rtf)
             if m.first_audio_s is not None:
                 self.metrics.ttfa.observe(m.first_audio_s)
-        ticket._put(_END)
+            for event in m.events:
+                if event.startswith("no audio"):
+                    self.metrics.fallbacks["empty_output_retry"] += 1
+                elif event.startswith("stopped early"):
+                    self.metrics.fallbacks["runaway_stopped"] += 1
+        ticket._put(error if error is not None else _END)
 
     def _fail_all(self, error: Exception):
         for sid, ticket in list(self._live.items()):

@@ -237,10 +237,16 @@ def create_app(scheduler, settings: ServerSettings):
             ticket.cancel()  # a no-op when it finished; frees the slot when the client left
 
     def failure(e: Exception) -> ApiError:
+        from generator import EmptyOutputError
+
         if isinstance(e, ApiError):
             return e
         if isinstance(e, ValueError):
             return ApiError(400, str(e))
+        if isinstance(e, MemoryError):
+            return ApiError(503, str(e), {"Retry-After": str(scheduler.retry_after_s())})
+        if isinstance(e, EmptyOutputError):
+            return ApiError(422, str(e))
         return ApiError(500, f"generation failed ({type(e).__name__}: {str(e)[:200]})")
 
     # -- routes ---------------------------------------------------------------------------------------

@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 import torch
 
 from models import MIMI_CODES, SamplingState, prepack_linears, unpack_linears
-from generator import (FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, DEFAULT_REPO, GenerationRequest, Generator,
-                       draw_seed, is_eos, load_csm_1b, validate_request)
+from generator import (FRAME_MS, FRAME_SAMPLES, MAX_EMPTY_RETRIES, SAMPLE_RATE, DEFAULT_REPO,
+                       EmptyOutputError, GenerationRequest, Generator, draw_seed, is_eos, load_csm_1b,
+                       retry_request, validate_request)
+from runaway import TailGuard
 
 log = logging.getLogger("csm.streaming")
 
@@ -271,6 +273,9 @@ class Stream:
     segment_codes: list[torch.Tensor] = field(default_factory=list)  # host [n, 32] pieces
     history: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # spoken segments
     codes: list[torch.Tensor] = field(default_factory=list)  # all codes emitted, for callers/tests
+    guard: TailGuard | None = None  # runaway tail: stop early, trim silence
+    retries: int = 0  # empty outputs retried
+    error: Exception | None = None  # why it ended without audio
     finished: bool = False
     cancelled: bool = False
 
@@ -284,6 +289,7 @@ class ChunkEvent:
     stream: Stream
     audio: torch.Tensor  # 1-D float32 on the CPU; may be empty on the last event
     finished: bool
+    error: Exception | None = None  # set when the stream ended without any audio
 
 
 class StreamEngine:
@@ -348,22 +354,43 @@ class StreamEngine:
         slot = next((i for i, s in enumerate(self.slots) if s is None), None)
         if slot is None:
             raise EngineFull(f"all {len(self.slots)} stream slots are busy")
+        text = self.gen.prepare_text(request.text)  # spelled out before it is split at sentences
         stream = Stream(id=self._next_id, request=request, slot=slot,
-                        segments=split_sentences(request.text, self.config.max_segment_chars),
-                        metrics=StreamMetrics(device=str(self.device)), seed=draw_seed(request.seed),
-                        frames_left=request.max_frames)
+                        segments=split_sentences(text, self.config.max_segment_chars),
+                        metrics=StreamMetrics(device=str(self.device), events=list(self.gen.events)),
+                        seed=draw_seed(request.seed), frames_left=request.max_frames,
+                        guard=TailGuard(self.gen.tail, SAMPLE_RATE))
         stream.metrics.segments = len(stream.segments)
         self._next_id += 1
-        s = self.sampling
-        s.temperature[slot] = request.temperature
-        s.topk[slot] = min(request.topk, MIMI_CODES)
+        self._start(stream)
+        self.slots[slot] = stream
+        self._last_stream = stream  # for callers that want its codes or metrics afterwards
+        return stream
+
+    def _start(self, stream: Stream):
+        """Sampling settings, prompt and a fresh codec state for the stream's slot."""
+        s, slot, req = self.sampling, stream.slot, stream.request
+        s.temperature[slot] = req.temperature
+        s.topk[slot] = min(req.topk, MIMI_CODES)
         s.seed[slot] = stream.seed
         s.frame[slot] = 0
         self._prefill_segment(stream)
         self.mimi.reset_streaming(self._slot_mask(slot))
-        self.slots[slot] = stream
-        self._last_stream = stream  # for callers that want its codes or metrics afterwards
-        return stream
+
+    def _retry_empty(self, stream: Stream) -> bool:
+        """The stream ended before any audio: try again, cooler and narrower, a few times."""
+        if stream.retries >= MAX_EMPTY_RETRIES:
+            return False
+        stream.retries += 1
+        stream.request = retry_request(stream.request)
+        stream.frames_left = stream.request.max_frames
+        stream.segment_index, stream.history = 0, []
+        event = (f"no audio: retry {stream.retries} with temperature {stream.request.temperature:g}, "
+                 f"top-k {stream.request.topk}")
+        log.warning(event)
+        stream.metrics.events.append(event)
+        self._start(stream)
+        return True
 
     def _slot_mask(self, slot: int) -> torch.Tensor:
         mask = torch.zeros(len(self.slots), dtype=torch.bool, device=self.device)
@@ -463,6 +490,7 @@ class StreamEngine:
         for s in streams:
             k = counts[s.slot]
             chunk_codes = host_codes[s.slot, :k]
+            out, runaway = s.guard.feed(chunk_codes, audio[s.slot][: k * FRAME_SAMPLES])
             s.codes.append(chunk_codes)
             s.segment_codes.append(chunk_codes)
             s.segment_frames += k
@@ -480,15 +508,26 @@ class StreamEngine:
                 m.first_audio_s = m.elapsed_s
             m.peak_memory_mb = _peak_memory_mb(self.device)
             seg_done = ended or s.segment_frames >= s.segment_limit or s.frames_left <= 0
-            if seg_done and s.segment_index + 1 < len(s.segments) and s.frames_left > 0:
+            if runaway:
+                m.events.append(f"stopped early: {runaway}")
+                log.info("stream %d stopped early: %s", s.id, runaway)
+            elif seg_done and s.segment_index + 1 < len(s.segments) and s.frames_left > 0:
                 self._next_segment(s)
                 seg_done = False
-            if seg_done:
+            if (runaway or seg_done) and m.frames == 0 and not runaway and self._retry_empty(s):
+                seg_done = False
+            elif runaway or seg_done:
                 s.finished = m.finished = True
-                m.stop_reason = "end of speech" if ended else "max_audio_length_ms reached"
+                m.stop_reason = (f"runaway: {runaway}" if runaway else "end of speech" if ended
+                                 else "max_audio_length_ms reached")
+                out = s.guard.end(out)
+                if m.frames == 0:
+                    s.error = EmptyOutputError(
+                        f"the model ended before any audio on {s.retries + 1} tries; rephrase the "
+                        "text (spell out symbols) or raise the temperature")
                 self.slots[s.slot] = None
                 self.ended[s.slot] = True
-            events.append(ChunkEvent(s, audio[s.slot][: k * FRAME_SAMPLES], s.finished))
+            events.append(ChunkEvent(s, out, s.finished, s.error))
         return events
 
     def _next_segment(self, s: Stream):
@@ -607,16 +646,35 @@ class StreamingGenerator:
 
     def _stream_one(self, req: GenerationRequest) -> Iterator[torch.Tensor]:
         with self._lock:  # one thread drives the engine; a second caller waits its turn
-            stream = self.engine.submit(req)
-            self.metrics = stream.metrics
+            sent = False
             try:
+                stream = self.engine.submit(req)
+                self.metrics = stream.metrics
                 while not stream.finished:
                     for ev in self.engine.step():
-                        if ev.stream is stream and ev.audio.numel():
+                        if ev.stream is not stream:
+                            continue
+                        if ev.error is not None:
+                            raise ev.error
+                        if ev.audio.numel():
+                            sent = True
                             yield ev.audio
+            except torch.OutOfMemoryError:
+                if sent or not self.generator.allow_cpu_fallback or self.device.type == "cpu":
+                    raise
+                self._fall_back_to_cpu()
+                yield from self._stream_one(req)
             finally:
-                if not stream.finished:  # the caller stopped early: free the slot
-                    self.engine.cancel(stream)
+                if self.metrics is not None and not self.metrics.finished and self.engine.active:
+                    for s in self.engine.active:  # the caller stopped early: free the slot
+                        if s.metrics is self.metrics:
+                            self.engine.cancel(s)
+
+    def _fall_back_to_cpu(self):
+        self.generator.note(f"out of memory on {self.device}: falling back to the CPU (allow_cpu_fallback)")
+        self.generator.to_device(torch.device("cpu"))
+        self.device = self.generator.device
+        self.engine = StreamEngine(self.generator, self.config)
 
     def generate_streaming_batch(self, requests: Iterable[StreamRequest | dict]
                                  ) -> Iterator[tuple[int, torch.Tensor]]:
@@ -648,6 +706,8 @@ class StreamingGenerator:
                         live.append(s)
                     for ev in self.engine.step():
                         i = index_of[ev.stream.id]
+                        if ev.error is not None:
+                            raise ev.error
                         out = [ev.audio] if not markers else markers[i].feed(ev.audio)
                         if ev.finished:
                             live.remove(ev.stream)
@@ -662,9 +722,11 @@ class StreamingGenerator:
 
 def load_streaming_csm_1b(device: str = "auto", config: StreamingConfig | None = None,
                           model: str = DEFAULT_REPO, mimi: str | None = None, dtype=None,
-                          watermark: bool = True, watermark_key=None) -> StreamingGenerator:
+                          watermark: bool = True, watermark_key=None, allow_cpu_fallback: bool = False,
+                          normalize: bool = True) -> StreamingGenerator:
     """Load CSM-1B (same `model` values as `load_csm_1b`, `random:*` included) for streaming."""
     config = config or StreamingConfig()
     gen = load_csm_1b(device=device, model=model, mimi=mimi, dtype=dtype, watermark=watermark,
-                      watermark_key=watermark_key)
+                      watermark_key=watermark_key, allow_cpu_fallback=allow_cpu_fallback,
+                      normalize=normalize)
     return StreamingGenerator(gen, config)

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mimi", default=None, help="Mimi weights: a file, a repo, or 'random'")
     p.add_argument("--no-dashboard", action="store_true", help="plain progress lines instead of the live view")
     p.add_argument("--no-watermark", action="store_true", help="do not watermark the audio (please keep it on)")
+    p.add_argument("--no-normalize", action="store_true", help="do not spell out numbers and symbols")
+    p.add_argument("--no-cpu-fallback", action="store_true",
+                   help="fail instead of falling back to the CPU when the GPU cannot be used")
     p.add_argument("--watermark-key", default=None, help="private key: five integers 0..255, comma-separated")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -111,7 +114,9 @@ def main(argv=None) -> int:
     t_load = time.perf_counter()
     try:
         sg = load_streaming_csm_1b(device=args.device, config=config, model=model, mimi=args.mimi,
-                                   watermark=not args.no_watermark, watermark_key=args.watermark_key)
+                                   watermark=not args.no_watermark, watermark_key=args.watermark_key,
+                                   allow_cpu_fallback=not args.no_cpu_fallback,
+                                   normalize=not args.no_normalize)
     except (CheckpointError, WatermarkError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -142,6 +147,8 @@ def main(argv=None) -> int:
         if player is not None:
             player.close()
         return EXIT_BAD_INPUT
+    from generator import EmptyOutputError
+
     interrupted = False
     with Dashboard(enabled=True, force_terminal=False if args.no_dashboard else None) as dash:
         try:
@@ -159,6 +166,9 @@ def main(argv=None) -> int:
         except KeyboardInterrupt:
             interrupted = True
             dash.update(snapshot(sg.metrics, player, "interrupted"), force=True)
+        except (EmptyOutputError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         finally:
             if player is not None:
                 player.close()

@@ -42,6 +42,9 @@ def test_context_of_any_rate_and_channels(tiny_generator):
     codes = tiny_generator.generate_codes("Reply.", 0, [Segment(1, "Hello.", stereo_44k, 44100)],
                                           max_audio_length_ms=400, seed=1)
     assert codes.shape == (5, 32)
+    # not a whole number of 80 ms frames: generate (which decodes as it goes) must take it too
+    odd = Segment(1, "Hello.", speech_like(0.53), 24000)
+    assert tiny_generator.generate("Reply.", 0, [odd], max_audio_length_ms=400, seed=1).numel() == 5 * 1920
 
 
 def test_is_eos_rule():
