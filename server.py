@@ -202,9 +202,11 @@ def create_app(scheduler, settings: ServerSettings):
             if audio.shape[-1] / sr > settings.max_context_audio_s:
                 raise ApiError(413, f"context[{i}] audio is over {settings.max_context_audio_s:g} s")
             context.append(Segment(c.speaker, c.text, audio, sr))
+        if max_ms is None:  # the longest the window allows (the model ends speech by itself)
+            window_ms = (gen.generator.max_seq_len - 256) * 80
+            max_ms = max(80, min(settings.max_audio_length_ms, window_ms))
         try:
-            return validate_request(text, speaker, context, max_ms or settings.max_audio_length_ms,
-                                    temperature, topk, seed)
+            return validate_request(text, speaker, context, max_ms, temperature, topk, seed)
         except ValueError as e:
             raise ApiError(400, str(e))
 

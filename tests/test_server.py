@@ -277,3 +277,12 @@ def test_full_server_answers_503_with_retry_after():
             assert first.result().status_code == 200 and second.result().status_code == 200
     finally:
         s.close()
+
+
+def test_speech_without_a_length_fits_the_window(live):
+    """No max_audio_length_ms: the longest that fits the model's window, not a 400."""
+    with httpx.stream("POST", f"{live.url}/v1/audio/speech", headers=AUTH, timeout=60,
+                      json={"input": "No length given.", "response_format": "pcm"}) as r:
+        assert r.status_code == 200
+        assert next(r.iter_bytes())  # it streams; closing here cancels it
+    wait_until_idle(live)
