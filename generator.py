@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np

@@ -320,22 +320,28 @@ def create_app(scheduler, settings: ServerSettings):
         scheduler.metrics.count_request("/v1/audio/speech", 200)
 
         async def audio_bytes():
-            if fmt == "wav":
-                yield wav_header(None)
-            if first is not None:
-                yield pcm16(first)
-            async for chunk in agen:
-                yield pcm16(chunk)
+            try:
+                if fmt == "wav":
+                    yield wav_header(None)
+                if first is not None:
+                    yield pcm16(first)
+                async for chunk in agen:
+                    yield pcm16(chunk)
+            finally:  # the client may have left: free the slot now, not when collected
+                await agen.aclose()
 
         async def sse():
             n = 0
-            if first is not None:
-                n += first.numel()
-                yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(pcm16(first)).decode()})
-            async for chunk in agen:
-                n += chunk.numel()
-                yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(pcm16(chunk)).decode()})
-            yield _sse({"type": "speech.audio.done", "audio_ms": n / SAMPLE_RATE * 1000})
+            try:
+                if first is not None:
+                    n += first.numel()
+                    yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(pcm16(first)).decode()})
+                async for chunk in agen:
+                    n += chunk.numel()
+                    yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(pcm16(chunk)).decode()})
+                yield _sse({"type": "speech.audio.done", "audio_ms": n / SAMPLE_RATE * 1000})
+            finally:
+                await agen.aclose()
 
         if body.stream_format == "sse":
             return StreamingResponse(sse(), media_type="text/event-stream")

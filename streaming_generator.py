@@ -357,7 +357,8 @@ class StreamEngine:
         text = self.gen.prepare_text(request.text)  # spelled out before it is split at sentences
         stream = Stream(id=self._next_id, request=request, slot=slot,
                         segments=split_sentences(text, self.config.max_segment_chars),
-                        metrics=StreamMetrics(device=str(self.device), events=list(self.gen.events)),
+                        metrics=StreamMetrics(device=str(self.device),  # load-time device fallbacks
+                                              events=[e for e in self.gen.events if "falling back" in e]),
                         seed=draw_seed(request.seed), frames_left=request.max_frames,
                         guard=TailGuard(self.gen.tail, SAMPLE_RATE))
         stream.metrics.segments = len(stream.segments)

@@ -16,7 +16,7 @@ import gc
 
 import torch
 
-from common import (device_name, memory_bandwidth, print_table, save_json, sync, time_calls,
+from common import (device_name, memory_bandwidth, print_table, save_json, time_calls,
                     weight_bytes_per_frame)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -47,7 +47,7 @@ def bench_dtype(name: str, device: torch.device, frames: int, flavour: str, band
     one = min(time_calls(plain(1), device, 2))
     many = min(time_calls(plain(frames + 1), device, 1, warmup=0))
     plain_per_frame = (many - one) / frames
-    del engine, gen, model
+    del engine
     gc.collect()
     ours_best = min(ours)
     return {"dtype": name, "weight_gb_per_frame": bytes_per_frame / 1e9, "floor_ms": floor * 1e3,

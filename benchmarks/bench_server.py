@@ -16,7 +16,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
 
 from common import device_name, print_table, save_json
 

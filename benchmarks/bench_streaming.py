@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from common import (RESULTS, device_name, memory_bandwidth, print_table, save_json, slug, sync,
+from common import (device_name, memory_bandwidth, print_table, save_json, sync,
                     weight_bytes_per_frame)
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then it runs away."

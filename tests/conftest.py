@@ -1,6 +1,5 @@
 """Shared fixtures: tiny random models built in-process (no download), one Mimi per session."""
 
-import json
 import logging
 import os
 import warnings

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from conftest import make_hf_checkpoint, speech_like
 from generator import CheckpointError, Generator, Segment, load_model_and_tokenizer, resolve_checkpoint
-from models import CSM, SamplingState, original_to_transformers
+from models import CSM, original_to_transformers
 
 CPU = torch.device("cpu")
 

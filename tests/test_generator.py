@@ -8,7 +8,7 @@ import torch
 from conftest import speech_like
 from generator import (FRAME_SAMPLES, CheckpointError, Segment, is_eos, load_csm_1b, load_mimi,
                        pick_device, to_mono_24k, validate_request)
-from models import MIMI_CODES, SamplingState, exponential_noise, sample_topk
+from models import MIMI_CODES, exponential_noise, sample_topk
 
 
 def test_text_segment_layout(tiny_generator):

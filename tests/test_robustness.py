@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import speech_like
-from generator import FRAME_SAMPLES, EmptyOutputError, Generator, load_csm_1b
+from generator import FRAME_SAMPLES, EmptyOutputError, load_csm_1b
 from runaway import TailConfig, TailGuard, frame_dbfs
 from streaming_generator import StreamingConfig, StreamingGenerator
 

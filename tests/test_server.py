@@ -17,7 +17,7 @@ import torch
 from conftest import speech_like
 from generator import Generator, load_model_and_tokenizer, load_mimi
 from scheduler import Scheduler
-from server import ServerSettings, create_app, wav_bytes
+from server import ServerSettings, create_app
 from streaming_generator import StreamingConfig, StreamingGenerator
 
 TOKEN = "test-token"

@@ -203,7 +203,6 @@ def test_cpu_prepacked_weights_give_the_same_numbers(tiny_generator):
         pytest.skip("no MKL in this torch build")
     model = tiny_generator.model
     unpack_linears(model)
-    h = torch.randn(4, model.args.backbone.dim)
     codes = torch.randint(0, 2048, (4, 32))
     pos = torch.tensor([3, 7, 11, 2])
     model.setup_caches(4)
