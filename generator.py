@@ -195,12 +195,13 @@ def resolve_checkpoint(model: str) -> Path:
     from huggingface_hub import errors
 
     try:  # the cache first: works offline and costs no request
-        return Path(hub.snapshot_download(model, local_files_only=True,
-                                          allow_patterns=list(_META_FILES) + ["*.safetensors*", "ckpt.pt"]))
-    except errors.LocalEntryNotFoundError:
-        pass
-    except Exception as e:  # a cache that holds the repo's metadata but no weights, and alike
-        log.debug("cache lookup for %s failed: %s", model, e)
+        cached = Path(hub.snapshot_download(model, local_files_only=True,
+                                            allow_patterns=list(_META_FILES) + ["*.safetensors*", "ckpt.pt"]))
+        if all(f.is_file() for f in checkpoint_files(cached)) and (cached / "tokenizer.json").is_file():
+            return cached
+        log.info("the cached copy of %s is incomplete: downloading the rest", model)
+    except (errors.LocalEntryNotFoundError, FileNotFoundError, KeyError, ValueError):
+        pass  # not cached, or cached without weights (an interrupted download)
     token_hint = ("set HF_TOKEN (or run `hf auth login`) with an account that accepted the licence "
                   f"at https://huggingface.co/{model}")
     try:

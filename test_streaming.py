@@ -71,6 +71,12 @@ def snapshot(metrics, player, status: str):
     from dashboard import Snapshot
 
     stats = player.stats() if player is not None else None
+    events = list(metrics.events)
+    if stats is not None and not stats.started and not stats.finished:
+        status = f"buffering {stats.buffered_ms:.0f} / {stats.prebuffer_ms:.0f} ms before playback"
+        if metrics.audio_s and metrics.rtf >= 1:
+            events.append(f"slower than real time (RTF {metrics.rtf:.2f}): buffering "
+                          f"{stats.prebuffer_ms / 1000:.1f} s so playback will not stall")
     return Snapshot(device=metrics.device, status=status, rtf_now=metrics.rtf_now, rtf=metrics.rtf,
                     ttfa_ms=None if metrics.first_audio_s is None else metrics.first_audio_s * 1000,
                     chunks=metrics.chunks, chunk_gen_ms=list(metrics.chunk_gen_ms),
@@ -78,7 +84,7 @@ def snapshot(metrics, player, status: str):
                     buffer_ms=None if stats is None else stats.buffered_ms,
                     prebuffer_ms=None if stats is None else stats.prebuffer_ms,
                     underruns=0 if stats is None else stats.underruns,
-                    memory_mb=metrics.peak_memory_mb, events=list(metrics.events))
+                    memory_mb=metrics.peak_memory_mb, events=events)
 
 
 def main(argv=None) -> int:

@@ -187,3 +187,15 @@ def test_weights_of_another_model_are_refused(tmp_path):
     save_file({"some.other.weight": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="holds no CSM weights"):
         load_model_and_tokenizer(str(tmp_path), CPU)
+
+
+def test_an_interrupted_download_in_the_cache_is_not_used(tmp_path, monkeypatch):
+    """A cached snapshot with the config but no weights must not pass for a checkpoint."""
+    import huggingface_hub as hub
+
+    snap = tmp_path / "snapshot"
+    snap.mkdir()
+    (snap / "config.json").write_text("{}")
+    monkeypatch.setattr(hub, "snapshot_download", lambda *a, **k: str(snap))
+    with pytest.raises(CheckpointError, match="could not download"):
+        resolve_checkpoint("someone/partial-csm")  # offline: the download then fails, clearly

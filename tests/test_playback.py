@@ -258,3 +258,17 @@ def test_cli_plays_through_the_sound_card(jack_device, tmp_path):
                 "--no-dashboard", "--no-watermark", "--output", str(tmp_path / "p.wav"))
     assert env_server and r.returncode == 0, r.stderr
     assert "underruns" in r.stderr
+
+
+def test_cli_snapshot_says_when_it_buffers_for_a_slow_generator():
+    sys.path.insert(0, str(ROOT))
+    from streaming_generator import StreamMetrics
+    from test_streaming import snapshot
+
+    m = StreamMetrics(elapsed_s=3.0, audio_s=1.5, frames=18, chunks=3, chunk_gen_ms=[900.0] * 3,
+                      chunk_rtf=[2.0] * 3)
+    player = AudioPlayer(SR, prebuffer_s=4.0)
+    player.write(np.zeros(int(1.5 * SR), dtype=np.float32))
+    s = snapshot(m, player, "generating")
+    assert s.status.startswith("buffering 1500 / 4000 ms")
+    assert any("slower than real time (RTF 2.00)" in e for e in s.events)
