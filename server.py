@@ -486,6 +486,8 @@ def load_scheduler(args):
     sg = load_streaming_csm_1b(device=args.device, config=config, model=args.model or DEFAULT_REPO,
                                mimi=args.mimi, watermark=not args.no_watermark,
                                watermark_key=args.watermark_key)
+    if sg.needs_warmup:  # every batch bucket, before the first client: no stall when one joins
+        log.info("warm-up of %d-slot batch buckets: %.1f s", args.max_streams, sg.warmup(all_buckets=True))
     return Scheduler(sg, max_queue=args.max_queue)
 
 

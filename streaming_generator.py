@@ -610,6 +610,33 @@ class StreamingGenerator:
         self.engine = StreamEngine(generator, self.config)
         self.metrics: StreamMetrics | None = None  # the last (or current) stream's metrics
         self._lock = threading.Lock()
+        self.warmup_s = 0.0  # compile and CUDA-graph capture, apart from steady state
+
+    @property
+    def needs_warmup(self) -> bool:
+        return self.config.compile_enabled(self.device) or self.config.cuda_graphs_enabled(self.device)
+
+    def warmup(self, frames: int = 4, all_buckets: bool = False) -> float:
+        """Run short throwaway streams so compilation and graph capture happen now, not in a
+        request's latency: batch bucket 1, or every bucket (a server). Returns the seconds."""
+        t = time.perf_counter()
+        buckets, n = [], 1
+        while n < len(self.engine.slots) and all_buckets:
+            buckets.append(n)
+            n *= 2
+        buckets.append(min(n, len(self.engine.slots)) if all_buckets else 1)
+        with self._lock, torch.inference_mode():
+            for n in buckets:
+                streams = [self.engine.submit(validate_request(
+                    "Warm up.", 0, max_audio_length_ms=frames * FRAME_MS, seed=i)) for i in range(n)]
+                while any(not s.finished for s in streams):
+                    self.engine.step()
+                for s in streams:
+                    if not s.finished:
+                        self.engine.cancel(s)
+        self.warmup_s = time.perf_counter() - t
+        log.info("warm-up (compile / CUDA graphs) took %.1f s", self.warmup_s)
+        return self.warmup_s
 
     # upstream API, for convenience: the plain reference loop
     def generate(self, *args, **kwargs) -> torch.Tensor:
@@ -730,4 +757,7 @@ def load_streaming_csm_1b(device: str = "auto", config: StreamingConfig | None =
     gen = load_csm_1b(device=device, model=model, mimi=mimi, dtype=dtype, watermark=watermark,
                       watermark_key=watermark_key, allow_cpu_fallback=allow_cpu_fallback,
                       normalize=normalize)
-    return StreamingGenerator(gen, config)
+    sg = StreamingGenerator(gen, config)
+    if sg.needs_warmup:  # compiled / graphed: pay for it here, not in the first audio
+        sg.warmup()
+    return sg

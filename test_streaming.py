@@ -129,7 +129,8 @@ def main(argv=None) -> int:
     except RuntimeError as e:  # a device that cannot be used
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"loaded {model} on {sg.device} in {time.perf_counter() - t_load:.1f} s", file=sys.stderr)
+    warm = f" (of which warm-up, compile and CUDA graphs: {sg.warmup_s:.1f} s)" if sg.warmup_s else ""
+    print(f"loaded {model} on {sg.device} in {time.perf_counter() - t_load:.1f} s{warm}", file=sys.stderr)
 
     from dashboard import Dashboard
 

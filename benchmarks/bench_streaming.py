@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from common import (device_name, memory_bandwidth, print_table, save_json, sync,
+from common import (device_name, memory_bandwidth, print_table, save_json, sync, time_calls,
                     weight_bytes_per_frame)
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then it runs away."
@@ -61,7 +61,7 @@ def main(argv=None):
     p.add_argument("--max-seq-len", type=int, default=512, help="backbone window of the benchmark")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
-    from generator import Generator, load_mimi, load_model_and_tokenizer, pick_device
+    from generator import Generator, load_mimi, load_model_and_tokenizer, pick_device, validate_request
 
     torch.set_grad_enabled(False)
     device = pick_device(args.device)
@@ -118,8 +118,25 @@ def main(argv=None):
     for r in rows:
         if r["name"].endswith(" streams"):
             r["aggregate_vs_1_stream"] = r["aggregate_frames_per_s"] / one["aggregate_frames_per_s"]
-    print_table(rows, ["name", "streams", "ttfa_ms", "rtf_per_stream", "aggregate_frames_per_s",
-                       "speedup_vs_plain", "aggregate_vs_1_stream"])
+    # The frame step alone (no prefill, no Mimi): what "n streams per step" costs the model.
+    step_rows = []
+    for n in map(int, args.streams.split(",")):
+        sg = build(gen, chunk_size_ms=320, max_batch_size=n, **base)
+        for i in range(n):
+            sg.engine.submit(validate_request(TEXT, i % 2, max_audio_length_ms=args.max_seq_len * 40, seed=i))
+        step = sg.engine._step_for(n)
+        best = min(time_calls(step, device, 3))
+        step_rows.append({"name": f"frame step, {n} streams", "streams": n, "step_ms": best * 1e3,
+                          "aggregate_frames_per_s": n / best})
+        del sg
+        gc.collect()
+    for r in step_rows:
+        r["aggregate_vs_1_stream"] = r["aggregate_frames_per_s"] / step_rows[0]["aggregate_frames_per_s"]
+    print_table(step_rows, ["name", "streams", "step_ms", "aggregate_frames_per_s", "aggregate_vs_1_stream"])
+    rows += step_rows
+    print_table([r for r in rows if "step_ms" not in r],
+                ["name", "streams", "ttfa_ms", "rtf_per_stream", "aggregate_frames_per_s",
+                 "speedup_vs_plain", "aggregate_vs_1_stream"])
     path = save_json("streaming", device, {"model": args.model, "dtype": str(next(model.parameters()).dtype),
                                            "frames": args.frames, "floor_ms_per_frame": floor_ms,
                                            "rows": rows}, args.out_dir)
@@ -133,15 +150,18 @@ def plot(rows, floor_ms, device, path):
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    streams = [r for r in rows if r["name"].endswith(" streams")]
+    streams = [r for r in rows if r["name"].endswith(" streams") and "step_ms" not in r]
+    steps = [r for r in rows if "step_ms" in r]
     a.plot([r["streams"] for r in streams], [r["aggregate_frames_per_s"] for r in streams], "o-",
            label="engine, batched")
+    a.plot([r["streams"] for r in steps], [r["aggregate_frames_per_s"] for r in steps], "s--",
+           label="frame step alone")
     a.axhline(1000 / floor_ms, ls="--", c="gray", label="1-stream bandwidth floor")
     a.axhline(12.5, ls=":", c="red", label="real time, 1 stream")
     a.set(xlabel="streams per step", ylabel="aggregate frames / s", title="Batched streams")
     a.legend()
-    names = [r["name"] for r in rows if r["streams"] == 1]
-    b.barh(names, [r["rtf_per_stream"] for r in rows if r["streams"] == 1])
+    ones = [r for r in rows if r["streams"] == 1 and "step_ms" not in r]
+    b.barh([r["name"] for r in ones], [r["rtf_per_stream"] for r in ones])
     b.axvline(1.0, c="red", ls=":", label="real time")
     b.set(xlabel="RTF (lower is faster)", title="One stream")
     b.legend()

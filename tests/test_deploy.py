@@ -64,7 +64,7 @@ def test_benchmark_with_the_tiny_random_model_writes_a_results_folder():
         assert frame["model"] == "tiny" and frame["rows"][0]["ours_ms"] > 0
         report = (out / "report.md").read_text()
         assert frame["device"] in report and "## Frame step" in report and "## Streaming" in report
-        assert "![streaming](streaming_cpu.png)" in report
+        assert "![streaming](streaming_cpu.png)" in report and "| frame step alone |" in report
     finally:
         shutil.rmtree(out)
         if not before:

@@ -261,9 +261,16 @@ def test_cli_plays_through_the_sound_card(jack_device, tmp_path):
 
 
 def test_cli_snapshot_says_when_it_buffers_for_a_slow_generator():
-    sys.path.insert(0, str(ROOT))
+    import importlib.util
+
     from streaming_generator import StreamMetrics
-    from test_streaming import snapshot
+
+    # the command's module, by path: tests/test_streaming.py has the same name
+    spec = importlib.util.spec_from_file_location("csm_cli", ROOT / "test_streaming.py")
+    cli = importlib.util.module_from_spec(spec)
+    sys.modules["csm_cli"] = cli  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(cli)
+    snapshot = cli.snapshot
 
     m = StreamMetrics(elapsed_s=3.0, audio_s=1.5, frames=18, chunks=3, chunk_gen_ms=[900.0] * 3,
                       chunk_rtf=[2.0] * 3)

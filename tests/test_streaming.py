@@ -184,6 +184,18 @@ def test_compiled_step_equals_eager(tiny_generator):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
+def test_warmup_runs_a_throwaway_stream_and_leaves_the_engine_free(tiny_generator):
+    sg = StreamingGenerator(tiny_generator, StreamingConfig(enable_compilation=False))
+    assert not sg.needs_warmup  # CPU, no compile: nothing to warm
+    assert sg.warmup(frames=2) > 0 and sg.engine.free_slots == 1
+    wide = StreamingGenerator(tiny_generator, StreamingConfig(enable_compilation=False, max_batch_size=5))
+    wide.warmup(frames=2, all_buckets=True)
+    assert sorted(wide.engine._steps) == [1, 2, 4, 5] and wide.engine.free_slots == 5
+    ref = tiny_generator.generate("After warm-up.", 0, max_audio_length_ms=480, seed=3)
+    out = torch.cat(list(sg.generate_streaming("After warm-up.", 0, max_audio_length_ms=480, seed=3)))
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
 def test_kill_switch_env(monkeypatch):
     monkeypatch.setenv("NO_TORCH_COMPILE", "1")
     monkeypatch.setenv("NO_CUDA_GRAPH", "1")
