@@ -515,7 +515,7 @@ class StreamEngine:
             elif seg_done and s.segment_index + 1 < len(s.segments) and s.frames_left > 0:
                 self._next_segment(s)
                 seg_done = False
-            if (runaway or seg_done) and m.frames == 0 and not runaway and self._retry_empty(s):
+            if seg_done and not runaway and m.frames == 0 and self._retry_empty(s):
                 seg_done = False
             elif runaway or seg_done:
                 s.finished = m.finished = True
