@@ -49,13 +49,18 @@ class CheckpointError(RuntimeError):
 class EmptyOutputError(RuntimeError):
     """The model ended before any audio frame, on every retry."""
 
+    def __init__(self, tries: int):
+        super().__init__(f"the model ended before any audio on {tries} tries; rephrase the text "
+                         "(spell out symbols) or raise the temperature")
+
 
 MAX_EMPTY_RETRIES = 2
 
 
-def retry_request(req: "GenerationRequest") -> "GenerationRequest":
-    """The next try after an empty output: cooler and narrower sampling."""
-    return replace(req, temperature=max(0.3, round(req.temperature * 0.7, 4)), topk=max(1, req.topk // 2))
+def retry_request(req: "GenerationRequest", attempt: int) -> tuple["GenerationRequest", str]:
+    """The next try after an empty output, cooler and narrower, and the event that says so."""
+    req = replace(req, temperature=max(0.3, round(req.temperature * 0.7, 4)), topk=max(1, req.topk // 2))
+    return req, f"no audio: retry {attempt} with temperature {req.temperature:g}, top-k {req.topk}"
 
 
 @dataclass
@@ -136,6 +141,16 @@ def _check_speaker(speaker, name: str):
 # ---------------------------------------------------------------------------------------------
 
 
+def resample(x: np.ndarray, src: int, dst: int) -> np.ndarray:
+    """1-D float32 audio from `src` Hz to `dst` Hz (soxr, high quality); float32 out."""
+    x = np.asarray(x, dtype=np.float32)
+    if src == dst:
+        return x
+    import soxr
+
+    return soxr.resample(x, src, dst, quality="HQ").astype(np.float32)
+
+
 def to_mono_24k(audio, sample_rate: int) -> torch.Tensor:
     """Any [samples] / [channels, samples] / [samples, channels] audio -> float32 mono at 24 kHz."""
     audio = torch.as_tensor(audio).float()
@@ -143,10 +158,7 @@ def to_mono_24k(audio, sample_rate: int) -> torch.Tensor:
         channel_dim = 0 if audio.shape[0] <= audio.shape[1] else 1
         audio = audio.mean(dim=channel_dim)
     if sample_rate != SAMPLE_RATE:
-        import soxr
-
-        audio = torch.from_numpy(soxr.resample(audio.cpu().numpy(), sample_rate, SAMPLE_RATE,
-                                               quality="HQ").astype(np.float32))
+        audio = torch.from_numpy(resample(audio.cpu().numpy(), sample_rate, SAMPLE_RATE))
     return audio.contiguous()
 
 
@@ -412,12 +424,7 @@ class Generator:
     def _tokenize_audio(self, audio: torch.Tensor):
         """24 kHz mono [samples] -> ([frames + 1, 33], mask): Mimi codes plus the all-zero EOS frame."""
         codes = self._audio_tokenizer.encode(audio.to(self.device)[None, None])[0]  # [32, T]
-        codes = torch.cat([codes, torch.zeros_like(codes[:, :1])], dim=1).cpu()
-        tokens = torch.zeros(codes.shape[1], 33, dtype=torch.long)
-        mask = torch.zeros(codes.shape[1], 33, dtype=torch.bool)
-        tokens[:, :-1] = codes.T
-        mask[:, :-1] = True
-        return tokens, mask
+        return audio_prompt(codes.T.cpu())
 
     def _tokenize_segment(self, seg: Segment):
         t, tm = self._tokenize_text_segment(seg.text, seg.speaker)
@@ -514,11 +521,9 @@ class Generator:
             if audio.numel():
                 return self._watermark(audio)
             if attempt < MAX_EMPTY_RETRIES:
-                req = retry_request(req)
-                self.note(f"no audio: retry {attempt + 1} with temperature {req.temperature:g}, "
-                          f"top-k {req.topk}")
-        raise EmptyOutputError(f"the model ended before any audio on {MAX_EMPTY_RETRIES + 1} tries; "
-                               "rephrase the text (spell out symbols) or raise the temperature")
+                req, event = retry_request(req, attempt + 1)
+                self.note(event)
+        raise EmptyOutputError(MAX_EMPTY_RETRIES + 1)
 
     @torch.inference_mode()
     def _speak(self, req: GenerationRequest) -> torch.Tensor:
@@ -568,6 +573,17 @@ class Generator:
         from watermarking import watermark
 
         return watermark(self._watermarker, audio, self.sample_rate, self._watermark_key)
+
+
+def audio_prompt(codes: torch.Tensor):
+    """Audio codes [n, 32] -> prompt rows ([n + 1, 33], mask): the codes, then the all-zero end
+    frame; the text column unused. Encoded context and already-spoken segments both use it."""
+    codes = torch.cat([codes, torch.zeros(1, codes.shape[1], dtype=codes.dtype)])
+    tokens = torch.zeros(codes.shape[0], 33, dtype=torch.long)
+    mask = torch.zeros(codes.shape[0], 33, dtype=torch.bool)
+    tokens[:, :-1] = codes
+    mask[:, :-1] = True
+    return tokens, mask
 
 
 def draw_seed(seed: int | None) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -432,19 +432,14 @@ def can_prepack(model: nn.Module) -> bool:
     return p.device.type == "cpu" and p.dtype == torch.float32 and torch._C.has_mkl
 
 
-@torch.no_grad()
-def prepack_linears(model: CSM, batch: int) -> int:
-    """Swap every Linear of the frame step for a PackedLinear sized for `batch` rows."""
-    if batch < 2 or not can_prepack(model):
-        return 0
+def _swap_layers(model: nn.Module, swap) -> int:
+    """Replace each child module m by swap(m) where that gives a new module; count the swaps."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, PackedLinear(child, batch))
-                count += 1
-            elif isinstance(child, PackedLinear) and child.batch != batch:
-                setattr(parent, name, _repack(child, batch))
+            new = swap(child)
+            if new is not child:
+                setattr(parent, name, new)
                 count += 1
     return count
 
@@ -455,19 +450,25 @@ def _plain_linear(layer: PackedLinear) -> nn.Linear:
     return lin
 
 
-def _repack(layer: PackedLinear, batch: int) -> PackedLinear:
-    return PackedLinear(_plain_linear(layer), batch)
+@torch.no_grad()
+def prepack_linears(model: CSM, batch: int) -> int:
+    """Swap every Linear of the frame step for a PackedLinear sized for `batch` rows."""
+    if batch < 2 or not can_prepack(model):
+        return 0
+
+    def swap(m):
+        if isinstance(m, nn.Linear):
+            return PackedLinear(m, batch)
+        if isinstance(m, PackedLinear) and m.batch != batch:
+            return PackedLinear(_plain_linear(m), batch)
+        return m
+
+    return _swap_layers(model, swap)
 
 
 def unpack_linears(model: CSM) -> int:
     """Undo prepack_linears (torch.compile traces plain Linear layers, not MKL's packed op)."""
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, PackedLinear):
-                setattr(parent, name, _plain_linear(child))
-                count += 1
-    return count
+    return _swap_layers(model, lambda m: _plain_linear(m) if isinstance(m, PackedLinear) else m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -684,7 +685,3 @@ def init_random(model: CSM, seed: int = 0):
             p.fill_(1.0)
         else:
             p.normal_(0.0, 0.02, generator=g)
-
-
-def with_max_seq(args: ModelArgs, max_seq_len: int) -> ModelArgs:
-    return replace(args, backbone=replace(args.backbone, max_seq_len=max_seq_len))

@@ -188,9 +188,7 @@ def create_app(scheduler, settings: ServerSettings):
     # -- shared request handling --------------------------------------------------------------------
 
     async def make_request(text, speaker, context_items, max_ms, temperature, topk, seed):
-        if not isinstance(text, str) or not text.strip():
-            raise ApiError(400, "text must be a non-empty string")
-        if len(text) > settings.max_text_chars:
+        if isinstance(text, str) and len(text) > settings.max_text_chars:  # the rest: validate_request
             raise ApiError(413, f"text is {len(text)} characters; the limit is {settings.max_text_chars}")
         if len(context_items) > settings.max_context:
             raise ApiError(400, f"{len(context_items)} context turns; the limit is {settings.max_context}")
@@ -452,6 +450,31 @@ def voice_to_speaker(voice) -> int:
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
+
+
+def serve_in_thread(app, host: str = "127.0.0.1", timeout: float = 30):
+    """Run `app` under uvicorn in a daemon thread on a free port of `host` (tests, benchmarks).
+
+    Returns (uvicorn.Server, thread, base url) once it listens; stop it with
+    `server.should_exit = True` and `thread.join()`.
+    """
+    import socket
+    import threading
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.05)
+    return server, thread, f"http://{host}:{port}"
 
 
 def build_parser():

@@ -28,7 +28,8 @@ import torch
 
 from models import MIMI_CODES, SamplingState, prepack_linears, unpack_linears
 from generator import (FRAME_MS, FRAME_SAMPLES, MAX_EMPTY_RETRIES, SAMPLE_RATE, DEFAULT_REPO,
-                       EmptyOutputError, GenerationRequest, Generator, draw_seed, is_eos, load_csm_1b,
+                       EmptyOutputError, GenerationRequest, Generator, audio_prompt, draw_seed, is_eos,
+                       load_csm_1b,
                        retry_request, validate_request)
 from runaway import TailGuard
 
@@ -320,7 +321,7 @@ class StreamEngine:
         self._next_id = 0
         self._backbone = self._decoder = None  # compiled wrappers, or None for eager
         self.prepacked = 0  # Linear layers swapped for MKL-packed ones (CPU, batched)
-        self._graphs = not config.cuda_graphs_enabled(dev)  # True: graphs disabled
+        self._graphs_off = not config.cuda_graphs_enabled(dev)
         self._steps: dict[int, CUDAGraphed] = {}  # batch bucket -> its (graphed) step
         self.last_bucket = 0
         self.mimi.streaming_forever(b)
@@ -383,11 +384,9 @@ class StreamEngine:
         if stream.retries >= MAX_EMPTY_RETRIES:
             return False
         stream.retries += 1
-        stream.request = retry_request(stream.request)
+        stream.request, event = retry_request(stream.request, stream.retries)
         stream.frames_left = stream.request.max_frames
         stream.segment_index, stream.history = 0, []
-        event = (f"no audio: retry {stream.retries} with temperature {stream.request.temperature:g}, "
-                 f"top-k {stream.request.topk}")
         log.warning(event)
         stream.metrics.events.append(event)
         self._start(stream)
@@ -445,17 +444,20 @@ class StreamEngine:
         pos.add_(1).clamp_(max=m.max_seq_len - 1)
         return codes
 
-    def _bucket(self) -> int:
-        """Smallest power of two (capped at max_batch_size) covering the highest busy slot."""
-        top = max(s.slot for s in self.active) + 1
+    def bucket(self, top: int) -> int:
+        """Rows a step runs for slots 0..top-1: the smallest power of two covering them, capped
+        at max_batch_size (one compiled shape and one CUDA graph per bucket)."""
         n = 1
         while n < top:
             n *= 2
         return min(n, len(self.slots))
 
+    def _bucket(self) -> int:
+        return self.bucket(max(s.slot for s in self.active) + 1)
+
     def _step_for(self, n: int) -> CUDAGraphed:
         if n not in self._steps:
-            self._steps[n] = CUDAGraphed(lambda: self._frame_step(n), disable=self._graphs)
+            self._steps[n] = CUDAGraphed(lambda: self._frame_step(n), disable=self._graphs_off)
         return self._steps[n]
 
     # -- one chunk for everyone -----------------------------------------------------------------
@@ -523,9 +525,7 @@ class StreamEngine:
                                  else "max_audio_length_ms reached")
                 out = s.guard.end(out)
                 if m.frames == 0:
-                    s.error = EmptyOutputError(
-                        f"the model ended before any audio on {s.retries + 1} tries; rephrase the "
-                        "text (spell out symbols) or raise the temperature")
+                    s.error = EmptyOutputError(s.retries + 1)
                 self.slots[s.slot] = None
                 self.ended[s.slot] = True
             events.append(ChunkEvent(s, out, s.finished, s.error))
@@ -535,7 +535,7 @@ class StreamEngine:
         """Long text: keep what was said as context and go on with the next sentence(s)."""
         seg_codes = torch.cat(s.segment_codes) if s.segment_codes else torch.zeros(0, 32, dtype=torch.long)
         text_t, text_m = self.gen._tokenize_text_segment(s.segments[s.segment_index], s.request.speaker)
-        audio_t, audio_m = codes_to_prompt(seg_codes)
+        audio_t, audio_m = audio_prompt(seg_codes)
         s.history.append((torch.cat([text_t, audio_t]), torch.cat([text_m, audio_m])))
         s.segment_index += 1
         self._prefill_segment(s)
@@ -569,16 +569,6 @@ class StreamEngine:
             return [torch.zeros(0)] * b
         audio = torch.cat(pieces, dim=-1)[:, 0].float().cpu()  # [B, samples]
         return list(audio)
-
-
-def codes_to_prompt(codes: torch.Tensor):
-    """Generated codes [n, 32] -> prompt rows [n + 1, 33] (+ the all-zero end frame), as context."""
-    codes = torch.cat([codes, torch.zeros(1, 32, dtype=torch.long)])
-    tokens = torch.zeros(codes.shape[0], 33, dtype=torch.long)
-    mask = torch.zeros(codes.shape[0], 33, dtype=torch.bool)
-    tokens[:, :-1] = codes
-    mask[:, :-1] = True
-    return tokens, mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -620,11 +610,8 @@ class StreamingGenerator:
         """Run short throwaway streams so compilation and graph capture happen now, not in a
         request's latency: batch bucket 1, or every bucket (a server). Returns the seconds."""
         t = time.perf_counter()
-        buckets, n = [], 1
-        while n < len(self.engine.slots) and all_buckets:
-            buckets.append(n)
-            n *= 2
-        buckets.append(min(n, len(self.engine.slots)) if all_buckets else 1)
+        slots = len(self.engine.slots) if all_buckets else 1
+        buckets = sorted({self.engine.bucket(top) for top in range(1, slots + 1)})
         with self._lock, torch.inference_mode():
             for n in buckets:
                 streams = [self.engine.submit(validate_request(

@@ -11,8 +11,6 @@ in aggregate: audio seconds generated per second. Table, JSON and PNG in benchma
 from __future__ import annotations
 
 import argparse
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,26 +19,17 @@ from common import device_name, print_table, save_json
 
 
 def start_server(model: str, device, max_streams: int):
-    import uvicorn
-
     from generator import Generator, load_mimi, load_model_and_tokenizer
     from scheduler import Scheduler
-    from server import ServerSettings, create_app
+    from server import ServerSettings, create_app, serve_in_thread
     from streaming_generator import StreamingConfig, StreamingGenerator
 
     m, tok, _ = load_model_and_tokenizer(f"random:{model}", device)
     gen = Generator(m, tok, load_mimi("random", device))
     sg = StreamingGenerator(gen, StreamingConfig(max_batch_size=max_streams, max_seq_len=512))
     sched = Scheduler(sg, max_queue=max_streams).start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(sched, ServerSettings()), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, sched, f"http://127.0.0.1:{port}"
+    server, _, url = serve_in_thread(create_app(sched, ServerSettings()))
+    return server, sched, url
 
 
 def one_client(url: str, i: int, frames: int) -> dict:

@@ -84,3 +84,18 @@ def speech_like(seconds=1.0, sr=24_000, seed=0):
     x = sum(torch.sin(k * phase) / k for k in range(1, 6))
     env = 0.5 * (1 - torch.cos(2 * torch.pi * 4 * t)).clamp(min=0)
     return (0.2 * x * env + 0.005 * torch.randn(t.shape, generator=g)).float()
+
+
+def patch_sample_frame(model, fn):
+    """Wrap model.sample_frame: fn(codes [B, 32], sampling state) -> codes. Returns the undo.
+
+    Tests use it to force end frames, stuck frames and the like with pure device ops, as the
+    real step would produce them.
+    """
+    original = model.sample_frame
+
+    def patched(h, s, slot=None, decoder=None):
+        return fn(original(h, s, slot, decoder), s)
+
+    model.sample_frame = patched
+    return lambda: model.__dict__.pop("sample_frame", None)

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import speech_like
+from conftest import patch_sample_frame, speech_like
 from generator import (FRAME_SAMPLES, CheckpointError, Segment, is_eos, load_csm_1b, load_mimi,
                        pick_device, to_mono_24k, validate_request)
 from models import MIMI_CODES, exponential_noise, sample_topk
@@ -66,19 +66,13 @@ def test_is_eos_rule():
 
 
 def test_generation_stops_at_the_end_frame(tiny_generator):
-    model = tiny_generator.model
-    original = model.sample_frame
-
-    def ends_at_frame_3(h, s, slot=None, decoder=None):
-        codes = original(h, s, slot, decoder)
-        return torch.where((s.frame == 3)[:, None], torch.zeros_like(codes), codes)
-
-    model.sample_frame = ends_at_frame_3
+    undo = patch_sample_frame(tiny_generator.model, lambda codes, s: torch.where(
+        (s.frame == 3)[:, None], torch.zeros_like(codes), codes))  # the end frame at frame 3
     try:
         codes = tiny_generator.generate_codes("Short.", 0, max_audio_length_ms=4000, seed=1)
         audio = tiny_generator.generate("Short.", 0, max_audio_length_ms=4000, seed=1)
     finally:
-        del model.sample_frame
+        undo()
     assert codes.shape == (3, 32) and audio.shape == (3 * FRAME_SAMPLES,)
 
 

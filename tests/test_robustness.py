@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from conftest import speech_like
+from conftest import patch_sample_frame, speech_like
 from generator import FRAME_SAMPLES, EmptyOutputError, load_csm_1b
 from runaway import TailConfig, TailGuard, frame_dbfs
 from streaming_generator import StreamingConfig, StreamingGenerator
@@ -109,23 +109,13 @@ def test_tail_config_is_checked():
 # -- in generate and generate_streaming ----------------------------------------------------------
 
 
-def patch_frames(model, fn):
-    original = model.sample_frame
-
-    def patched(h, s, slot=None, decoder=None):
-        return fn(original(h, s, slot, decoder), s)
-
-    model.sample_frame = patched
-    return lambda: model.__dict__.pop("sample_frame", None)
-
-
 def test_stuck_stream_stops_early_in_generate_and_in_the_stream(tiny_generator):
     stuck = torch.full((32,), 700)
 
     def stick_after_4(codes, s):
         return torch.where((s.frame >= 4)[:, None], stuck.expand_as(codes), codes)
 
-    undo = patch_frames(tiny_generator.model, stick_after_4)
+    undo = patch_sample_frame(tiny_generator.model, stick_after_4)
     try:
         ref = tiny_generator.generate("Stuck.", 0, max_audio_length_ms=8000, seed=1)
         sg = StreamingGenerator(tiny_generator, StreamingConfig(enable_compilation=False))
@@ -144,7 +134,7 @@ def test_empty_output_is_retried_cooler(tiny_generator):
         end = (s.frame == 0) & (s.temperature > 0.8)
         return torch.where(end[:, None], torch.zeros_like(codes), codes)
 
-    undo = patch_frames(tiny_generator.model, empty_at_first_try)
+    undo = patch_sample_frame(tiny_generator.model, empty_at_first_try)
     tiny_generator.events.clear()
     try:
         audio = tiny_generator.generate("Retry me.", 0, max_audio_length_ms=400, seed=2)
@@ -159,7 +149,7 @@ def test_empty_output_is_retried_cooler(tiny_generator):
 
 
 def test_output_empty_on_every_try_is_a_clear_error(tiny_generator):
-    undo = patch_frames(tiny_generator.model, lambda codes, s: torch.zeros_like(codes))
+    undo = patch_sample_frame(tiny_generator.model, lambda codes, s: torch.zeros_like(codes))
     try:
         with pytest.raises(EmptyOutputError, match="3 tries"):
             tiny_generator.generate("Nothing.", 0, max_audio_length_ms=400, seed=2)

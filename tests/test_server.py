@@ -3,8 +3,6 @@
 import base64
 import io
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,37 +15,22 @@ import torch
 from conftest import speech_like
 from generator import Generator, load_model_and_tokenizer, load_mimi
 from scheduler import Scheduler
-from server import ServerSettings, create_app
+from server import ServerSettings, create_app, serve_in_thread
 from streaming_generator import StreamingConfig, StreamingGenerator
 
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LiveServer:
     def __init__(self, max_streams=16, max_queue=32, settings=None, watermarker=None):
-        import uvicorn
-
         model, tok, _ = load_model_and_tokenizer("random:tiny", torch.device("cpu"))
         gen = Generator(model, tok, load_mimi("random", "cpu"), watermarker=watermarker)
         sg = StreamingGenerator(gen, StreamingConfig(max_batch_size=max_streams, enable_compilation=False))
         self.scheduler = Scheduler(sg, max_queue=max_queue).start()
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         app = create_app(self.scheduler, settings or ServerSettings(token=TOKEN, max_body_bytes=2 * 2**20))
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
+        self.server, self.thread, self.url = serve_in_thread(app)
+        self.port = int(self.url.rsplit(":", 1)[1])
 
     def close(self):
         self.server.should_exit = True

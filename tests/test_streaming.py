@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import speech_like
+from conftest import patch_sample_frame, speech_like
 from generator import FRAME_SAMPLES, Segment
 from runaway import TailGuard
 from streaming_generator import (StreamingConfig, StreamingGenerator, StreamRequest, split_sentences)
@@ -19,18 +19,14 @@ def force_end_at(model, frame_of_end: dict[int, int | list[int]]):
 
     frame_of_end: seed -> frame index (or indices). Pure device ops, like the real step.
     """
-    original = model.sample_frame
-
-    def patched(h, s, slot=None, decoder=None):
-        codes = original(h, s, slot, decoder)
+    def end_frames(codes, s):
         end = torch.zeros_like(s.frame, dtype=torch.bool)
         for seed, frames in frame_of_end.items():
             for f in ([frames] if isinstance(frames, int) else frames):
                 end |= (s.seed == seed) & (s.frame == f)
         return torch.where(end[:, None], torch.zeros_like(codes), codes)
 
-    model.sample_frame = patched
-    return lambda: setattr(model, "sample_frame", original) or model.__dict__.pop("sample_frame", None)
+    return patch_sample_frame(model, end_frames)
 
 
 def test_stream_equals_generate_at_any_topk(streamer, tiny_generator):
