@@ -1,17 +1,17 @@
-"""CSM-1B in plain PyTorch: shapes, Llama blocks, static KV caches, the frame step, weight loading.
+"""CSM-1B in plain PyTorch: shapes, Llama blocks, static KV caches, sampling, the frame step.
 
 One audio frame (80 ms) = one backbone position + a 31-step depth decoder -> 32 Mimi codes.
-Everything here has static shapes: caches are allocated once in `setup_caches` and written at
-positions, never grown, so a frame step can be compiled and captured in a CUDA graph.
+Everything here has static shapes: caches are allocated once (`CSM.make_caches`) and written at
+positions, never grown, so a frame step can be compiled and captured in a CUDA graph. The caches
+belong to whoever runs the model (the plain Generator, each streaming engine), not to the
+shared modules: two users of one model never resize each other's caches. Loading weights is in
+checkpoints.py.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -76,6 +76,15 @@ FLAVORS: dict[str, ModelArgs] = {
     ),
 }
 
+
+def prefill_block_size(device: torch.device) -> int:
+    """Prompt positions run per backbone call. A prompt is always cut at the same positions, so
+    spreading its blocks over engine steps computes exactly what one call after another does.
+    About one frame step of work: on a CPU, 64 positions of the backbone cost about what one
+    frame (a weight-bound step) costs; a GPU has the compute for far more."""
+    return 256 if torch.device(device).type == "cuda" else 64
+
+
 # ---------------------------------------------------------------------------------------------
 # Llama blocks
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +121,13 @@ def rope_frequencies(args: LlamaArgs) -> torch.Tensor:
     return scaled.float()
 
 
+def rope_tables(args: LlamaArgs, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's angles, [max_seq_len, head_dim // 2], computed in fp32."""
+    angles = (torch.arange(args.max_seq_len, device=device).float()[:, None]
+              * rope_frequencies(args).to(device)[None, :])
+    return angles.cos(), angles.sin()
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Interleaved RoPE (pairs x[2i], x[2i+1]) as in the original release, computed in fp32.
 
@@ -123,14 +139,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
-class KVCache(nn.Module):
-    """Static cache [max_batch, kv_heads, max_seq, head_dim], written at positions."""
+class KVCache:
+    """One layer's static cache [batch, kv_heads, max_seq, head_dim], written at positions."""
 
     def __init__(self, batch: int, args: LlamaArgs, max_seq: int, dtype, device):
-        super().__init__()
         shape = (batch, args.num_kv_heads, max_seq, args.head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_seq = max_seq
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: int | None):
         """Write k, v [B, S, Hkv, D] at input_pos [B, S]; return the caches the batch attends to."""
@@ -144,6 +160,16 @@ class KVCache(nn.Module):
         return kc, vc
 
 
+@dataclass
+class ModelCaches:
+    """The KV caches of one user of a model: `batch` rows (streams) of `max_seq` positions."""
+
+    backbone: list[KVCache]
+    decoder: list[KVCache]
+    batch: int
+    max_seq: int
+
+
 class Attention(nn.Module):
     def __init__(self, args: LlamaArgs):
         super().__init__()
@@ -153,15 +179,14 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.num_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(args.dim, args.num_kv_heads * hd, bias=False)
         self.output_proj = nn.Linear(args.num_heads * hd, args.dim, bias=False)
-        self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, input_pos, mask, slot):
+    def forward(self, x, cos, sin, input_pos, mask, cache: KVCache, slot):
         b, s, _ = x.shape
         a = self.args
         q = apply_rope(self.q_proj(x).view(b, s, a.num_heads, a.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(b, s, a.num_kv_heads, a.head_dim), cos, sin)
         v = self.v_proj(x).view(b, s, a.num_kv_heads, a.head_dim)
-        kc, vc = self.kv_cache.update(input_pos, k, v, slot)
+        kc, vc = cache.update(input_pos, k, v, slot)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=mask,
                                            enable_gqa=a.num_heads != a.num_kv_heads)
         return self.output_proj(y.transpose(1, 2).reshape(b, s, -1))
@@ -186,8 +211,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, input_pos, mask, slot):
-        x = x + self.attn(self.sa_norm(x), cos, sin, input_pos, mask, slot)
+    def forward(self, x, cos, sin, input_pos, mask, cache, slot):
+        x = x + self.attn(self.sa_norm(x), cos, sin, input_pos, mask, cache, slot)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -199,28 +224,24 @@ class Transformer(nn.Module):
         self.args = args
         self.layers = nn.ModuleList(Block(args) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        angles = torch.arange(args.max_seq_len).float()[:, None] * rope_frequencies(args)[None, :]
-        self.register_buffer("rope_cos", angles.cos(), persistent=False)  # [L, D/2] fp32
-        self.register_buffer("rope_sin", angles.sin(), persistent=False)
-        self.cache_len = 0
+        cos, sin = rope_tables(args)
+        # [max_seq_len, D/2]. Computed in fp32, then cast with the model to its dtype by
+        # checkpoints.build_model (bf16 on a GPU), as the original release's torchtune RoPE
+        # cache is: the rotation itself runs in fp32 (apply_rope).
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
-    def setup_caches(self, batch: int, max_seq: int, dtype, device):
-        self.cache_len = max_seq
-        for layer in self.layers:
-            layer.attn.kv_cache = KVCache(batch, self.args, max_seq, dtype, device)
-
-    def forward(self, h: torch.Tensor, input_pos: torch.Tensor, slot: int | None = None):
+    def forward(self, h: torch.Tensor, input_pos: torch.Tensor, caches: list[KVCache],
+                slot: int | None = None):
         """h [B, S, D], input_pos [B, S] int64 -> [B, S, D]. slot: run on one cache row only."""
-        if self.cache_len == 0:
-            raise RuntimeError("call setup_caches() before running the model")
         cos = self.rope_cos[input_pos].unsqueeze(2)  # [B, S, 1, D/2]
         sin = self.rope_sin[input_pos].unsqueeze(2)
         # Each query sees the cache positions at or before its own; stale entries further on
         # (from an earlier, longer request in the same slot) are masked, so no reset is needed.
-        keys = torch.arange(self.cache_len, device=h.device)
+        keys = torch.arange(caches[0].max_seq, device=h.device)
         mask = (keys[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, S, L]
-        for layer in self.layers:
-            h = layer(h, cos, sin, input_pos, mask, slot)
+        for layer, cache in zip(self.layers, caches):
+            h = layer(h, cos, sin, input_pos, mask, cache, slot)
         return self.norm(h)
 
 
@@ -263,6 +284,17 @@ def exponential_noise(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> 
 
 
 MIMI_CODES = 2048  # Mimi's codebook size; ids 2048..2050 of the 2051-way heads are never audio
+
+# End of speech. The release stops at a frame whose 32 codes are all 0. Sampled at T=0.9 the 31
+# depth codes of that frame are not always all 0, and the stream then runs on as a silent tail
+# (csm#122). Codebook 0 (the backbone's choice) must be 0, and at least EOS_MIN_ZERO_CODES of the
+# 32 codes: a real speech frame has almost never 24 zero codes, a missed end frame almost always.
+EOS_MIN_ZERO_CODES = 24
+
+
+def is_eos(codes: torch.Tensor, min_zero_codes: int = EOS_MIN_ZERO_CODES) -> torch.Tensor:
+    """codes [..., 32] -> bool [...]: does this frame end the speech?"""
+    return (codes[..., 0] == 0) & ((codes == 0).sum(-1) >= min_zero_codes)
 
 
 def sample_topk(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor,
@@ -322,21 +354,25 @@ class CSM(nn.Module):
         self.codebook0_head = nn.Linear(bb.dim, v, bias=False)
         self.audio_head = nn.Parameter(torch.empty(n - 1, dec.dim, v))
         self.register_buffer("codebook_offsets", torch.arange(n) * v, persistent=False)
-        self.max_batch_size = 0
 
-    # -- set-up -------------------------------------------------------------------------------
-
-    def setup_caches(self, max_batch_size: int, max_seq_len: int | None = None):
-        """Allocate static KV caches for `max_batch_size` streams (once; graphs hold them)."""
-        p = next(self.parameters())
-        seq = min(max_seq_len or self.args.backbone.max_seq_len, self.args.backbone.max_seq_len)
-        self.backbone.setup_caches(max_batch_size, seq, p.dtype, p.device)
-        self.decoder.setup_caches(max_batch_size, self.args.audio_num_codebooks, p.dtype, p.device)
-        self.max_batch_size = max_batch_size
+    # -- caches -------------------------------------------------------------------------------
 
     @property
-    def max_seq_len(self) -> int:
-        return self.backbone.cache_len
+    def window(self) -> int:
+        """The backbone's context window in positions (2048 for CSM-1B)."""
+        return self.args.backbone.max_seq_len
+
+    def make_caches(self, batch: int, max_seq: int | None = None) -> ModelCaches:
+        """Static KV caches for `batch` streams of up to `max_seq` positions, on the model's
+        device and in its dtype. Allocate once: captured graphs hold their addresses."""
+        p = next(self.parameters())
+        seq = min(max_seq or self.window, self.window)
+        bb, dec = self.args.backbone, self.args.decoder
+        return ModelCaches(
+            backbone=[KVCache(batch, bb, seq, p.dtype, p.device) for _ in range(bb.num_layers)],
+            decoder=[KVCache(batch, dec, self.args.audio_num_codebooks, p.dtype, p.device)
+                     for _ in range(dec.num_layers)],
+            batch=batch, max_seq=seq)
 
     # -- embeddings ---------------------------------------------------------------------------
 
@@ -355,23 +391,37 @@ class CSM(nn.Module):
         """codes [B] of one codebook -> [B, D]."""
         return self.audio_embeddings(codes + codebook * self.args.audio_vocab_size)
 
+    # -- the prompt ---------------------------------------------------------------------------
+
+    def prefill_chunk(self, tokens: torch.Tensor, mask: torch.Tensor, caches: ModelCaches,
+                      slot: int, start: int) -> torch.Tensor:
+        """Run prompt rows [1, S, 33] at positions start..start+S-1 of cache row `slot`;
+        return the last hidden state [1, D]. Earlier positions must already be in the cache."""
+        pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
+        return self.backbone(self.embed_tokens(tokens, mask), pos, caches.backbone, slot)[:, -1]
+
+    def prefill(self, tokens: torch.Tensor, mask: torch.Tensor, caches: ModelCaches,
+                slot: int) -> torch.Tensor:
+        """A whole prompt [1, S, 33] at positions 0..S-1, in blocks of prefill_block_size."""
+        block = prefill_block_size(tokens.device)
+        for start in range(0, tokens.shape[1], block):
+            h = self.prefill_chunk(tokens[:, start:start + block], mask[:, start:start + block],
+                                   caches, slot, start)
+        return h
+
     # -- the frame ----------------------------------------------------------------------------
 
-    def prefill(self, tokens: torch.Tensor, mask: torch.Tensor, slot: int) -> torch.Tensor:
-        """Run a prompt [1, S, 33] at positions 0..S-1 of cache row `slot`; return h [1, D]."""
-        pos = torch.arange(tokens.shape[1], device=tokens.device)[None]
-        return self.backbone(self.embed_tokens(tokens, mask), pos, slot=slot)[:, -1]
-
-    def backbone_step(self, codes: torch.Tensor, pos: torch.Tensor, backbone=None) -> torch.Tensor:
+    def backbone_step(self, codes: torch.Tensor, pos: torch.Tensor, caches: ModelCaches,
+                      backbone=None) -> torch.Tensor:
         """Feed one frame codes [B, 32] at positions pos [B]; return the next h [B, D].
 
         backbone: a compiled wrapper of self.backbone (the fast path), or None for eager.
         """
         backbone = self.backbone if backbone is None else backbone
-        return backbone(self.embed_frame(codes), pos[:, None])[:, -1]
+        return backbone(self.embed_frame(codes), pos[:, None], caches.backbone)[:, -1]
 
-    def sample_frame(self, h: torch.Tensor, s: SamplingState, slot: int | None = None,
-                     decoder=None) -> torch.Tensor:
+    def sample_frame(self, h: torch.Tensor, s: SamplingState, caches: ModelCaches,
+                     slot: int | None = None, decoder=None) -> torch.Tensor:
         """Backbone hidden h [B, D] -> the frame's 32 codes [B, 32] (codebook 0 + depth loop).
 
         The depth decoder starts empty each frame: positions 0..31 are rewritten and the causal
@@ -386,302 +436,20 @@ class CSM(nn.Module):
         x = torch.stack([h, self.embed_audio(0, c)], dim=1)  # [B, 2, D]
         pos = torch.arange(2, device=h.device)[None].expand(h.shape[0], 2)
         for i in range(1, n):
-            out = decoder(self.projection(x), pos, slot).to(dtype)[:, -1]  # [B, Dd]
-            c = sample_topk(out @ self.audio_head[i - 1], s.temperature, s.topk, s.seed, counter + i)
+            out = decoder(self.projection(x), pos, caches.decoder, slot).to(dtype)[:, -1]  # [B, Dd]
+            c = sample_topk(out @ self.audio_head[i - 1], s.temperature, s.topk, s.seed,
+                            counter + i)
             codes.append(c)
             x = self.embed_audio(i, c)[:, None]
             pos = pos[:, -1:] + 1
         return torch.stack(codes, dim=1)
 
     def generate_frame(self, tokens, mask, input_pos, sampling: SamplingState,
-                       slot: int = 0) -> torch.Tensor:
+                       caches: ModelCaches, slot: int = 0) -> torch.Tensor:
         """The original release's step: tokens [1, S, 33] at input_pos [1, S] -> codes [1, 32].
 
         Runs the backbone over the new positions of one cache row and samples one frame. The
         plain reference loop uses it; the fast path calls `sample_frame` / `backbone_step`.
         """
-        h = self.backbone(self.embed_tokens(tokens, mask), input_pos, slot)[:, -1]
-        return self.sample_frame(h, sampling, slot)
-
-
-# ---------------------------------------------------------------------------------------------
-# CPU: weights prepacked for a batch size
-# ---------------------------------------------------------------------------------------------
-
-
-class PackedLinear(nn.Module):
-    """nn.Linear with its weight also prepacked by MKL for `batch` rows (CPU, fp32).
-
-    Skinny matrix products (a few streams x a big weight) run ~2.5x faster packed on CPU; calls
-    with another row count fall back to the plain weight inside the same MKL op, exactly.
-    """
-
-    def __init__(self, linear: nn.Linear, batch: int):
-        super().__init__()
-        self.weight = linear.weight  # same parameter, same state-dict key
-        self.batch = batch
-        self.register_buffer("packed", torch.ops.mkl._mkl_reorder_linear_weight(self.weight, batch),
-                             persistent=False)
-
-    def forward(self, x):
-        return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, self.batch)
-
-
-def can_prepack(model: nn.Module) -> bool:
-    p = next(model.parameters())
-    return p.device.type == "cpu" and p.dtype == torch.float32 and torch._C.has_mkl
-
-
-def _swap_layers(model: nn.Module, swap) -> int:
-    """Replace each child module m by swap(m) where that gives a new module; count the swaps."""
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            new = swap(child)
-            if new is not child:
-                setattr(parent, name, new)
-                count += 1
-    return count
-
-
-def _plain_linear(layer: PackedLinear) -> nn.Linear:
-    lin = nn.Linear(layer.weight.shape[1], layer.weight.shape[0], bias=False, device="meta")
-    lin.weight = layer.weight
-    return lin
-
-
-@torch.no_grad()
-def prepack_linears(model: CSM, batch: int) -> int:
-    """Swap every Linear of the frame step for a PackedLinear sized for `batch` rows."""
-    if batch < 2 or not can_prepack(model):
-        return 0
-
-    def swap(m):
-        if isinstance(m, nn.Linear):
-            return PackedLinear(m, batch)
-        if isinstance(m, PackedLinear) and m.batch != batch:
-            return PackedLinear(_plain_linear(m), batch)
-        return m
-
-    return _swap_layers(model, swap)
-
-
-def unpack_linears(model: CSM) -> int:
-    """Undo prepack_linears (torch.compile traces plain Linear layers, not MKL's packed op)."""
-    return _swap_layers(model, lambda m: _plain_linear(m) if isinstance(m, PackedLinear) else m)
-
-
-# ---------------------------------------------------------------------------------------------
-# Weights: the original format and the transformers format, detected from the tensor names
-# ---------------------------------------------------------------------------------------------
-
-ORIGINAL_MARKER = "backbone.layers.0.attn.q_proj.weight"
-TRANSFORMERS_MARKER = "backbone_model.layers.0.self_attn.q_proj.weight"
-
-_HF_TO_ORIGINAL = [  # applied in order, like transformers' own convert_csm.py but reversed
-    (r"^backbone_model\.layers\.", "backbone.layers."),
-    (r"^depth_decoder\.model\.layers\.", "decoder.layers."),
-    (r"\.self_attn\.", ".attn."),
-    (r"\.o_proj\.", ".output_proj."),
-    (r"\.mlp\.gate_proj\.", ".mlp.w1."),
-    (r"\.mlp\.down_proj\.", ".mlp.w2."),
-    (r"\.mlp\.up_proj\.", ".mlp.w3."),
-    (r"\.input_layernorm\.weight$", ".sa_norm.scale"),
-    (r"\.post_attention_layernorm\.weight$", ".mlp_norm.scale"),
-    (r"^backbone_model\.norm\.weight$", "backbone.norm.scale"),
-    (r"^depth_decoder\.model\.norm\.weight$", "decoder.norm.scale"),
-    (r"^embed_text_tokens\.", "text_embeddings."),
-    (r"^backbone_model\.embed_tokens\.embed_audio_tokens\.", "audio_embeddings."),
-    (r"^lm_head\.", "codebook0_head."),
-    (r"^depth_decoder\.model\.inputs_embeds_projector\.", "projection."),
-    (r"^depth_decoder\.codebooks_head\.weight$", "audio_head"),
-]
-# Tensors of the transformers checkpoint we do not use: the depth decoder's tied copy of the
-# audio embeddings, and the codec (Mimi comes from moshi's loader, which streams).
-_HF_SKIP = re.compile(r"^(depth_decoder\.model\.embed_tokens\.|codec_model\.)")
-
-
-def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rotate-half Q/K rows (transformers) -> interleaved rows (original). w: [H * D, dim]."""
-    out, dim = w.shape
-    return w.view(n_heads, 2, out // n_heads // 2, dim).transpose(1, 2).reshape(out, dim)
-
-
-def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Interleaved rows (original) -> rotate-half rows (transformers); inverse of the above."""
-    out, dim = w.shape
-    return w.view(n_heads, out // n_heads // 2, 2, dim).transpose(1, 2).reshape(out, dim)
-
-
-def transformers_to_original(state: dict[str, torch.Tensor], args: ModelArgs) -> dict:
-    """Rename a transformers CSM state dict to ours and undo its Q/K permutation."""
-    state = dict(state)
-    # The audio embeddings are tied; save_pretrained may keep only the depth decoder's copy.
-    tied = "depth_decoder.model.embed_tokens.weight"
-    state.setdefault("backbone_model.embed_tokens.embed_audio_tokens.weight", state.get(tied))
-    out = {}
-    for key, w in state.items():
-        if w is None or _HF_SKIP.match(key):
-            continue
-        new = key
-        for pattern, repl in _HF_TO_ORIGINAL:
-            new = re.sub(pattern, repl, new)
-        m = re.match(r"^(backbone|decoder)\.layers\.\d+\.attn\.(q|k)_proj\.weight$", new)
-        if m:
-            part = args.backbone if m.group(1) == "backbone" else args.decoder
-            w = unpermute_rope_rows(w, part.num_heads if m.group(2) == "q" else part.num_kv_heads)
-        out[new] = w
-    return out
-
-
-def original_to_transformers(state: dict[str, torch.Tensor], args: ModelArgs) -> dict:
-    """The reverse mapping (used by tests to write transformers-format files from ours)."""
-    inverse = {}
-    for hf_key in _hf_keys(args):
-        ours = hf_key
-        for pattern, repl in _HF_TO_ORIGINAL:
-            ours = re.sub(pattern, repl, ours)
-        inverse[ours] = hf_key
-    out = {}
-    for key, w in state.items():
-        m = re.match(r"^(backbone|decoder)\.layers\.\d+\.attn\.(q|k)_proj\.weight$", key)
-        if m:
-            part = args.backbone if m.group(1) == "backbone" else args.decoder
-            w = permute_rope_rows(w, part.num_heads if m.group(2) == "q" else part.num_kv_heads)
-        out[inverse[key]] = w
-    out["depth_decoder.model.embed_tokens.weight"] = state["audio_embeddings.weight"]
-    return out
-
-
-def _hf_keys(args: ModelArgs) -> list[str]:
-    keys = ["embed_text_tokens.weight", "backbone_model.embed_tokens.embed_audio_tokens.weight",
-            "lm_head.weight", "depth_decoder.model.inputs_embeds_projector.weight",
-            "depth_decoder.codebooks_head.weight", "backbone_model.norm.weight",
-            "depth_decoder.model.norm.weight"]
-    for prefix, part in (("backbone_model", args.backbone), ("depth_decoder.model", args.decoder)):
-        for i in range(part.num_layers):
-            base = f"{prefix}.layers.{i}."
-            keys += [base + f"self_attn.{p}_proj.weight" for p in "qkvo"]
-            keys += [base + f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
-            keys += [base + "input_layernorm.weight", base + "post_attention_layernorm.weight"]
-    return keys
-
-
-def args_from_hf_config(cfg: dict) -> ModelArgs:
-    """ModelArgs from a transformers CsmConfig dict (config.json)."""
-    dec = cfg.get("depth_decoder_config") or {}
-
-    def part(c: dict, max_seq: int) -> LlamaArgs:
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        theta = rope.get("rope_theta", c.get("rope_theta", 500_000.0))
-        scaling = None
-        if rope.get("rope_type", rope.get("type")) == "llama3":
-            scaling = RopeScaling(
-                factor=float(rope["factor"]),
-                low_freq_factor=float(rope["low_freq_factor"]),
-                high_freq_factor=float(rope["high_freq_factor"]),
-                original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
-        heads = c["num_attention_heads"]
-        if c.get("head_dim") not in (None, c["hidden_size"] // heads):
-            raise ValueError(f"head_dim {c['head_dim']} != hidden_size / heads is not supported")
-        return LlamaArgs(num_layers=c["num_hidden_layers"], num_heads=heads,
-                         num_kv_heads=c.get("num_key_value_heads", heads), dim=c["hidden_size"],
-                         intermediate_dim=c["intermediate_size"], max_seq_len=max_seq,
-                         norm_eps=c.get("rms_norm_eps", 1e-5), rope_base=float(theta),
-                         rope_scaling=scaling)
-
-    n = cfg.get("num_codebooks", 32)
-    return ModelArgs(backbone=part(cfg, cfg.get("max_position_embeddings", 2048)),
-                     decoder=part(dec, n), text_vocab_size=cfg.get("text_vocab_size", 128_256),
-                     audio_vocab_size=cfg.get("vocab_size", 2051), audio_num_codebooks=n)
-
-
-def _flavor_from_shapes(state: dict[str, torch.Tensor]) -> ModelArgs:
-    for args in FLAVORS.values():
-        want = {"text_embeddings.weight": (args.text_vocab_size, args.backbone.dim),
-                "projection.weight": (args.decoder.dim, args.backbone.dim),
-                "backbone.layers.0.mlp.w1.weight": (args.backbone.intermediate_dim, args.backbone.dim),
-                "decoder.layers.0.mlp.w1.weight": (args.decoder.intermediate_dim, args.decoder.dim)}
-        n_bb = len({k.split(".")[2] for k in state if k.startswith("backbone.layers.")})
-        n_dec = len({k.split(".")[2] for k in state if k.startswith("decoder.layers.")})
-        if (all(tuple(state[k].shape) == v for k, v in want.items())
-                and (n_bb, n_dec) == (args.backbone.num_layers, args.decoder.num_layers)):
-            return args
-    raise ValueError("original-format checkpoint with shapes of no known flavour and no config.json "
-                     "beside it: put the checkpoint's config.json in the same folder")
-
-
-def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        if f.suffix == ".safetensors":
-            state.update(load_file(str(f)))
-        else:  # ckpt.pt: a plain state dict (torch.save), loaded without executing code
-            obj = torch.load(f, map_location="cpu", weights_only=True)
-            state.update(obj.get("model", obj) if isinstance(obj, dict) else obj)
-    return state
-
-
-def checkpoint_files(folder: Path) -> list[Path]:
-    """The weight files of a checkpoint folder; the original format is preferred when both exist."""
-    index = folder / "transformers.safetensors.index.json"
-    for name in ("model.safetensors", "ckpt.safetensors", "ckpt.pt"):
-        if (folder / name).is_file():
-            return [folder / name]
-    for idx in (index, folder / "model.safetensors.index.json"):
-        if idx.is_file():
-            shards = sorted(set(json.loads(idx.read_text())["weight_map"].values()))
-            return [folder / s for s in shards]
-    raise FileNotFoundError(
-        f"no CSM weights in {folder}: expected model.safetensors, ckpt.pt or "
-        "transformers.safetensors.index.json with its shards")
-
-
-def load_state(files: list[Path], config: dict | None) -> tuple[ModelArgs, dict, str]:
-    """Read weight files, detect their format, return (args, state dict in our names, format)."""
-    state = _read_tensors(files)
-    if ORIGINAL_MARKER in state:
-        args = args_from_hf_config(config) if config else _flavor_from_shapes(state)
-        return args, state, "original"
-    if TRANSFORMERS_MARKER in state:
-        if config is None:
-            raise ValueError("transformers-format CSM weights need their config.json beside them")
-        args = args_from_hf_config(config)
-        return args, transformers_to_original(state, args), "transformers"
-    raise ValueError(f"{files[0]} holds no CSM weights: neither '{ORIGINAL_MARKER}' "
-                     f"(original format) nor '{TRANSFORMERS_MARKER}' (transformers format) found")
-
-
-def build_model(args: ModelArgs, state: dict | None, device, dtype) -> CSM:
-    """Build CSM on `device` in `dtype`; random init (std 0.02) when `state` is None."""
-    with torch.device("meta"):
-        model = CSM(args)
-    model = model.to_empty(device=device)
-    # Buffers are not in checkpoints: recompute them on the real device.
-    for part in (model.backbone, model.decoder):
-        angles = (torch.arange(part.args.max_seq_len, device=device).float()[:, None]
-                  * rope_frequencies(part.args).to(device)[None, :])
-        part.rope_cos, part.rope_sin = angles.cos(), angles.sin()
-    model.codebook_offsets = torch.arange(args.audio_num_codebooks, device=device) * args.audio_vocab_size
-    model = model.to(dtype=dtype)
-    if state is None:
-        init_random(model)
-    else:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the model: missing {sorted(missing)[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
-    return model.eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def init_random(model: CSM, seed: int = 0):
-    """Normal(0, 0.02) weights, unit norms; in place, in the model's dtype, on its device."""
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith(".scale"):
-            p.fill_(1.0)
-        else:
-            p.normal_(0.0, 0.02, generator=g)
+        h = self.backbone(self.embed_tokens(tokens, mask), input_pos, caches.backbone, slot)[:, -1]
+        return self.sample_frame(h, sampling, caches, slot)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from audio import FRAME_SAMPLES, SAMPLE_RATE
+
 
 class RingBuffer:
     """Single-producer single-consumer float32 ring buffer with a fixed capacity.
@@ -117,7 +119,8 @@ class AudioPlayer:
     Use as a context manager; `write` from the producer, `finish` when done, `wait` to drain.
     """
 
-    def __init__(self, sample_rate: int = 24_000, capacity_s: float = 120.0, blocksize: int = 1920,
+    def __init__(self, sample_rate: int = SAMPLE_RATE, capacity_s: float = 120.0,
+                 blocksize: int = FRAME_SAMPLES,
                  device=None, prebuffer_s: float = 0.2):
         self.sample_rate = sample_rate
         self.buffer = RingBuffer(int(capacity_s * sample_rate))
@@ -202,7 +205,7 @@ class AudioPlayer:
         return False
 
 
-def play_stream(chunks: Iterable, sample_rate: int = 24_000, rtf_hint: float = 0.5,
+def play_stream(chunks: Iterable, sample_rate: int = SAMPLE_RATE, rtf_hint: float = 0.5,
                 expected_total_s: float = 10.0, player: AudioPlayer | None = None,
                 on_chunk=None) -> Iterator:
     """Play chunks (1-D float arrays or tensors) while passing them on; drain at the end.

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-FRAME_SAMPLES = 1920
+from audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,9 @@ class TailConfig:
     fade_ms: int = 20
 
     def __post_init__(self):
-        if self.max_silence_ms < 80 or self.keep_tail_ms < 0 or self.max_repeat_frames < 2:
-            raise ValueError("TailConfig: max_silence_ms >= 80, keep_tail_ms >= 0, max_repeat_frames >= 2")
+        if self.max_silence_ms < FRAME_MS or self.keep_tail_ms < 0 or self.max_repeat_frames < 2:
+            raise ValueError("TailConfig: max_silence_ms >= 80, keep_tail_ms >= 0, "
+                             "max_repeat_frames >= 2")
         if self.keep_tail_ms >= self.max_silence_ms:
             raise ValueError("TailConfig: keep_tail_ms must be shorter than max_silence_ms")
 
@@ -48,11 +49,11 @@ def frame_dbfs(audio: torch.Tensor) -> torch.Tensor:
 
 
 class TailGuard:
-    def __init__(self, config: TailConfig = TailConfig(), sample_rate: int = 24_000):
+    def __init__(self, config: TailConfig = TailConfig(), sample_rate: int = SAMPLE_RATE):
         self.cfg = config
         self.sample_rate = sample_rate
-        self.keep_frames = config.keep_tail_ms // 80
-        self.max_silent = config.max_silence_ms // 80
+        self.keep_frames = config.keep_tail_ms // FRAME_MS
+        self.max_silent = config.max_silence_ms // FRAME_MS
         self.heard_speech = False
         self.silent_run = 0
         self.repeat_run = 0
@@ -69,7 +70,8 @@ class TailGuard:
         if not self.cfg.enabled:
             return audio, None
         out: list[torch.Tensor] = []
-        loud = frame_dbfs(audio) >= self.cfg.silence_dbfs if audio.numel() else torch.zeros(0, dtype=torch.bool)
+        loud = (frame_dbfs(audio) >= self.cfg.silence_dbfs if audio.numel()
+                else torch.zeros(0, dtype=torch.bool))
         for i in range(codes.shape[0]):
             frame = audio[i * FRAME_SAMPLES:(i + 1) * FRAME_SAMPLES]
             same = self.last_codes is not None and torch.equal(codes[i], self.last_codes)

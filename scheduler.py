@@ -1,9 +1,10 @@
 """Continuous batching for the server: one engine thread, many streams, one frame step.
 
 Only the engine thread touches the model. Requests wait in a bounded queue; at every chunk the
-thread admits waiting requests into free slots (prefill), drops cancelled streams, and runs one
-`StreamEngine.step()` for all active streams. Chunks go back to each request's asyncio queue
-with `call_soon_threadsafe`, so the event loop never waits on the model.
+thread admits waiting requests into free slots, drops cancelled streams, and runs one
+`StreamEngine.step()` for all (prompt work for new streams is done there in bounded units).
+Chunks go back to each request's asyncio queue with `call_soon_threadsafe`, so the event loop
+never waits on the model. A failure that belongs to one request ends that request alone.
 """
 
 from __future__ import annotations
@@ -17,16 +18,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from generator import GenerationRequest
-from streaming_generator import StreamingGenerator, StreamMetrics
+from engine import StreamEngine
+from metrics import OOM_NARROWED, ServerMetrics, StreamMetrics
+from request import GenerationRequest
+from streaming_generator import StreamingGenerator
+from streams import TextFeed
 
 log = logging.getLogger("csm.scheduler")
 
 _END = object()
+MAX_REQUEUES = 1  # a request put back after an out-of-memory; the next time it is refused
 
 
 class QueueFull(RuntimeError):
     """Every slot is busy and the waiting queue is at its limit: retry later."""
+
+
+class OutOfMemory(MemoryError):
+    """The device ran out of memory for this stream; retrying later may work."""
 
 
 @dataclass
@@ -36,17 +45,19 @@ class Ticket:
     id: int
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
+    feed: TextFeed | None = None  # its text as it comes (chat), else the request's text
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     metrics: StreamMetrics | None = None
     submitted: float = field(default_factory=time.perf_counter)
     stream: object = None  # the engine's Stream, set by the engine thread
+    requeues: int = 0
 
     def cancel(self):
         self.cancelled.set()
 
     async def chunks(self):
-        """Yield the audio chunks (1-D float32 tensors); raises what the engine raised."""
+        """Yield the audio chunks (1-D float32 tensors); raises what ended the stream early."""
         while True:
             item = await self.queue.get()
             if item is _END:
@@ -62,76 +73,23 @@ class Ticket:
             self.cancel()
 
 
-class Histogram:
-    def __init__(self, buckets):
-        self.buckets = list(buckets)
-        self.counts = [0] * len(self.buckets)
-        self.total = 0
-        self.sum = 0.0
-
-    def observe(self, v: float):
-        self.total += 1
-        self.sum += v
-        for i, b in enumerate(self.buckets):
-            if v <= b:
-                self.counts[i] += 1
-
-
-class Metrics:
-    """Counters and histograms, written by the engine thread and the handlers; read as text."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.requests = collections.Counter()  # (route, status) -> n
-        self.rejected = 0
-        self.cancelled = 0
-        self.fallbacks = collections.Counter()  # kind -> n
-        self.rtf = Histogram([0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0, 50.0])
-        self.ttfa = Histogram([0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0])
-
-    def count_request(self, route: str, status: int):
-        with self.lock:
-            self.requests[(route, status)] += 1
-
-    def render(self, active: int, queued: int, slots: int) -> str:
-        with self.lock:
-            lines = ["# HELP csm_requests_total Requests by route and HTTP status.",
-                     "# TYPE csm_requests_total counter"]
-            for (route, status), n in sorted(self.requests.items()):
-                lines.append(f'csm_requests_total{{route="{route}",status="{status}"}} {n}')
-            lines += ["# TYPE csm_rejected_total counter", f"csm_rejected_total {self.rejected}",
-                      "# TYPE csm_cancelled_total counter", f"csm_cancelled_total {self.cancelled}",
-                      "# TYPE csm_fallbacks_total counter"]
-            for kind, n in sorted(self.fallbacks.items()):
-                lines.append(f'csm_fallbacks_total{{kind="{kind}"}} {n}')
-            lines += ["# TYPE csm_active_streams gauge", f"csm_active_streams {active}",
-                      "# TYPE csm_queue_depth gauge", f"csm_queue_depth {queued}",
-                      "# TYPE csm_stream_slots gauge", f"csm_stream_slots {slots}"]
-            for name, h, help_ in (("csm_rtf", self.rtf, "Real-time factor of finished streams."),
-                                   ("csm_time_to_first_audio_seconds", self.ttfa,
-                                    "From request to first audio chunk.")):
-                lines += [f"# HELP {name} {help_}", f"# TYPE {name} histogram"]
-                for b, c in zip(h.buckets, h.counts):
-                    lines.append(f'{name}_bucket{{le="{b}"}} {c}')
-                lines += [f'{name}_bucket{{le="+Inf"}} {h.total}', f"{name}_sum {h.sum:.6f}",
-                          f"{name}_count {h.total}"]
-        return "\n".join(lines) + "\n"
-
-
 class Scheduler:
-    def __init__(self, generator: StreamingGenerator, max_queue: int = 32):
+    def __init__(self, generator: StreamingGenerator, max_queue: int = 32,
+                 replica: str | None = None):
         self.generator = generator
-        self.engine = generator.engine
         self.max_queue = max_queue
-        self.metrics = Metrics()
+        self.metrics = ServerMetrics(lambda: (self.active, self.queued, self.slots), replica)
         self._pending: collections.deque[Ticket] = collections.deque()
         self._live: dict[int, Ticket] = {}  # engine stream id -> ticket
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._stop = threading.Event()
         self._next_id = 0
         self.max_active = self.slots  # lowered when the device runs out of memory
         self._thread = threading.Thread(target=self._run, name="csm-engine", daemon=True)
+
+    @property
+    def engine(self) -> StreamEngine:
+        return self.generator.engine  # always the current one (a CPU fallback replaces it)
 
     # -- called from the event loop ---------------------------------------------------------------
 
@@ -141,7 +99,7 @@ class Scheduler:
 
     def stop(self, timeout: float = 10):
         self._stop.set()
-        self._wake.set()
+        self.engine.wake()
         self._thread.join(timeout)
 
     @property
@@ -156,18 +114,19 @@ class Scheduler:
     def queued(self) -> int:
         return len(self._pending)
 
-    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> Ticket:
+    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop,
+               feed: TextFeed | None = None) -> Ticket:
         """Queue a validated request. Raises QueueFull when slots and queue are all taken."""
         with self._lock:
             free = self.slots - len(self._live)
             if len(self._pending) >= self.max_queue + max(0, free):
-                self.metrics.rejected += 1
+                self.metrics.rejected.inc()
                 raise QueueFull(f"{self.slots} streams are running and {len(self._pending)} "
                                 "are waiting: retry in a few seconds")
-            ticket = Ticket(self._next_id, request, loop)
+            ticket = Ticket(self._next_id, request, loop, feed)
             self._next_id += 1
             self._pending.append(ticket)
-        self._wake.set()
+        self.engine.wake()
         return ticket
 
     def retry_after_s(self) -> int:
@@ -182,15 +141,13 @@ class Scheduler:
             try:
                 self._admit()
                 self._drop_cancelled()
-                if not self.engine.active:
-                    self._wake.wait(0.05)
-                    self._wake.clear()
-                    continue
-                events = self.engine.step()
+                events = self.engine.step() if self._live else []
+                if not events and self.engine.idle:
+                    self.engine.wait(0.05)
             except torch.OutOfMemoryError:
                 self._narrow()
                 continue
-            except Exception as e:  # the device failed under every stream: tell them all
+            except Exception as e:  # the shared step itself failed: no stream can go on
                 log.exception("engine step failed")
                 self._fail_all(e)
                 continue
@@ -206,21 +163,23 @@ class Scheduler:
 
     def _narrow(self):
         """Out of device memory: keep the older half of the streams, requeue the newer ones that
-        sent nothing yet (the others are told to retry), and admit fewer from now on."""
+        sent nothing yet (once; the others are told to retry), and admit fewer from now on. A
+        lone stream that does not fit is refused: nothing smaller can be tried."""
         live = sorted(self._live.values(), key=lambda t: t.id)
         keep = len(live) // 2
         self.max_active = max(1, keep)
-        with self.metrics.lock:
-            self.metrics.fallbacks["oom_narrowed_batch"] += 1
+        self.metrics.count_event(OOM_NARROWED)
         log.warning("out of device memory with %d streams: narrowing to %d", len(live), self.max_active)
         requeue = []
         for t in live[keep:]:
             self.engine.cancel(t.stream)
             del self._live[t.stream.id]
-            if t.metrics.frames == 0:
+            if len(live) > 1 and t.metrics.frames == 0 and t.requeues < MAX_REQUEUES:
+                t.requeues += 1
                 requeue.append(t)
             else:
-                t._put(MemoryError("the server ran out of device memory mid-stream; retry the request"))
+                t._put(OutOfMemory("the server ran out of device memory for this stream; retry "
+                                   "later, with a shorter text or less context"))
         with self._lock:
             self._pending.extendleft(reversed(requeue))
 
@@ -231,12 +190,12 @@ class Scheduler:
                     return
                 ticket = self._pending.popleft()
             if ticket.cancelled.is_set():
-                self.metrics.cancelled += 1
+                self.metrics.cancelled.inc()
                 ticket._put(_END)
                 continue
             try:
-                stream = self.engine.submit(ticket.request)
-            except Exception as e:  # a prompt that does not fit, unreadable context audio...
+                stream = self.engine.submit(ticket.request, ticket.feed)
+            except Exception as e:  # this request's own problem (a segment too long...)
                 ticket._put(e)
                 continue
             stream.metrics.started = ticket.submitted  # first audio counts from the request
@@ -248,26 +207,22 @@ class Scheduler:
             if ticket.cancelled.is_set():
                 self.engine.cancel(ticket.stream)
                 del self._live[sid]
-                self.metrics.cancelled += 1
+                self.metrics.cancelled.inc()
                 ticket._put(_END)
 
-    def _finish(self, ticket: Ticket, error: Exception | None = None):
+    def _finish(self, ticket: Ticket, error: BaseException | None = None):
         del self._live[ticket.stream.id]
         m = ticket.metrics
-        with self.metrics.lock:
-            if m.audio_s:
-                self.metrics.rtf.observe(m.rtf)
-            if m.first_audio_s is not None:
-                self.metrics.ttfa.observe(m.first_audio_s)
-            for event in m.events:
-                if event.startswith("no audio"):
-                    self.metrics.fallbacks["empty_output_retry"] += 1
-                elif event.startswith("stopped early"):
-                    self.metrics.fallbacks["runaway_stopped"] += 1
+        if m.audio_s:
+            self.metrics.rtf.observe(m.rtf)
+        if m.first_audio_s is not None:
+            self.metrics.ttfa.observe(m.first_audio_s)
+        for event in m.events:
+            self.metrics.count_event(event.kind)
         ticket._put(error if error is not None else _END)
 
     def _fail_all(self, error: Exception):
-        for sid, ticket in list(self._live.items()):
+        for ticket in list(self._live.values()):
             self.engine.cancel(ticket.stream)
             ticket._put(error)
         self._live.clear()

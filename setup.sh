@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: a virtual environment in .venv with everything the project needs.
-#   bash setup.sh          runtime (generate, stream, serve)
-#   bash setup.sh --dev    + tests, benchmarks, and (as root, with apt) PortAudio and JACK
-# Safe to re-run: it installs only what is missing.
+#   bash setup.sh            generate, stream, serve, talk (engine + LLM SDKs)
+#   bash setup.sh --dev      + tests, benchmarks, Ray Serve, and (as root, with apt) PortAudio,
+#                              JACK and Chromium for the playback and page tests
+#   bash setup.sh --client   only the remote client (a laptop listening to a server): no torch
+# Dependencies are declared once, in pyproject.toml. Safe to re-run: pip skips what is there.
 set -euo pipefail
 cd "$(dirname "$0")"
-dev=0
+mode=run
 for arg in "$@"; do
   case "$arg" in
-    --dev) dev=1 ;;
-    *) echo "usage: bash setup.sh [--dev]" >&2; exit 2 ;;
+    --dev) mode=dev ;;
+    --client) mode=client ;;
+    *) echo "usage: bash setup.sh [--dev | --client]" >&2; exit 2 ;;
   esac
 done
 
 # PortAudio lets sounddevice play audio; JACK's dummy driver is the audio clock of the playback
-# tests. Both come from the system's packages, so only when we may install them.
+# tests; Chromium and its driver run the page's test. System packages, so only when we may.
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   pkgs="libportaudio2"
-  [ "$dev" = 1 ] && pkgs="$pkgs jackd2"
+  [ "$mode" = dev ] && pkgs="$pkgs jackd2 chromium chromium-driver"
   missing=""
   for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
   if [ -n "$missing" ]; then
@@ -30,10 +33,15 @@ fi
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
-echo "setup: installing Python packages into .venv"
-"${pip[@]}" -r requirements.txt
-"${pip[@]}" --no-deps -r requirements-nodeps.txt
-if [ "$dev" = 1 ]; then
-  "${pip[@]}" -r requirements-dev.txt
+echo "setup: installing Python packages into .venv ($mode)"
+case "$mode" in
+  client) "${pip[@]}" -e . ;;
+  run) "${pip[@]}" -e ".[engine,llm]" ;;
+  dev) "${pip[@]}" -e ".[engine,llm,ray,dev]" ;;
+esac
+if [ "$mode" = client ]; then
+  .venv/bin/python -c "import numpy, sounddevice, rich, websockets; print('setup: ok (client)')"
+  exit 0
 fi
-.venv/bin/python -c "import torch, moshi, silentcipher; print(f'setup: ok (torch {torch.__version__}, cuda available: {torch.cuda.is_available()})')"
+"${pip[@]}" --no-deps -r requirements-nodeps.txt
+.venv/bin/python -W ignore -c "import torch, moshi, silentcipher; print(f'setup: ok (torch {torch.__version__}, cuda available: {torch.cuda.is_available()})')"

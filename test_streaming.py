@@ -99,8 +99,11 @@ def main(argv=None) -> int:
 
     import torch
 
-    from generator import DEFAULT_REPO, CheckpointError, Segment, load_audio, save_audio
-    from streaming_generator import StreamingConfig, load_streaming_csm_1b
+    from audio import load_audio, save_audio
+    from checkpoints import DEFAULT_REPO, CheckpointError
+    from config import StreamingConfig
+    from request import Segment
+    from streaming_generator import load_streaming_csm_1b
     from watermarking import WatermarkError
 
     try:
@@ -154,7 +157,7 @@ def main(argv=None) -> int:
         if player is not None:
             player.close()
         return EXIT_BAD_INPUT
-    from generator import EmptyOutputError
+    from request import EmptyOutputError
 
     interrupted = False
     with Dashboard(enabled=True, force_terminal=False if args.no_dashboard else None) as dash:

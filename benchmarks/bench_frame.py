@@ -15,17 +15,25 @@ import argparse
 import gc
 
 import torch
-
-from common import (device_name, memory_bandwidth, print_table, save_json, time_calls,
-                    weight_bytes_per_frame)
+from common import (
+    device_name,
+    memory_bandwidth,
+    print_table,
+    save_json,
+    time_calls,
+    weight_bytes_per_frame,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 def bench_dtype(name: str, device: torch.device, frames: int, flavour: str, bandwidth: float,
                 compile_: bool) -> dict:
-    from generator import Generator, load_mimi, load_model_and_tokenizer
-    from streaming_generator import StreamEngine, StreamingConfig
+    from checkpoints import load_mimi, load_model_and_tokenizer
+    from config import StreamingConfig
+    from engine import StreamEngine
+    from generator import Generator
+    from request import validate_request
 
     model, tok, _ = load_model_and_tokenizer(f"random:{flavour}", device, DTYPES[name])
     gen = Generator(model, tok, load_mimi("random", device))
@@ -33,11 +41,10 @@ def bench_dtype(name: str, device: torch.device, frames: int, flavour: str, band
     floor = bytes_per_frame / bandwidth
 
     engine = StreamEngine(gen, StreamingConfig(enable_compilation=compile_, max_batch_size=1))
-    from generator import validate_request
-
-    frames_fit = model.max_seq_len - 64  # the prompt and every timed frame fit in the window
+    frames_fit = model.window - 64  # the prompt and every timed frame fit in the window
     engine.submit(validate_request("Benchmark sentence for timing.", 0, max_audio_length_ms=frames_fit * 80))
-    ours = time_calls(engine._step_for(1), device, frames, warmup=2 if compile_ else 1)
+    engine.prepare_all()
+    ours = time_calls(engine.step_fn(1), device, frames, warmup=2 if compile_ else 1)
     engine.cancel(engine.active[0])
 
     def plain(n):

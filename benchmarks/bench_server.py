@@ -14,14 +14,15 @@ import argparse
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-
 from common import device_name, print_table, save_json
 
 
 def start_server(model: str, device, max_streams: int):
-    from generator import Generator, load_mimi, load_model_and_tokenizer
+    from api import ServerSettings
+    from checkpoints import load_mimi, load_model_and_tokenizer
+    from generator import Generator
     from scheduler import Scheduler
-    from server import ServerSettings, create_app, serve_in_thread
+    from server import create_app, serve_in_thread
     from streaming_generator import StreamingConfig, StreamingGenerator
 
     m, tok, _ = load_model_and_tokenizer(f"random:{model}", device)

@@ -15,9 +15,15 @@ import gc
 import time
 
 import torch
-
-from common import (device_name, memory_bandwidth, print_table, save_json, sync, time_calls,
-                    weight_bytes_per_frame)
+from common import (
+    device_name,
+    memory_bandwidth,
+    print_table,
+    save_json,
+    sync,
+    time_calls,
+    weight_bytes_per_frame,
+)
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then it runs away."
 
@@ -61,7 +67,9 @@ def main(argv=None):
     p.add_argument("--max-seq-len", type=int, default=512, help="backbone window of the benchmark")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
-    from generator import Generator, load_mimi, load_model_and_tokenizer, pick_device, validate_request
+    from checkpoints import load_mimi, load_model_and_tokenizer
+    from generator import Generator, pick_device
+    from request import validate_request
 
     torch.set_grad_enabled(False)
     device = pick_device(args.device)
@@ -124,7 +132,8 @@ def main(argv=None):
         sg = build(gen, chunk_size_ms=320, max_batch_size=n, **base)
         for i in range(n):
             sg.engine.submit(validate_request(TEXT, i % 2, max_audio_length_ms=args.max_seq_len * 40, seed=i))
-        step = sg.engine._step_for(n)
+        sg.engine.prepare_all()
+        step = sg.engine.step_fn(n)
         best = min(time_calls(step, device, 3))
         step_rows.append({"name": f"frame step, {n} streams", "streams": n, "step_ms": best * 1e3,
                           "aggregate_frames_per_s": n / best})

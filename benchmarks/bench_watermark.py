@@ -15,7 +15,6 @@ import tempfile
 import time
 
 import torch
-
 from common import print_table, save_json, sync
 
 

@@ -37,7 +37,7 @@ def make_hf_checkpoint(folder, rope=LLAMA3_ROPE, seed=0):
     """Write a transformers-format tiny CSM (save_pretrained) plus a tokenizer.json; return the model."""
     from transformers import CsmForConditionalGeneration
 
-    from generator import random_text_tokenizer
+    from checkpoints import random_text_tokenizer
 
     torch.manual_seed(seed)
     hf = CsmForConditionalGeneration(tiny_hf_config(rope)).eval()
@@ -54,7 +54,7 @@ def make_hf_checkpoint(folder, rope=LLAMA3_ROPE, seed=0):
 
 @pytest.fixture(scope="session")
 def mimi():
-    from generator import load_mimi
+    from checkpoints import load_mimi
 
     return load_mimi("random", "cpu")
 
@@ -66,13 +66,25 @@ def hf_checkpoint(tmp_path_factory):
     return hf, folder
 
 
-@pytest.fixture(scope="session")
-def tiny_generator(mimi):
-    """The plain reference Generator on random:tiny (no watermark)."""
-    from generator import Generator, load_model_and_tokenizer
+def make_tiny_generator(mimi, **kwargs):
+    """A plain reference Generator on random:tiny (no watermark) with a model of its own."""
+    from checkpoints import load_model_and_tokenizer
+    from generator import Generator
 
     model, tok, _ = load_model_and_tokenizer("random:tiny", torch.device("cpu"))
-    return Generator(model, tok, mimi)
+    return Generator(model, tok, mimi, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(mimi):
+    """The shared reference Generator: tests must not change it (see own_generator)."""
+    return make_tiny_generator(mimi)
+
+
+@pytest.fixture
+def own_generator(mimi):
+    """A Generator of the test's own, for tests that patch its model or change its settings."""
+    return make_tiny_generator(mimi)
 
 
 def speech_like(seconds=1.0, sr=24_000, seed=0):
@@ -94,8 +106,8 @@ def patch_sample_frame(model, fn):
     """
     original = model.sample_frame
 
-    def patched(h, s, slot=None, decoder=None):
-        return fn(original(h, s, slot, decoder), s)
+    def patched(h, s, caches, slot=None, decoder=None):
+        return fn(original(h, s, caches, slot, decoder), s)
 
     model.sample_frame = patched
     return lambda: model.__dict__.pop("sample_frame", None)

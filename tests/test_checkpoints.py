@@ -8,11 +8,19 @@ import json
 
 import pytest
 import torch
+from conftest import make_hf_checkpoint, speech_like
 from safetensors.torch import save_file
 
-from conftest import make_hf_checkpoint, speech_like
-from generator import CheckpointError, Generator, Segment, load_model_and_tokenizer, resolve_checkpoint
-from models import CSM, original_to_transformers
+from checkpoints import (
+    CheckpointError,
+    load_model_and_tokenizer,
+    original_to_transformers,
+    pick_weight_files,
+    resolve_checkpoint,
+)
+from generator import Generator
+from models import CSM
+from request import Segment, validate_request
 
 CPU = torch.device("cpu")
 
@@ -75,10 +83,9 @@ def test_logits_equal_transformers(hf_checkpoint, mimi):
     gen, desc = load_ours(folder, mimi)
     assert "transformers format" in desc
     model: CSM = gen.model
-    tokens, mask = gen.build_prompt(
-        __import__("generator").validate_request("Hello there, how are you?", 1), reserve_frames=0)
+    tokens, mask = gen.build_prompt(validate_request("Hello there, how are you?", 1), reserve_frames=0)
     # backbone: hidden state after the prompt -> codebook-0 logits
-    ours_h = model.prefill(tokens[None], mask[None], slot=0)
+    ours_h = model.prefill(tokens[None], mask[None], gen.caches, slot=0)
     theirs_h = hf.backbone_model(inputs_embeds=hf_embed(hf, tokens, mask)).last_hidden_state[:, -1]
     torch.testing.assert_close(ours_h, theirs_h, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(model.codebook0_head(ours_h), hf.lm_head(theirs_h), atol=1e-4, rtol=1e-4)
@@ -87,7 +94,7 @@ def test_logits_equal_transformers(hf_checkpoint, mimi):
     x = torch.stack([ours_h, model.embed_audio(0, codes[:, 0])], dim=1)
     pos = torch.arange(2)[None]
     for i in range(1, 4):
-        dec = model.decoder(model.projection(x), pos, 0)[:, -1]
+        dec = model.decoder(model.projection(x), pos, gen.caches.decoder, 0)[:, -1]
         ours_logits = dec @ model.audio_head[i - 1]
         theirs = hf.depth_decoder(input_ids=torch.cat([torch.zeros(1, 1, dtype=torch.long),
                                                        codes[:, :i]], dim=1),
@@ -103,7 +110,7 @@ def test_greedy_codes_equal_transformers(hf_checkpoint, mimi, with_context):
     gen, _ = load_ours(folder, mimi)
     context = [Segment(speaker=1, text="An earlier turn.", audio=speech_like(0.5))] if with_context else []
     ours = greedy(gen, "Say something nice.", context)
-    req = __import__("generator").validate_request("Say something nice.", 0, context)
+    req = validate_request("Say something nice.", 0, context)
     tokens, mask = gen.build_prompt(req, reserve_frames=20)
     theirs = hf_greedy_codes(hf, hf_embed(hf, tokens, mask), 20)
     assert ours.shape == (20, 32)
@@ -143,10 +150,10 @@ def test_rope_settings_come_from_config(tmp_path, mimi):
     hf = make_hf_checkpoint(tmp_path, rope=plain, seed=1)
     gen, _ = load_ours(tmp_path, mimi)
     assert gen.model.args.backbone.rope_scaling is None
-    req = __import__("generator").validate_request("A fairly long sentence to reach far positions.", 0)
+    req = validate_request("A fairly long sentence to reach far positions.", 0)
     tokens, mask = gen.build_prompt(req, reserve_frames=0)
     with torch.no_grad():
-        ours = gen.model.prefill(tokens[None], mask[None], 0)
+        ours = gen.model.prefill(tokens[None], mask[None], gen.caches, 0)
         theirs = hf.backbone_model(inputs_embeds=hf_embed(hf, tokens, mask)).last_hidden_state[:, -1]
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
@@ -197,5 +204,33 @@ def test_an_interrupted_download_in_the_cache_is_not_used(tmp_path, monkeypatch)
     snap.mkdir()
     (snap / "config.json").write_text("{}")
     monkeypatch.setattr(hub, "snapshot_download", lambda *a, **k: str(snap))
-    with pytest.raises(CheckpointError, match="could not download"):
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
         resolve_checkpoint("someone/partial-csm")  # offline: the download then fails, clearly
+
+
+def test_one_list_of_weight_files():
+    """Local folders, hub downloads and deploy_vast.py pick weights by the same rule."""
+    assert pick_weight_files(["config.json", "ckpt.pt", "model.safetensors"]) == ["model.safetensors"]
+    names = ["config.json", "transformers.safetensors.index.json",
+             "transformers-00002-of-00002.safetensors", "transformers-00001-of-00002.safetensors"]
+    assert pick_weight_files(names) == ["transformers.safetensors.index.json",
+                                        "transformers-00001-of-00002.safetensors",
+                                        "transformers-00002-of-00002.safetensors"]
+    with pytest.raises(CheckpointError, match="no CSM weights"):
+        pick_weight_files(["README.md"])
+
+
+def test_offline_failure_is_fast_and_says_what_to_do(monkeypatch):
+    """No cache and no hub: one probe, one message in command-line syntax, no retries."""
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # DNS fails at once
+    t = time.monotonic()
+    with pytest.raises(CheckpointError) as e:
+        resolve_checkpoint("nobody-here/no-such-csm")
+    assert time.monotonic() - t < 10
+    msg = str(e.value)
+    assert "hub.invalid:443 cannot be reached" in msg and "--model random:csm-1b" in msg

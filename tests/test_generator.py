@@ -4,16 +4,18 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import patch_sample_frame, speech_like
-from generator import (FRAME_SAMPLES, CheckpointError, Segment, is_eos, load_csm_1b, load_mimi,
-                       pick_device, to_mono_24k, validate_request)
-from models import MIMI_CODES, exponential_noise, sample_topk
+
+from audio import FRAME_SAMPLES, to_mono_24k
+from checkpoints import CheckpointError, load_mimi
+from generator import audio_rows, load_csm_1b, pick_device
+from models import MIMI_CODES, exponential_noise, is_eos, sample_topk
+from request import Segment, validate_request
 
 
 def test_text_segment_layout(tiny_generator):
-    tokens, mask = tiny_generator._tokenize_text_segment("Hi there", 3)
-    tok = tiny_generator._text_tokenizer
+    tokens, mask = tiny_generator.tokenize_text("Hi there", 3)
+    tok = tiny_generator.text_tokenizer
     ids = tok.encode("[3]Hi there").ids
     assert ids[0] == tok.token_to_id("<|begin_of_text|>") and ids[-1] == tok.token_to_id("<|end_of_text|>")
     assert tokens[:, 32].tolist() == ids and mask[:, 32].all() and not mask[:, :32].any()
@@ -22,7 +24,7 @@ def test_text_segment_layout(tiny_generator):
 
 def test_audio_segment_layout(tiny_generator):
     audio = speech_like(0.4)  # 5 frames of 80 ms
-    tokens, mask = tiny_generator._tokenize_audio(audio)
+    tokens, mask = audio_rows(tiny_generator.encode_audio(audio))
     assert tokens.shape == (6, 33)  # 5 frames + the all-zero end frame
     assert mask[:, :32].all() and not mask[:, 32].any()
     assert not tokens[-1].any() and tokens[:-1, :32].any()
@@ -65,14 +67,11 @@ def test_is_eos_rule():
     assert not is_eos(few)
 
 
-def test_generation_stops_at_the_end_frame(tiny_generator):
-    undo = patch_sample_frame(tiny_generator.model, lambda codes, s: torch.where(
+def test_generation_stops_at_the_end_frame(own_generator):
+    patch_sample_frame(own_generator.model, lambda codes, s: torch.where(
         (s.frame == 3)[:, None], torch.zeros_like(codes), codes))  # the end frame at frame 3
-    try:
-        codes = tiny_generator.generate_codes("Short.", 0, max_audio_length_ms=4000, seed=1)
-        audio = tiny_generator.generate("Short.", 0, max_audio_length_ms=4000, seed=1)
-    finally:
-        undo()
+    codes = own_generator.generate_codes("Short.", 0, max_audio_length_ms=4000, seed=1)
+    audio = own_generator.generate("Short.", 0, max_audio_length_ms=4000, seed=1)
     assert codes.shape == (3, 32) and audio.shape == (3 * FRAME_SAMPLES,)
 
 
@@ -125,23 +124,24 @@ def test_text_alone_too_long_is_a_clear_error(tiny_generator):
     ({"text": ""}, "text"), ({"text": " \n"}, "text"), ({"text": None}, "text"),
     ({"speaker": -1}, "speaker"), ({"speaker": 1.5}, "speaker"), ({"speaker": True}, "speaker"),
     ({"temperature": float("nan")}, "temperature"), ({"temperature": -1.0}, "temperature"),
-    ({"temperature": float("inf")}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"), ({"temperature": 1e308}, "temperature"),
+    ({"text": "bad \ud800 surrogate"}, "not valid Unicode"),
     ({"topk": 0}, "topk"), ({"topk": 2.5}, "topk"),
     ({"max_audio_length_ms": 0}, "max_audio_length_ms"), ({"max_audio_length_ms": -5}, "max_audio_length_ms"),
     ({"seed": -3}, "seed"),
     ({"context": [Segment(-2, "x", torch.ones(100))]}, r"context\[0\].speaker"),
     ({"context": [Segment(0, "x", torch.zeros(0))]}, r"context\[0\].audio is empty"),
+    ({"context": [Segment(0, "x", codes=torch.zeros(3, 31, dtype=torch.long))]}, r"context\[0\].codes"),
+    ({"context": [Segment(0, "x", codes=torch.full((3, 32), 2048))]}, r"context\[0\].codes"),
     ({"context": [Segment(0, "x", torch.tensor([0.1, float("nan")]))]}, r"context\[0\].audio contains NaN"),
     ({"context": ["not a segment"]}, r"context\[0\] must be a Segment")])
-def test_bad_input_raises_value_error_naming_the_argument(tiny_generator, kwargs, name):
+def test_bad_input_raises_value_error_naming_the_argument(own_generator, kwargs, name):
     args = {"text": "Fine.", "speaker": 0, **kwargs}
     calls = []
-    model = tiny_generator.model
-    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    own_generator.model.register_forward_pre_hook(lambda *a: calls.append(1))
     with pytest.raises(ValueError, match=name):
-        tiny_generator.generate(**args)
+        own_generator.generate(**args)
     assert calls == []  # no model work was done
-    model._forward_pre_hooks.clear()
 
 
 def test_random_models_by_name_and_unknown_ones():

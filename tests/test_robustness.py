@@ -5,9 +5,11 @@ import random
 
 import pytest
 import torch
-
 from conftest import patch_sample_frame, speech_like
-from generator import FRAME_SAMPLES, EmptyOutputError, load_csm_1b
+
+from audio import FRAME_SAMPLES
+from generator import load_csm_1b
+from request import EmptyOutputError
 from runaway import TailConfig, TailGuard, frame_dbfs
 from streaming_generator import StreamingConfig, StreamingGenerator
 
@@ -109,56 +111,46 @@ def test_tail_config_is_checked():
 # -- in generate and generate_streaming ----------------------------------------------------------
 
 
-def test_stuck_stream_stops_early_in_generate_and_in_the_stream(tiny_generator):
+def test_stuck_stream_stops_early_in_generate_and_in_the_stream(own_generator):
     stuck = torch.full((32,), 700)
 
     def stick_after_4(codes, s):
         return torch.where((s.frame >= 4)[:, None], stuck.expand_as(codes), codes)
 
-    undo = patch_sample_frame(tiny_generator.model, stick_after_4)
-    try:
-        ref = tiny_generator.generate("Stuck.", 0, max_audio_length_ms=8000, seed=1)
-        sg = StreamingGenerator(tiny_generator, StreamingConfig(enable_compilation=False))
-        out = torch.cat(list(sg.generate_streaming("Stuck.", 0, max_audio_length_ms=8000, seed=1)))
-    finally:
-        undo()
-    assert "same frame" in tiny_generator.last_stop_reason and "same frame" in sg.metrics.stop_reason
+    patch_sample_frame(own_generator.model, stick_after_4)
+    ref = own_generator.generate("Stuck.", 0, max_audio_length_ms=8000, seed=1)
+    sg = StreamingGenerator(own_generator, StreamingConfig(enable_compilation=False))
+    out = torch.cat(list(sg.generate_streaming("Stuck.", 0, max_audio_length_ms=8000, seed=1)))
+    assert "same frame" in own_generator.last_stop_reason and "same frame" in sg.metrics.stop_reason
     frames = ref.numel() // FRAME_SAMPLES
     assert frames == 4 + 25  # stopped at the 25th identical frame, far from the 100-frame limit
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
-    assert any("stopped early" in e for e in sg.metrics.events)
+    assert any(e.kind == "runaway_stopped" and "stopped early" in e.text for e in sg.metrics.events)
 
 
-def test_empty_output_is_retried_cooler(tiny_generator):
+def test_empty_output_is_retried_cooler(own_generator):
     def empty_at_first_try(codes, s):  # the end frame first, but only at the original temperature
         end = (s.frame == 0) & (s.temperature > 0.8)
         return torch.where(end[:, None], torch.zeros_like(codes), codes)
 
-    undo = patch_sample_frame(tiny_generator.model, empty_at_first_try)
-    tiny_generator.events.clear()
-    try:
-        audio = tiny_generator.generate("Retry me.", 0, max_audio_length_ms=400, seed=2)
-        sg = StreamingGenerator(tiny_generator, StreamingConfig(enable_compilation=False))
-        chunks = list(sg.generate_streaming("Retry me.", 0, max_audio_length_ms=400, seed=2))
-    finally:
-        undo()
+    patch_sample_frame(own_generator.model, empty_at_first_try)
+    audio = own_generator.generate("Retry me.", 0, max_audio_length_ms=400, seed=2)
+    sg = StreamingGenerator(own_generator, StreamingConfig(enable_compilation=False))
+    chunks = list(sg.generate_streaming("Retry me.", 0, max_audio_length_ms=400, seed=2))
     assert audio.numel() == 5 * FRAME_SAMPLES
-    assert any("no audio: retry 1 with temperature 0.63" in e for e in tiny_generator.events)
-    assert any("no audio: retry 1" in e for e in sg.metrics.events)
+    assert any("no audio: retry 1 with temperature 0.63" in e.text for e in own_generator.events)
+    assert [e.kind for e in sg.metrics.events] == ["empty_output_retry"]
     torch.testing.assert_close(torch.cat(chunks), audio, atol=1e-4, rtol=0)
 
 
-def test_output_empty_on_every_try_is_a_clear_error(tiny_generator):
-    undo = patch_sample_frame(tiny_generator.model, lambda codes, s: torch.zeros_like(codes))
-    try:
-        with pytest.raises(EmptyOutputError, match="3 tries"):
-            tiny_generator.generate("Nothing.", 0, max_audio_length_ms=400, seed=2)
-        sg = StreamingGenerator(tiny_generator, StreamingConfig(enable_compilation=False))
-        with pytest.raises(EmptyOutputError, match="3 tries"):
-            list(sg.generate_streaming("Nothing.", 0, max_audio_length_ms=400, seed=2))
-        assert sg.engine.free_slots == 1
-    finally:
-        undo()
+def test_output_empty_on_every_try_is_a_clear_error(own_generator):
+    patch_sample_frame(own_generator.model, lambda codes, s: torch.zeros_like(codes))
+    with pytest.raises(EmptyOutputError, match="3 tries"):
+        own_generator.generate("Nothing.", 0, max_audio_length_ms=400, seed=2)
+    sg = StreamingGenerator(own_generator, StreamingConfig(enable_compilation=False))
+    with pytest.raises(EmptyOutputError, match="3 tries"):
+        list(sg.generate_streaming("Nothing.", 0, max_audio_length_ms=400, seed=2))
+    assert sg.engine.free_slots == 1
 
 
 def test_device_fallback_is_said_not_silent():
@@ -169,14 +161,14 @@ def test_device_fallback_is_said_not_silent():
     with pytest.warns(UserWarning):  # the watermark-off warning; the fallback goes to the log
         g = load_csm_1b("cuda", "random:tiny", watermark=False, allow_cpu_fallback=True)
     assert g.device.type == "cpu"
-    assert any("falling back to the CPU" in e for e in g.events)
+    assert any("falling back to the CPU" in e.text for e in g.events)
     sg = StreamingGenerator(g, StreamingConfig(enable_compilation=False))
     list(sg.generate_streaming("Hi.", 0, max_audio_length_ms=160, seed=1))
-    assert any("falling back to the CPU" in e for e in sg.metrics.events)  # the dashboard shows it
+    assert any(e.kind == "device_fallback" for e in sg.metrics.events)  # the dashboard shows it
 
 
 def test_server_narrows_its_batch_when_the_device_runs_out_of_memory(tiny_generator):
-    from generator import validate_request
+    from request import validate_request
     from scheduler import Scheduler
 
     sg = StreamingGenerator(tiny_generator, StreamingConfig(enable_compilation=False, max_batch_size=4))
@@ -209,17 +201,14 @@ def test_server_narrows_its_batch_when_the_device_runs_out_of_memory(tiny_genera
     assert raised == [4]
     assert sched.max_active == 2
     assert all(r.numel() == 6 * FRAME_SAMPLES for r in results)  # every stream still completed
-    text = sched.metrics.render(0, 0, 4)
-    assert 'csm_fallbacks_total{kind="oom_narrowed_batch"} 1' in text
+    text = sched.metrics.render().decode()
+    assert 'csm_fallbacks_total{kind="oom_narrowed_batch"} 1.0' in text
 
 
-def test_text_is_normalised_before_tokenising(tiny_generator):
-    a, _ = tiny_generator._tokenize_text_segment("It costs $5.", 0)
-    b, _ = tiny_generator._tokenize_text_segment("It costs five dollars.", 0)
+def test_text_is_normalised_before_tokenising(own_generator):
+    a, _ = own_generator.tokenize_text("It costs $5.", 0)
+    b, _ = own_generator.tokenize_text("It costs five dollars.", 0)
     assert torch.equal(a, b)
-    tiny_generator.normalize = False
-    try:
-        c, _ = tiny_generator._tokenize_text_segment("It costs $5.", 0)
-    finally:
-        tiny_generator.normalize = True
+    own_generator.normalize = False
+    c, _ = own_generator.tokenize_text("It costs $5.", 0)
     assert not torch.equal(a, c)

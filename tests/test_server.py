@@ -11,11 +11,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import speech_like
-from generator import Generator, load_model_and_tokenizer, load_mimi
+
+from api import ServerSettings
+from checkpoints import load_mimi, load_model_and_tokenizer
+from generator import Generator
+from request import Segment
 from scheduler import Scheduler
-from server import ServerSettings, create_app, serve_in_thread
+from routes import create_app
+from server import serve_in_thread
 from streaming_generator import StreamingConfig, StreamingGenerator
 
 TOKEN = "test-token"
@@ -28,8 +32,9 @@ class LiveServer:
         gen = Generator(model, tok, load_mimi("random", "cpu"), watermarker=watermarker)
         sg = StreamingGenerator(gen, StreamingConfig(max_batch_size=max_streams, enable_compilation=False))
         self.scheduler = Scheduler(sg, max_queue=max_queue).start()
-        app = create_app(self.scheduler, settings or ServerSettings(token=TOKEN, max_body_bytes=2 * 2**20))
-        self.server, self.thread, self.url = serve_in_thread(app)
+        self.settings = settings or ServerSettings(token=TOKEN, max_body_bytes=2 * 2**20)
+        app = create_app(self.scheduler, self.settings)
+        self.server, self.thread, self.url = serve_in_thread(app, settings=self.settings)
         self.port = int(self.url.rsplit(":", 1)[1])
 
     def close(self):
@@ -100,8 +105,6 @@ def test_context_over_http(live, reference):
             "context": [{"speaker": 1, "text": "Question?", "audio_base64": base64.b64encode(buf.getvalue()).decode()}]}
     r = httpx.post(f"{live.url}/api/generate", json=body, headers=AUTH, timeout=120)
     assert r.status_code == 200, r.text
-    from generator import Segment
-
     solo = reference.generate("Answer.", 0, [Segment(1, "Question?", torch.from_numpy(stereo.T.copy()), 24000)],
                               max_audio_length_ms=400, topk=1, seed=1)
     audio, _ = read_wav_b64(r.json()["audio_data"])

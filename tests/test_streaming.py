@@ -2,11 +2,13 @@
 
 import pytest
 import torch
-
 from conftest import patch_sample_frame, speech_like
-from generator import FRAME_SAMPLES, Segment
+
+from audio import FRAME_SAMPLES
+from request import Segment
 from runaway import TailGuard
-from streaming_generator import (StreamingConfig, StreamingGenerator, StreamRequest, split_sentences)
+from segmenting import split_sentences
+from streaming_generator import StreamingConfig, StreamingGenerator, StreamRequest
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def test_stream_equals_generate_at_any_topk(streamer, tiny_generator):
 
 def test_chunks_equal_one_shot_decode_of_the_same_codes(streamer, tiny_generator):
     chunks = list(streamer.generate_streaming("Stream me.", 1, max_audio_length_ms=2000, seed=3))
-    stream = streamer.engine._last_stream
+    stream = streamer.engine.last_stream
     codes = stream.all_codes
     assert codes.shape == (25, 32)
     one_shot = tiny_generator.decode_codes(codes)
@@ -58,7 +60,7 @@ def test_chunks_equal_one_shot_decode_of_the_same_codes(streamer, tiny_generator
 def test_first_chunk_comes_before_the_end(streamer):
     it = streamer.generate_streaming("An utterance long enough to stream.", 0, max_audio_length_ms=4000, seed=1)
     first = next(it)
-    stream = streamer.engine._last_stream
+    stream = streamer.engine.last_stream
     assert first.shape[0] == streamer.config.first_chunk_frames * FRAME_SAMPLES
     assert not stream.finished and stream.metrics.frames < 50
     assert stream.metrics.first_audio_s is not None
@@ -66,20 +68,19 @@ def test_first_chunk_comes_before_the_end(streamer):
     assert stream.finished and stream.metrics.frames == 50 and len(rest) >= 2
 
 
-def test_end_of_speech_mid_chunk(streamer, tiny_generator):
-    undo = force_end_at(tiny_generator.model, {77: 5})
-    try:
-        ref = tiny_generator.generate_codes("Stop early.", 0, max_audio_length_ms=4000, seed=77)
-        chunks = list(streamer.generate_streaming("Stop early.", 0, max_audio_length_ms=4000, seed=77))
-    finally:
-        undo()
+def test_end_of_speech_mid_chunk(own_generator):
+    streamer = StreamingGenerator(own_generator, StreamingConfig(max_batch_size=3))
+    force_end_at(own_generator.model, {77: 5})
+    ref = own_generator.generate_codes("Stop early.", 0, max_audio_length_ms=4000, seed=77)
+    chunks = list(streamer.generate_streaming("Stop early.", 0, max_audio_length_ms=4000, seed=77))
     assert ref.shape == (5, 32)
     assert torch.cat(chunks).shape == (5 * FRAME_SAMPLES,)
-    assert torch.equal(streamer.engine._last_stream.all_codes, ref)
+    assert torch.equal(streamer.engine.last_stream.all_codes, ref)
     assert streamer.metrics.stop_reason == "end of speech"
 
 
-def test_batched_streams_equal_their_solo_runs(streamer, tiny_generator):
+def test_batched_streams_equal_their_solo_runs(own_generator):
+    streamer = StreamingGenerator(own_generator, StreamingConfig(max_batch_size=3))
     reqs = [StreamRequest("First voice here.", 0, max_audio_length_ms=1200, seed=1, topk=1),
             StreamRequest("A second, different one.", 1, max_audio_length_ms=2000, seed=2, topk=30,
                           temperature=0.7),
@@ -87,15 +88,12 @@ def test_batched_streams_equal_their_solo_runs(streamer, tiny_generator):
             # more requests than the 3 slots: this one joins when a slot frees up
             StreamRequest("Fourth joins late.", 0, max_audio_length_ms=960, seed=4, topk=50,
                           context=(Segment(1, "Earlier.", speech_like(0.4)),))]
-    undo = force_end_at(tiny_generator.model, {2: 13})  # request 1 ends on its own, mid-chunk
-    try:
-        got = {i: [] for i in range(len(reqs))}
-        for i, chunk in streamer.generate_streaming_batch(reqs):
-            got[i].append(chunk)
-        solo = [tiny_generator.generate(r.text, r.speaker, r.context, r.max_audio_length_ms,
-                                        r.temperature, r.topk, r.seed) for r in reqs]
-    finally:
-        undo()
+    force_end_at(own_generator.model, {2: 13})  # request 1 ends on its own, mid-chunk
+    got = {i: [] for i in range(len(reqs))}
+    for i, chunk in streamer.generate_streaming_batch(reqs):
+        got[i].append(chunk)
+    solo = [own_generator.generate(r.text, r.speaker, r.context, r.max_audio_length_ms,
+                                   r.temperature, r.topk, r.seed) for r in reqs]
     assert solo[1].shape[0] == 13 * FRAME_SAMPLES
     for i, ref in enumerate(solo):
         torch.testing.assert_close(torch.cat(got[i]), ref, atol=1e-4, rtol=0)
@@ -107,31 +105,29 @@ def test_caller_stopping_early_frees_the_engine(streamer, tiny_generator):
     next(it)
     it.close()  # the caller stops listening
     assert streamer.engine.free_slots == 3
-    assert streamer.engine._last_stream.metrics.stop_reason == "cancelled"
+    assert streamer.engine.last_stream.metrics.stop_reason == "cancelled"
     ref = tiny_generator.generate("Next one.", 0, max_audio_length_ms=800, seed=2)
     out = torch.cat(list(streamer.generate_streaming("Next one.", 0, max_audio_length_ms=800, seed=2)))
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
-def test_long_text_is_spoken_in_segments_without_a_seam(tiny_generator):
-    sg = StreamingGenerator(tiny_generator, StreamingConfig(enable_compilation=False, max_segment_chars=40))
+def test_long_text_is_spoken_in_segments_without_a_seam(own_generator):
+    sg = StreamingGenerator(own_generator, StreamingConfig(max_segment_chars=40))
     text = "This is the first sentence here. And this one is the second. A third one ends it."
     assert len(split_sentences(text, 40)) == 3
-    # the draw counter runs on across segments: frame 6 ends the first, frame 14 the second
-    undo = force_end_at(tiny_generator.model, {5: [6, 14]})
-    try:
-        chunks = list(sg.generate_streaming(text, 0, max_audio_length_ms=6000, seed=5))
-    finally:
-        undo()
-    stream = sg.engine._last_stream
+    # A segment's draws start at (frames said so far + its index): the first keeps frames 0..5
+    # and ends at draw 6; the second starts at draw 7, keeps 7 frames and ends at draw 14.
+    force_end_at(own_generator.model, {5: [6, 14]})
+    chunks = list(sg.generate_streaming(text, 0, max_audio_length_ms=6000, seed=5))
+    stream = sg.engine.last_stream
     assert stream.metrics.segments == 3 and stream.segment_index == 2
     audio = torch.cat(chunks)
     codes = stream.all_codes
-    # 6 + 7 frames for the first two; the last may use what is left of the 75-frame budget
-    assert codes.shape[0] == 75 and stream.metrics.stop_reason == "max_audio_length_ms reached"
+    # the third never ends: it stops at its own cap, twice its 20 characters in frames
+    assert codes.shape[0] == 6 + 7 + 40 and "segment frame limit" in stream.metrics.stop_reason
     assert audio.shape[0] == codes.shape[0] * FRAME_SAMPLES
     # one Mimi state across the segments: the stream equals a one-shot decode of all its codes
-    one_shot = TailGuard(tiny_generator.tail).end(tiny_generator.decode_codes(codes))
+    one_shot = TailGuard(own_generator.tail).end(own_generator.decode_codes(codes))
     torch.testing.assert_close(audio, one_shot, atol=1e-4, rtol=0)
     assert len(stream.history) == 2  # what was said is the context of what comes next
 
@@ -163,20 +159,20 @@ def test_config_is_validated(kwargs, match):
     ({"context": [Segment(0, "x", torch.tensor([0.0, float("nan")]))]}, r"context\[0\].audio")])
 def test_bad_input_fails_before_any_work(streamer, kwargs, name):
     args = {"text": "Fine.", "speaker": 0, **kwargs}
-    frames_before = streamer.engine.sampling.frame.clone()
+    frames_before = streamer.engine.state.sampling.frame.clone()
     with pytest.raises(ValueError, match=name):
         streamer.generate_streaming(**args)
-    assert torch.equal(streamer.engine.sampling.frame, frames_before)
+    assert torch.equal(streamer.engine.state.sampling.frame, frames_before)
     assert streamer.engine.free_slots == 3
 
 
-def test_compiled_step_equals_eager(tiny_generator):
-    eager = StreamingGenerator(tiny_generator, StreamingConfig(enable_compilation=False))
+def test_compiled_step_equals_eager(own_generator):
+    eager = StreamingGenerator(own_generator, StreamingConfig(enable_compilation=False))
     ref = torch.cat(list(eager.generate_streaming("Compile me.", 0, max_audio_length_ms=480, seed=4)))
-    compiled = StreamingGenerator(tiny_generator, StreamingConfig(enable_compilation=True))
+    compiled = StreamingGenerator(own_generator, StreamingConfig(enable_compilation=True))
     assert compiled.engine._backbone is not None
     out = torch.cat(list(compiled.generate_streaming("Compile me.", 0, max_audio_length_ms=480, seed=4)))
-    assert torch.equal(compiled.engine._last_stream.all_codes, eager.engine._last_stream.all_codes)
+    assert torch.equal(compiled.engine.last_stream.all_codes, eager.engine.last_stream.all_codes)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
@@ -203,35 +199,44 @@ def test_kill_switch_env(monkeypatch):
     assert cfg.compile_enabled()
 
 
-def test_cpu_prepacked_weights_give_the_same_numbers(tiny_generator):
+def test_cpu_prepacked_weights_give_the_same_numbers(own_generator):
     """Batched CPU streams use MKL-packed weights; the model must compute the same values."""
-    from models import PackedLinear, can_prepack, prepack_linears, unpack_linears
+    from fast_linear import PackedLinear, can_prepack, prepack_linears, unpack_linears
 
-    if not can_prepack(tiny_generator.model):
+    model = own_generator.model
+    if not can_prepack(model):
         pytest.skip("no MKL in this torch build")
-    model = tiny_generator.model
-    unpack_linears(model)
     codes = torch.randint(0, 2048, (4, 32))
     pos = torch.tensor([3, 7, 11, 2])
-    model.setup_caches(4)
-    plain = model.backbone_step(codes, pos)
+    caches = model.make_caches(4)
+    plain = model.backbone_step(codes, pos, caches)
     assert prepack_linears(model, 4) > 0
     assert any(isinstance(m, PackedLinear) for m in model.modules())
-    packed = model.backbone_step(codes, pos)
+    packed = model.backbone_step(codes, pos, caches)
     torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
     assert unpack_linears(model) > 0 and not any(isinstance(m, PackedLinear) for m in model.modules())
 
 
+def step_until_running(eng, *streams):
+    for _ in range(50):
+        if all(s.state == "running" for s in streams):
+            return
+        eng.step()
+    raise AssertionError("streams never started")
+
+
 def test_engine_steps_only_the_bucket_of_busy_slots(tiny_generator):
-    from generator import validate_request
+    from request import validate_request
 
     sg = StreamingGenerator(tiny_generator, StreamingConfig(enable_compilation=False, max_batch_size=8))
     eng = sg.engine
     a = eng.submit(validate_request("One.", 0, max_audio_length_ms=800, seed=1))
+    step_until_running(eng, a)
     eng.step()
     assert eng.last_bucket == 1
     b = eng.submit(validate_request("Two.", 0, max_audio_length_ms=800, seed=2))
     c = eng.submit(validate_request("Three.", 0, max_audio_length_ms=800, seed=3))
+    step_until_running(eng, b, c)
     eng.step()
     assert (a.slot, b.slot, c.slot) == (0, 1, 2) and eng.last_bucket == 4
     eng.cancel(b)

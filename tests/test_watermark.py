@@ -6,28 +6,47 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import speech_like
 from torch.overrides import TorchFunctionMode
 
-from conftest import speech_like
-from generator import FRAME_SAMPLES, Generator, load_csm_1b
+from audio import FRAME_SAMPLES, save_audio
+from generator import Generator, load_csm_1b
 from streaming_generator import StreamingConfig, StreamingGenerator, StreamRequest
-from watermarking import (CSM_1B_GH_WATERMARK, StreamMarker, WatermarkError, build_random_watermarker,
-                          load_watermarker, parse_key, resolve_key, watermark)
+from watermarking import (
+    CSM_1B_GH_WATERMARK,
+    StreamMarker,
+    Watermarker,
+    WatermarkError,
+    build_random_watermarker,
+    load_watermark_stage,
+    load_watermarker,
+    parse_key,
+    resolve_key,
+    verify,
+    watermark,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def wm(tmp_path_factory):
-    marker = build_random_watermarker(tmp_path_factory.mktemp("silentcipher"))
-    watermark(marker, speech_like(0.5), 24_000, None)  # first call warms librosa/numba up
-    return marker
+def wm_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("silentcipher")
+    build_random_watermarker(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def wm(wm_dir):
+    model = load_watermarker("cpu", str(wm_dir))
+    watermark(model, speech_like(0.5), 24_000, None)  # first call warms librosa/numba up
+    return model
 
 
 @pytest.fixture(scope="module")
 def marked_generator(tiny_generator, wm):
-    return Generator(tiny_generator.model, tiny_generator._text_tokenizer,
-                     tiny_generator._audio_tokenizer, watermarker=wm)
+    return Generator(tiny_generator.model, tiny_generator.text_tokenizer, tiny_generator.mimi,
+                     watermarker=Watermarker(wm))
 
 
 def test_mark_keeps_length_rate_and_is_small(wm):
@@ -59,7 +78,7 @@ def test_generate_marks_the_whole_utterance(marked_generator, tiny_generator):
     marked = marked_generator.generate("Mark me.", 0, max_audio_length_ms=800, seed=3)
     assert marked.shape == plain.shape == (10 * FRAME_SAMPLES,)
     assert not torch.equal(marked, plain)
-    torch.testing.assert_close(marked, watermark(marked_generator._watermarker, plain, 24_000, None))
+    torch.testing.assert_close(marked, marked_generator.watermarker.mark(plain))
 
 
 def test_stream_is_marked_in_growing_windows(marked_generator, tiny_generator):
@@ -78,7 +97,7 @@ def test_stream_is_marked_in_growing_windows(marked_generator, tiny_generator):
     # each window is the mark of the plain audio under it
     start = 0
     for c in chunks:
-        ref = watermark(marked_generator._watermarker, plain[start:start + c.numel()], 24_000, None)
+        ref = marked_generator.watermarker.mark(plain[start:start + c.numel()])
         torch.testing.assert_close(c, ref)
         start += c.numel()
 
@@ -132,30 +151,56 @@ def test_no_float64_anywhere_in_the_stage(wm):
 def test_turning_it_off_is_explicit_and_warned():
     with pytest.warns(UserWarning, match="watermarking is off"):
         g = load_csm_1b("cpu", "random:tiny", watermark=False)
-    assert g._watermarker is None
+    assert g.watermarker is None
 
 
-def test_missing_watermark_model_says_how_to_get_it_or_turn_it_off():
-    with pytest.raises(WatermarkError, match="--no-watermark"):
+def test_random_models_mark_with_random_weights_offline(caplog):
+    """random:* needs nothing from the network, the watermark stage included (HF_HUB_OFFLINE=1
+    in the tests): silentcipher's classes with random weights, said once in the log."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="csm.watermark"):
+        g = load_csm_1b("cpu", "random:tiny")
+    assert isinstance(g.watermarker, Watermarker) and g.watermarker.key == CSM_1B_GH_WATERMARK
+    assert sum("random weights" in r.message for r in caplog.records) == 1
+    plain = speech_like(0.5)
+    assert not torch.equal(g.watermarker.mark(plain), plain)
+    assert g.default_max_audio_ms == 3000  # random weights never end: short by default
+    with pytest.raises(WatermarkError, match="--no-watermark"):  # real weights: whole message
+        load_watermark_stage(True, "cpu")
+
+
+def test_missing_watermark_model_says_how_to_get_it(tmp_path):
+    with pytest.raises(WatermarkError) as e:
         load_watermarker("cpu")  # HF_HUB_OFFLINE=1 in the tests: nothing cached, nothing fetched
+    assert "HF_HUB_OFFLINE is set" in str(e.value) and str(e.value).endswith("folder.")
+    with pytest.raises(WatermarkError, match="not a silentcipher model folder"):
+        load_watermarker("cpu", str(tmp_path))  # a wrong folder never falls back to a download
 
 
-def test_watermark_command(tmp_path, wm):
-    from generator import save_audio
+def run_watermark_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "watermarking.py"), *args],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
 
+
+def test_watermark_command(tmp_path, wm, wm_dir):
     path = tmp_path / "speech.wav"
-    save_audio(path, speech_like(1.0), 24_000)
-    r = subprocess.run([sys.executable, str(ROOT / "watermarking.py"), "--audio_path", str(path)],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert r.returncode == 2 and "--no-watermark" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, str(ROOT / "watermarking.py"), "--audio_path", str(path),
-                        "--model-dir", str(_random_model_dir(tmp_path))],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert r.returncode in (0, 1), r.stderr  # random weights: found or not, but it ran
-    assert "speech.wav:" in r.stdout
-
-
-def _random_model_dir(tmp_path):
-    folder = tmp_path / "sc"
-    build_random_watermarker(folder)
-    return folder
+    audio = speech_like(1.0)
+    marked_path = tmp_path / "marked.wav"
+    save_audio(path, audio, 24_000)
+    save_audio(marked_path, watermark(wm, audio, 24_000, None), 24_000)
+    r = run_watermark_cli("--audio-path", str(path))  # no model offline: exit 2, one clear line
+    assert r.returncode == 2 and "HF_HUB_OFFLINE" in r.stderr and "Traceback" not in r.stderr
+    assert "--no-watermark" not in r.stderr  # this command has no such flag
+    for f in (path, marked_path):  # the command says what verify says, with the same model
+        r = run_watermark_cli("--audio_path", str(f), "--model-dir", str(wm_dir))
+        expected = verify(wm, audio if f == path else watermark(wm, audio, 24_000, None), 24_000, None)
+        assert r.returncode == (0 if expected else 1), r.stderr
+        assert r.stdout.strip() == f"{f}: {'watermarked' if expected else 'no watermark found'}"
+    r = run_watermark_cli("--audio-path", str(tmp_path / "missing.wav"), "--model-dir", str(wm_dir))
+    assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "notes.txt").write_text("not audio")
+    r = run_watermark_cli("--audio-path", str(tmp_path / "notes.txt"), "--model-dir", str(wm_dir))
+    assert r.returncode == 2 and "not a readable audio file" in r.stderr
+    r = run_watermark_cli("--audio-path", str(path), "--model-dir", str(tmp_path))
+    assert r.returncode == 2 and "not a silentcipher model folder" in r.stderr

@@ -1,0 +1,342 @@
+"""The server's contract: request bodies, limits, auth, request building and error shaping.
+
+Everything here is testable without a running server. server.py holds the routes. Every error
+a client can cause is an `ApiError` with a 4xx status and a message that says what to do;
+`shape_error` turns anything else into a JSON 5xx without a stack trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import logging
+import re
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from audio import AudioError, AudioLimits, read_audio, to_mono_24k
+from request import DEFAULT_TEMPERATURE, DEFAULT_TOPK, EmptyOutputError, GenerationRequest, Segment
+
+log = logging.getLogger("csm.server")
+
+# OpenAI voice names mapped to CSM speaker ids (CSM's speakers are just numbers; "0", "1", ...
+# also work; named voices from the voices folder take precedence).
+OPENAI_VOICES = {"alloy": 0, "echo": 1, "fable": 2, "onyx": 3, "nova": 4, "shimmer": 5, "ash": 6,
+                 "ballad": 7, "coral": 8, "sage": 9, "verse": 10}
+MAX_SPEAKER = 63
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    token: str | None = None
+    max_text_chars: int = 2000
+    max_context: int = 8
+    max_context_audio_s: float = 60.0  # per turn
+    max_body_bytes: int = 32 * 2**20  # HTTP bodies and WebSocket messages
+    max_audio_length_ms: float = 90_000
+    watermark_window_ms: int = 2000
+    write_timeout_s: float = 30.0  # a client that reads nothing for this long is dropped
+    header_timeout_s: float = 10.0  # a connection must send a whole request head within this
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Request bodies
+# ---------------------------------------------------------------------------------------------
+
+
+class ContextItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    speaker: int
+    text: str
+    audio_base64: str
+
+
+class GenerateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str
+    speaker_id: int = 0
+    voice: str | None = None
+    temperature: float = DEFAULT_TEMPERATURE
+    top_k: int = DEFAULT_TOPK
+    max_audio_length_ms: float | None = 10_000
+    seed: int | None = None
+    context: list[ContextItem] = Field(default_factory=list)
+
+
+class SpeechBody(BaseModel):
+    model: str = "csm-1b"
+    input: str
+    voice: str | int = "0"
+    response_format: str = "wav"
+    speed: float = 1.0
+    stream_format: str = "audio"
+    instructions: str | None = None
+    # extensions beyond OpenAI's API
+    temperature: float = DEFAULT_TEMPERATURE
+    top_k: int = DEFAULT_TOPK
+    seed: int | None = None
+    max_audio_length_ms: float | None = None
+
+
+class StreamMessage(BaseModel):
+    """The first message on /v1/stream: speak `text`; or `type: chat` to answer `text`."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: str = "speech"
+    token: str | None = None  # browsers cannot send headers on a WebSocket
+    text: str
+    speaker: int = 0
+    voice: str | None = None
+    temperature: float = DEFAULT_TEMPERATURE
+    top_k: int = DEFAULT_TOPK
+    seed: int | None = None
+    max_audio_length_ms: float | None = None
+    context: list[ContextItem] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a request
+# ---------------------------------------------------------------------------------------------
+
+
+def voice_to_speaker(voice, voices=None) -> tuple[int, tuple[Segment, ...]]:
+    """A voice -> (speaker id, the voice's reference segments). A named voice of the voices
+    folder brings its clip as context; a number or an OpenAI name is a bare speaker id."""
+    if voices is not None and isinstance(voice, str) and voices.has(voice.strip()):
+        v = voices.get(voice.strip())
+        return v.speaker, (v.segment,)
+    if isinstance(voice, int) and not isinstance(voice, bool):
+        sid = voice
+    elif isinstance(voice, str) and voice.strip().isascii() and voice.strip().isdecimal():
+        sid = int(voice.strip())
+    elif isinstance(voice, str) and voice.strip().lower() in OPENAI_VOICES:
+        return OPENAI_VOICES[voice.strip().lower()], ()
+    else:
+        named = f", a voice of the voices folder ({', '.join(voices.names())})" if voices else ""
+        raise ApiError(400, f"unknown voice {voice!r}: use a speaker number 0..{MAX_SPEAKER}"
+                            f"{named}, or one of {', '.join(OPENAI_VOICES)}")
+    if not 0 <= sid <= MAX_SPEAKER:
+        raise ApiError(400, f"voice {sid} is out of range 0..{MAX_SPEAKER}")
+    return sid, ()
+
+
+def decode_context(items: list[ContextItem], settings: ServerSettings) -> list[Segment]:
+    """Context turns from base64 audio files, bounded before decoding (runs off the event loop).
+
+    Rates outside 8..192 kHz, more than 8 channels or longer than max_context_audio_s are
+    refused from the header; decoding is mixed to mono block by block, so memory stays small.
+    """
+    if len(items) > settings.max_context:
+        raise ApiError(400, f"{len(items)} context turns; the limit is {settings.max_context}")
+    limits = AudioLimits(max_seconds=settings.max_context_audio_s)
+    out = []
+    for i, c in enumerate(items):
+        where = f"context[{i}].audio_base64"
+        try:
+            raw = base64.b64decode(c.audio_base64, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, f"{where}: not valid base64") from None
+        try:
+            data, rate = read_audio(raw, mono=True, limits=limits, name=where)
+        except AudioError as e:
+            raise ApiError(400, str(e)) from None
+        if data.size == 0:
+            raise ApiError(400, f"{where}: the audio is empty")
+        out.append(Segment(c.speaker, c.text, to_mono_24k(data, rate)))
+    return out
+
+
+async def build_request(sg, settings: ServerSettings, text, speaker, context_items, max_ms,
+                        temperature, topk, seed, voice_context=()) -> GenerationRequest:
+    """A validated request whose every text segment fits the window: a 4xx now, never a
+    failure in the shared engine later."""
+    if isinstance(text, str) and len(text) > settings.max_text_chars:
+        raise ApiError(413, f"text is {len(text)} characters; the limit is {settings.max_text_chars}")
+    if max_ms is not None and isinstance(max_ms, (int, float)) and max_ms > settings.max_audio_length_ms:
+        raise ApiError(400, f"max_audio_length_ms over the limit of {settings.max_audio_length_ms:g}")
+    context = await asyncio.to_thread(decode_context, list(context_items), settings)
+    if max_ms is None:  # the longest the window allows (a real model ends speech by itself)
+        window_ms = (sg.engine.window - 256) * 80
+        max_ms = max(80, min(settings.max_audio_length_ms, window_ms, sg.generator.default_max_audio_ms))
+    try:
+        req = sg.request(text, speaker, tuple(voice_context) + tuple(context), max_ms,
+                         temperature, topk, seed)
+        await asyncio.to_thread(sg.engine.plan, req)  # tokenises every segment
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    return req
+
+
+def shape_error(e: BaseException, retry_after: int = 2) -> ApiError:
+    """Any error of a generation -> the ApiError a client gets."""
+    from scheduler import QueueFull
+
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, QueueFull):
+        return ApiError(503, str(e), {"Retry-After": str(retry_after)})
+    if isinstance(e, ValueError):
+        return ApiError(400, str(e))
+    if isinstance(e, MemoryError):
+        return ApiError(503, str(e), {"Retry-After": str(retry_after)})
+    if isinstance(e, EmptyOutputError):
+        return ApiError(422, str(e))
+    return ApiError(500, f"generation failed ({type(e).__name__}: {str(e)[:300]})")
+
+
+def error_body(status: int, message: str) -> dict:
+    return {"error": {"message": message, "status": status}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Auth: one check for HTTP and WebSocket
+# ---------------------------------------------------------------------------------------------
+
+
+def token_matches(given: str | bytes | None, token: str) -> bool:
+    """Constant-time comparison of raw bytes (any header bytes, any token characters)."""
+    if given is None:
+        return False
+    if isinstance(given, str):
+        given = given.encode("utf-8", "surrogatepass")
+    return hmac.compare_digest(given, token.encode("utf-8", "surrogatepass"))
+
+
+def bearer_ok(headers: list[tuple[bytes, bytes]], token: str | None) -> bool:
+    """Does an ASGI header list carry `Authorization: Bearer <token>`? True when no token is set."""
+    if not token:
+        return True
+    for name, value in headers:
+        if name.lower() == b"authorization" and value[:7].lower() == b"bearer ":
+            return token_matches(value[7:].strip(), token)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# ASGI middleware: auth, body size while reading, write timeout, metrics by route template
+# ---------------------------------------------------------------------------------------------
+
+
+class BodyTooLarge(ApiError):
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body over {limit} bytes")
+
+
+class WriteTimeout(Exception):
+    """The client read nothing for write_timeout_s: it is dropped and its stream cancelled."""
+
+
+class StreamAborted(Exception):
+    """A stream failed after its response started: the connection is closed mid-body, so the
+    client sees an incomplete response, never a clean end."""
+
+
+def _is_abort(exc: BaseException) -> bool:
+    """WriteTimeout or StreamAborted, also inside the exception groups of anyio task groups."""
+    if isinstance(exc, (WriteTimeout, StreamAborted)):
+        return True
+    inner = getattr(exc, "exceptions", None)
+    return bool(inner) and all(_is_abort(e) for e in inner)
+
+
+def is_open_path(path: str) -> bool:
+    """Routes served without a token: the health check and the page (which asks for one)."""
+    return path in ("/health", "/") or path.startswith("/web/")
+
+
+def route_template(app, scope) -> str:
+    """The matched route's path template, or 'other': never the raw path (metrics labels)."""
+    from starlette.routing import Match
+
+    def find(routes):
+        for route in routes:
+            inner = getattr(route, "original_router", None)  # FastAPI's included routers
+            if inner is not None:
+                found = find(inner.routes)
+                if found:
+                    return found
+            elif route.matches(scope)[0] is Match.FULL:
+                return getattr(route, "path", None)
+        return None
+
+    return find(app.routes) or "other"
+
+
+class LimitsMiddleware:
+    """Pure ASGI (it sees WebSockets and reads bodies as they stream): refuses unauthenticated
+    HTTP requests, caps bodies while they are read, and drops readers that never read."""
+
+    def __init__(self, app, settings: ServerSettings, metrics, routes_app):
+        self.app, self.settings, self.metrics, self.routes_app = app, settings, metrics, routes_app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)  # websockets: the route checks the token
+        s = self.settings
+        route = route_template(self.routes_app, scope)
+        if not is_open_path(scope["path"]) and not bearer_ok(scope["headers"], s.token):
+            self.metrics.count_request(route, 401)
+            return await _send_json(send, 401, error_body(401, "missing or wrong bearer token: "
+                                                          "send 'Authorization: Bearer <token>'"),
+                                    {"WWW-Authenticate": "Bearer"})
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > s.max_body_bytes:
+            self.metrics.count_request(route, 413)
+            return await _send_json(send, 413, error_body(413, BodyTooLarge(s.max_body_bytes).message))
+        seen = 0
+
+        async def capped_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > s.max_body_bytes:
+                    raise BodyTooLarge(s.max_body_bytes)
+            return message
+
+        async def timed_send(message):
+            if message["type"] != "http.response.body":
+                return await send(message)
+            try:
+                await asyncio.wait_for(send(message), s.write_timeout_s)
+            except asyncio.TimeoutError:
+                raise WriteTimeout(f"the client read nothing for {s.write_timeout_s:g} s") from None
+
+        try:
+            await self.app(scope, capped_receive, timed_send)
+        except BaseException as e:  # the response was under way: end the connection, quietly
+            if not _is_abort(e):
+                raise
+            log.warning("%s %s: connection ended mid-response (%s)", scope["method"], route, e)
+
+
+async def _send_json(send, status: int, body: dict, headers: dict | None = None):
+    import json
+
+    data = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": data})
+
+
+class SecretFilter(logging.Filter):
+    """Masks token values in log lines (uvicorn's access log prints query strings)."""
+
+    _pattern = re.compile(r"((?:token|api_key|key)=)[^&\s\"]+", re.I)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            record.args = tuple(self._pattern.sub(r"\1***", a) if isinstance(a, str) else a
+                                for a in record.args)
+        record.msg = self._pattern.sub(r"\1***", str(record.msg))
+        return True

@@ -1,0 +1,501 @@
+"""Finding and reading weights: the hub or a local folder, both checkpoint formats, the text
+tokenizer, and the Mimi codec. models.py holds the model; this file fills it.
+
+`model=` values: a hub repo id, a local folder or weight file, or `random:<flavour>` (the same
+classes with random weights and a small local tokenizer: no download). The format of a
+checkpoint is detected from its tensor names. When the hub cannot be reached, one quick probe
+says so and loading fails at once with one message, instead of retrying for half a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from models import CSM, FLAVORS, LlamaArgs, ModelArgs, RopeScaling, rope_tables
+
+log = logging.getLogger("csm.checkpoints")
+
+DEFAULT_REPO = "unsloth/csm-1b"  # an ungated copy of the release (transformers format)
+OFFICIAL_REPO = "sesame/csm-1b"  # gated: accept the licence on its hub page first
+MIMI_REPO = "kyutai/moshiko-pytorch-bf16"
+MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
+RANDOM_PREFIX = "random:"
+
+# Which files of a checkpoint hold its weights: the one list (local folders, hub downloads,
+# deploy_vast.py --download). A single file of the original format wins over shards.
+WEIGHT_FILES = ("model.safetensors", "ckpt.safetensors", "ckpt.pt")
+WEIGHT_INDEXES = ("transformers.safetensors.index.json", "model.safetensors.index.json")
+META_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class CheckpointError(RuntimeError):
+    """Weights could not be found or read; the message says what to do."""
+
+
+def is_random_model(model: str) -> bool:
+    return model.startswith(RANDOM_PREFIX)
+
+
+OFFLINE_HINT = ("Connect to the internet (or unset HF_HUB_OFFLINE), or download on a machine "
+                "that can (`python deploy_vast.py --download`) and copy the Hugging Face cache, "
+                "or pass a local folder (--model PATH), or run the same code with random weights "
+                "(--model random:csm-1b; model='random:csm-1b' in Python).")
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight files
+# ---------------------------------------------------------------------------------------------
+
+
+def pick_weight_files(names: list[str]) -> list[str]:
+    """The weight files among a checkpoint's file names (an index first, then its shards)."""
+    for name in WEIGHT_FILES:
+        if name in names:
+            return [name]
+    for index in WEIGHT_INDEXES:
+        if index in names:
+            prefix = index.split(".")[0]
+            return [index] + sorted(n for n in names if n.startswith(prefix)
+                                    and n.endswith(".safetensors") and n not in WEIGHT_FILES)
+    raise CheckpointError(f"no CSM weights among {sorted(names)[:10]}: expected one of "
+                          f"{', '.join(WEIGHT_FILES + WEIGHT_INDEXES)}")
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The weight files of a local checkpoint folder (shards as named by their index)."""
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    try:
+        picked = pick_weight_files(names)
+    except CheckpointError:
+        raise FileNotFoundError(
+            f"no CSM weights in {folder}: expected model.safetensors, ckpt.pt or "
+            "transformers.safetensors.index.json with its shards") from None
+    if picked[0] in WEIGHT_INDEXES:
+        shards = json.loads((folder / picked[0]).read_text())["weight_map"].values()
+        return [folder / s for s in sorted(set(shards))]
+    return [folder / picked[0]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The hub
+# ---------------------------------------------------------------------------------------------
+
+
+def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
+    """One quick probe: why the Hugging Face hub cannot be reached, or None when it can."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return f"{host}:{port} cannot be reached ({type(e).__name__}: {e})"
+
+
+def _cached_snapshot(repo: str) -> Path | None:
+    """A complete cached copy of `repo` (weights and tokenizer), or None: no request is made."""
+    import huggingface_hub as hub
+    from huggingface_hub import errors
+
+    try:
+        cached = Path(hub.snapshot_download(
+            repo, local_files_only=True,
+            allow_patterns=list(META_FILES) + ["*.safetensors*", "ckpt.pt"]))
+        files = checkpoint_files(cached)
+    except (errors.LocalEntryNotFoundError, FileNotFoundError, KeyError, ValueError):
+        return None  # not cached, or cached without weights (an interrupted download)
+    if all(f.is_file() for f in files) and (cached / "tokenizer.json").is_file():
+        return cached
+    log.info("the cached copy of %s is incomplete: downloading the rest", repo)
+    return None
+
+
+def download_checkpoint(repo: str, progress=None) -> Path:
+    """Download a CSM checkpoint's weights, config and tokenizer into the Hugging Face cache
+    (resuming partial files); return its folder. progress: called with a line per file."""
+    import huggingface_hub as hub
+    from huggingface_hub import errors
+
+    token_hint = ("set HF_TOKEN (or run `hf auth login`) with an account that accepted the "
+                  f"licence at https://huggingface.co/{repo}")
+    try:
+        names = hub.list_repo_files(repo)
+        wanted = pick_weight_files(names) + [n for n in META_FILES if n in names]
+        folder = None
+        for i, name in enumerate(wanted, 1):
+            if progress:
+                progress(f"[{i}/{len(wanted)}] {repo}/{name}")
+            folder = Path(hub.hf_hub_download(repo, name)).parent
+        return folder
+    except errors.GatedRepoError as e:
+        raise CheckpointError(f"{repo} is gated: {token_hint}. Or use the ungated default "
+                              f"'{DEFAULT_REPO}', or a local folder.") from e
+    except errors.RepositoryNotFoundError as e:
+        raise CheckpointError(f"{repo} was not found on the hub (or is private): check the "
+                              f"name, or {token_hint}") from e
+    except CheckpointError:
+        raise
+    except Exception as e:  # the network went away mid-way, a proxy, a full disk...
+        raise CheckpointError(f"could not download {repo}: {type(e).__name__}: {e}. "
+                              + OFFLINE_HINT) from e
+
+
+def resolve_checkpoint(model: str) -> Path:
+    """A local folder, a local weight file, or a hub repo id -> a local folder (or file)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if model.count("/") != 1 or model.startswith((".", "/")):
+        raise CheckpointError(f"'{model}' is neither an existing file or folder nor a hub repo "
+                              "id like 'owner/name'")
+    cached = _cached_snapshot(model)  # works offline and costs no request
+    if cached is not None:
+        return cached
+    reason = hub_unreachable_reason()
+    if reason is not None:
+        from huggingface_hub import constants
+
+        raise CheckpointError(f"{model} is not in the Hugging Face cache "
+                              f"({constants.HF_HUB_CACHE}) and cannot be downloaded: {reason}. "
+                              + OFFLINE_HINT)
+    return download_checkpoint(model, progress=log.info)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor names: the original format and the transformers format
+# ---------------------------------------------------------------------------------------------
+
+ORIGINAL_MARKER = "backbone.layers.0.attn.q_proj.weight"
+TRANSFORMERS_MARKER = "backbone_model.layers.0.self_attn.q_proj.weight"
+
+_HF_TO_ORIGINAL = [  # applied in order, like transformers' own convert_csm.py but reversed
+    (r"^backbone_model\.layers\.", "backbone.layers."),
+    (r"^depth_decoder\.model\.layers\.", "decoder.layers."),
+    (r"\.self_attn\.", ".attn."),
+    (r"\.o_proj\.", ".output_proj."),
+    (r"\.mlp\.gate_proj\.", ".mlp.w1."),
+    (r"\.mlp\.down_proj\.", ".mlp.w2."),
+    (r"\.mlp\.up_proj\.", ".mlp.w3."),
+    (r"\.input_layernorm\.weight$", ".sa_norm.scale"),
+    (r"\.post_attention_layernorm\.weight$", ".mlp_norm.scale"),
+    (r"^backbone_model\.norm\.weight$", "backbone.norm.scale"),
+    (r"^depth_decoder\.model\.norm\.weight$", "decoder.norm.scale"),
+    (r"^embed_text_tokens\.", "text_embeddings."),
+    (r"^backbone_model\.embed_tokens\.embed_audio_tokens\.", "audio_embeddings."),
+    (r"^lm_head\.", "codebook0_head."),
+    (r"^depth_decoder\.model\.inputs_embeds_projector\.", "projection."),
+    (r"^depth_decoder\.codebooks_head\.weight$", "audio_head"),
+]
+# Tensors of the transformers checkpoint we do not use: the depth decoder's tied copy of the
+# audio embeddings, and the codec (Mimi comes from moshi's loader, which streams).
+_HF_SKIP = re.compile(r"^(depth_decoder\.model\.embed_tokens\.|codec_model\.)")
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rotate-half Q/K rows (transformers) -> interleaved rows (original). w: [H * D, dim]."""
+    out, dim = w.shape
+    return w.view(n_heads, 2, out // n_heads // 2, dim).transpose(1, 2).reshape(out, dim)
+
+
+def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Interleaved rows (original) -> rotate-half rows (transformers); inverse of the above."""
+    out, dim = w.shape
+    return w.view(n_heads, out // n_heads // 2, 2, dim).transpose(1, 2).reshape(out, dim)
+
+
+def transformers_to_original(state: dict[str, torch.Tensor], args: ModelArgs) -> dict:
+    """Rename a transformers CSM state dict to ours and undo its Q/K permutation."""
+    state = dict(state)
+    # The audio embeddings are tied; save_pretrained may keep only the depth decoder's copy.
+    tied = "depth_decoder.model.embed_tokens.weight"
+    state.setdefault("backbone_model.embed_tokens.embed_audio_tokens.weight", state.get(tied))
+    out = {}
+    for key, w in state.items():
+        if w is None or _HF_SKIP.match(key):
+            continue
+        new = key
+        for pattern, repl in _HF_TO_ORIGINAL:
+            new = re.sub(pattern, repl, new)
+        m = re.match(r"^(backbone|decoder)\.layers\.\d+\.attn\.(q|k)_proj\.weight$", new)
+        if m:
+            part = args.backbone if m.group(1) == "backbone" else args.decoder
+            w = unpermute_rope_rows(w, part.num_heads if m.group(2) == "q" else part.num_kv_heads)
+        out[new] = w
+    return out
+
+
+def original_to_transformers(state: dict[str, torch.Tensor], args: ModelArgs) -> dict:
+    """The reverse mapping (used by tests to write transformers-format files from ours)."""
+    inverse = {}
+    for hf_key in _hf_keys(args):
+        ours = hf_key
+        for pattern, repl in _HF_TO_ORIGINAL:
+            ours = re.sub(pattern, repl, ours)
+        inverse[ours] = hf_key
+    out = {}
+    for key, w in state.items():
+        m = re.match(r"^(backbone|decoder)\.layers\.\d+\.attn\.(q|k)_proj\.weight$", key)
+        if m:
+            part = args.backbone if m.group(1) == "backbone" else args.decoder
+            w = permute_rope_rows(w, part.num_heads if m.group(2) == "q" else part.num_kv_heads)
+        out[inverse[key]] = w
+    out["depth_decoder.model.embed_tokens.weight"] = state["audio_embeddings.weight"]
+    return out
+
+
+def _hf_keys(args: ModelArgs) -> list[str]:
+    keys = ["embed_text_tokens.weight", "backbone_model.embed_tokens.embed_audio_tokens.weight",
+            "lm_head.weight", "depth_decoder.model.inputs_embeds_projector.weight",
+            "depth_decoder.codebooks_head.weight", "backbone_model.norm.weight",
+            "depth_decoder.model.norm.weight"]
+    for prefix, part in (("backbone_model", args.backbone), ("depth_decoder.model", args.decoder)):
+        for i in range(part.num_layers):
+            base = f"{prefix}.layers.{i}."
+            keys += [base + f"self_attn.{p}_proj.weight" for p in "qkvo"]
+            keys += [base + f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+            keys += [base + "input_layernorm.weight", base + "post_attention_layernorm.weight"]
+    return keys
+
+
+def args_from_hf_config(cfg: dict) -> ModelArgs:
+    """ModelArgs from a transformers CsmConfig dict (config.json)."""
+    dec = cfg.get("depth_decoder_config") or {}
+
+    def part(c: dict, max_seq: int) -> LlamaArgs:
+        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        theta = rope.get("rope_theta", c.get("rope_theta", 500_000.0))
+        scaling = None
+        if rope.get("rope_type", rope.get("type")) == "llama3":
+            scaling = RopeScaling(
+                factor=float(rope["factor"]),
+                low_freq_factor=float(rope["low_freq_factor"]),
+                high_freq_factor=float(rope["high_freq_factor"]),
+                original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+        heads = c["num_attention_heads"]
+        if c.get("head_dim") not in (None, c["hidden_size"] // heads):
+            raise ValueError(f"head_dim {c['head_dim']} != hidden_size / heads is not supported")
+        return LlamaArgs(num_layers=c["num_hidden_layers"], num_heads=heads,
+                         num_kv_heads=c.get("num_key_value_heads", heads), dim=c["hidden_size"],
+                         intermediate_dim=c["intermediate_size"], max_seq_len=max_seq,
+                         norm_eps=c.get("rms_norm_eps", 1e-5), rope_base=float(theta),
+                         rope_scaling=scaling)
+
+    n = cfg.get("num_codebooks", 32)
+    return ModelArgs(backbone=part(cfg, cfg.get("max_position_embeddings", 2048)),
+                     decoder=part(dec, n), text_vocab_size=cfg.get("text_vocab_size", 128_256),
+                     audio_vocab_size=cfg.get("vocab_size", 2051), audio_num_codebooks=n)
+
+
+def _flavor_from_shapes(state: dict[str, torch.Tensor]) -> ModelArgs:
+    for args in FLAVORS.values():
+        want = {"text_embeddings.weight": (args.text_vocab_size, args.backbone.dim),
+                "projection.weight": (args.decoder.dim, args.backbone.dim),
+                "backbone.layers.0.mlp.w1.weight": (args.backbone.intermediate_dim, args.backbone.dim),
+                "decoder.layers.0.mlp.w1.weight": (args.decoder.intermediate_dim, args.decoder.dim)}
+        n_bb = len({k.split(".")[2] for k in state if k.startswith("backbone.layers.")})
+        n_dec = len({k.split(".")[2] for k in state if k.startswith("decoder.layers.")})
+        if (all(tuple(state[k].shape) == v for k, v in want.items())
+                and (n_bb, n_dec) == (args.backbone.num_layers, args.decoder.num_layers)):
+            return args
+    raise ValueError("original-format checkpoint with shapes of no known flavour and no config.json "
+                     "beside it: put the checkpoint's config.json in the same folder")
+
+
+def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            state.update(load_file(str(f)))
+        else:  # ckpt.pt: a plain state dict (torch.save), loaded without executing code
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+            state.update(obj.get("model", obj) if isinstance(obj, dict) else obj)
+    return state
+
+
+
+
+def load_state(files: list[Path], config: dict | None) -> tuple[ModelArgs, dict, str]:
+    """Read weight files, detect their format, return (args, state dict in our names, format)."""
+    state = _read_tensors(files)
+    if ORIGINAL_MARKER in state:
+        args = args_from_hf_config(config) if config else _flavor_from_shapes(state)
+        return args, state, "original"
+    if TRANSFORMERS_MARKER in state:
+        if config is None:
+            raise ValueError("transformers-format CSM weights need their config.json beside them")
+        args = args_from_hf_config(config)
+        return args, transformers_to_original(state, args), "transformers"
+    raise ValueError(f"{files[0]} holds no CSM weights: neither '{ORIGINAL_MARKER}' "
+                     f"(original format) nor '{TRANSFORMERS_MARKER}' (transformers format) found")
+
+
+def build_model(args: ModelArgs, state: dict | None, device, dtype) -> CSM:
+    """Build CSM on `device` in `dtype`; random init (std 0.02) when `state` is None."""
+    with torch.device("meta"):
+        model = CSM(args)
+    model = model.to_empty(device=device)
+    # Buffers are not in checkpoints: recompute them on the real device, in fp32, then cast with
+    # the weights (see Transformer: the RoPE tables follow the model's dtype, as upstream's do).
+    for part in (model.backbone, model.decoder):
+        part.rope_cos, part.rope_sin = rope_tables(part.args, device)
+    model.codebook_offsets = (torch.arange(args.audio_num_codebooks, device=device)
+                              * args.audio_vocab_size)
+    model = model.to(dtype=dtype)
+    if state is None:
+        init_random(model)
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the model: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def init_random(model: CSM, seed: int = 0):
+    """Normal(0, 0.02) weights, unit norms; in place, in the model's dtype, on its device."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith(".scale"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=g)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text tokenizer, Mimi
+# ---------------------------------------------------------------------------------------------
+
+
+def load_text_tokenizer(path: Path):
+    """The checkpoint's own tokenizer.json, with BOS/EOS around every encoded segment."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    tok = Tokenizer.from_file(str(path))
+    bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
+    if bos is None or eos is None:
+        raise CheckpointError(f"{path} has no {BOS} / {EOS} tokens: not a Llama-3 tokenizer")
+    tok.post_processor = TemplateProcessing(single=f"{BOS}:0 $A:0 {EOS}:0",
+                                            special_tokens=[(BOS, bos), (EOS, eos)])
+    return tok
+
+
+_TINY_CORPUS = """The quick brown fox jumps over the lazy dog. Hello from Sesame, this is a test of
+streaming speech. How are you doing today? I am fine, thank you very much! Numbers like one, two,
+three and 42 or 3.14 appear too. Let us talk about the weather, the news and the time of day.
+[0] [1] [2] [3] Speaker zero said something; speaker one answered, quietly and slowly."""
+
+
+def random_text_tokenizer(vocab_size: int = 512):
+    """A small byte-level BPE trained in memory (no download): for random models only."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([_TINY_CORPUS] * 4, trainer=trainer)
+    tok.post_processor = TemplateProcessing(single=f"{BOS}:0 $A:0 {EOS}:0",
+                                            special_tokens=[(BOS, tok.token_to_id(BOS)),
+                                                            (EOS, tok.token_to_id(EOS))])
+    return tok
+
+
+def load_mimi(spec: str | None, device):
+    """Mimi through moshi's loader. spec: None (Kyutai's repo), 'random', a file or a repo id."""
+    from moshi.models import loaders
+
+    if spec == "random":
+        with torch.random.fork_rng(devices=[]):  # the same random codec in every process
+            torch.manual_seed(0)
+            mimi = loaders.get_mimi(None, device=device)
+        _randomize_codebooks(mimi)
+    else:
+        mimi = loaders.get_mimi(str(_mimi_file(spec)), device=device)
+    mimi.set_num_codebooks(32)
+    return mimi.eval()
+
+
+def _mimi_file(spec: str | None) -> Path:
+    path = Path(spec).expanduser() if spec else None
+    if path is not None and path.exists():
+        return path
+    repo = spec or MIMI_REPO
+    import huggingface_hub as hub
+
+    try:  # the cache first: offline, no request
+        return Path(hub.hf_hub_download(repo, MIMI_NAME, local_files_only=True))
+    except Exception:
+        pass
+    hint = ("pass mimi=<local .safetensors file> (--mimi FILE), or mimi='random' (--mimi random) "
+            "for a codec with random weights")
+    reason = hub_unreachable_reason()
+    if reason is not None:
+        raise CheckpointError(f"the Mimi codec ({repo}/{MIMI_NAME}) is not cached and cannot be "
+                              f"downloaded: {reason}. Connect to the internet, or {hint}.")
+    try:
+        return Path(hub.hf_hub_download(repo, MIMI_NAME))
+    except Exception as e:
+        raise CheckpointError(f"could not get the Mimi codec ({repo}/{MIMI_NAME}): "
+                              f"{type(e).__name__}: {e}. Connect to the internet, or {hint}.") from e
+
+
+@torch.no_grad()
+def _randomize_codebooks(mimi, seed: int = 0):
+    """moshi's random Mimi has all-zero codebooks, so every input encodes to code 0. Give them
+    random centroids, so encoded context audio yields varied codes, as a trained codec does."""
+    g = torch.Generator().manual_seed(seed)
+    for name, buf in mimi.named_buffers():
+        if name.endswith("_codebook.embedding_sum"):
+            buf.copy_(torch.randn(buf.shape, generator=g).to(buf) * 0.1)
+        elif name.endswith("_codebook._initialized"):
+            buf.fill_(1.0)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model_and_tokenizer(model: str, device: torch.device, dtype: torch.dtype | None = None):
+    """-> (CSM on device, tokenizer, description). `random:<flavour>` builds random weights."""
+    dtype = dtype or default_dtype(device)
+    if is_random_model(model):
+        flavour = model[len(RANDOM_PREFIX):]
+        if flavour not in FLAVORS:
+            raise ValueError(f"unknown random model '{model}': use one of "
+                             + ", ".join(RANDOM_PREFIX + f for f in FLAVORS))
+        args = FLAVORS[flavour]
+        tok = random_text_tokenizer(min(512, args.text_vocab_size))
+        return build_model(args, None, device, dtype), tok, f"{flavour} (random weights)"
+    path = resolve_checkpoint(model)
+    folder = path if path.is_dir() else path.parent
+    files = checkpoint_files(folder) if path.is_dir() else [path]
+    config = None
+    if (folder / "config.json").is_file():
+        config = json.loads((folder / "config.json").read_text())
+        if config.get("model_type") not in (None, "csm"):
+            config = None  # not a CsmConfig (an original-format folder may hold its own)
+    args, state, fmt = load_state(files, config)
+    if not (folder / "tokenizer.json").is_file():
+        raise CheckpointError(f"{folder} has no tokenizer.json: copy the checkpoint's "
+                              "tokenizer.json beside the weights")
+    tok = load_text_tokenizer(folder / "tokenizer.json")
+    return build_model(args, state, device, dtype), tok, f"{model} ({fmt} format)"

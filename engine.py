@@ -1,0 +1,418 @@
+"""The streaming engine: many streams in static slots, one batched frame step, streaming Mimi.
+
+One `StreamEngine` holds up to `max_batch_size` streams in static cache rows ("slots"). Every
+frame step advances all running streams at once: the depth decoder samples each stream's 32
+codes from its backbone state, then the backbone reads those codes. The step takes no arguments
+(all state lives in `SlotState`'s static tensors), so it can be compiled and captured in one
+CUDA graph. The host looks at the device once per chunk: to see which streams ended and to
+decode their frames with Mimi, in its streaming state, so the chunks join without clicks.
+
+Prompt work (encoding context audio, prefilling a prompt, the next sentence of a long text) is
+done in small resumable units between chunks, at most about one frame step's worth per chunk
+while streams are running, so a request with a huge context never stalls the others.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import threading
+import time
+
+import torch
+
+from audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
+from config import StreamingConfig
+from fast_linear import prepack_linears, unpack_linears
+from generator import Generator, audio_rows
+from metrics import EMPTY_RETRY, RUNAWAY_STOP, Event, StreamMetrics
+from models import MIMI_CODES, is_eos
+from prompts import PromptWork
+from request import MAX_EMPTY_RETRIES, EmptyOutputError, GenerationRequest, draw_seed, retry_request
+from runaway import TailGuard
+from segmenting import split_sentences
+from streams import ChunkEvent, SlotState, Stream, TextFeed
+
+log = logging.getLogger("csm.engine")
+
+
+class EngineFull(RuntimeError):
+    """Every slot holds a stream; try again when one finishes."""
+
+
+class CUDAGraphed:
+    """Run `fn()` eagerly for a few warm-up calls, then capture it once and replay the graph.
+
+    `fn` takes no arguments: it reads and writes static buffers. Its outputs are views of the
+    graph's static memory: the caller copies them before the next call. disable=True (CPU, MPS,
+    NO_CUDA_GRAPH) runs the very same Python eagerly every time.
+    """
+
+    def __init__(self, fn, disable: bool, warmup_steps: int = 2):
+        self.fn, self.disable, self.warmup_steps = fn, disable, warmup_steps
+        self.graph = None
+        self.output = None
+        self.calls = 0
+        self.capture_s = 0.0
+
+    def __call__(self):
+        if self.disable:
+            return self.fn()
+        if self.graph is None:
+            self.calls += 1
+            if self.calls <= self.warmup_steps:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    out = self.fn()
+                torch.cuda.current_stream().wait_stream(stream)
+                return out
+            t = time.perf_counter()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.output = self.fn()  # recorded, not run
+            self.capture_s = time.perf_counter() - t
+        self.graph.replay()
+        return self.output
+
+
+def shared_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy with its own streaming state that shares the weights (Mimi's encoder and decoder
+    states live in module attributes, the weights in parameters and buffers)."""
+    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
+class StreamEngine:
+    """Static-slot batched CSM + streaming Mimi. Only one thread may call its methods."""
+
+    def __init__(self, generator: Generator, config: StreamingConfig):
+        self.gen = generator
+        self.config = config
+        self.model = m = generator.model
+        self.device = dev = generator.device
+        b = config.max_batch_size
+        self.caches = m.make_caches(b, config.max_seq_len)  # this engine's own
+        self.window = self.caches.max_seq
+        self.scratch_pos = self.window - 1  # where parked and free rows write during a step
+        dtype = next(m.parameters()).dtype
+        frames = max(config.chunk_frames, config.first_chunk_frames)
+        self.state = SlotState.allocate(b, m.args.backbone.dim, frames, dtype, dev)
+        self.state.pos.fill_(self.scratch_pos)
+        self.mimi = shared_copy(generator.mimi)  # decoder: streaming, one row per slot
+        self.mimi.streaming_forever(b)
+        self.encoder = shared_copy(generator.mimi)  # encodes context audio, one slice at a time
+        self.slots: list[Stream | None] = [None] * b
+        self.last_stream: Stream | None = None
+        self._ids = itertools.count()
+        self.prompts = PromptWork(generator, self.caches, self.encoder, self.state)
+        self._wake = threading.Event()
+        self._backbone = self._decoder = None  # compiled wrappers, or None for eager
+        self.prepacked = 0  # Linear layers swapped for MKL-packed ones (CPU, batched)
+        self._graphs_off = not config.cuda_graphs_enabled(dev)
+        self._steps: dict[int, CUDAGraphed] = {}  # batch bucket -> its (graphed) step
+        self.last_bucket = 0
+        self.frame_step_s = 0.0  # measured time of one frame step (the prompt-work budget)
+        if config.compile_enabled(dev):
+            unpack_linears(m)
+            self._backbone = torch.compile(m.backbone, dynamic=False)
+            self._decoder = torch.compile(m.decoder, dynamic=False)
+        elif config.cpu_weight_prepack:
+            self.prepacked = prepack_linears(m, b)
+
+    # -- slots ----------------------------------------------------------------------------------
+
+    @property
+    def free_slots(self) -> int:
+        return sum(s is None for s in self.slots)
+
+    @property
+    def active(self) -> list[Stream]:
+        return [s for s in self.slots if s is not None]
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to run and no prompt work: the caller may wait (`wait`) for new text."""
+        return not self.prompts.pending and not any(s.state == "running" for s in self.active)
+
+    def wake(self):
+        """Cut a `wait` short (any thread): a request came, or text for a waiting stream."""
+        self._wake.set()
+
+    def wait(self, timeout: float):
+        """Sleep until `wake` (a text feed got a segment, a request came) or `timeout` seconds."""
+        self._wake.wait(timeout)
+        self._wake.clear()
+
+    def bucket(self, top: int) -> int:
+        """Rows a step runs for slots 0..top-1: the smallest power of two covering them, capped
+        at max_batch_size (one compiled shape and one CUDA graph per bucket)."""
+        return min(1 << max(0, top - 1).bit_length(), len(self.slots))
+
+    # -- admission ------------------------------------------------------------------------------
+
+    def plan(self, request: GenerationRequest) -> list[str]:
+        """The segments of a request's text, each checked to fit the window: a ValueError now
+        rather than a failure mid-stream. Reads no engine state (any thread may call it)."""
+        text = " ".join(self.gen.prepare_text(request.text).split())
+        segments = split_sentences(text, self.config.max_segment_chars)
+        self.check_segment(segments, request.speaker)
+        return segments
+
+    def check_segment(self, segments: list[str], speaker: int):
+        for i, seg in enumerate(segments):
+            n = len(self.gen.tokenize_text(seg, speaker)[0])
+            if n + 1 > self.window:
+                raise ValueError(f"text segment {i + 1} is {n} tokens: it does not fit the "
+                                 f"{self.window}-position window; use shorter sentences")
+
+    def submit(self, request: GenerationRequest, feed: TextFeed | None = None) -> Stream:
+        """Admit a validated request into a free slot; its prompt work starts at the next step.
+        feed: its text (default: the request's text at sentence ends). Raises EngineFull."""
+        slot = next((i for i, s in enumerate(self.slots) if s is None), None)
+        if slot is None:
+            raise EngineFull(f"all {len(self.slots)} stream slots are busy")
+        if feed is None:
+            feed = TextFeed(self.plan(request))
+        feed.on_push = self.wake
+        stream = Stream(id=next(self._ids), request=request, slot=slot, feed=feed,
+                        metrics=StreamMetrics(device=str(self.device), events=[
+                            e for e in self.gen.events if e.kind == "device_fallback"]),
+                        seed=draw_seed(request.seed), guard=TailGuard(self.gen.tail, SAMPLE_RATE),
+                        frames_left=request.max_frames)
+        stream.metrics.segments = len(feed.known)
+        self.slots[slot] = self.last_stream = stream
+        self._set_sampling(stream)
+        self.mimi.reset_streaming(self._slot_mask(slot))
+        self.prompts.start(stream)
+        return stream
+
+    def cancel(self, stream: Stream):
+        """Free the stream's slot now (the caller stopped listening)."""
+        stream.cancelled = True
+        stream.metrics.stop_reason = stream.metrics.stop_reason or "cancelled"
+        self._release(stream)
+
+    def _release(self, stream: Stream):
+        stream.finished = stream.metrics.finished = True
+        stream.state = "finished"
+        self.prompts.drop(stream)
+        if self.slots[stream.slot] is stream:
+            self.slots[stream.slot] = None
+            self._park(stream.slot)
+
+    def _park(self, slot: int):
+        self.state.pos[slot] = self.scratch_pos
+        self.state.ended[slot] = True
+
+    def _slot_mask(self, slot: int) -> torch.Tensor:
+        mask = torch.zeros(len(self.slots), dtype=torch.bool, device=self.device)
+        mask[slot] = True
+        return mask
+
+    def _set_sampling(self, stream: Stream):
+        s, slot, req = self.state.sampling, stream.slot, stream.request
+        s.temperature[slot] = req.temperature
+        s.topk[slot] = min(req.topk, MIMI_CODES)
+        s.seed[slot] = stream.seed
+
+    def prepare_all(self) -> list[ChunkEvent]:
+        """Finish every pending prompt job now, running no chunk (benchmarks, warm-up)."""
+        events = []
+        while self.prompts.pending:
+            events += [self._fail(s, e) for s, e in self.prompts.run(None)]
+        return events
+
+    def _fail(self, s: Stream, error: BaseException) -> ChunkEvent:
+        s.error = error
+        s.metrics.stop_reason = f"error: {error}"
+        self._release(s)
+        return ChunkEvent(s, torch.zeros(0), True, error)
+
+    # -- the frame step (graphed) -----------------------------------------------------------------
+
+    def _frame_step(self, n: int) -> torch.Tensor:
+        """Advance the first n slots by one frame. No host sync: graph-capturable per n."""
+        m, st = self.model, self.state
+        last_h, pos, ended, valid = st.last_h[:n], st.pos[:n], st.ended[:n], st.valid[:n]
+        sampling = st.sampling.rows(n)
+        codes = m.sample_frame(last_h, sampling, self.caches, decoder=self._decoder)  # [n, 32]
+        sampling.frame.add_(1)
+        ended.logical_or_(is_eos(codes))
+        valid.add_((~ended).long())
+        last_h.copy_(m.backbone_step(codes, pos, self.caches, backbone=self._backbone))
+        pos.add_(1).clamp_(max=self.window - 1)
+        return codes
+
+    def step_fn(self, n: int) -> CUDAGraphed:
+        """The (graphed) frame step of bucket n: benchmarks time it alone."""
+        if n not in self._steps:
+            self._steps[n] = CUDAGraphed(lambda: self._frame_step(n), disable=self._graphs_off)
+        return self._steps[n]
+
+    # -- one chunk for everyone -----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[ChunkEvent]:
+        """One chunk for every running stream (one host sync), then prompt work within budget."""
+        events = self._check_waiting()
+        running = [s for s in self.active if s.state == "running"]
+        if running:
+            events += self._chunk(running)
+        budget = self.frame_step_s * self.config.prep_budget_steps if running else None
+        return events + [self._fail(s, e) for s, e in self.prompts.run(budget)]
+
+    def _check_waiting(self) -> list[ChunkEvent]:
+        """Streams waiting for an LLM's next words: go on when they come, end with the
+        producer's error, or finish when the text has ended."""
+        events = []
+        for s in self.active:
+            if s.state != "waiting":
+                continue
+            if s.feed.error is not None:
+                events.append(self._fail(s, s.feed.error))
+            elif s.feed.get(s.segment_index) is not None:
+                self._resume(s)
+            elif s.feed.exhausted(s.segment_index):
+                if s.metrics.frames == 0:
+                    s.error = EmptyOutputError(s.retries + 1)
+                events.append(self._finish(s, torch.zeros(0), s.end_reason or "end of text"))
+        return events
+
+    def _chunk(self, streams: list[Stream]) -> list[ChunkEvent]:
+        t0 = time.perf_counter()
+        cfg, st = self.config, self.state
+        n = cfg.first_chunk_frames if any(s.metrics.chunks == 0 for s in streams) else cfg.chunk_frames
+        n = max(1, min(n, max(s.segment_limit - s.segment_frames for s in streams)))
+        rows = self.last_bucket = self.bucket(max(s.slot for s in streams) + 1)
+        step = self.step_fn(rows)
+        saved = st.checkpoint()
+        st.valid.zero_()
+        try:
+            for f in range(n):
+                st.codes[:rows, f].copy_(step())
+            valid = st.valid.tolist()  # the one sync of the chunk
+        except BaseException:
+            st.restore(saved)  # e.g. out of memory at frame f: no stream loses frames 0..f-1
+            raise
+        step_s = (time.perf_counter() - t0) / n
+        self.frame_step_s = step_s if not self.frame_step_s else 0.8 * self.frame_step_s + 0.2 * step_s
+        kept = {s.slot: min(valid[s.slot], s.segment_limit - s.segment_frames, s.frames_left)
+                for s in streams}
+        audio = self._decode(st.codes[:, :n], kept)
+        host_codes = st.codes[:, :n].to("cpu", copy=True)
+        now = time.perf_counter()
+        events = []
+        for s in streams:
+            k = kept[s.slot]
+            out, runaway = self._record(s, host_codes[s.slot, :k], audio[s.slot][:k * FRAME_SAMPLES],
+                                        now - t0, now, n)
+            events.append(self._advance(s, out, runaway, end_frame=valid[s.slot] < n))
+        return events
+
+    def _record(self, s: Stream, codes: torch.Tensor, audio: torch.Tensor, gen_s: float,
+                now: float, stepped: int):
+        """A chunk's frames of one stream: its codes, metrics and runaway guard."""
+        out, runaway = s.guard.feed(codes, audio)
+        s.codes.append(codes)
+        s.segment_codes.append(codes)
+        k = codes.shape[0]
+        s.segment_frames += k
+        s.kept_frames += k
+        s.frames_left -= k
+        s.metrics.record_chunk(k, FRAME_MS, gen_s, now)
+        s.metrics.peak_memory_mb = _peak_memory_mb(self.device)
+        return out, runaway
+
+    def _advance(self, s: Stream, out: torch.Tensor, runaway: str | None,
+                 end_frame: bool) -> ChunkEvent:
+        """What happens to a stream after its chunk: it goes on, takes its next segment, waits
+        for more text, retries an empty output, or finishes."""
+        m = s.metrics
+        if runaway:
+            m.events.append(Event(RUNAWAY_STOP, f"stopped early: {runaway}"))
+            log.info("stream %d stopped early: %s", s.id, runaway)
+            return self._finish(s, out, f"runaway: {runaway}")
+        if not (end_frame or s.segment_frames >= s.segment_limit or s.frames_left <= 0):
+            return ChunkEvent(s, out, False)
+        s.end_reason = ("end of speech" if end_frame else "max_audio_length_ms reached"
+                        if s.frames_left <= 0 else
+                        "segment frame limit reached (a sentence that did not end)")
+        if s.frames_left > 0 and not s.feed.exhausted(s.segment_index + 1):
+            seg = torch.cat(s.segment_codes)
+            t, tm = self.gen.tokenize_text(s.segment_text, s.request.speaker)
+            a, am = audio_rows(seg)
+            s.history.append((torch.cat([t, a]), torch.cat([tm, am])))
+            s.segment_index += 1
+            self._park(s.slot)
+            s.state = "waiting"
+            m.segments = max(m.segments, s.segment_index + 1)
+            if s.feed.get(s.segment_index) is not None:
+                self._resume(s)
+            return ChunkEvent(s, out, False)
+        if m.frames == 0 and s.retries < MAX_EMPTY_RETRIES and s.feed.closed:
+            self._retry_empty(s)
+            return ChunkEvent(s, out, False)
+        if m.frames == 0:
+            s.error = EmptyOutputError(s.retries + 1)
+        return self._finish(s, out, s.end_reason)
+
+    def _resume(self, s: Stream):
+        self.prompts.start(s, front=s.kept_frames > 0)  # before new admissions: it is playing
+
+    def _retry_empty(self, s: Stream):
+        """The stream ended before any audio: try again, cooler and narrower, a few times."""
+        s.retries += 1
+        s.request, text = retry_request(s.request, s.retries)
+        s.frames_left = s.request.max_frames
+        s.segment_index, s.history, s.kept_frames, s.prompt_end = 0, [], 0, 0
+        log.warning(text)
+        s.metrics.events.append(Event(EMPTY_RETRY, text))
+        self._park(s.slot)
+        self._set_sampling(s)
+        self.prompts.start(s, front=True)
+
+    def _finish(self, s: Stream, out: torch.Tensor, reason: str) -> ChunkEvent:
+        s.metrics.stop_reason = reason
+        out = s.guard.end(out)
+        self._release(s)
+        return ChunkEvent(s, out, True, s.error)
+
+    def _decode(self, codes: torch.Tensor, kept: dict[int, int]) -> list[torch.Tensor]:
+        """Mimi-decode the chunk in its streaming state -> per-slot CPU audio.
+
+        Frames every stream keeps are decoded in one call for the whole batch; frames past a
+        stream's end are decoded only for the streams that keep them (exec mask), so no stream's
+        codec state sees frames it will not play.
+        """
+        b, fb = len(self.slots), self.config.frame_batch_size
+        common = min(kept.values()) if kept else 0
+        pieces: list[torch.Tensor] = []
+        self.mimi.set_exec_mask(self._rows_mask(kept, 0))
+        for start in range(0, common, fb):
+            pieces.append(self.mimi.decode(codes[:, start:min(start + fb, common)].transpose(1, 2)))
+        for f in range(common, max(kept.values(), default=0)):
+            self.mimi.set_exec_mask(self._rows_mask(kept, f))
+            pieces.append(self.mimi.decode(codes[:, f:f + 1].transpose(1, 2)))
+        self.mimi.set_exec_mask(torch.ones(b, dtype=torch.bool, device=self.device))
+        if not pieces:
+            return [torch.zeros(0)] * b
+        return list(torch.cat(pieces, dim=-1)[:, 0].float().cpu())  # [B, samples]
+
+    def _rows_mask(self, kept: dict[int, int], frame: int) -> torch.Tensor:
+        mask = torch.zeros(len(self.slots), dtype=torch.bool)
+        for slot, k in kept.items():
+            mask[slot] = k > frame
+        return mask.to(self.device)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    except (ImportError, OSError):
+        return 0.0

@@ -1,0 +1,168 @@
+"""Prompt work of the engine, in bounded units between chunks.
+
+Each job is a generator that does one unit of work per `next()`: resample one context turn,
+Mimi-encode a few frames of it (ENCODE_SLICE_FRAMES), or prefill one block of positions
+(prefill_block_size). The engine runs units for about one frame step after every chunk, so a
+request with a long text or minutes of context audio delays the running streams by at most
+that much per chunk, and runs at full speed when nothing else does.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import time
+
+import torch
+
+from audio import FRAME_SAMPLES, to_mono_24k
+from generator import Generator, audio_rows, encode_slices, fit_prompt
+from models import ModelCaches, prefill_block_size
+from streams import SlotState, Stream
+
+log = logging.getLogger("csm.engine")
+
+MIN_SEGMENT_FRAMES = 25  # a sentence may always take 2 s
+FRAMES_PER_CHAR = 2.0  # ... or twice a slow speaking rate (12.5 characters a second)
+
+
+class PromptWork:
+    """The queue of prompt jobs of one engine (only the engine's thread uses it)."""
+
+    def __init__(self, gen: Generator, caches: ModelCaches, encoder, state: SlotState):
+        self.gen, self.model, self.caches = gen, gen.model, caches
+        self.encoder, self.state, self.device = encoder, state, gen.device
+        self.window = caches.max_seq
+        self._jobs: collections.deque = collections.deque()  # (stream, generator)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._jobs)
+
+    def start(self, s: Stream, front: bool = False):
+        """Queue the stream's next prompt: the first one (context, first segment) or the next
+        segment's. front: before new admissions (a stream already playing)."""
+        s.state = "preparing"
+        job = self._first(s) if s.prompt_end == 0 else self._next(s)
+        (self._jobs.appendleft if front else self._jobs.append)((s, job))
+
+    def drop(self, s: Stream):
+        for item in [j for j in self._jobs if j[0] is s]:
+            self._jobs.remove(item)
+            item[1].close()  # a half-done encode leaves its streaming state cleanly
+
+    def run(self, budget_s: float | None) -> list[tuple[Stream, Exception]]:
+        """Do units of work for about `budget_s` seconds (at least one), or, with None, until a
+        job finishes. Returns the streams whose prompt failed (their own fault: a text too long
+        for the window...) with the error; the others are unaffected."""
+        failed, t0 = [], time.perf_counter()
+        while self._jobs:
+            stream, job = self._jobs[0]
+            try:
+                next(job)
+            except StopIteration:
+                self._jobs.popleft()
+                if budget_s is None:
+                    break
+            except Exception as e:
+                self._jobs.popleft()
+                log.warning("stream %d: prompt failed: %s", stream.id, e)
+                failed.append((stream, e))
+            if budget_s is not None and time.perf_counter() - t0 >= budget_s:
+                break
+        return failed
+
+    # -- the jobs ---------------------------------------------------------------------------------
+
+    def _first(self, s: Stream):
+        """Encode the context (once), then prefill the first segment's prompt."""
+        if s.context_rows is None:
+            s.context_rows = yield from self._encode_context(s)
+        if s.feed.get(s.segment_index) is None:  # an LLM's first words have not come yet
+            s.state = "waiting"
+            return
+        text = self._segment_rows(s)
+        tokens, mask = fit_prompt(list(s.context_rows), text, self.window, self.reserve(s))
+        yield from self._prefill(s, tokens, mask, start=0)
+
+    def _encode_context(self, s: Stream):
+        """Rows of the context turns, newest first until the window is full: turns that could
+        never fit are not encoded at all (the same ones fit_prompt would drop)."""
+        turns, room = [], self.window - 1
+        for seg in reversed(s.request.context):
+            audio = None
+            if seg.codes is None and seg.audio is not None:
+                audio = to_mono_24k(seg.audio, seg.sample_rate)
+                yield
+            frames = (len(seg.codes) if seg.codes is not None else
+                      -(-audio.numel() // FRAME_SAMPLES) if audio is not None else -1)
+            size = len(self.gen.tokenize_text(seg.text, seg.speaker)[0]) + frames + 1
+            if size > room:
+                break
+            room -= size
+            turns.insert(0, (seg, audio))
+        if len(turns) < len(s.request.context):
+            log.warning("stream %d: context too long for the %d-position window: the %d oldest "
+                        "of %d turns are not used", s.id, self.window,
+                        len(s.request.context) - len(turns), len(s.request.context))
+        rows = []
+        for seg, audio in turns:
+            codes = None
+            if audio is not None:
+                pieces = []
+                for piece in encode_slices(self.encoder, audio, self.device):
+                    pieces.append(piece)
+                    yield
+                codes = torch.cat(pieces) if pieces else torch.zeros(0, 32, dtype=torch.long)
+            rows.append(self.gen.segment_rows(seg, codes))
+        return rows
+
+    def _next(self, s: Stream):
+        """The next segment of a long text or an LLM reply: what was said stays in the cache;
+        only the end-of-audio row and the new text are added (or, when the window is full, the
+        prompt is rebuilt from the context and what was said, oldest dropped first)."""
+        text_t, text_m = self._segment_rows(s)
+        eos_t, eos_m = audio_rows(torch.zeros(0, 32, dtype=torch.long))
+        start = s.prompt_end + s.segment_frames
+        if start + 1 + len(text_t) + self.reserve(s) <= self.window:
+            yield from self._prefill(s, torch.cat([eos_t, text_t]), torch.cat([eos_m, text_m]), start)
+        else:
+            tokens, mask = fit_prompt(list(s.context_rows) + s.history, (text_t, text_m),
+                                      self.window, self.reserve(s))
+            yield from self._prefill(s, tokens, mask, start=0)
+
+    def _segment_rows(self, s: Stream):
+        s.segment_text = s.feed.get(s.segment_index)
+        return self.gen.tokenize_text(s.segment_text, s.request.speaker)
+
+    def reserve(self, s: Stream) -> int:
+        """Frames the current segment may take: all that is left for a single closed segment
+        (as the reference loop), else a cap by its length that does not depend on what follows,
+        so one sentence that never ends cannot starve the rest."""
+        if s.feed.closed and len(s.feed.known) == 1:
+            return s.frames_left
+        cap = max(MIN_SEGMENT_FRAMES, math.ceil(FRAMES_PER_CHAR * len(s.segment_text)))
+        return min(s.frames_left, cap, self.window // 2)
+
+    def _prefill(self, s: Stream, tokens: torch.Tensor, mask: torch.Tensor, start: int):
+        """Prompt rows at positions start.. of the stream's row, one block per unit; then the
+        stream runs. The block boundaries are those of CSM.prefill, so the result is the same."""
+        block = prefill_block_size(self.device)
+        tokens, mask = tokens.to(self.device)[None], mask.to(self.device)[None]
+        for b0 in range(0, tokens.shape[1], block):
+            if b0:
+                yield
+            h = self.model.prefill_chunk(tokens[:, b0:b0 + block], mask[:, b0:b0 + block],
+                                         self.caches, s.slot, start + b0)
+        st, slot = self.state, s.slot
+        s.prompt_end = start + tokens.shape[1]
+        st.last_h[slot] = h[0]
+        st.pos[slot] = s.prompt_end
+        st.ended[slot] = False
+        # The draw counter of a segment depends only on what the stream said before it, never
+        # on how chunks fell, so a stream draws the same with or without others beside it.
+        st.sampling.frame[slot] = s.kept_frames + s.segment_index
+        s.segment_frames, s.segment_codes = 0, []
+        s.segment_limit = min(self.reserve(s), self.window - s.prompt_end)
+        s.state = "running"

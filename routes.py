@@ -1,0 +1,376 @@
+"""The server's routes over a Scheduler: speech as JSON, bytes, server-sent events or WebSocket.
+
+`create_app(scheduler, settings)` builds the FastAPI app; the routes are module-level functions
+that find what they share (`ServerContext`) on `app.state.ctx`. The contract (bodies, limits,
+auth, errors) is in api.py; the process around it (uvicorn, the command) in server.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+
+from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import Response, StreamingResponse
+
+from api import (
+    ApiError,
+    BodyTooLarge,
+    GenerateBody,
+    LimitsMiddleware,
+    ServerSettings,
+    SpeechBody,
+    StreamAborted,
+    StreamMessage,
+    bearer_ok,
+    build_request,
+    error_body,
+    route_template,
+    shape_error,
+    token_matches,
+    voice_to_speaker,
+)
+from audio import SAMPLE_RATE, pcm16, wav_bytes, wav_header
+
+log = logging.getLogger("csm.server")
+
+
+class ServerContext:
+    """What the routes share: the scheduler, the settings, the voices, and the helpers that turn
+    a ticket's chunks into a response. One per app, on `app.state.ctx`."""
+
+    def __init__(self, app, scheduler, settings: ServerSettings, voices=None, chat=None):
+        self.app, self.scheduler, self.settings = app, scheduler, settings
+        self.sg, self.metrics = scheduler.generator, scheduler.metrics
+        self.voices, self.chat = voices, chat
+
+    def count(self, scope, status):
+        self.metrics.count_request(route_template(self.app, scope), status)
+
+    def retry_after(self) -> int:
+        return self.scheduler.retry_after_s()
+
+    def submit(self, req, feed=None):
+        from scheduler import QueueFull
+
+        try:
+            return self.scheduler.submit(req, asyncio.get_running_loop(), feed)
+        except QueueFull as e:
+            raise shape_error(e, self.retry_after()) from None
+
+    async def request_from(self, text, voice, context, max_ms, temperature, top_k, seed,
+                           speaker=0):
+        """A validated request; `voice` (a name or number) when given, else the bare speaker."""
+        speaker, voice_ctx = voice_to_speaker(voice, self.voices) if voice is not None else (speaker, ())
+        return await build_request(self.sg, self.settings, text, speaker, context, max_ms,
+                                   temperature, top_k, seed, voice_ctx)
+
+    async def marked(self, ticket):
+        """The ticket's chunks, watermarked in windows off the event loop, as they come."""
+        wm = self.sg.generator.watermarker
+        marker = wm.stream_marker(self.settings.watermark_window_ms) if wm is not None else None
+        try:
+            async for chunk in ticket.chunks():
+                if marker is None:
+                    yield chunk
+                    continue
+                for w in await asyncio.to_thread(marker.feed, chunk):
+                    yield w
+            if marker is not None:
+                for w in await asyncio.to_thread(marker.flush):
+                    yield w
+        finally:
+            ticket.cancel()  # a no-op when it finished; frees the slot when the client left
+
+    async def first_chunk(self, agen):
+        """Wait for the first chunk, so that an early failure still gets a proper status."""
+        try:
+            return await agen.__anext__()
+        except StopAsyncIteration:
+            return None
+        except Exception as e:
+            await agen.aclose()
+            raise shape_error(e, self.retry_after()) from None
+
+    async def body(self, scope, agen, first, encode, done=None):
+        """Encoded chunks of a stream; counted once, as 200 only when it is complete. A failure
+        after the first byte raises StreamAborted: the client sees the body cut, not an end."""
+        try:
+            if first is not None:
+                yield encode(first)
+            async for chunk in agen:
+                yield encode(chunk)
+            if done is not None:
+                yield done()
+            self.count(scope, 200)
+        except Exception as e:
+            err = shape_error(e, self.retry_after())
+            self.count(scope, err.status)
+            log.warning("stream cut short (%s): %s", err.status, err.message)
+            raise StreamAborted(err.message) from e
+        finally:
+            await agen.aclose()
+
+    async def sse(self, scope, agen, first):
+        """Server-sent events: deltas, then done; a failure is an `error` event, never a done."""
+        n = 0
+
+        def delta(chunk):
+            nonlocal n
+            n += chunk.numel()
+            return _sse({"type": "speech.audio.delta", "audio": base64.b64encode(pcm16(chunk)).decode()})
+
+        def done():
+            return _sse({"type": "speech.audio.done", "audio_ms": n / SAMPLE_RATE * 1000})
+
+        try:
+            async for b in self.body(scope, agen, first, delta, done):
+                yield b
+        except StreamAborted as e:
+            yield _sse({"type": "error", "message": str(e)})
+
+    async def ws_stream(self, ws, ticket, extra=None):
+        """PCM chunks and progress on a WebSocket, then done (or an error); closing it cancels."""
+        async def watch_close():
+            try:
+                while (await ws.receive()).get("type") != "websocket.disconnect":
+                    pass
+            except Exception:  # the socket broke: same as closed
+                pass
+            ticket.cancel()
+
+        watcher = asyncio.create_task(watch_close())
+        samples = chunks = 0
+        try:
+            async for chunk in self.marked(ticket):
+                await ws.send_bytes(pcm16(chunk))
+                samples += chunk.numel()
+                chunks += 1
+                m = ticket.metrics
+                await ws.send_json({"type": "progress", "chunk": chunks,
+                                    "audio_ms": samples / SAMPLE_RATE * 1000,
+                                    "rtf": m.rtf if m and m.audio_s else None,
+                                    "time_to_first_audio_ms": _ms(m.first_audio_s if m else None),
+                                    **(extra() if extra else {})})
+            await ws.send_json({"type": "done", "audio_ms": samples / SAMPLE_RATE * 1000,
+                                "sample_rate": SAMPLE_RATE, "format": "pcm_s16le",
+                                **(extra() if extra else {})})
+            self.count(ws.scope, 200)
+            await ws.close()
+        except WebSocketDisconnect:
+            ticket.cancel()
+            self.count(ws.scope, 499)
+        except Exception as e:
+            ticket.cancel()
+            err = shape_error(e, self.retry_after())
+            self.count(ws.scope, err.status)
+            await _ws_error(ws, err.status, err.message)
+        finally:
+            watcher.cancel()
+
+
+def _ctx(request_or_ws) -> ServerContext:
+    return request_or_ws.app.state.ctx
+
+
+def _error(status: int, message: str, headers=None):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(error_body(status, message), status_code=status, headers=headers)
+
+
+# -- errors: always JSON, never a stack trace ----------------------------------------------------
+
+
+async def _api_error(request, exc: ApiError):
+    _ctx(request).count(request.scope, exc.status)
+    return _error(exc.status, exc.message, exc.headers)
+
+
+async def _validation_error(request, exc):
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{loc or 'body'}: {e.get('msg')}")
+    _ctx(request).count(request.scope, 422)
+    return _error(422, "; ".join(parts) or "invalid request body")
+
+
+async def _http_error(request, exc):
+    if isinstance(exc.__cause__, BodyTooLarge):  # FastAPI wraps errors of reading the body
+        _ctx(request).count(request.scope, 413)
+        return _error(413, exc.__cause__.message)
+    _ctx(request).count(request.scope, exc.status_code)
+    return _error(exc.status_code, str(exc.detail))
+
+
+async def _unexpected_error(request, exc):
+    log.exception("unhandled error on %s", route_template(request.app, request.scope))
+    _ctx(request).count(request.scope, 500)
+    return _error(500, f"internal error ({type(exc).__name__}); see the server log")
+
+
+# -- routes ---------------------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request):
+    ctx = _ctx(request)
+    s = ctx.scheduler
+    return {"status": "ok", "device": str(ctx.sg.device), "active_streams": s.active,
+            "queued": s.queued, "slots": s.slots, "watermark": ctx.sg.watermarked,
+            "voices": ctx.voices.names() if ctx.voices else [], "chat": ctx.chat is not None}
+
+
+@router.get("/metrics")
+async def metrics_route(request: Request):
+    return Response(_ctx(request).metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+@router.post("/api/generate")
+async def api_generate(body: GenerateBody, request: Request):
+    """The whole utterance as base64 WAV in one JSON answer; a client that leaves cancels it."""
+    ctx, t0 = _ctx(request), time.perf_counter()
+    req = await ctx.request_from(body.text, body.voice, body.context, body.max_audio_length_ms,
+                                 body.temperature, body.top_k, body.seed, speaker=body.speaker_id)
+    ticket = ctx.submit(req)
+    chunks = []
+
+    async def collect():
+        async for chunk in ctx.marked(ticket):
+            chunks.append(chunk)
+
+    async def client_left():  # the body is read: the next message is the disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, gone = asyncio.create_task(collect()), asyncio.create_task(client_left())
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            ticket.cancel()
+            task.cancel()
+            ctx.count(request.scope, 499)
+            return Response(status_code=499)  # nobody is there to read it
+        task.result()
+    except asyncio.CancelledError:
+        ticket.cancel()
+        raise
+    except Exception as e:
+        raise shape_error(e, ctx.retry_after()) from None
+    finally:
+        gone.cancel()
+    import torch
+
+    audio = torch.cat(chunks) if chunks else torch.zeros(0)
+    run_ms = (time.perf_counter() - t0) * 1000
+    duration_ms = audio.numel() / SAMPLE_RATE * 1000
+    ctx.count(request.scope, 200)
+    return {"audio_data": base64.b64encode(wav_bytes(audio)).decode(), "format": "wav",
+            "encoding": "base64", "sample_rate": SAMPLE_RATE, "duration_ms": duration_ms,
+            "run_time_ms": run_ms, "rtf": run_ms / duration_ms if duration_ms else None}
+
+
+@router.post("/v1/audio/speech")
+async def speech(body: SpeechBody, request: Request):
+    """OpenAI's speech API: WAV or raw PCM bytes as they are generated, or server-sent events."""
+    ctx = _ctx(request)
+    fmt = body.response_format.lower()
+    if fmt not in ("wav", "pcm"):
+        raise ApiError(400, f"response_format '{body.response_format}' is not supported: "
+                            "use 'wav' or 'pcm'")
+    if body.stream_format not in ("audio", "sse"):
+        raise ApiError(400, "stream_format must be 'audio' or 'sse'")
+    req = await ctx.request_from(body.input, body.voice, [], body.max_audio_length_ms,
+                                 body.temperature, body.top_k, body.seed)
+    agen = ctx.marked(ctx.submit(req))
+    first = await ctx.first_chunk(agen)
+    if body.stream_format == "sse":
+        return StreamingResponse(ctx.sse(request.scope, agen, first), media_type="text/event-stream")
+    return StreamingResponse(_with_header(wav_header(None) if fmt == "wav" else b"",
+                                          ctx.body(request.scope, agen, first, pcm16)),
+                             media_type="audio/wav" if fmt == "wav" else "audio/pcm",
+                             headers={"X-Sample-Rate": str(SAMPLE_RATE)})
+
+
+async def _with_header(header: bytes, body):
+    if header:
+        yield header
+    async for b in body:
+        yield b
+
+
+async def ws_first_message(ws: WebSocket, ctx: ServerContext) -> StreamMessage | None:
+    """The first message of a socket, authenticated by header or by its `token` field (browsers
+    cannot set headers on a WebSocket); None after answering an error."""
+    try:
+        msg = StreamMessage(**json.loads(await ws.receive_text()))
+    except WebSocketDisconnect:
+        return None
+    except Exception as e:  # not JSON, not an object, a wrong field...
+        await _ws_error(ws, 400, 'send one JSON request first, like {"text": "Hello.", '
+                                 f'"speaker": 0}} ({type(e).__name__}: {e})')
+        return None
+    token = ctx.settings.token
+    if token and not (bearer_ok(ws.scope["headers"], token) or token_matches(msg.token, token)):
+        ctx.count(ws.scope, 401)
+        await _ws_error(ws, 401, "missing or wrong token: send 'Authorization: Bearer <token>' "
+                                 'or a "token" field in the first message')
+        return None
+    return msg
+
+
+@router.websocket("/v1/stream")
+async def ws_stream(ws: WebSocket):
+    ctx = _ctx(ws)
+    await ws.accept()
+    msg = await ws_first_message(ws, ctx)
+    if msg is None:
+        return
+    try:
+        if msg.type != "speech":
+            raise ApiError(400, f"unknown message type {msg.type!r}: use 'speech'")
+        req = await ctx.request_from(msg.text, msg.voice, msg.context, msg.max_audio_length_ms,
+                                     msg.temperature, msg.top_k, msg.seed, speaker=msg.speaker)
+        ticket = ctx.submit(req)
+    except ApiError as e:
+        ctx.count(ws.scope, e.status)
+        return await _ws_error(ws, e.status, e.message)
+    await ctx.ws_stream(ws, ticket)
+
+
+def create_app(scheduler, settings: ServerSettings, voices=None, chat=None):
+    """The FastAPI app over a started Scheduler: routes, limits, JSON errors."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    app = FastAPI(title="CSM-1B streaming server", docs_url="/docs", redoc_url=None)
+    app.state.ctx = ServerContext(app, scheduler, settings, voices, chat)
+    app.include_router(router)
+    app.add_middleware(LimitsMiddleware, settings=settings, metrics=scheduler.metrics, routes_app=app)
+    for exc, handler in ((ApiError, _api_error), (RequestValidationError, _validation_error),
+                         (StarletteHTTPException, _http_error), (Exception, _unexpected_error)):
+        app.add_exception_handler(exc, handler)
+    return app
+
+
+def _ms(s):
+    return None if s is None else s * 1000
+
+
+def _sse(obj) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+async def _ws_error(ws, status, message):
+    try:
+        await ws.send_json({"type": "error", "status": status, "message": message})
+        await ws.close(code=1008 if status in (401, 403) else 1003 if status < 500 else 1011)
+    except Exception:  # the client is already gone
+        pass
