@@ -12,7 +12,11 @@ import base64
 import binascii
 import hmac
 import logging
+import os
 import re
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -129,17 +133,25 @@ def voice_to_speaker(voice, voices=None) -> tuple[int, tuple[Segment, ...]]:
     return sid, ()
 
 
-def decode_context(items: list[ContextItem], settings: ServerSettings) -> list[Segment]:
+class ClientGone(Exception):
+    """The client hung up before its request was ready: nothing more is done for it."""
+
+
+def decode_context(items: list[ContextItem], settings: ServerSettings,
+                   gone: threading.Event | None = None) -> list[Segment]:
     """Context turns from base64 audio files, bounded before decoding (runs off the event loop).
 
     Rates outside 8..192 kHz, more than 8 channels or longer than max_context_audio_s are
     refused from the header; decoding is mixed to mono block by block, so memory stays small.
+    `gone` set (the client left) stops it between turns.
     """
     if len(items) > settings.max_context:
         raise ApiError(400, f"{len(items)} context turns; the limit is {settings.max_context}")
     limits = AudioLimits(max_seconds=settings.max_context_audio_s)
     out = []
     for i, c in enumerate(items):
+        if gone is not None and gone.is_set():
+            raise ClientGone()
         where = f"context[{i}].audio_base64"
         try:
             raw = base64.b64decode(c.audio_base64, validate=True)
@@ -155,22 +167,46 @@ def decode_context(items: list[ContextItem], settings: ServerSettings) -> list[S
     return out
 
 
+def _lower_priority():
+    if sys.platform.startswith("linux"):  # there, the niceness of a thread is its own
+        os.setpriority(os.PRIO_PROCESS, 0, 10)
+
+
+# Decoding context audio (base64, FLAC/WAV, resampling) runs on these threads, at a lower
+# priority than the engine's thread: on a small CPU, clients sending big bodies slow their own
+# requests, not the streams already playing. Tokenising, which is cheap, has a lane of its own,
+# so a queue of big bodies never delays a plain request.
+_AUDIO_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="csm-decode",
+                                 initializer=_lower_priority)
+_TEXT_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="csm-tokenize")
+
+
+async def _off_loop(pool, fn, *args):
+    return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+
 async def build_request(sg, settings: ServerSettings, text, speaker, context_items, max_ms,
-                        temperature, topk, seed, voice_context=()) -> GenerationRequest:
+                        temperature, topk, seed, voice_context=(),
+                        gone: threading.Event | None = None) -> GenerationRequest:
     """A validated request whose every text segment fits the window: a 4xx now, never a
-    failure in the shared engine later."""
+    failure in the shared engine later. gone: set when the client leaves (ClientGone)."""
     if isinstance(text, str) and len(text) > settings.max_text_chars:
         raise ApiError(413, f"text is {len(text)} characters; the limit is {settings.max_text_chars}")
     if max_ms is not None and isinstance(max_ms, (int, float)) and max_ms > settings.max_audio_length_ms:
         raise ApiError(400, f"max_audio_length_ms over the limit of {settings.max_audio_length_ms:g}")
-    context = await asyncio.to_thread(decode_context, list(context_items), settings)
+    context = []
+    if context_items:
+        await asyncio.sleep(0)  # a client that sent its body and hung up is seen here
+        if gone is not None and gone.is_set():
+            raise ClientGone()
+        context = await _off_loop(_AUDIO_POOL, decode_context, list(context_items), settings, gone)
     if max_ms is None:  # the longest the window allows (a real model ends speech by itself)
         window_ms = (sg.engine.window - 256) * 80
         max_ms = max(80, min(settings.max_audio_length_ms, window_ms, sg.generator.default_max_audio_ms))
     try:
         req = sg.request(text, speaker, tuple(voice_context) + tuple(context), max_ms,
                          temperature, topk, seed)
-        await asyncio.to_thread(sg.engine.plan, req)  # tokenises every segment
+        await _off_loop(_TEXT_POOL, sg.engine.plan, req)  # tokenises every segment
     except ValueError as e:
         raise ApiError(400, str(e)) from None
     return req
@@ -271,6 +307,9 @@ def route_template(app, scope) -> str:
     return find(app.routes) or "other"
 
 
+CLEANUP_KEY = "csm.cleanup"  # scope entry: callables the middleware runs when a request ends
+
+
 class LimitsMiddleware:
     """Pure ASGI (it sees WebSockets and reads bodies as they stream): refuses unauthenticated
     HTTP requests, caps bodies while they are read, and drops readers that never read."""
@@ -317,6 +356,9 @@ class LimitsMiddleware:
             if not _is_abort(e):
                 raise
             log.warning("%s %s: connection ended mid-response (%s)", scope["method"], route, e)
+        finally:  # however it ended, the request's streams are let go now, not when collected
+            for cleanup in scope.get(CLEANUP_KEY, ()):
+                cleanup()
 
 
 async def _send_json(send, status: int, body: dict, headers: dict | None = None):

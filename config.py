@@ -30,8 +30,9 @@ class StreamingConfig:
     rtf_target: the real-time factor the caller wants to hold; playback sizes its prebuffer on it.
     max_seq_len: backbone window (positions); at most the model's 2048.
     prep_budget_steps: prompt work (context encoding, prefill) done between two chunks while
-        streams run, in frame steps: a new request's preparation delays the running streams by
-        at most about this much per chunk (at least one unit of work is always done).
+        streams run is the chunk's slack (its audio time minus the time it took, so running
+        streams stay ahead of real time), and at least this many frame steps (so new requests
+        always progress; at least one unit of work is always done).
     """
 
     chunk_size_ms: int = 320

@@ -36,6 +36,8 @@ from streams import ChunkEvent, SlotState, Stream, TextFeed
 
 log = logging.getLogger("csm.engine")
 
+IDLE_PROMPT_SLICE_S = 0.05  # prompt work between two looks for new requests when nothing runs
+
 
 class EngineFull(RuntimeError):
     """Every slot holds a stream; try again when one finishes."""
@@ -113,7 +115,8 @@ class StreamEngine:
         self._graphs_off = not config.cuda_graphs_enabled(dev)
         self._steps: dict[int, CUDAGraphed] = {}  # batch bucket -> its (graphed) step
         self.last_bucket = 0
-        self.frame_step_s = 0.0  # measured time of one frame step (the prompt-work budget)
+        self.frame_step_s = 0.0  # measured time of one frame step (EMA)
+        self.chunk_slack_s = 0.0  # the last chunk's audio time minus the time it took
         if config.compile_enabled(dev):
             unpack_linears(m)
             self._backbone = torch.compile(m.backbone, dynamic=False)
@@ -157,12 +160,18 @@ class StreamEngine:
         rather than a failure mid-stream. Reads no engine state (any thread may call it)."""
         text = " ".join(self.gen.prepare_text(request.text).split())
         segments = split_sentences(text, self.config.max_segment_chars)
-        self.check_segment(segments, request.speaker)
+        self.check_segment(segments, request)
         return segments
 
-    def check_segment(self, segments: list[str], speaker: int):
+    def check_segment(self, segments: list[str], request: GenerationRequest):
+        """Each segment must fit the window with room for audio (a single segment: with room
+        for all of max_audio_length_ms, as the reference loop needs)."""
         for i, seg in enumerate(segments):
-            n = len(self.gen.tokenize_text(seg, speaker)[0])
+            n = len(self.gen.tokenize_text(seg, request.speaker)[0])
+            if len(segments) == 1 and n + request.max_frames > self.window:
+                raise ValueError(f"text is too long: {n} tokens + {request.max_frames} frames of "
+                                 f"audio exceed the {self.window}-position window; split the "
+                                 "text or lower max_audio_length_ms")
             if n + 1 > self.window:
                 raise ValueError(f"text segment {i + 1} is {n} tokens: it does not fit the "
                                  f"{self.window}-position window; use shorter sentences")
@@ -260,8 +269,15 @@ class StreamEngine:
         running = [s for s in self.active if s.state == "running"]
         if running:
             events += self._chunk(running)
-        budget = self.frame_step_s * self.config.prep_budget_steps if running else None
+        # Nothing runs: work in short slices anyway, so new requests are admitted in between.
+        budget = self.prompt_budget_s() if running else IDLE_PROMPT_SLICE_S
         return events + [self._fail(s, e) for s, e in self.prompts.run(budget)]
+
+    def prompt_budget_s(self) -> float:
+        """Prompt work allowed after a chunk while streams run: the chunk's slack (its audio
+        time minus the time it took), so that every running stream stays ahead of real time,
+        and at least `prep_budget_steps` frame steps, so that new requests always progress."""
+        return max(self.frame_step_s * self.config.prep_budget_steps, self.chunk_slack_s)
 
     def _check_waiting(self) -> list[ChunkEvent]:
         """Streams waiting for an LLM's next words: go on when they come, end with the
@@ -306,9 +322,14 @@ class StreamEngine:
         events = []
         for s in streams:
             k = kept[s.slot]
-            out, runaway = self._record(s, host_codes[s.slot, :k], audio[s.slot][:k * FRAME_SAMPLES],
-                                        now - t0, now, n)
-            events.append(self._advance(s, out, runaway, end_frame=valid[s.slot] < n))
+            try:
+                out, runaway = self._record(s, host_codes[s.slot, :k],
+                                            audio[s.slot][:k * FRAME_SAMPLES], now - t0, now, n)
+                events.append(self._advance(s, out, runaway, end_frame=valid[s.slot] < n))
+            except Exception as e:  # one stream's own trouble (its text, its guard): it alone ends
+                log.warning("stream %d failed: %s", s.id, e)
+                events.append(self._fail(s, e))
+        self.chunk_slack_s = n * FRAME_MS / 1000 - (time.perf_counter() - t0)
         return events
 
     def _record(self, s: Stream, codes: torch.Tensor, audio: torch.Tensor, gen_s: float,

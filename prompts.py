@@ -23,53 +23,73 @@ from streams import SlotState, Stream
 
 log = logging.getLogger("csm.engine")
 
+_WAITING = "waiting"  # what a job yields when it did no work (the encoder is busy)
 MIN_SEGMENT_FRAMES = 25  # a sentence may always take 2 s
 FRAMES_PER_CHAR = 2.0  # ... or twice a slow speaking rate (12.5 characters a second)
 
 
 class PromptWork:
-    """The queue of prompt jobs of one engine (only the engine's thread uses it)."""
+    """The prompt jobs of one engine (only the engine's thread uses it).
+
+    Streams already playing (their next segment, a retry) go first: their work is small and
+    their listeners are waiting. Then new requests without audio to encode (a few prefill
+    blocks each), then those with context audio, in turns, one unit each: a request with minutes
+    of context never delays the ones behind it. The encoder has one streaming state: one job at
+    a time holds it; the others go on meanwhile.
+    """
 
     def __init__(self, gen: Generator, caches: ModelCaches, encoder, state: SlotState):
         self.gen, self.model, self.caches = gen, gen.model, caches
         self.encoder, self.state, self.device = encoder, state, gen.device
         self.window = caches.max_seq
-        self._jobs: collections.deque = collections.deque()  # (stream, generator)
+        self._urgent: collections.deque = collections.deque()  # (stream, generator)
+        self._light: collections.deque = collections.deque()  # new, no audio to encode
+        self._heavy: collections.deque = collections.deque()  # new, with context audio
+        self._encoder_owner: Stream | None = None
 
     @property
     def pending(self) -> bool:
-        return bool(self._jobs)
+        return bool(self._urgent or self._light or self._heavy)
 
     def start(self, s: Stream, front: bool = False):
         """Queue the stream's next prompt: the first one (context, first segment) or the next
-        segment's. front: before new admissions (a stream already playing)."""
+        segment's. front: a stream already playing, served before new admissions."""
         s.state = "preparing"
         job = self._first(s) if s.prompt_end == 0 else self._next(s)
-        (self._jobs.appendleft if front else self._jobs.append)((s, job))
+        heavy = s.context_rows is None and any(
+            seg.codes is None and seg.audio is not None for seg in s.request.context)
+        (self._urgent if front else self._heavy if heavy else self._light).append((s, job))
 
     def drop(self, s: Stream):
-        for item in [j for j in self._jobs if j[0] is s]:
-            self._jobs.remove(item)
-            item[1].close()  # a half-done encode leaves its streaming state cleanly
+        for queue in (self._urgent, self._light, self._heavy):
+            for item in [j for j in queue if j[0] is s]:
+                queue.remove(item)
+                item[1].close()  # a half-done encode leaves its streaming state cleanly
+        if self._encoder_owner is s:
+            self._encoder_owner = None
 
     def run(self, budget_s: float | None) -> list[tuple[Stream, Exception]]:
         """Do units of work for about `budget_s` seconds (at least one), or, with None, until a
         job finishes. Returns the streams whose prompt failed (their own fault: a text too long
         for the window...) with the error; the others are unaffected."""
-        failed, t0 = [], time.perf_counter()
-        while self._jobs:
-            stream, job = self._jobs[0]
+        failed, t0, units = [], time.perf_counter(), 0
+        while self.pending:
+            queue = self._urgent or self._light or self._heavy
+            stream, job = queue[0]
             try:
-                next(job)
+                if next(job) is not _WAITING:
+                    units += 1
+                queue.rotate(-1)  # the next unit goes to the next job in line
             except StopIteration:
-                self._jobs.popleft()
+                queue.remove((stream, job))
                 if budget_s is None:
                     break
             except Exception as e:
-                self._jobs.popleft()
+                queue.remove((stream, job))
+                self.drop(stream)
                 log.warning("stream %d: prompt failed: %s", stream.id, e)
                 failed.append((stream, e))
-            if budget_s is not None and time.perf_counter() - t0 >= budget_s:
+            if budget_s is not None and units and time.perf_counter() - t0 >= budget_s:
                 break
         return failed
 
@@ -110,13 +130,23 @@ class PromptWork:
         for seg, audio in turns:
             codes = None
             if audio is not None:
-                pieces = []
-                for piece in encode_slices(self.encoder, audio, self.device):
-                    pieces.append(piece)
-                    yield
-                codes = torch.cat(pieces) if pieces else torch.zeros(0, 32, dtype=torch.long)
+                codes = yield from self._encode(s, audio)
             rows.append(self.gen.segment_rows(seg, codes))
         return rows
+
+    def _encode(self, s: Stream, audio: torch.Tensor):
+        """Mimi codes of one turn, a slice per unit, holding the encoder's streaming state."""
+        while self._encoder_owner not in (None, s):
+            yield _WAITING  # another request is encoding: its turn first, not a unit of ours
+        self._encoder_owner = s
+        try:
+            pieces = []
+            for piece in encode_slices(self.encoder, audio, self.device):
+                pieces.append(piece)
+                yield
+            return torch.cat(pieces) if pieces else torch.zeros(0, 32, dtype=torch.long)
+        finally:
+            self._encoder_owner = None
 
     def _next(self, s: Stream):
         """The next segment of a long text or an LLM reply: what was said stays in the cache;

@@ -11,14 +11,18 @@ import asyncio
 import base64
 import json
 import logging
+import re
+import threading
 import time
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import Response, StreamingResponse
 
 from api import (
+    CLEANUP_KEY,
     ApiError,
     BodyTooLarge,
+    ClientGone,
     GenerateBody,
     LimitsMiddleware,
     ServerSettings,
@@ -53,20 +57,23 @@ class ServerContext:
     def retry_after(self) -> int:
         return self.scheduler.retry_after_s()
 
-    def submit(self, req, feed=None):
+    def submit(self, req, scope, feed=None):
+        """Queue a request; its stream is cancelled when the HTTP request ends, however."""
         from scheduler import QueueFull
 
         try:
-            return self.scheduler.submit(req, asyncio.get_running_loop(), feed)
+            ticket = self.scheduler.submit(req, asyncio.get_running_loop(), feed)
         except QueueFull as e:
             raise shape_error(e, self.retry_after()) from None
+        scope.setdefault(CLEANUP_KEY, []).append(ticket.cancel)
+        return ticket
 
     async def request_from(self, text, voice, context, max_ms, temperature, top_k, seed,
-                           speaker=0):
+                           speaker=0, gone=None):
         """A validated request; `voice` (a name or number) when given, else the bare speaker."""
         speaker, voice_ctx = voice_to_speaker(voice, self.voices) if voice is not None else (speaker, ())
         return await build_request(self.sg, self.settings, text, speaker, context, max_ms,
-                                   temperature, top_k, seed, voice_ctx)
+                                   temperature, top_k, seed, voice_ctx, gone)
 
     async def marked(self, ticket):
         """The ticket's chunks, watermarked in windows off the event loop, as they come."""
@@ -142,27 +149,34 @@ class ServerContext:
                 pass
             ticket.cancel()
 
+        def send(coro):  # a reader that reads nothing is dropped, as on HTTP
+            return asyncio.wait_for(coro, self.settings.write_timeout_s)
+
         watcher = asyncio.create_task(watch_close())
         samples = chunks = 0
         try:
             async for chunk in self.marked(ticket):
-                await ws.send_bytes(pcm16(chunk))
+                await send(ws.send_bytes(pcm16(chunk)))
                 samples += chunk.numel()
                 chunks += 1
                 m = ticket.metrics
-                await ws.send_json({"type": "progress", "chunk": chunks,
-                                    "audio_ms": samples / SAMPLE_RATE * 1000,
-                                    "rtf": m.rtf if m and m.audio_s else None,
-                                    "time_to_first_audio_ms": _ms(m.first_audio_s if m else None),
-                                    **(extra() if extra else {})})
-            await ws.send_json({"type": "done", "audio_ms": samples / SAMPLE_RATE * 1000,
-                                "sample_rate": SAMPLE_RATE, "format": "pcm_s16le",
-                                **(extra() if extra else {})})
+                await send(ws.send_json({
+                    "type": "progress", "chunk": chunks, "audio_ms": samples / SAMPLE_RATE * 1000,
+                    "rtf": m.rtf if m and m.audio_s else None,
+                    "time_to_first_audio_ms": _ms(m.first_audio_s if m else None),
+                    **(extra() if extra else {})}))
+            await send(ws.send_json({"type": "done", "audio_ms": samples / SAMPLE_RATE * 1000,
+                                     "sample_rate": SAMPLE_RATE, "format": "pcm_s16le",
+                                     **(extra() if extra else {})}))
             self.count(ws.scope, 200)
             await ws.close()
-        except WebSocketDisconnect:
+        except (WebSocketDisconnect, asyncio.TimeoutError) as e:
             ticket.cancel()
             self.count(ws.scope, 499)
+            if isinstance(e, asyncio.TimeoutError):
+                log.warning("websocket: the client read nothing for %g s; dropped",
+                            self.settings.write_timeout_s)
+                await ws.close(code=1008)
         except Exception as e:
             ticket.cancel()
             err = shape_error(e, self.retry_after())
@@ -190,11 +204,17 @@ async def _api_error(request, exc: ApiError):
     return _error(exc.status, exc.message, exc.headers)
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}")
+
+
 async def _validation_error(request, exc):
     parts = []
     for e in exc.errors():
         loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
         parts.append(f"{loc or 'body'}: {e.get('msg')}")
+    if _SURROGATE_ESCAPE.search(await request.body()):  # the JSON parser refused the whole body
+        parts = ["body: a string is not valid Unicode (a lone surrogate escape such as \\ud800): "
+                 "send UTF-8 text"]
     _ctx(request).count(request.scope, 422)
     return _error(422, "; ".join(parts) or "invalid request body")
 
@@ -235,31 +255,36 @@ async def metrics_route(request: Request):
 @router.post("/api/generate")
 async def api_generate(body: GenerateBody, request: Request):
     """The whole utterance as base64 WAV in one JSON answer; a client that leaves cancels it."""
-    ctx, t0 = _ctx(request), time.perf_counter()
-    req = await ctx.request_from(body.text, body.voice, body.context, body.max_audio_length_ms,
-                                 body.temperature, body.top_k, body.seed, speaker=body.speaker_id)
-    ticket = ctx.submit(req)
-    chunks = []
-
-    async def collect():
-        async for chunk in ctx.marked(ticket):
-            chunks.append(chunk)
+    ctx, t0, left = _ctx(request), time.perf_counter(), threading.Event()
 
     async def client_left():  # the body is read: the next message is the disconnect
         while (await request.receive())["type"] != "http.disconnect":
             pass
+        left.set()
 
-    task, gone = asyncio.create_task(collect()), asyncio.create_task(client_left())
+    gone = asyncio.create_task(client_left())
+    chunks = []
     try:
+        req = await ctx.request_from(body.text, body.voice, body.context, body.max_audio_length_ms,
+                                     body.temperature, body.top_k, body.seed,
+                                     speaker=body.speaker_id, gone=left)
+        ticket = ctx.submit(req, request.scope)
+
+        async def collect():
+            async for chunk in ctx.marked(ticket):
+                chunks.append(chunk)
+
+        task = asyncio.create_task(collect())
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
             ticket.cancel()
             task.cancel()
-            ctx.count(request.scope, 499)
-            return Response(status_code=499)  # nobody is there to read it
+            raise ClientGone()
         task.result()
-    except asyncio.CancelledError:
-        ticket.cancel()
+    except ClientGone:
+        ctx.count(request.scope, 499)
+        return Response(status_code=499)  # nobody is there to read it
+    except ApiError:
         raise
     except Exception as e:
         raise shape_error(e, ctx.retry_after()) from None
@@ -288,7 +313,7 @@ async def speech(body: SpeechBody, request: Request):
         raise ApiError(400, "stream_format must be 'audio' or 'sse'")
     req = await ctx.request_from(body.input, body.voice, [], body.max_audio_length_ms,
                                  body.temperature, body.top_k, body.seed)
-    agen = ctx.marked(ctx.submit(req))
+    agen = ctx.marked(ctx.submit(req, request.scope))
     first = await ctx.first_chunk(agen)
     if body.stream_format == "sse":
         return StreamingResponse(ctx.sse(request.scope, agen, first), media_type="text/event-stream")
@@ -337,7 +362,7 @@ async def ws_stream(ws: WebSocket):
             raise ApiError(400, f"unknown message type {msg.type!r}: use 'speech'")
         req = await ctx.request_from(msg.text, msg.voice, msg.context, msg.max_audio_length_ms,
                                      msg.temperature, msg.top_k, msg.seed, speaker=msg.speaker)
-        ticket = ctx.submit(req)
+        ticket = ctx.submit(req, ws.scope)
     except ApiError as e:
         ctx.count(ws.scope, e.status)
         return await _ws_error(ws, e.status, e.message)

@@ -29,16 +29,26 @@ log = logging.getLogger("csm.server")
 # ---------------------------------------------------------------------------------------------
 
 
+SEND_BUFFER_BYTES = 128 * 1024  # per connection, in the kernel: ~3 s of 16-bit audio (doubled)
+
+
 def uvicorn_config(app, host: str, port: int, settings: ServerSettings, log_level: str = "info"):
     """uvicorn settings that bound what one client can hold: a request head must arrive within
     header_timeout_s (no slowloris), idle keep-alive connections close after 5 s, WebSocket
-    messages are capped at the body limit, and at most 512 connections are served at once."""
+    messages are capped at the body limit, at most 512 connections are served at once, and each
+    connection's kernel send buffer is capped (the default grows to 4 MB, a minute and a half of
+    audio a reader could leave unread before the write timeout could see it)."""
+    import socket
+
     import uvicorn
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeadTimeoutH11(H11Protocol):
         def connection_made(self, transport):
             super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
             self._arm_head_timer()
 
         def on_response_complete(self):
@@ -49,16 +59,20 @@ def uvicorn_config(app, host: str, port: int, settings: ServerSettings, log_leve
             waiting_for = self.cycle  # a new request replaces the cycle
 
             def check():
-                if self.cycle is waiting_for and not self.transport.is_closing():
+                upgraded = self.transport.get_protocol() is not self  # now a WebSocket
+                if self.cycle is waiting_for and not upgraded and not self.transport.is_closing():
                     self.transport.close()
 
             self.loop.call_later(settings.header_timeout_s, check)
 
-    for name in ("uvicorn.access", "uvicorn.error"):
-        logging.getLogger(name).addFilter(SecretFilter())
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, http=HeadTimeoutH11,
-                          ws_max_size=settings.max_body_bytes, timeout_keep_alive=5,
-                          limit_concurrency=512)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=HeadTimeoutH11,
+                            ws_max_size=settings.max_body_bytes, timeout_keep_alive=5,
+                            limit_concurrency=512)
+    for name in ("uvicorn.access", "uvicorn.error"):  # after uvicorn has set its loggers up
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, SecretFilter) for f in logger.filters):
+            logger.addFilter(SecretFilter())
+    return config
 
 
 def serve_in_thread(app, host: str = "127.0.0.1", timeout: float = 30,

@@ -102,7 +102,7 @@ class StreamingGenerator:
             feed = TextFeed(self.engine.plan(req))
         else:
             feed = TextFeed([" ".join(self.generator.prepare_text(t).split()) for t in segments])
-            self.engine.check_segment(feed.known, req.speaker)
+            self.engine.check_segment(feed.known, req)
         chunks = self.stream(req, feed)
         if not play_audio:
             return chunks
@@ -136,7 +136,7 @@ class StreamingGenerator:
                                 raise ev.error
                     return
                 except torch.OutOfMemoryError:
-                    if sent or not self.generator.allow_cpu_fallback or self.device.type == "cpu":
+                    if sent or not self._can_fall_back():
                         raise
                     self._fall_back_to_cpu()  # and try again there, from the start
                 finally:
@@ -148,6 +148,9 @@ class StreamingGenerator:
         if not events and self.engine.idle:  # waiting for an LLM's next words
             self.engine.wait(0.05)
         return events
+
+    def _can_fall_back(self) -> bool:
+        return self.generator.allow_cpu_fallback and self.device.type != "cpu"
 
     def _fall_back_to_cpu(self):
         self.generator.fall_back_to_cpu()

@@ -15,6 +15,7 @@ import argparse
 import gc
 
 import torch
+
 from common import (
     device_name,
     memory_bandwidth,

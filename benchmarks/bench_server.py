@@ -1,36 +1,62 @@
-"""The server under load: aggregate audio per second against concurrent clients.
+"""The server under load, and one abusive client beside normal ones.
 
-    .venv/bin/python benchmarks/bench_server.py [--model csm-1b] [--clients 1,2,4,8,16,32] [--frames 6]
+    .venv/bin/python benchmarks/bench_server.py [--model random:csm-1b] [--clients 1,2,4,8,16,32]
+    .venv/bin/python benchmarks/bench_server.py --isolation [--model random:tiny]
 
-Starts the real server (uvicorn on 127.0.0.1, a free port) with the random model, then for each
-client count runs that many concurrent clients, each streaming raw PCM from /v1/audio/speech for
---frames frames. Per stream: time to first audio (first bytes) and RTF (wall time / audio time);
-in aggregate: audio seconds generated per second. Table, JSON and PNG in benchmarks/results/.
+Starts the real server (uvicorn on 127.0.0.1, a free port) over a model with random weights.
+
+- Load (default): for each client count, that many concurrent clients stream raw PCM from
+  /v1/audio/speech for --frames frames. Per stream: time to first audio and RTF; in aggregate:
+  audio seconds generated per second.
+- --isolation: --normal clients (WebSocket, --seconds of audio each) measured three times in
+  one run: alone; beside one ordinary client streaming long answers; beside an abuser that
+  sends the longest text with the most and longest context turns (and reads its answer) and at
+  the same time fires requests with big bodies and hangs up at once. Reported: the normal
+  clients' worst gap between chunks and time to first audio, as ratios to the run alone and to
+  the run beside an ordinary stream (what any other running stream costs).
+
+Table, JSON and PNG in benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import io
+import json
+import socket
+import statistics
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from common import device_name, print_table, save_json
+from common import add_model_argument, device_name, print_table, save_json
+
+TOKEN = "bench"
 
 
-def start_server(model: str, device, max_streams: int):
+def start_server(model: str, device, max_streams: int, settings=None):
     from api import ServerSettings
     from checkpoints import load_mimi, load_model_and_tokenizer
+    from config import StreamingConfig
     from generator import Generator
+    from routes import create_app
     from scheduler import Scheduler
-    from server import create_app, serve_in_thread
-    from streaming_generator import StreamingConfig, StreamingGenerator
+    from server import serve_in_thread
+    from streaming_generator import StreamingGenerator
 
-    m, tok, _ = load_model_and_tokenizer(f"random:{model}", device)
+    m, tok, _ = load_model_and_tokenizer(model, device)
     gen = Generator(m, tok, load_mimi("random", device))
     sg = StreamingGenerator(gen, StreamingConfig(max_batch_size=max_streams, max_seq_len=512))
-    sched = Scheduler(sg, max_queue=max_streams).start()
-    server, _, url = serve_in_thread(create_app(sched, ServerSettings()))
+    if sg.needs_warmup:
+        sg.warmup(all_buckets=True)
+    sched = Scheduler(sg, max_queue=max_streams * 4).start()
+    settings = settings or ServerSettings(token=TOKEN)
+    server, _, url = serve_in_thread(create_app(sched, settings), settings=settings)
     return server, sched, url
+
+
+# -- load -------------------------------------------------------------------------------------------
 
 
 def one_client(url: str, i: int, frames: int) -> dict:
@@ -41,56 +67,139 @@ def one_client(url: str, i: int, frames: int) -> dict:
     t0 = time.perf_counter()
     first = None
     n = 0
-    with httpx.stream("POST", f"{url}/v1/audio/speech", json=body, timeout=3600) as r:
+    with httpx.stream("POST", f"{url}/v1/audio/speech", json=body, timeout=3600,
+                      headers={"Authorization": f"Bearer {TOKEN}"}) as r:
         r.raise_for_status()
         for b in r.iter_bytes():
             if first is None and b:
                 first = time.perf_counter() - t0
             n += len(b)
     wall = time.perf_counter() - t0
-    audio_s = n / 2 / 24_000
-    return {"ttfa_s": first, "wall_s": wall, "audio_s": audio_s}
+    return {"ttfa_s": first, "wall_s": wall, "audio_s": n / 2 / 24_000}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="csm-1b")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--clients", default="1,2,4,8,16,32")
-    p.add_argument("--frames", type=int, default=6)
-    p.add_argument("--out-dir", default=None)
-    args = p.parse_args(argv)
-    from generator import pick_device
-
-    device = pick_device(args.device)
-    counts = [int(c) for c in args.clients.split(",")]
-    server, sched, url = start_server(args.model, device, max(counts))
+def load_run(url: str, counts: list[int], frames: int) -> list[dict]:
+    one_client(url, 999, 2)  # warm-up
     rows = []
-    try:
-        one_client(url, 999, 2)  # warm-up (and compile / capture on cuda)
-        for n in counts:
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(n) as pool:
-                res = list(pool.map(lambda i: one_client(url, i, args.frames), range(n)))
-            wall = time.perf_counter() - t0
-            audio = sum(r["audio_s"] for r in res)
-            row = {"clients": n, "aggregate_audio_s_per_s": audio / wall,
-                   "mean_rtf": sum(r["wall_s"] / r["audio_s"] for r in res) / n,
-                   "mean_ttfa_ms": sum(r["ttfa_s"] for r in res) / n * 1e3,
-                   "max_ttfa_ms": max(r["ttfa_s"] for r in res) * 1e3, "wall_s": wall}
-            rows.append(row)
-            print(f"  {n} clients: {row['aggregate_audio_s_per_s']:.3f} audio s/s, "
-                  f"rtf {row['mean_rtf']:.2f}, ttfa {row['mean_ttfa_ms']:.0f} ms")
-    finally:
-        server.should_exit = True
-        sched.stop()
-    base = rows[0]["aggregate_audio_s_per_s"]
+    for n in counts:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(n) as pool:
+            res = list(pool.map(lambda i: one_client(url, i, frames), range(n)))
+        wall = time.perf_counter() - t0
+        audio = sum(r["audio_s"] for r in res)
+        rows.append({"clients": n, "aggregate_audio_s_per_s": audio / wall,
+                     "mean_rtf": sum(r["wall_s"] / r["audio_s"] for r in res) / n,
+                     "mean_ttfa_ms": sum(r["ttfa_s"] for r in res) / n * 1e3,
+                     "max_ttfa_ms": max(r["ttfa_s"] for r in res) * 1e3, "wall_s": wall})
+        print(f"  {n} clients: {rows[-1]['aggregate_audio_s_per_s']:.3f} audio s/s")
     for r in rows:
-        r["aggregate_vs_1_client"] = r["aggregate_audio_s_per_s"] / base
-    print_table(rows, ["clients", "aggregate_audio_s_per_s", "aggregate_vs_1_client", "mean_rtf",
-                       "mean_ttfa_ms", "max_ttfa_ms"])
-    path = save_json("server", device, {"model": args.model, "frames": args.frames, "rows": rows},
-                     args.out_dir)
+        r["aggregate_vs_1_client"] = r["aggregate_audio_s_per_s"] / rows[0]["aggregate_audio_s_per_s"]
+    return rows
+
+
+# -- isolation --------------------------------------------------------------------------------------
+
+
+def ws_client(url: str, i: int, seconds: float) -> dict:
+    """A normal client: streams over the WebSocket and times every chunk's arrival."""
+    from websockets.sync.client import connect
+
+    port = url.rsplit(":", 1)[1]
+    with connect(f"ws://127.0.0.1:{port}/v1/stream",
+                 additional_headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+        t0 = time.perf_counter()
+        c.send(json.dumps({"text": f"Normal client {i} is talking for a while now.", "seed": i,
+                           "speaker": i % 4, "max_audio_length_ms": seconds * 1000}))
+        arrivals = []
+        while True:
+            m = c.recv(timeout=600)
+            if isinstance(m, bytes):
+                arrivals.append(time.perf_counter())
+            elif json.loads(m)["type"] in ("done", "error"):
+                break
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    return {"ttfa_s": arrivals[0] - t0, "worst_gap_s": max(gaps), "median_gap_s": statistics.median(gaps)}
+
+
+def abuser_body(settings, window: int) -> dict:
+    """The longest text and the most context turns the server accepts, the turns as long as the
+    window can use (longer ones would be dropped before they cost any encoding)."""
+    import numpy as np
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    turn_s = min(settings.max_context_audio_s, window * 0.08 / settings.max_context)
+    turn = (0.1 * rng.standard_normal(int(turn_s * 24_000))).astype(np.float32)
+    buf = io.BytesIO()
+    sf.write(buf, turn, 24_000, format="FLAC")
+    audio = base64.b64encode(buf.getvalue()).decode()
+    text = ("This request is as long as the server allows, sentence after sentence. " * 40)
+    return {"text": text[:settings.max_text_chars], "max_audio_length_ms": 8000, "context": [
+        {"speaker": k % 2, "text": "An earlier turn.", "audio_base64": audio}
+        for k in range(settings.max_context)]}
+
+
+def abuse(url: str, body: dict, stop: threading.Event):
+    """One open request with everything, and fire-and-forget copies of it, until `stop`."""
+    import httpx
+
+    def reader():
+        while not stop.is_set():
+            httpx.post(f"{url}/api/generate", json=body, timeout=600,
+                       headers={"Authorization": f"Bearer {TOKEN}"})
+
+    host, port = url.rsplit("/", 1)[1].split(":")
+    raw = json.dumps(body).encode()
+    head = (f"POST /api/generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n").encode()
+    threading.Thread(target=reader, daemon=True).start()
+    while not stop.is_set():
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(head + raw)  # and hang up without reading
+        stop.wait(0.5)
+
+
+def isolation_run(url: str, settings, window: int, normal: int, seconds: float) -> list[dict]:
+    rows = []
+    ws_client(url, 99, 0.4)  # warm-up
+    for label in ("alone", "beside a long stream", "beside an abuser"):
+        stop = threading.Event()
+        if label == "beside a long stream":  # what any other stream costs, abusive or not
+            threading.Thread(target=ordinary, args=(url, stop), daemon=True).start()
+            time.sleep(1.0)
+        elif label == "beside an abuser":
+            body = abuser_body(settings, window)
+            threading.Thread(target=abuse, args=(url, body, stop), daemon=True).start()
+            time.sleep(1.0)  # its first requests are in
+        with ThreadPoolExecutor(normal) as pool:
+            res = list(pool.map(lambda i: ws_client(url, i, seconds), range(normal)))
+        stop.set()
+        rows.append({"run": label, "clients": normal,
+                     "worst_gap_ms": max(r["worst_gap_s"] for r in res) * 1e3,
+                     "median_gap_ms": statistics.median(r["median_gap_s"] for r in res) * 1e3,
+                     "mean_ttfa_ms": statistics.mean(r["ttfa_s"] for r in res) * 1e3,
+                     "max_ttfa_ms": max(r["ttfa_s"] for r in res) * 1e3})
+        print(f"  {label}: worst gap {rows[-1]['worst_gap_ms']:.0f} ms, "
+              f"mean first audio {rows[-1]['mean_ttfa_ms']:.0f} ms")
+        time.sleep(3.0)  # the abuser's requests drain
+    for row in rows[1:]:
+        for key in ("worst_gap_ms", "mean_ttfa_ms", "max_ttfa_ms"):
+            row[f"{key}_ratio"] = row[key] / rows[0][key]
+    rows[2]["worst_gap_ms_vs_long_stream"] = rows[2]["worst_gap_ms"] / rows[1]["worst_gap_ms"]
+    rows[2]["mean_ttfa_ms_vs_long_stream"] = rows[2]["mean_ttfa_ms"] / rows[1]["mean_ttfa_ms"]
+    return rows
+
+
+def ordinary(url: str, stop: threading.Event):
+    """One ordinary client streaming long answers, one after another, until `stop`."""
+    import httpx
+
+    while not stop.is_set():
+        httpx.post(f"{url}/api/generate", timeout=600, headers={"Authorization": f"Bearer {TOKEN}"},
+                   json={"text": "An ordinary long answer, read to the end.", "max_audio_length_ms": 8000})
+
+
+def plot(path, rows, counts, title):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -103,10 +212,53 @@ def main(argv=None):
     b.plot(counts, [r["max_ttfa_ms"] for r in rows], "s--", label="max")
     b.set(xscale="log", xlabel="concurrent clients", ylabel="ms", title="Time to first audio")
     b.legend()
-    fig.suptitle(f"CSM-1B server, random weights, {device_name(device)}")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=100)
     print(f"saved {path.with_suffix('.png').name}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_argument(p, default="random:csm-1b")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--clients", default="1,2,4,8,16,32", help="client counts of the load run")
+    p.add_argument("--frames", type=int, default=6, help="frames each load client asks for")
+    p.add_argument("--isolation", action="store_true",
+                   help="measure normal clients alone and beside an abusive one instead")
+    p.add_argument("--normal", type=int, default=8, help="normal clients of the isolation run")
+    p.add_argument("--seconds", type=float, default=4.0, help="audio each normal client asks for")
+    p.add_argument("--out-dir", default=None, help="where JSON and PNG go (default benchmarks/results)")
+    args = p.parse_args(argv)
+    from api import ServerSettings
+    from generator import pick_device
+
+    device = pick_device(args.device)
+    counts = [int(c) for c in args.clients.split(",")]
+    settings = ServerSettings(token=TOKEN, max_context=8, max_context_audio_s=60)
+    slots = args.normal + 2 if args.isolation else max(counts)
+    server, sched, url = start_server(args.model, device, slots, settings)
+    try:
+        if args.isolation:
+            rows = isolation_run(url, settings, sched.engine.window, args.normal, args.seconds)
+        else:
+            rows = load_run(url, counts, args.frames)
+    finally:
+        server.should_exit = True
+        sched.stop()
+    if args.isolation:
+        print_table(rows, ["run", "clients", "worst_gap_ms", "median_gap_ms", "mean_ttfa_ms",
+                           "max_ttfa_ms", "worst_gap_ms_ratio", "mean_ttfa_ms_ratio",
+                           "worst_gap_ms_vs_long_stream", "mean_ttfa_ms_vs_long_stream"])
+        save_json("server_isolation", device, {"model": args.model, "seconds": args.seconds,
+                                               "rows": rows}, args.out_dir)
+        return
+    print_table(rows, ["clients", "aggregate_audio_s_per_s", "aggregate_vs_1_client", "mean_rtf",
+                       "mean_ttfa_ms", "max_ttfa_ms"])
+    path = save_json("server", device, {"model": args.model, "frames": args.frames, "rows": rows},
+                     args.out_dir)
+    plot(path, rows, counts, f"CSM-1B server, random weights, {device_name(device)}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import gc
 import time
 
 import torch
+
 from common import (
     device_name,
     memory_bandwidth,

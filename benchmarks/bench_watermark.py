@@ -15,6 +15,7 @@ import tempfile
 import time
 
 import torch
+
 from common import print_table, save_json, sync
 
 

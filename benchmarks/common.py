@@ -115,5 +115,23 @@ def save_json(name: str, device: torch.device, payload: dict, out_dir: Path | No
     return path
 
 
+def model_arg(value: str) -> str:
+    """--model: random:csm-1b / random:tiny (random weights: speed does not depend on their
+    values), a checkpoint, or a bare flavour name (csm-1b, tiny) as earlier versions took."""
+    from models import FLAVORS
+
+    return f"random:{value}" if value in FLAVORS else value
+
+
+def add_model_argument(parser, default: str = "random:csm-1b"):
+    parser.add_argument("--model", default=default, type=model_arg,
+                        help="random:csm-1b or random:tiny (random weights: speed does not depend "
+                             "on them), or a checkpoint (hub repo, local folder)")
+
+
+def flavour(model: str) -> str:
+    return model.split(":", 1)[1] if model.startswith("random:") else "csm-1b"
+
+
 def env_flags() -> dict:
     return {k: os.environ[k] for k in ("NO_TORCH_COMPILE", "NO_CUDA_GRAPH") if k in os.environ}

@@ -111,3 +111,35 @@ def patch_sample_frame(model, fn):
 
     model.sample_frame = patched
     return lambda: model.__dict__.pop("sample_frame", None)
+
+
+TOKEN = "test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+class LiveServer:
+    """The real server (uvicorn on 127.0.0.1, a free port) over random:tiny, in this process."""
+
+    def __init__(self, max_streams=16, max_queue=32, settings=None, watermarker=None, voices=None,
+                 chat=None, **config):
+        from api import ServerSettings
+        from checkpoints import load_mimi, load_model_and_tokenizer
+        from generator import Generator
+        from routes import create_app
+        from scheduler import Scheduler
+        from server import serve_in_thread
+        from streaming_generator import StreamingConfig, StreamingGenerator
+
+        model, tok, _ = load_model_and_tokenizer("random:tiny", torch.device("cpu"))
+        gen = Generator(model, tok, load_mimi("random", "cpu"), watermarker=watermarker)
+        sg = StreamingGenerator(gen, StreamingConfig(max_batch_size=max_streams, **config))
+        self.scheduler = Scheduler(sg, max_queue=max_queue).start()
+        self.settings = settings or ServerSettings(token=TOKEN, max_body_bytes=2 * 2**20)
+        app = create_app(self.scheduler, self.settings, voices=voices, chat=chat)
+        self.server, self.thread, self.url = serve_in_thread(app, settings=self.settings)
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.scheduler.stop()

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from conftest import make_hf_checkpoint, speech_like
 from safetensors.torch import save_file
 
 from checkpoints import (
@@ -18,6 +17,7 @@ from checkpoints import (
     pick_weight_files,
     resolve_checkpoint,
 )
+from conftest import make_hf_checkpoint, speech_like
 from generator import Generator
 from models import CSM
 from request import Segment, validate_request

@@ -4,10 +4,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import patch_sample_frame, speech_like
 
 from audio import FRAME_SAMPLES, to_mono_24k
 from checkpoints import CheckpointError, load_mimi
+from conftest import patch_sample_frame, speech_like
 from generator import audio_rows, load_csm_1b, pick_device
 from models import MIMI_CODES, exponential_noise, is_eos, sample_topk
 from request import Segment, validate_request

@@ -5,9 +5,9 @@ import random
 
 import pytest
 import torch
-from conftest import patch_sample_frame, speech_like
 
 from audio import FRAME_SAMPLES
+from conftest import patch_sample_frame, speech_like
 from generator import load_csm_1b
 from request import EmptyOutputError
 from runaway import TailConfig, TailGuard, frame_dbfs

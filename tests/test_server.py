@@ -11,36 +11,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import speech_like
 
-from api import ServerSettings
 from checkpoints import load_mimi, load_model_and_tokenizer
+from conftest import AUTH, TOKEN, LiveServer, speech_like
 from generator import Generator
 from request import Segment
-from scheduler import Scheduler
-from routes import create_app
-from server import serve_in_thread
-from streaming_generator import StreamingConfig, StreamingGenerator
-
-TOKEN = "test-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-class LiveServer:
-    def __init__(self, max_streams=16, max_queue=32, settings=None, watermarker=None):
-        model, tok, _ = load_model_and_tokenizer("random:tiny", torch.device("cpu"))
-        gen = Generator(model, tok, load_mimi("random", "cpu"), watermarker=watermarker)
-        sg = StreamingGenerator(gen, StreamingConfig(max_batch_size=max_streams, enable_compilation=False))
-        self.scheduler = Scheduler(sg, max_queue=max_queue).start()
-        self.settings = settings or ServerSettings(token=TOKEN, max_body_bytes=2 * 2**20)
-        app = create_app(self.scheduler, self.settings)
-        self.server, self.thread, self.url = serve_in_thread(app, settings=self.settings)
-        self.port = int(self.url.rsplit(":", 1)[1])
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.scheduler.stop()
 
 
 @pytest.fixture(scope="module")

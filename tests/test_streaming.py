@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import patch_sample_frame, speech_like
 
 from audio import FRAME_SAMPLES
+from conftest import patch_sample_frame, speech_like
 from request import Segment
 from runaway import TailGuard
 from segmenting import split_sentences

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import speech_like
 from torch.overrides import TorchFunctionMode
 
 from audio import FRAME_SAMPLES, save_audio
+from conftest import speech_like
 from generator import Generator, load_csm_1b
 from streaming_generator import StreamingConfig, StreamingGenerator, StreamRequest
 from watermarking import (
