@@ -71,7 +71,7 @@ class GenerateBody(BaseModel):
     voice: str | None = None
     temperature: float = DEFAULT_TEMPERATURE
     top_k: int = DEFAULT_TOPK
-    max_audio_length_ms: float | None = 10_000
+    max_audio_length_ms: float | None = None
     seed: int | None = None
     context: list[ContextItem] = Field(default_factory=list)
 
@@ -191,9 +191,17 @@ async def build_request(sg, settings: ServerSettings, text, speaker, context_ite
     """A validated request whose every text segment fits the window: a 4xx now, never a
     failure in the shared engine later. gone: set when the client leaves (ClientGone)."""
     if isinstance(text, str) and len(text) > settings.max_text_chars:
-        raise ApiError(413, f"text is {len(text)} characters; the limit is {settings.max_text_chars}")
-    if max_ms is not None and isinstance(max_ms, (int, float)) and max_ms > settings.max_audio_length_ms:
-        raise ApiError(400, f"max_audio_length_ms over the limit of {settings.max_audio_length_ms:g}")
+        raise ApiError(
+            413, f"text is {len(text)} characters; the limit is {settings.max_text_chars}"
+        )
+    if (
+        max_ms is not None
+        and isinstance(max_ms, (int, float))
+        and max_ms > settings.max_audio_length_ms
+    ):
+        raise ApiError(
+            400, f"max_audio_length_ms over the limit of {settings.max_audio_length_ms:g}"
+        )
     context = []
     if context_items:
         await asyncio.sleep(0)  # a client that sent its body and hung up is seen here
@@ -202,7 +210,9 @@ async def build_request(sg, settings: ServerSettings, text, speaker, context_ite
         context = await _off_loop(_AUDIO_POOL, decode_context, list(context_items), settings, gone)
     if max_ms is None:  # the longest the window allows (a real model ends speech by itself)
         window_ms = (sg.engine.window - 256) * 80
-        max_ms = max(80, min(settings.max_audio_length_ms, window_ms, sg.generator.default_max_audio_ms))
+        max_ms = max(
+            80, min(settings.max_audio_length_ms, window_ms, sg.generator.default_max_audio_ms)
+        )
     try:
         req = sg.request(text, speaker, tuple(voice_context) + tuple(context), max_ms,
                          temperature, topk, seed)
@@ -330,7 +340,9 @@ class LimitsMiddleware:
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > s.max_body_bytes:
             self.metrics.count_request(route, 413)
-            return await _send_json(send, 413, error_body(413, BodyTooLarge(s.max_body_bytes).message))
+            return await _send_json(
+                send, 413, error_body(413, BodyTooLarge(s.max_body_bytes).message)
+            )
         seen = 0
 
         async def capped_receive():

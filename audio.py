@@ -65,14 +65,18 @@ def read_audio(source, *, mono: bool = False, limits: AudioLimits = AudioLimits(
     try:
         f = sf.SoundFile(handle)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise AudioError(f"{label} is not a readable audio file (send WAV, FLAC or OGG): {e}") from e
+        raise AudioError(
+            f"{label} is not a readable audio file (send WAV, FLAC or OGG): {e}"
+        ) from e
     with f:
         rate, channels = f.samplerate, f.channels
         if not limits.min_rate <= rate <= limits.max_rate:
             raise AudioError(f"{label}: a sample rate of {rate} Hz is outside "
                              f"{limits.min_rate}..{limits.max_rate} Hz")
         if not 1 <= channels <= limits.max_channels:
-            raise AudioError(f"{label}: {channels} channels; at most {limits.max_channels} are accepted")
+            raise AudioError(
+                f"{label}: {channels} channels; at most {limits.max_channels} are accepted"
+            )
         max_frames = None if limits.max_seconds is None else int(limits.max_seconds * rate)
         if max_frames is not None and f.frames > max_frames:
             raise AudioError(f"{label} is {f.frames / rate:.1f} s long; the limit is "

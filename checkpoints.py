@@ -300,17 +300,21 @@ def args_from_hf_config(cfg: dict) -> ModelArgs:
 
 def _flavor_from_shapes(state: dict[str, torch.Tensor]) -> ModelArgs:
     for args in FLAVORS.values():
-        want = {"text_embeddings.weight": (args.text_vocab_size, args.backbone.dim),
-                "projection.weight": (args.decoder.dim, args.backbone.dim),
-                "backbone.layers.0.mlp.w1.weight": (args.backbone.intermediate_dim, args.backbone.dim),
-                "decoder.layers.0.mlp.w1.weight": (args.decoder.intermediate_dim, args.decoder.dim)}
+        want = {
+            "text_embeddings.weight": (args.text_vocab_size, args.backbone.dim),
+            "projection.weight": (args.decoder.dim, args.backbone.dim),
+            "backbone.layers.0.mlp.w1.weight": (args.backbone.intermediate_dim, args.backbone.dim),
+            "decoder.layers.0.mlp.w1.weight": (args.decoder.intermediate_dim, args.decoder.dim),
+        }
         n_bb = len({k.split(".")[2] for k in state if k.startswith("backbone.layers.")})
         n_dec = len({k.split(".")[2] for k in state if k.startswith("decoder.layers.")})
         if (all(tuple(state[k].shape) == v for k, v in want.items())
                 and (n_bb, n_dec) == (args.backbone.num_layers, args.decoder.num_layers)):
             return args
-    raise ValueError("original-format checkpoint with shapes of no known flavour and no config.json "
-                     "beside it: put the checkpoint's config.json in the same folder")
+    raise ValueError(
+        "original-format checkpoint with shapes of no known flavour and no config.json "
+        "beside it: put the checkpoint's config.json in the same folder"
+    )
 
 
 def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
@@ -454,8 +458,10 @@ def _mimi_file(spec: str | None) -> Path:
     try:
         return Path(hub.hf_hub_download(repo, MIMI_NAME))
     except Exception as e:
-        raise CheckpointError(f"could not get the Mimi codec ({repo}/{MIMI_NAME}): "
-                              f"{type(e).__name__}: {e}. Connect to the internet, or {hint}.") from e
+        raise CheckpointError(
+            f"could not get the Mimi codec ({repo}/{MIMI_NAME}): "
+            f"{type(e).__name__}: {e}. Connect to the internet, or {hint}."
+        ) from e
 
 
 @torch.no_grad()

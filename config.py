@@ -70,7 +70,9 @@ class StreamingConfig:
         if self.max_segment_chars < 20:
             raise ValueError("max_segment_chars must be at least 20")
         if not 0 < self.prep_budget_steps <= 100:
-            raise ValueError(f"prep_budget_steps must be in (0, 100] (got {self.prep_budget_steps!r})")
+            raise ValueError(
+                f"prep_budget_steps must be in (0, 100] (got {self.prep_budget_steps!r})"
+            )
 
     @property
     def chunk_frames(self) -> int:

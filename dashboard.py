@@ -32,6 +32,8 @@ class Snapshot:
     underruns: int = 0
     memory_mb: float = 0.0
     events: list[str] = field(default_factory=list)  # fallbacks, retries, warnings
+    llm_ms: float | None = None  # chat: the LLM's first speakable words, from the message
+    llm_share: float | None = None  # ... as a share of the time to first audio
 
 
 def sparkline(values: list[float], width: int = 40) -> str:
@@ -40,7 +42,9 @@ def sparkline(values: list[float], width: int = 40) -> str:
         return ""
     lo, hi = min(values), max(values)
     span = (hi - lo) or 1.0
-    return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * (len(SPARK) - 1)))] for v in values)
+    return "".join(
+        SPARK[min(len(SPARK) - 1, int((v - lo) / span * (len(SPARK) - 1)))] for v in values
+    )
 
 
 def _rtf(v: float) -> str:
@@ -51,9 +55,10 @@ def plain_line(s: Snapshot) -> str:
     buf = "" if s.buffer_ms is None else f" buffer={s.buffer_ms:.0f}ms underruns={s.underruns}"
     ttfa = "-" if s.ttfa_ms is None else f"{s.ttfa_ms:.0f}ms"
     last = f"{s.chunk_gen_ms[-1]:.0f}ms" if s.chunk_gen_ms else "-"
+    llm = "" if s.llm_ms is None else f" llm_first_words={s.llm_ms:.0f}ms"
     return (f"[{s.status}] chunk {s.chunks} frames={s.frames} audio={s.audio_s:.2f}s "
             f"rtf_now={_rtf(s.rtf_now)} rtf={_rtf(s.rtf)} ttfa={ttfa} chunk_gen={last}{buf} "
-            f"fps={s.frames_per_s:.1f} mem={s.memory_mb:.0f}MB device={s.device}")
+            f"fps={s.frames_per_s:.1f} mem={s.memory_mb:.0f}MB device={s.device}{llm}")
 
 
 def render(s: Snapshot):
@@ -64,8 +69,14 @@ def render(s: Snapshot):
     t.add_column(style="bold cyan", justify="right")
     t.add_column()
     realtime = "faster than real time" if s.rtf < 1 else "slower than real time"
-    t.add_row("RTF now / overall", f"{_rtf(s.rtf_now)} / {_rtf(s.rtf)}  ({realtime if math.isfinite(s.rtf) else '-'})")
+    t.add_row(
+        "RTF now / overall",
+        f"{_rtf(s.rtf_now)} / {_rtf(s.rtf)}  ({realtime if math.isfinite(s.rtf) else '-'})",
+    )
     t.add_row("first audio", "-" if s.ttfa_ms is None else f"{s.ttfa_ms:.0f} ms")
+    if s.llm_ms is not None:
+        share = "" if s.llm_share is None else f" ({s.llm_share:.0%} of the wait for first audio)"
+        t.add_row("LLM first words", f"{s.llm_ms:.0f} ms{share}")
     last = f"{s.chunk_gen_ms[-1]:.0f} ms" if s.chunk_gen_ms else "-"
     t.add_row("chunks", f"{s.chunks}  (last {last})")
     t.add_row("chunk time", sparkline(s.chunk_gen_ms))
@@ -91,6 +102,7 @@ class Dashboard:
         self.live = None
         self.snapshot = Snapshot()
         self._last_plain = 0.0
+        self._printed = None  # the snapshot last printed as a plain line
         if enabled and is_tty:
             from rich.console import Console
             from rich.live import Live
@@ -108,7 +120,7 @@ class Dashboard:
         if self.live is not None:
             self.live.update(render(self.snapshot))
             self.live.__exit__(*exc)
-        elif self.enabled:
+        elif self.enabled and self._printed is not self.snapshot:  # not printed twice
             print(plain_line(self.snapshot), file=self.file, flush=True)
         return False
 
@@ -120,4 +132,5 @@ class Dashboard:
             self.live.update(render(snapshot))
         elif force or time.monotonic() - self._last_plain >= 0.25:
             self._last_plain = time.monotonic()
+            self._printed = snapshot
             print(plain_line(snapshot), file=self.file, flush=True)

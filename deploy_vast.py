@@ -1,11 +1,12 @@
 """A rented GPU box (vast.ai and alike) from bare to benchmarked in one command.
 
     python deploy_vast.py --all              # setup, download, benchmark
-    python deploy_vast.py --info             # GPU, driver, CUDA, torch, memory, disk: can it run CSM-1B?
-    python deploy_vast.py --setup            # system packages + the Python environment (as the README)
-    python deploy_vast.py --download         # CSM-1B, its tokenizer, Mimi, the watermark model (HF_TOKEN if set)
-    python deploy_vast.py --benchmark        # benchmarks/ suite -> results/<device>-<date>/ (JSON, PNG, report.md)
-    python deploy_vast.py --serve            # the server, with stream slots fitted to the GPU's memory
+    python deploy_vast.py --info         # GPU, driver, CUDA, torch, memory, disk: can it run?
+    python deploy_vast.py --setup        # system packages + the Python environment (the README's)
+    python deploy_vast.py --download     # CSM-1B, tokenizer, Mimi, watermark (HF_TOKEN if set)
+    python deploy_vast.py --benchmark    # benchmarks/ -> results/<device>-<date>/ (JSON, PNG)
+    python deploy_vast.py --serve        # the server, stream slots fitted to the GPU's memory
+    python deploy_vast.py --serve --replicas 4   # one engine per GPU, on Ray Serve
     python deploy_vast.py --all --dry-run    # print what would run
 
 Every step says what it does and can be re-run safely. This file imports no model code: model
@@ -29,10 +30,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 VENV_PY = ROOT / ".venv" / "bin" / "python"
-DEFAULT_MODEL = "unsloth/csm-1b"
-MIMI_REPO, MIMI_FILE = "kyutai/moshiko-pytorch-bf16", "tokenizer-e351c8d8-checkpoint125.safetensors"
+DEFAULT_MODEL = "unsloth/csm-1b"  # checkpoints.DEFAULT_REPO (this file imports no model code)
 MIN_GPU_GB = 8  # bf16 weights 3.1 GB + Mimi + caches and activations for a few streams
-STREAM_GB = 0.15  # per extra stream: backbone KV cache at 2048 positions (bf16) + Mimi state + margin
+# per extra stream: backbone KV cache at 2048 positions (bf16) + Mimi state + margin
+STREAM_GB = 0.15
 
 
 @dataclass
@@ -49,13 +50,22 @@ class Runner:
     def say(self, msg: str):
         print(self.mask(msg), flush=True)
 
-    def run(self, cmd: list[str], check: bool = True, env: dict | None = None, capture: bool = False):
+    def run(
+        self, cmd: list[str], check: bool = True, env: dict | None = None, capture: bool = False
+    ):
         """Run a command (or print it in a dry run); its output streams through, masked."""
         self.say(f"$ {' '.join(shlex.quote(c) for c in cmd)}")
         if self.dry_run:
             return subprocess.CompletedProcess(cmd, 0, "", "")
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
         lines = []
         for line in proc.stdout:
             lines.append(line)
@@ -78,16 +88,30 @@ def gpu_info() -> list[dict]:
     if shutil.which("nvidia-smi") is None:
         return []
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,memory.free",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            [
+                "nvidia-smi",
+                "--query-gpu=name,driver_version,memory.total,memory.free",
+                "--format=csv,noheader,nounits",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return []
     gpus = []
     for line in out.stdout.strip().splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) == 4:
-            gpus.append({"name": parts[0], "driver": parts[1], "memory_total_gb": float(parts[2]) / 1024,
-                         "memory_free_gb": float(parts[3]) / 1024})
+            gpus.append(
+                {
+                    "name": parts[0],
+                    "driver": parts[1],
+                    "memory_total_gb": float(parts[2]) / 1024,
+                    "memory_free_gb": float(parts[3]) / 1024,
+                }
+            )
     return gpus
 
 
@@ -97,7 +121,9 @@ def torch_info() -> dict:
     code = ("import json, torch; print(json.dumps({'installed': True, 'torch': torch.__version__, "
             "'cuda_build': torch.version.cuda, 'cuda_available': torch.cuda.is_available()}))")
     try:
-        out = subprocess.run([str(VENV_PY), "-c", code], capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [str(VENV_PY), "-c", code], capture_output=True, text=True, timeout=120
+        )
         return json.loads(out.stdout.strip().splitlines()[-1])
     except Exception as e:  # a broken environment: say so, do not crash
         return {"installed": False, "error": f"{type(e).__name__}"}
@@ -122,14 +148,19 @@ def collect_info() -> dict:
     if gpus:
         best = max(g["memory_free_gb"] for g in gpus)
         info["can_run"] = best >= MIN_GPU_GB
-        info["verdict"] = (f"yes: {best:.1f} GB free on the GPU (CSM-1B in bf16 needs about {MIN_GPU_GB} GB)"
-                           if info["can_run"] else f"no: {best:.1f} GB free on the GPU, CSM-1B needs about {MIN_GPU_GB} GB")
+        info["verdict"] = (
+            f"yes: {best:.1f} GB free on the GPU (CSM-1B in bf16 needs about {MIN_GPU_GB} GB)"
+            if info["can_run"]
+            else f"no: {best:.1f} GB free on the GPU, CSM-1B needs about {MIN_GPU_GB} GB"
+        )
     else:
         info["can_run"] = False
         info["verdict"] = ("no GPU: CSM-1B runs on the CPU slower than real time; "
                            "--benchmark --model random:tiny still works")
     if info["disk_free_gb"] < 20:
-        info["verdict"] += f"; only {info['disk_free_gb']:.0f} GB of disk free (weights need ~10 GB)"
+        info["verdict"] += (
+            f"; only {info['disk_free_gb']:.0f} GB of disk free (weights need ~10 GB)"
+        )
     return info
 
 
@@ -144,7 +175,10 @@ def step_info(r: Runner) -> dict:
         r.say("GPU: none found (no nvidia-smi, or no NVIDIA GPU)")
     t = info["torch"]
     if t.get("installed"):
-        r.say(f"torch: {t['torch']} (CUDA build {t['cuda_build']}, CUDA available: {t['cuda_available']})")
+        r.say(
+            f"torch: {t['torch']} (CUDA build {t['cuda_build']}, "
+            f"CUDA available: {t['cuda_available']})"
+        )
     else:
         r.say("torch: not installed yet (run --setup)")
     ram = info["ram_free_gb"]
@@ -163,39 +197,30 @@ def step_setup(r: Runner):
     r.say("== setup: system packages and the Python environment (bash setup.sh, as in the README)")
     r.run(["bash", "setup.sh"])
     r.say("checking that CUDA works from the environment")
-    check = ("import torch; ok = torch.cuda.is_available(); "
-             "print('CUDA works:', torch.cuda.get_device_name(0), torch.ones(2, device='cuda').sum().item()) "
-             "if ok else print('CUDA is not available to torch: the GPU steps will run on the CPU')")
+    check = (
+        "import torch; ok = torch.cuda.is_available(); "
+        "print('CUDA works:', torch.cuda.get_device_name(0), "
+        "torch.ones(2, device='cuda').sum().item()) "
+        "if ok else print('CUDA is not available to torch: the GPU steps will run on the CPU')"
+    )
     r.run([str(VENV_PY), "-c", check])
 
 
+# Runs in the project's environment: the weight files of a checkpoint are picked by
+# checkpoints.py, the one place that knows them.
 DOWNLOAD_SCRIPT = r"""
-import os, sys, json
-from huggingface_hub import hf_hub_download, list_repo_files
-from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-repo, mimi_repo, mimi_file, with_wm = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
-try:
-    names = list_repo_files(repo)
-except GatedRepoError:
-    sys.exit(f"{repo} is gated: accept its licence on the hub page and set HF_TOKEN, or use the default repo")
-except RepositoryNotFoundError:
-    sys.exit(f"{repo} not found (or private without a token)")
-weights = next(([n] for n in ("model.safetensors", "ckpt.pt") if n in names), None)
-if weights is None:
-    idx = next(n for n in names if n.endswith(".safetensors.index.json"))
-    prefix = idx.split(".")[0]
-    weights = [idx] + [n for n in names if n.startswith(prefix) and n.endswith(".safetensors")]
-wanted = weights + [n for n in ("config.json", "tokenizer.json", "tokenizer_config.json") if n in names]
-paths = []
-for i, name in enumerate(wanted, 1):
-    print(f"[{i}/{len(wanted)}] {repo}/{name}", flush=True)
-    paths.append(hf_hub_download(repo, name))  # resumes a partial download
-print(f"[mimi] {mimi_repo}/{mimi_file}", flush=True)
-paths.append(hf_hub_download(mimi_repo, mimi_file))
+import os, sys
+from checkpoints import MIMI_NAME, MIMI_REPO, download_checkpoint
+from huggingface_hub import hf_hub_download, snapshot_download
+repo, with_wm = sys.argv[1], sys.argv[2] == "1"
+folder = download_checkpoint(repo, progress=lambda line: print(line, flush=True))
+paths = [str(p) for p in folder.iterdir() if p.is_file()]
+print(f"[mimi] {MIMI_REPO}/{MIMI_NAME}", flush=True)
+paths.append(hf_hub_download(MIMI_REPO, MIMI_NAME))
 if with_wm:
-    from huggingface_hub import snapshot_download
-    print("[watermark] sony/silentcipher (44.1 kHz model)", flush=True)
-    snapshot_download("sony/silentcipher", allow_patterns=["44_1_khz/73999_iteration/*"])
+    from watermarking import SILENTCIPHER_44K, SILENTCIPHER_REPO
+    print(f"[watermark] {SILENTCIPHER_REPO} ({SILENTCIPHER_44K})", flush=True)
+    snapshot_download(SILENTCIPHER_REPO, allow_patterns=[f"{SILENTCIPHER_44K}/*"])
 # verify: every file is there, and every safetensors header reads
 from safetensors import safe_open
 for p in paths:
@@ -212,9 +237,12 @@ def step_download(r: Runner, model: str, watermark: bool = True):
     if model.startswith("random:"):
         r.say(f"== download: nothing to download for {model} (random weights)")
         return
-    r.say(f"== download: {model}, Mimi and {'the watermark model' if watermark else 'no watermark model'} "
-          "into the Hugging Face cache" + (" (using HF_TOKEN)" if os.environ.get("HF_TOKEN") else ""))
-    r.run([str(VENV_PY), "-c", DOWNLOAD_SCRIPT, model, MIMI_REPO, MIMI_FILE, "1" if watermark else "0"])
+    r.say(
+        f"== download: {model}, Mimi and "
+        f"{'the watermark model' if watermark else 'no watermark model'} "
+        "into the Hugging Face cache" + (" (using HF_TOKEN)" if os.environ.get("HF_TOKEN") else "")
+    )
+    r.run([str(VENV_PY), "-c", DOWNLOAD_SCRIPT, model, "1" if watermark else "0"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,66 +251,108 @@ def step_download(r: Runner, model: str, watermark: bool = True):
 
 
 def step_benchmark(r: Runner, model: str, device: str, quick: bool) -> Path:
-    flavour = model.split(":", 1)[1] if model.startswith("random:") else "csm-1b"
     info = collect_info()
     name = info["gpus"][0]["name"] if info["gpus"] else "cpu"
     out = ROOT / "results" / f"{name.lower().replace(' ', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    r.say(f"== benchmark: random {flavour} weights on {device} -> {out.relative_to(ROOT)}")
+    r.say(f"== benchmark: {model} on {device} -> {out.relative_to(ROOT)}")
     if not r.dry_run:
         out.mkdir(parents=True, exist_ok=True)
     frames = "4" if quick else "12"
     py = str(VENV_PY)
-    r.run([py, "benchmarks/bench_frame.py", "--model", flavour, "--device", device, "--frames", "3" if quick else "8",
-           "--out-dir", str(out)])
-    r.run([py, "benchmarks/bench_streaming.py", "--model", flavour, "--device", device, "--frames", frames,
-           "--streams", "1,4" if quick else "1,4,8,16", "--chunks", "160,320" if quick else "160,320,640",
-           "--frame-batches", "2" if quick else "1,2,4", "--out-dir", str(out)]
-          + ([] if quick or device == "cpu" else ["--compile"]))
-    r.run([py, "benchmarks/bench_watermark.py", "--device", device, "--repeats", "1" if quick else "3",
-           "--out-dir", str(out)])
+    r.run(
+        [
+            py,
+            "benchmarks/bench_frame.py",
+            "--model",
+            model,
+            "--device",
+            device,
+            "--frames",
+            "3" if quick else "8",
+            "--out-dir",
+            str(out),
+        ]
+    )
+    r.run(
+        [
+            py,
+            "benchmarks/bench_streaming.py",
+            "--model",
+            model,
+            "--device",
+            device,
+            "--frames",
+            frames,
+            "--streams",
+            "1,4" if quick else "1,4,8,16",
+            "--chunks",
+            "160,320" if quick else "160,320,640",
+            "--frame-batches",
+            "2" if quick else "1,2,4",
+            "--out-dir",
+            str(out),
+        ]
+        + ([] if quick or device == "cpu" else ["--compile"])
+    )
+    r.run(
+        [
+            py,
+            "benchmarks/bench_watermark.py",
+            "--device",
+            device,
+            "--repeats",
+            "1" if quick else "3",
+            "--out-dir",
+            str(out),
+        ]
+    )
     if not r.dry_run:
         report = write_report(out, info, model)
         r.say(f"report: {report.relative_to(ROOT)}")
     return out
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows), ""]
+
+
 def write_report(out: Path, info: dict, model: str) -> Path:
     """A short markdown report of the JSON the benchmarks wrote."""
+    gpu = info["gpus"][0] if info["gpus"] else None
+    box = f", {gpu['name']} ({gpu['memory_total_gb']:.0f} GB)" if gpu else ""
     lines = [f"# CSM-1B benchmark on {_device(out)}", "",
              f"Model: {model} (random weights: speed does not depend on their values). "
-             f"Date: {time.strftime('%Y-%m-%d %H:%M')}. Box: {info['cpu_count']} CPUs"
-             + (f", {info['gpus'][0]['name']} ({info['gpus'][0]['memory_total_gb']:.0f} GB)" if info["gpus"] else "")
-             + ".", ""]
+             f"Date: {time.strftime('%Y-%m-%d %H:%M')}. Box: {info['cpu_count']} CPUs{box}.", ""]
     frame = _load(out, "frame_")
     if frame:
-        lines += ["## Frame step", "", f"Read bandwidth {frame['bandwidth_gb_s']:.1f} GB/s.", "",
-                  "| dtype | floor ms | ours ms | plain loop ms | ours / floor | RTF |", "|---|---|---|---|---|---|"]
-        for row in frame["rows"]:
-            lines.append(f"| {row['dtype']} | {row['floor_ms']:.1f} | {row['ours_ms']:.1f} | {row['plain_ms']:.1f} "
-                         f"| {row['ours_over_floor']:.2f} | {row['ours_rtf']:.3f} |")
-        lines.append("")
+        lines += ["## Frame step", "", f"Read bandwidth {frame['bandwidth_gb_s']:.1f} GB/s.", ""]
+        lines += _table(["dtype", "floor ms", "ours ms", "plain loop ms", "ours / floor", "RTF"],
+                        [[r["dtype"], f"{r['floor_ms']:.1f}", f"{r['ours_ms']:.1f}",
+                          f"{r['plain_ms']:.1f}", f"{r['ours_over_floor']:.2f}",
+                          f"{r['ours_rtf']:.3f}"] for r in frame["rows"]])
     streaming = _load(out, "streaming_")
     if streaming:
-        lines += ["## Streaming", "", "| run | streams | first audio ms | RTF per stream | frames/s (all) |",
-                  "|---|---|---|---|---|"]
-        runs = [row for row in streaming["rows"] if "step_ms" not in row]
-        steps = [row for row in streaming["rows"] if "step_ms" in row]
-        for row in runs:
-            lines.append(f"| {row['name']} | {row['streams']} | {row['ttfa_ms']:.0f} | {row['rtf_per_stream']:.3f} "
-                         f"| {row['aggregate_frames_per_s']:.2f} |")
+        runs = [r for r in streaming["rows"] if "step_ms" not in r]
+        steps = [r for r in streaming["rows"] if "step_ms" in r]
+        lines += ["## Streaming", ""]
+        lines += _table(["run", "streams", "first audio ms", "RTF per stream", "frames/s (all)"],
+                        [[r["name"], str(r["streams"]), f"{r['ttfa_ms']:.0f}",
+                          f"{r['rtf_per_stream']:.3f}", f"{r['aggregate_frames_per_s']:.2f}"]
+                         for r in runs])
         if steps:
-            lines += ["", "| frame step alone | ms | frames/s (all) | vs 1 stream |", "|---|---|---|---|"]
-            for row in steps:
-                lines.append(f"| {row['streams']} streams | {row['step_ms']:.1f} | "
-                             f"{row['aggregate_frames_per_s']:.2f} | {row['aggregate_vs_1_stream']:.2f}x |")
-        pngs = sorted(out.glob("streaming_*.png"))
-        lines += ["", *(f"![streaming]({p.name})" for p in pngs), ""]
+            lines += _table(["frame step alone", "ms", "frames/s (all)", "vs 1 stream"],
+                            [[f"{r['streams']} streams", f"{r['step_ms']:.1f}",
+                              f"{r['aggregate_frames_per_s']:.2f}",
+                              f"{r['aggregate_vs_1_stream']:.2f}x"] for r in steps])
+        lines += [f"![streaming]({p.name})" for p in sorted(out.glob("streaming_*.png"))] + [""]
     wm = _load(out, "watermark_")
     if wm:
-        lines += ["## Watermark", "", f"Added to the first audio: {wm['first_chunk_added_latency_ms']:.0f} ms.", "",
-                  "| window ms | mark ms | ms per audio second |", "|---|---|---|"]
-        for row in wm["rows"]:
-            lines.append(f"| {row['window_ms']} | {row['mark_ms']:.0f} | {row['ms_per_audio_s']:.0f} |")
+        lines += ["## Watermark", "",
+                  f"Added to the first audio: {wm['first_chunk_added_latency_ms']:.0f} ms.", ""]
+        lines += _table(["window ms", "mark ms", "ms per audio second"],
+                        [[str(r["window_ms"]), f"{r['mark_ms']:.0f}", f"{r['ms_per_audio_s']:.0f}"]
+                         for r in wm["rows"]])
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -312,13 +382,23 @@ def fitted_streams(info: dict) -> int:
     return max(1, min(64, int((free - MIN_GPU_GB) / STREAM_GB) + 1))
 
 
-def step_serve(r: Runner, model: str, host: str, port: int, token: str | None):
+def step_serve(r: Runner, model: str, host: str, port: int, token: str | None,
+               replicas: int = 1):
+    """The server; with replicas > 1, that many engines (one per GPU) on Ray Serve."""
     info = collect_info()
     streams = fitted_streams(info)
-    r.say(f"== serve: {model} on {host}:{port} with {streams} stream slots "
+    gpus = len(info["gpus"])
+    if replicas > 1 and gpus and replicas > gpus:
+        raise SystemExit(f"--replicas {replicas}: this box has {gpus} GPUs (one engine each)")
+    r.say(f"== serve: {model} on {host}:{port} with {streams} stream slots"
+          f"{f' x {replicas} replicas (Ray Serve)' if replicas > 1 else ''} "
           f"({'fitted to the GPU memory' if info['gpus'] else 'CPU'})")
-    cmd = [str(VENV_PY), "server.py", "--model", model, "--host", host, "--port", str(port),
-           "--max-streams", str(streams), "--max-queue", str(streams * 4)]
+    if replicas > 1:
+        cmd = [str(VENV_PY), "serve_ray.py", "--replicas", str(replicas), "--host", host,
+               "--port", str(port), "--max-streams", str(streams), "--model", model]
+    else:
+        cmd = [str(VENV_PY), "server.py", "--model", model, "--host", host, "--port", str(port),
+               "--max-streams", str(streams), "--max-queue", str(streams * 4)]
     env = dict(os.environ)
     if token:
         env["CSM_SERVER_TOKEN"] = token  # through the environment: not on the command line
@@ -328,22 +408,47 @@ def step_serve(r: Runner, model: str, host: str, port: int, token: str | None):
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Set up, download, benchmark and serve CSM-1B on a GPU box.")
-    p.add_argument("--info", action="store_true")
-    p.add_argument("--setup", action="store_true")
-    p.add_argument("--download", action="store_true")
-    p.add_argument("--benchmark", action="store_true")
-    p.add_argument("--serve", action="store_true")
-    p.add_argument("--all", action="store_true", help="setup, download, benchmark")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Set up, download, benchmark and serve CSM-1B on a GPU box.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--info", action="store_true", help="GPU, driver, torch, memory, disk: can it run CSM-1B?"
+    )
+    p.add_argument("--setup", action="store_true", help="bash setup.sh, then check that CUDA works")
+    p.add_argument("--download", action="store_true",
+                   help="weights, tokenizer, Mimi and the watermark model into the HF cache")
+    p.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="the benchmarks/ suite with random full-size weights -> results/<gpu>-<date>/",
+    )
+    p.add_argument(
+        "--serve", action="store_true", help="the server, slots fitted to the GPU memory"
+    )
+    p.add_argument("--all", action="store_true", help="info, setup, download, benchmark")
     p.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="repo, folder or random:tiny / random:csm-1b")
-    p.add_argument("--device", default=None, help="default: cuda when it works, else cpu")
-    p.add_argument("--quick", action="store_true", help="short benchmarks (default with random:tiny)")
-    p.add_argument("--no-watermark-download", action="store_true")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--token", default=os.environ.get("CSM_SERVER_TOKEN"), help="bearer token for --serve")
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, help="repo, folder or random:tiny / random:csm-1b"
+    )
+    p.add_argument("--device", default=None, help="None: cuda when it works, else cpu")
+    p.add_argument(
+        "--quick", action="store_true", help="short benchmarks (always with random:tiny)"
+    )
+    p.add_argument("--no-watermark-download", action="store_true",
+                   help="do not download the watermark model")
+    p.add_argument("--host", default="127.0.0.1", help="address --serve binds")
+    p.add_argument("--port", type=int, default=8000, help="port --serve listens on")
+    p.add_argument("--token", default=os.environ.get("CSM_SERVER_TOKEN"),
+                   help="bearer token for --serve (or $CSM_SERVER_TOKEN)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="--serve: engines on Ray Serve, one per GPU (1: the plain server)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     steps = [s for s in ("info", "setup", "download", "benchmark", "serve") if getattr(args, s)]
     if args.all:
@@ -362,14 +467,18 @@ def main(argv=None) -> int:
         step_download(r, args.model, watermark=not args.no_watermark_download)
     if "benchmark" in steps:
         info = info or collect_info()
-        device = args.device or ("cuda" if info["gpus"] and info["torch"].get("cuda_available", True) else "cpu")
+        device = args.device or (
+            "cuda" if info["gpus"] and info["torch"].get("cuda_available", True) else "cpu"
+        )
         if not benchmark_model.startswith("random:"):
             benchmark_model = "random:csm-1b"  # speed does not depend on the weights
         if device == "cpu" and not info["gpus"]:
             r.say("no GPU: benchmarking on the CPU")
-        step_benchmark(r, benchmark_model, device, quick=args.quick or benchmark_model == "random:tiny")
+        step_benchmark(
+            r, benchmark_model, device, quick=args.quick or benchmark_model == "random:tiny"
+        )
     if "serve" in steps:
-        step_serve(r, args.model, args.host, args.port, args.token)
+        step_serve(r, args.model, args.host, args.port, args.token, args.replicas)
     return 0
 
 

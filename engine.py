@@ -163,12 +163,13 @@ class StreamEngine:
         self.check_segment(segments, request)
         return segments
 
-    def check_segment(self, segments: list[str], request: GenerationRequest):
-        """Each segment must fit the window with room for audio (a single segment: with room
-        for all of max_audio_length_ms, as the reference loop needs)."""
+    def check_segment(self, segments: list[str], request: GenerationRequest,
+                      segmented: bool = False):
+        """Each segment must fit the window with room for audio (a plain text of one segment:
+        with room for all of max_audio_length_ms, as the reference loop needs)."""
         for i, seg in enumerate(segments):
             n = len(self.gen.tokenize_text(seg, request.speaker)[0])
-            if len(segments) == 1 and n + request.max_frames > self.window:
+            if not segmented and len(segments) == 1 and n + request.max_frames > self.window:
                 raise ValueError(f"text is too long: {n} tokens + {request.max_frames} frames of "
                                  f"audio exceed the {self.window}-position window; split the "
                                  "text or lower max_audio_length_ms")
@@ -192,6 +193,7 @@ class StreamEngine:
                         frames_left=request.max_frames)
         stream.metrics.segments = len(feed.known)
         self.slots[slot] = self.last_stream = stream
+        feed.stream = stream  # the caller finds the stream (its codes) through its feed
         self._set_sampling(stream)
         self.mimi.reset_streaming(self._slot_mask(slot))
         self.prompts.start(stream)
@@ -299,7 +301,11 @@ class StreamEngine:
     def _chunk(self, streams: list[Stream]) -> list[ChunkEvent]:
         t0 = time.perf_counter()
         cfg, st = self.config, self.state
-        n = cfg.first_chunk_frames if any(s.metrics.chunks == 0 for s in streams) else cfg.chunk_frames
+        n = (
+            cfg.first_chunk_frames
+            if any(s.metrics.chunks == 0 for s in streams)
+            else cfg.chunk_frames
+        )
         n = max(1, min(n, max(s.segment_limit - s.segment_frames for s in streams)))
         rows = self.last_bucket = self.bucket(max(s.slot for s in streams) + 1)
         step = self.step_fn(rows)
@@ -313,7 +319,9 @@ class StreamEngine:
             st.restore(saved)  # e.g. out of memory at frame f: no stream loses frames 0..f-1
             raise
         step_s = (time.perf_counter() - t0) / n
-        self.frame_step_s = step_s if not self.frame_step_s else 0.8 * self.frame_step_s + 0.2 * step_s
+        self.frame_step_s = (
+            step_s if not self.frame_step_s else 0.8 * self.frame_step_s + 0.2 * step_s
+        )
         kept = {s.slot: min(valid[s.slot], s.segment_limit - s.segment_frames, s.frames_left)
                 for s in streams}
         audio = self._decode(st.codes[:, :n], kept)

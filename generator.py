@@ -253,7 +253,7 @@ class Generator:
         """
         req = self.request(text, speaker, context, max_audio_length_ms, temperature, topk, seed)
         for attempt in range(MAX_EMPTY_RETRIES + 1):
-            audio = self._with_cpu_fallback(lambda: self._speak(req))
+            audio = self._with_cpu_fallback(self._speak, req)
             if audio.numel():
                 return self.watermarker.mark(audio) if self.watermarker else audio
             if attempt < MAX_EMPTY_RETRIES:
@@ -284,14 +284,14 @@ class Generator:
         audio = torch.cat(pieces) if pieces else torch.zeros(0)
         return guard.end(audio)
 
-    def _with_cpu_fallback(self, fn):
+    def _with_cpu_fallback(self, fn, *args):
         try:
-            return fn()
+            return fn(*args)
         except torch.OutOfMemoryError:
             if not self.allow_cpu_fallback or self.device.type == "cpu":
                 raise
             self.fall_back_to_cpu()
-            return fn()
+            return fn(*args)
 
     def fall_back_to_cpu(self):
         """Out of device memory: move the model and codec to the CPU (float32), said once."""

@@ -116,8 +116,9 @@ class ServerMetrics:
                                  ["route", "status", *extra], registry=r)
         self.rejected = labelled(Counter("csm_rejected", "Requests refused: slots and queue full.",
                                          extra, registry=r))
-        self.cancelled = labelled(Counter("csm_cancelled", "Streams the client left before the end.",
-                                          extra, registry=r))
+        self.cancelled = labelled(
+            Counter("csm_cancelled", "Streams the client left before the end.", extra, registry=r)
+        )
         self._fallbacks = Counter("csm_fallbacks", "Fallbacks, retries and early stops by kind.",
                                   ["kind", *extra], registry=r)
         self.rtf = labelled(Histogram("csm_rtf", "Real-time factor of finished streams.", extra,

@@ -14,12 +14,20 @@ _ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
          "nineteen"]
 _TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 _SCALES = [(10**12, "trillion"), (10**9, "billion"), (10**6, "million"), (1000, "thousand")]
-_ORDINAL_WORDS = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
-                  "nine": "ninth", "twelve": "twelfth"}
+_ORDINAL_WORDS = {
+    "one": "first",
+    "two": "second",
+    "three": "third",
+    "five": "fifth",
+    "eight": "eighth",
+    "nine": "ninth",
+    "twelve": "twelfth",
+}
 
 
 def number_to_words(n: int) -> str:
-    """0 <= n < 10**15 -> English words (no 'and'): 1234 -> 'one thousand two hundred thirty-four'."""
+    """0 <= n < 10**15 -> English words (no 'and'):
+    1234 -> 'one thousand two hundred thirty-four'."""
     if n < 0:
         return "minus " + number_to_words(-n)
     if n < 20:
@@ -33,7 +41,9 @@ def number_to_words(n: int) -> str:
     for value, name in _SCALES:
         if n >= value:
             head, rest = divmod(n, value)
-            return number_to_words(head) + " " + name + (" " + number_to_words(rest) if rest else "")
+            return (
+                number_to_words(head) + " " + name + (" " + number_to_words(rest) if rest else "")
+            )
     raise ValueError(n)
 
 
@@ -77,13 +87,32 @@ def _decimal(whole: str, frac: str) -> str:
 _CURRENCY = {"$": ("dollar", "dollars", "cent", "cents"), "€": ("euro", "euros", "cent", "cents"),
              "£": ("pound", "pounds", "penny", "pence")}
 _ABBREVIATIONS = [
-    (r"\bDr\.(?=\s+[A-Z])", "Doctor"), (r"\bMr\.", "Mister"), (r"\bMrs\.", "Missus"), (r"\bMs\.", "Miz"),
-    (r"\bProf\.", "Professor"), (r"\bSt\.(?=\s+[A-Z])", "Saint"), (r"\bJr\.", "Junior"), (r"\bSr\.", "Senior"),
-    (r"\be\.g\.", "for example"), (r"\bi\.e\.", "that is"), (r"\betc\.", "et cetera"), (r"\bvs\.?(?=\s)", "versus"),
-    (r"\bapprox\.", "approximately"), (r"\bNo\.(?=\s*\d)", "number"),
+    (r"\bDr\.(?=\s+[A-Z])", "Doctor"),
+    (r"\bMr\.", "Mister"),
+    (r"\bMrs\.", "Missus"),
+    (r"\bMs\.", "Miz"),
+    (r"\bProf\.", "Professor"),
+    (r"\bSt\.(?=\s+[A-Z])", "Saint"),
+    (r"\bJr\.", "Junior"),
+    (r"\bSr\.", "Senior"),
+    (r"\be\.g\.", "for example"),
+    (r"\bi\.e\.", "that is"),
+    (r"\betc\.", "et cetera"),
+    (r"\bvs\.?(?=\s)", "versus"),
+    (r"\bapprox\.", "approximately"),
+    (r"\bNo\.(?=\s*\d)", "number"),
 ]
-_SYMBOLS = [("&", " and "), ("@", " at "), ("+", " plus "), ("=", " equals "), ("°C", " degrees Celsius"),
-            ("°F", " degrees Fahrenheit"), ("°", " degrees"), ("#", " number "), ("/", " slash ")]
+_SYMBOLS = [
+    ("&", " and "),
+    ("@", " at "),
+    ("+", " plus "),
+    ("=", " equals "),
+    ("°C", " degrees Celsius"),
+    ("°F", " degrees Fahrenheit"),
+    ("°", " degrees"),
+    ("#", " number "),
+    ("/", " slash "),
+]
 
 
 def _money(m: re.Match) -> str:
@@ -123,13 +152,23 @@ def normalize_text(text: str) -> str:
     t = text
     for pattern, repl in _ABBREVIATIONS:
         t = re.sub(pattern, repl, t)
-    t = re.sub(r"([$€£])\s?(\d[\d,]*)(?:\.(\d+))?(?:\s+(thousand|million|billion|trillion)\b)?", _money, t)
+    t = re.sub(
+        r"([$€£])\s?(\d[\d,]*)(?:\.(\d+))?(?:\s+(thousand|million|billion|trillion)\b)?", _money, t
+    )
     t = re.sub(r"\b(\d{1,2}):(\d{2})(?:\s*([AaPp]\.?[Mm]\.?))?", _time, t)
-    t = re.sub(r"\b(\d+)(?:\.(\d+))?\s?%", lambda m: (_decimal(m.group(1), m.group(2)) if m.group(2)
-                                                      else number_to_words(int(m.group(1)))) + " percent", t)
+    t = re.sub(
+        r"\b(\d+)(?:\.(\d+))?\s?%",
+        lambda m: (
+            (_decimal(m.group(1), m.group(2)) if m.group(2) else number_to_words(int(m.group(1))))
+            + " percent"
+        ),
+        t,
+    )
     t = re.sub(r"\b(\d+)(st|nd|rd|th)\b", lambda m: ordinal_words(int(m.group(1))), t)
     t = re.sub(r"\b(1[1-9]\d\d|20\d\d)s\b", lambda m: _plural(year_words(int(m.group(1)))), t)
-    t = re.sub(r"(?<![\d.,])\b(1[1-9]\d\d|20\d\d)\b(?![\d,.]\d)", lambda m: year_words(int(m.group(1))), t)
+    t = re.sub(
+        r"(?<![\d.,])\b(1[1-9]\d\d|20\d\d)\b(?![\d,.]\d)", lambda m: year_words(int(m.group(1))), t
+    )
     t = re.sub(r"(?<![\d,])(-)?(\d{1,3}(?:,\d{3})+|\d+)\.(\d+)\b",
                lambda m: ("minus " if m.group(1) else "") + _decimal(m.group(2), m.group(3)), t)
     t = re.sub(r"(?<![\w,])(-)?(\d{1,3}(?:,\d{3})+|\d+)\b",

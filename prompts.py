@@ -156,7 +156,9 @@ class PromptWork:
         eos_t, eos_m = audio_rows(torch.zeros(0, 32, dtype=torch.long))
         start = s.prompt_end + s.segment_frames
         if start + 1 + len(text_t) + self.reserve(s) <= self.window:
-            yield from self._prefill(s, torch.cat([eos_t, text_t]), torch.cat([eos_m, text_m]), start)
+            yield from self._prefill(
+                s, torch.cat([eos_t, text_t]), torch.cat([eos_m, text_m]), start
+            )
         else:
             tokens, mask = fit_prompt(list(s.context_rows) + s.history, (text_t, text_m),
                                       self.window, self.reserve(s))
@@ -170,7 +172,7 @@ class PromptWork:
         """Frames the current segment may take: all that is left for a single closed segment
         (as the reference loop), else a cap by its length that does not depend on what follows,
         so one sentence that never ends cannot starve the rest."""
-        if s.feed.closed and len(s.feed.known) == 1:
+        if not s.feed.segmented and len(s.feed.known) == 1:
             return s.frames_left
         cap = max(MIN_SEGMENT_FRAMES, math.ceil(FRAMES_PER_CHAR * len(s.segment_text)))
         return min(s.frames_left, cap, self.window // 2)

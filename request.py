@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-
-import torch
+from typing import TYPE_CHECKING
 
 from audio import FRAME_MS, SAMPLE_RATE
+
+if TYPE_CHECKING:  # torch is imported where tensors are checked: the CLI validates without it
+    import torch
 
 DEFAULT_MAX_AUDIO_MS = 90_000  # upstream's default length limit
 DEFAULT_TEMPERATURE = 0.9
@@ -105,6 +107,8 @@ def _check_int(value, name: str):
 
 
 def _check_segment(seg, where: str):
+    import torch
+
     if not isinstance(seg, Segment):
         raise ValueError(f"{where} must be a Segment (got {type(seg).__name__})")
     _check_int(seg.speaker, f"{where}.speaker")
@@ -148,6 +152,8 @@ def retry_request(req: GenerationRequest, attempt: int) -> tuple[GenerationReque
 
 def draw_seed(seed: int | None) -> int:
     """The 32-bit key of a request's random draws; None draws one from torch's global RNG."""
+    import torch
+
     if seed is None:
         return int(torch.randint(0, 2**32, (1,)).item())
     return seed & 0xFFFFFFFF

@@ -14,9 +14,10 @@ import logging
 import re
 import threading
 import time
+from pathlib import Path
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from api import (
     CLEANUP_KEY,
@@ -49,7 +50,8 @@ class ServerContext:
     def __init__(self, app, scheduler, settings: ServerSettings, voices=None, chat=None):
         self.app, self.scheduler, self.settings = app, scheduler, settings
         self.sg, self.metrics = scheduler.generator, scheduler.metrics
-        self.voices, self.chat = voices, chat
+        self.voices, self.chat = voices, chat  # chat: an llm.LLMConfig, or None
+        self.chat_session = None  # async (ws, ctx, first message): set by server.create_app
 
     def count(self, scope, status):
         self.metrics.count_request(route_template(self.app, scope), status)
@@ -71,7 +73,9 @@ class ServerContext:
     async def request_from(self, text, voice, context, max_ms, temperature, top_k, seed,
                            speaker=0, gone=None):
         """A validated request; `voice` (a name or number) when given, else the bare speaker."""
-        speaker, voice_ctx = voice_to_speaker(voice, self.voices) if voice is not None else (speaker, ())
+        speaker, voice_ctx = (
+            voice_to_speaker(voice, self.voices) if voice is not None else (speaker, ())
+        )
         return await build_request(self.sg, self.settings, text, speaker, context, max_ms,
                                    temperature, top_k, seed, voice_ctx, gone)
 
@@ -121,17 +125,24 @@ class ServerContext:
         finally:
             await agen.aclose()
 
-    async def sse(self, scope, agen, first):
-        """Server-sent events: deltas, then done; a failure is an `error` event, never a done."""
+    async def sse(self, scope, agen, first, before=None, done_extra=None):
+        """Server-sent events: deltas, then done; a failure is an `error` event, never a done.
+        before(): events (dicts) to send ahead of each audio delta and of done (chat text);
+        done_extra(): fields added to the done event."""
         n = 0
+
+        def ahead() -> bytes:
+            return b"".join(_sse(e) for e in (before() if before else ()))
 
         def delta(chunk):
             nonlocal n
             n += chunk.numel()
-            return _sse({"type": "speech.audio.delta", "audio": base64.b64encode(pcm16(chunk)).decode()})
+            audio = base64.b64encode(pcm16(chunk)).decode()
+            return ahead() + _sse({"type": "speech.audio.delta", "audio": audio})
 
         def done():
-            return _sse({"type": "speech.audio.done", "audio_ms": n / SAMPLE_RATE * 1000})
+            return ahead() + _sse({"type": "speech.audio.done", "audio_ms": n / SAMPLE_RATE * 1000,
+                                   **(done_extra() if done_extra else {})})
 
         try:
             async for b in self.body(scope, agen, first, delta, done):
@@ -139,37 +150,44 @@ class ServerContext:
         except StreamAborted as e:
             yield _sse({"type": "error", "message": str(e)})
 
-    async def ws_stream(self, ws, ticket, extra=None):
-        """PCM chunks and progress on a WebSocket, then done (or an error); closing it cancels."""
-        async def watch_close():
-            try:
-                while (await ws.receive()).get("type") != "websocket.disconnect":
-                    pass
-            except Exception:  # the socket broke: same as closed
-                pass
-            ticket.cancel()
+    async def ws_stream(self, ws, ticket, gone: asyncio.Event | None = None, session: bool = False,
+                        before_chunk=None) -> bool:
+        """PCM chunks and progress on a WebSocket, then done (or an error); the client leaving
+        cancels. gone: set when the client left (a session reads the socket itself); None:
+        watch it here. session: keep the socket open after done (more turns come).
+        before_chunk(): messages to send before each chunk and before done (chat text).
+        Returns True when the stream was complete and the socket is still usable."""
+        watcher = None
+        if gone is None:
+            gone = asyncio.Event()
+            watcher = asyncio.create_task(read_until_closed(ws, gone))
+        cancel_when_gone = asyncio.create_task(_cancel_when(gone, ticket))
 
-        def send(coro):  # a reader that reads nothing is dropped, as on HTTP
-            return asyncio.wait_for(coro, self.settings.write_timeout_s)
+        async def send(message):  # a reader that reads nothing is dropped, as on HTTP
+            send = ws.send_bytes if isinstance(message, bytes) else ws.send_json
+            await asyncio.wait_for(send(message), self.settings.write_timeout_s)
 
-        watcher = asyncio.create_task(watch_close())
         samples = chunks = 0
         try:
             async for chunk in self.marked(ticket):
-                await send(ws.send_bytes(pcm16(chunk)))
+                for m in before_chunk() if before_chunk else ():
+                    await send(m)
+                await send(pcm16(chunk))
                 samples += chunk.numel()
                 chunks += 1
                 m = ticket.metrics
-                await send(ws.send_json({
-                    "type": "progress", "chunk": chunks, "audio_ms": samples / SAMPLE_RATE * 1000,
-                    "rtf": m.rtf if m and m.audio_s else None,
-                    "time_to_first_audio_ms": _ms(m.first_audio_s if m else None),
-                    **(extra() if extra else {})}))
-            await send(ws.send_json({"type": "done", "audio_ms": samples / SAMPLE_RATE * 1000,
-                                     "sample_rate": SAMPLE_RATE, "format": "pcm_s16le",
-                                     **(extra() if extra else {})}))
+                await send({"type": "progress", "chunk": chunks,
+                            "audio_ms": samples / SAMPLE_RATE * 1000,
+                            "rtf": m.rtf if m and m.audio_s else None,
+                            "time_to_first_audio_ms": _ms(m.first_audio_s if m else None)})
+            for m in before_chunk() if before_chunk else ():
+                await send(m)
+            await send({"type": "done", "audio_ms": samples / SAMPLE_RATE * 1000,
+                        "sample_rate": SAMPLE_RATE, "format": "pcm_s16le"})
             self.count(ws.scope, 200)
-            await ws.close()
+            if not session:
+                await ws.close()
+            return True
         except (WebSocketDisconnect, asyncio.TimeoutError) as e:
             ticket.cancel()
             self.count(ws.scope, 499)
@@ -181,12 +199,37 @@ class ServerContext:
             ticket.cancel()
             err = shape_error(e, self.retry_after())
             self.count(ws.scope, err.status)
-            await _ws_error(ws, err.status, err.message)
+            await ws_error(ws, err.status, err.message, close=not session or gone.is_set())
+            return session and not gone.is_set()  # a failed turn: the session goes on
         finally:
-            watcher.cancel()
+            cancel_when_gone.cancel()
+            if watcher is not None:
+                watcher.cancel()
+        return False
 
 
-def _ctx(request_or_ws) -> ServerContext:
+async def read_until_closed(ws, gone: asyncio.Event, inbox: asyncio.Queue | None = None):
+    """Read a socket until it closes (then set `gone`); text messages go to `inbox`."""
+    try:
+        while True:
+            m = await ws.receive()
+            if m.get("type") == "websocket.disconnect":
+                break
+            if inbox is not None and m.get("text") is not None:
+                inbox.put_nowait(m["text"])
+    except Exception:  # the socket broke: same as closed
+        pass
+    gone.set()
+    if inbox is not None:
+        inbox.put_nowait(None)
+
+
+async def _cancel_when(gone: asyncio.Event, ticket):
+    await gone.wait()
+    ticket.cancel()
+
+
+def context_of(request_or_ws) -> ServerContext:
     return request_or_ws.app.state.ctx
 
 
@@ -200,7 +243,7 @@ def _error(status: int, message: str, headers=None):
 
 
 async def _api_error(request, exc: ApiError):
-    _ctx(request).count(request.scope, exc.status)
+    context_of(request).count(request.scope, exc.status)
     return _error(exc.status, exc.message, exc.headers)
 
 
@@ -215,21 +258,21 @@ async def _validation_error(request, exc):
     if _SURROGATE_ESCAPE.search(await request.body()):  # the JSON parser refused the whole body
         parts = ["body: a string is not valid Unicode (a lone surrogate escape such as \\ud800): "
                  "send UTF-8 text"]
-    _ctx(request).count(request.scope, 422)
+    context_of(request).count(request.scope, 422)
     return _error(422, "; ".join(parts) or "invalid request body")
 
 
 async def _http_error(request, exc):
     if isinstance(exc.__cause__, BodyTooLarge):  # FastAPI wraps errors of reading the body
-        _ctx(request).count(request.scope, 413)
+        context_of(request).count(request.scope, 413)
         return _error(413, exc.__cause__.message)
-    _ctx(request).count(request.scope, exc.status_code)
+    context_of(request).count(request.scope, exc.status_code)
     return _error(exc.status_code, str(exc.detail))
 
 
 async def _unexpected_error(request, exc):
     log.exception("unhandled error on %s", route_template(request.app, request.scope))
-    _ctx(request).count(request.scope, 500)
+    context_of(request).count(request.scope, 500)
     return _error(500, f"internal error ({type(exc).__name__}); see the server log")
 
 
@@ -240,22 +283,40 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request):
-    ctx = _ctx(request)
+    ctx = context_of(request)
     s = ctx.scheduler
     return {"status": "ok", "device": str(ctx.sg.device), "active_streams": s.active,
             "queued": s.queued, "slots": s.slots, "watermark": ctx.sg.watermarked,
             "voices": ctx.voices.names() if ctx.voices else [], "chat": ctx.chat is not None}
 
 
+WEB = Path(__file__).resolve().parent / "web"
+_WEB_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+
+
+@router.get("/")
+async def page():
+    """The listening page (no token needed to load it; it asks for one when the server has)."""
+    return FileResponse(WEB / "index.html", media_type="text/html")
+
+
+@router.get("/web/{name}")
+async def web_file(name: str):
+    path = WEB / name
+    if not re.fullmatch(r"[\w-]+\.(html|js|css)", name) or not path.is_file():
+        raise ApiError(404, f"no such file: /web/{name}")
+    return FileResponse(path, media_type=_WEB_TYPES[path.suffix])
+
+
 @router.get("/metrics")
 async def metrics_route(request: Request):
-    return Response(_ctx(request).metrics.render(), media_type="text/plain; version=0.0.4")
+    return Response(context_of(request).metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 @router.post("/api/generate")
 async def api_generate(body: GenerateBody, request: Request):
     """The whole utterance as base64 WAV in one JSON answer; a client that leaves cancels it."""
-    ctx, t0, left = _ctx(request), time.perf_counter(), threading.Event()
+    ctx, t0, left = context_of(request), time.perf_counter(), threading.Event()
 
     async def client_left():  # the body is read: the next message is the disconnect
         while (await request.receive())["type"] != "http.disconnect":
@@ -304,7 +365,7 @@ async def api_generate(body: GenerateBody, request: Request):
 @router.post("/v1/audio/speech")
 async def speech(body: SpeechBody, request: Request):
     """OpenAI's speech API: WAV or raw PCM bytes as they are generated, or server-sent events."""
-    ctx = _ctx(request)
+    ctx = context_of(request)
     fmt = body.response_format.lower()
     if fmt not in ("wav", "pcm"):
         raise ApiError(400, f"response_format '{body.response_format}' is not supported: "
@@ -316,7 +377,9 @@ async def speech(body: SpeechBody, request: Request):
     agen = ctx.marked(ctx.submit(req, request.scope))
     first = await ctx.first_chunk(agen)
     if body.stream_format == "sse":
-        return StreamingResponse(ctx.sse(request.scope, agen, first), media_type="text/event-stream")
+        return StreamingResponse(
+            ctx.sse(request.scope, agen, first), media_type="text/event-stream"
+        )
     return StreamingResponse(_with_header(wav_header(None) if fmt == "wav" else b"",
                                           ctx.body(request.scope, agen, first, pcm16)),
                              media_type="audio/wav" if fmt == "wav" else "audio/pcm",
@@ -338,13 +401,13 @@ async def ws_first_message(ws: WebSocket, ctx: ServerContext) -> StreamMessage |
     except WebSocketDisconnect:
         return None
     except Exception as e:  # not JSON, not an object, a wrong field...
-        await _ws_error(ws, 400, 'send one JSON request first, like {"text": "Hello.", '
+        await ws_error(ws, 400, 'send one JSON request first, like {"text": "Hello.", '
                                  f'"speaker": 0}} ({type(e).__name__}: {e})')
         return None
     token = ctx.settings.token
     if token and not (bearer_ok(ws.scope["headers"], token) or token_matches(msg.token, token)):
         ctx.count(ws.scope, 401)
-        await _ws_error(ws, 401, "missing or wrong token: send 'Authorization: Bearer <token>' "
+        await ws_error(ws, 401, "missing or wrong token: send 'Authorization: Bearer <token>' "
                                  'or a "token" field in the first message')
         return None
     return msg
@@ -352,37 +415,37 @@ async def ws_first_message(ws: WebSocket, ctx: ServerContext) -> StreamMessage |
 
 @router.websocket("/v1/stream")
 async def ws_stream(ws: WebSocket):
-    ctx = _ctx(ws)
+    ctx = context_of(ws)
     await ws.accept()
     msg = await ws_first_message(ws, ctx)
     if msg is None:
         return
+    if msg.type == "chat" and ctx.chat_session is not None:
+        return await ctx.chat_session(ws, ctx, msg)
     try:
         if msg.type != "speech":
-            raise ApiError(400, f"unknown message type {msg.type!r}: use 'speech'")
+            raise ApiError(400, f"unknown message type {msg.type!r}: use 'speech' or 'chat'")
         req = await ctx.request_from(msg.text, msg.voice, msg.context, msg.max_audio_length_ms,
                                      msg.temperature, msg.top_k, msg.seed, speaker=msg.speaker)
         ticket = ctx.submit(req, ws.scope)
     except ApiError as e:
         ctx.count(ws.scope, e.status)
-        return await _ws_error(ws, e.status, e.message)
+        return await ws_error(ws, e.status, e.message)
     await ctx.ws_stream(ws, ticket)
 
 
-def create_app(scheduler, settings: ServerSettings, voices=None, chat=None):
-    """The FastAPI app over a started Scheduler: routes, limits, JSON errors."""
-    from fastapi import FastAPI
+def install(app):
+    """The routes of this module, the limits middleware and the JSON error handlers, on an app
+    whose `state.ctx` is its ServerContext (server.create_app assembles it)."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    app = FastAPI(title="CSM-1B streaming server", docs_url="/docs", redoc_url=None)
-    app.state.ctx = ServerContext(app, scheduler, settings, voices, chat)
+    ctx = app.state.ctx
     app.include_router(router)
-    app.add_middleware(LimitsMiddleware, settings=settings, metrics=scheduler.metrics, routes_app=app)
+    app.add_middleware(LimitsMiddleware, settings=ctx.settings, metrics=ctx.metrics, routes_app=app)
     for exc, handler in ((ApiError, _api_error), (RequestValidationError, _validation_error),
                          (StarletteHTTPException, _http_error), (Exception, _unexpected_error)):
         app.add_exception_handler(exc, handler)
-    return app
 
 
 def _ms(s):
@@ -393,9 +456,10 @@ def _sse(obj) -> bytes:
     return f"data: {json.dumps(obj)}\n\n".encode()
 
 
-async def _ws_error(ws, status, message):
+async def ws_error(ws, status, message, close: bool = True):
     try:
         await ws.send_json({"type": "error", "status": status, "message": message})
-        await ws.close(code=1008 if status in (401, 403) else 1003 if status < 500 else 1011)
+        if close:
+            await ws.close(code=1008 if status in (401, 403) else 1003 if status < 500 else 1011)
     except Exception:  # the client is already gone
         pass

@@ -133,7 +133,7 @@ class Scheduler:
         """A hint for Retry-After: about one typical stream's length."""
         return 2
 
-    # -- the engine thread --------------------------------------------------------------------------
+    # -- the engine thread -------------------------------------------------------------------------
 
     def _run(self):
         torch.set_grad_enabled(False)
@@ -169,7 +169,9 @@ class Scheduler:
         keep = len(live) // 2
         self.max_active = max(1, keep)
         self.metrics.count_event(OOM_NARROWED)
-        log.warning("out of device memory with %d streams: narrowing to %d", len(live), self.max_active)
+        log.warning(
+            "out of device memory with %d streams: narrowing to %d", len(live), self.max_active
+        )
         requeue = []
         for t in live[keep:]:
             self.engine.cancel(t.stream)

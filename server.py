@@ -18,8 +18,9 @@ import os
 import sys
 import time
 
+import chat_routes
+import routes
 from api import SecretFilter, ServerSettings
-from routes import create_app
 
 log = logging.getLogger("csm.server")
 
@@ -27,6 +28,20 @@ log = logging.getLogger("csm.server")
 # ---------------------------------------------------------------------------------------------
 # uvicorn: timeouts for slow or idle connections, secrets out of the logs
 # ---------------------------------------------------------------------------------------------
+
+
+def create_app(scheduler, settings: ServerSettings, voices=None, chat=None):
+    """The FastAPI app over a started Scheduler: the speech routes, the chat routes when an LLM
+    is configured (chat: an llm.LLMConfig), limits and JSON errors. voices: a VoiceLibrary."""
+    from fastapi import FastAPI
+
+    app = FastAPI(title="CSM-1B streaming server", docs_url="/docs", redoc_url=None)
+    ctx = routes.ServerContext(app, scheduler, settings, voices, chat)
+    ctx.chat_session = chat_routes.chat_session
+    app.state.ctx = ctx
+    routes.install(app)
+    app.include_router(chat_routes.router)
+    return app
 
 
 SEND_BUFFER_BYTES = 128 * 1024  # per connection, in the kernel: ~3 s of 16-bit audio (doubled)
@@ -90,7 +105,9 @@ def serve_in_thread(app, host: str = "127.0.0.1", timeout: float = 30,
     with socket.socket() as s:
         s.bind((host, 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn_config(app, host, port, settings or ServerSettings(), "warning"))
+    server = uvicorn.Server(
+        uvicorn_config(app, host, port, settings or ServerSettings(), "warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
@@ -114,12 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "ungated CSM-1B copy)")
     p.add_argument("--mimi", default=None, help="Mimi weights: a file, a repo, or 'random'")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: this machine only)"
+    )
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--token", default=os.environ.get("CSM_SERVER_TOKEN"),
                    help="bearer token required on every route but /health and the page "
                         "(or $CSM_SERVER_TOKEN)")
-    p.add_argument("--max-streams", type=int, default=8, help="streams advanced together (engine slots)")
+    p.add_argument(
+        "--max-streams", type=int, default=8, help="streams advanced together (engine slots)"
+    )
     p.add_argument("--max-queue", type=int, default=32, help="requests that may wait for a slot")
     p.add_argument("--max-text-chars", type=int, default=2000, help="longest text of one request")
     p.add_argument("--max-body-mb", type=float, default=32,
@@ -133,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not watermark the audio (please keep it on)")
     p.add_argument("--watermark-key", default=None,
                    help="private key: five integers 0..255, comma-separated")
+    p.add_argument("--voices-dir", default="voices",
+                   help="named voices: NAME.wav + NAME.txt (+ NAME.json with the speaker)")
+    p.add_argument("--llm", choices=["gemini", "openai", "auto"], default=None,
+                   help="answer chat requests with this LLM (auto: from the environment; "
+                        "None: no chat). Keys and models: GOOGLE_API_KEY, GEMINI_MODEL, "
+                        "OPENAI_BASE_URL, OPENAI_API_KEY, OPENAI_MODEL")
+    p.add_argument("--llm-model", default=None, help="the LLM's model (None: from the environment)")
     return p
 
 
@@ -149,7 +177,11 @@ def load_scheduler(args, replica: str | None = None):
                                mimi=args.mimi, watermark=not args.no_watermark,
                                watermark_key=args.watermark_key)
     if sg.needs_warmup:  # every batch bucket, before the first client: no stall when one joins
-        log.info("warm-up of %d-slot batch buckets: %.1f s", args.max_streams, sg.warmup(all_buckets=True))
+        log.info(
+            "warm-up of %d-slot batch buckets: %.1f s",
+            args.max_streams,
+            sg.warmup(all_buckets=True),
+        )
     return Scheduler(sg, max_queue=args.max_queue, replica=replica)
 
 
@@ -160,20 +192,33 @@ def settings_from_args(args) -> ServerSettings:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.captureWarnings(True)
     from checkpoints import CheckpointError
+    from llm import LLMConfig, LLMError
+    from voices import VoiceLibrary
     from watermarking import WatermarkError
 
     try:
+        chat = None
+        if args.llm is not None:
+            provider = None if args.llm == "auto" else args.llm
+            chat = LLMConfig.from_env(provider, model=args.llm_model)
         scheduler = load_scheduler(args)
-    except (CheckpointError, WatermarkError, ValueError, RuntimeError) as e:
+        voices = VoiceLibrary.load(args.voices_dir, scheduler.generator.generator)
+    except (CheckpointError, WatermarkError, LLMError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    log.info("voices: %s; chat: %s", ", ".join(voices.names()) or "none",
+             chat.describe() if chat else "off (--llm)")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
-        log.warning("listening on %s without a token: anyone who can reach it can use it", args.host)
+        log.warning(
+            "listening on %s without a token: anyone who can reach it can use it", args.host
+        )
     settings = settings_from_args(args)
-    app = create_app(scheduler.start(), settings)
+    app = create_app(scheduler.start(), settings, voices=voices, chat=chat)
     import uvicorn
 
     try:

@@ -50,7 +50,9 @@ class StreamingGenerator:
 
     @property
     def needs_warmup(self) -> bool:
-        return self.config.compile_enabled(self.device) or self.config.cuda_graphs_enabled(self.device)
+        return self.config.compile_enabled(self.device) or self.config.cuda_graphs_enabled(
+            self.device
+        )
 
     @property
     def watermarked(self) -> bool:
@@ -82,10 +84,17 @@ class StreamingGenerator:
     def generate(self, *args, **kwargs) -> torch.Tensor:
         return self.generator.generate(*args, **kwargs)
 
-    def generate_streaming(self, text: str | list[str], speaker: int = 0, context=(),
-                           max_audio_length_ms: float | None = None,
-                           temperature: float = DEFAULT_TEMPERATURE, topk: int = DEFAULT_TOPK,
-                           seed: int | None = None, play_audio: bool = False) -> Iterator[torch.Tensor]:
+    def generate_streaming(
+        self,
+        text: str | list[str],
+        speaker: int = 0,
+        context=(),
+        max_audio_length_ms: float | None = None,
+        temperature: float = DEFAULT_TEMPERATURE,
+        topk: int = DEFAULT_TOPK,
+        seed: int | None = None,
+        play_audio: bool = False,
+    ) -> Iterator[torch.Tensor]:
         """Yield 1-D float32 audio chunks at 24 kHz while the speech is generated.
 
         text: a string (long ones are cut at sentence ends) or a list of segments to speak in
@@ -101,8 +110,9 @@ class StreamingGenerator:
         if isinstance(text, str):
             feed = TextFeed(self.engine.plan(req))
         else:
-            feed = TextFeed([" ".join(self.generator.prepare_text(t).split()) for t in segments])
-            self.engine.check_segment(feed.known, req)
+            feed = TextFeed([" ".join(self.generator.prepare_text(t).split()) for t in segments],
+                            segmented=True)
+            self.engine.check_segment(feed.known, req, segmented=True)
         chunks = self.stream(req, feed)
         if not play_audio:
             return chunks
@@ -110,7 +120,9 @@ class StreamingGenerator:
 
         return play_stream(chunks, self.sample_rate, rtf_hint=self.config.rtf_target)
 
-    def stream(self, req: GenerationRequest, feed: TextFeed | None = None) -> Iterator[torch.Tensor]:
+    def stream(
+        self, req: GenerationRequest, feed: TextFeed | None = None
+    ) -> Iterator[torch.Tensor]:
         """The chunks of one validated request, watermarked when enabled. feed: its text as it
         comes (an open TextFeed for an LLM's reply); default: the request's text."""
         chunks = self._chunks(req, feed)

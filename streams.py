@@ -23,9 +23,15 @@ class TextFeed:
     last has come, `fail(error)` when the producer failed. Thread-safe; `on_push` wakes the
     engine's thread."""
 
-    def __init__(self, segments=(), closed: bool = True):
+    def __init__(self, segments=(), closed: bool = True, segmented: bool | None = None):
         self._segments = [s for s in segments]
         self._closed = closed
+        # Segmented: its pieces were cut by someone else (a list of sentences, an LLM's reply):
+        # each segment gets the per-sentence frame cap, even when there is only one, so the
+        # same pieces always give the same speech. A closed feed of one segment is a plain
+        # text: all of max_audio_length_ms, as the reference loop.
+        self.segmented = (not closed) if segmented is None else segmented
+        self.stream = None  # the engine's Stream speaking it, once admitted
         self._lock = threading.Lock()
         self.error: BaseException | None = None
         self.on_push = None

@@ -2,6 +2,11 @@
 
     python test_streaming.py --text "Hello from Sesame." --play-audio
     python test_streaming.py --model random:tiny --output out.wav      # offline, random weights
+    python test_streaming.py --server http://localhost:8000 --play-audio   # a remote GPU
+    python test_streaming.py --chat --play-audio     # talk: an LLM writes, CSM speaks (--llm)
+
+Every argument, context file and the sound card are checked before anything is loaded, so a
+mistake costs a second, not the half minute a model takes to load.
 """
 
 from __future__ import annotations
@@ -10,188 +15,407 @@ import argparse
 import logging
 import sys
 import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 
 
 @dataclass
-class ContextArg:
-    audio: str
+class ContextTurn:
+    path: str
     text: str
     speaker: int
+    audio: object = None  # float32 [channels, samples], read before loading
+    rate: int = 0
+    raw: bytes = b""  # the file, for a remote server
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Stream speech from CSM-1B, with a live dashboard.")
-    p.add_argument("--text", default="Hello from Sesame. This is streaming speech, generated while you listen.")
-    p.add_argument("--speaker", type=int, default=0)
-    p.add_argument("--context-audio", action="append", default=[], metavar="FILE",
-                   help="audio of an earlier turn (any rate, mono or stereo); pair with --context-text")
+    p = argparse.ArgumentParser(description="Stream speech from CSM-1B, with a live dashboard.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--text", default="Hello from Sesame. This is streaming speech, generated "
+                   "while you listen.", help="what to say")
+    p.add_argument("--speaker", type=int, default=0, help="speaker id (a number)")
+    p.add_argument("--voice", default=None, metavar="NAME",
+                   help="a named voice of --voices-dir (its clip is the context: the voice stays)")
+    p.add_argument("--voices-dir", default="voices", help="named voices: NAME.wav + NAME.txt")
+    p.add_argument(
+        "--context-audio",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="audio of an earlier turn (any rate, mono or stereo); pair with --context-text",
+    )
     p.add_argument("--context-text", action="append", default=[], metavar="TEXT",
                    help="what was said in the matching --context-audio")
     p.add_argument("--context-speaker", action="append", type=int, default=[], metavar="N",
                    help="speaker of the matching context turn (default: --speaker)")
-    p.add_argument("--play-audio", action="store_true", help="play through the sound card while generating")
-    p.add_argument("--chunk-size", type=int, default=320, metavar="MS", help="audio per chunk (multiple of 80)")
-    p.add_argument("--first-chunk", type=int, default=160, metavar="MS", help="size of the first chunk")
-    p.add_argument("--batch-size", type=int, default=2, metavar="N", help="frames per Mimi decode call")
-    p.add_argument("--no-compile", action="store_true", help="do not torch.compile the frame step")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="do not capture the frame step in a CUDA graph")
-    p.add_argument("--output", metavar="FILE.wav", help="write exactly the streamed samples to this file")
-    p.add_argument("--temperature", type=float, default=0.9)
-    p.add_argument("--topk", type=int, default=50)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-audio-ms", type=float, default=30_000)
-    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
-    p.add_argument("--model", default=None,
-                   help="hub repo, local folder or file, or random:tiny / random:csm-1b (default: the ungated CSM-1B copy)")
-    p.add_argument("--mimi", default=None, help="Mimi weights: a file, a repo, or 'random'")
-    p.add_argument("--no-dashboard", action="store_true", help="plain progress lines instead of the live view")
-    p.add_argument("--no-watermark", action="store_true", help="do not watermark the audio (please keep it on)")
-    p.add_argument("--no-normalize", action="store_true", help="do not spell out numbers and symbols")
-    p.add_argument("--no-cpu-fallback", action="store_true",
-                   help="fail instead of falling back to the CPU when the GPU cannot be used")
-    p.add_argument("--watermark-key", default=None, help="private key: five integers 0..255, comma-separated")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument(
+        "--play-audio", action="store_true", help="play through the sound card while generating"
+    )
+    p.add_argument(
+        "--output", metavar="FILE.wav", help="write exactly the streamed samples to this file"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.9, help="sampling temperature, in (0, 10]"
+    )
+    p.add_argument("--topk", type=int, default=50, help="sample among the k likeliest codes")
+    p.add_argument("--seed", type=int, default=None, help="seed of the random draws (None: random)")
+    p.add_argument("--max-audio-ms", type=float, default=None,
+                   help="longest audio (None: 90 s; 3 s for random models, which never end)")
+    p.add_argument("--no-dashboard", action="store_true",
+                   help="plain progress lines instead of the live view (also when not a terminal)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens inside")
+    chat = p.add_argument_group("talk: type a message, hear an LLM's reply as it is written")
+    chat.add_argument("--chat", action="store_true", help="a conversation, one line per message")
+    chat.add_argument("--llm", choices=["auto", "gemini", "openai"], default="auto",
+                      help="the reply's writer (auto: GOOGLE_API_KEY -> Gemini, OPENAI_BASE_URL "
+                           "or OPENAI_API_KEY -> OpenAI-compatible)")
+    chat.add_argument("--llm-model", default=None,
+                      help="the LLM's model (None: from the environment)")
+    add_remote_arguments(p)
+    add_local_arguments(p)
     return p
 
 
-def parse_context(args) -> list[ContextArg]:
+def add_remote_arguments(p):
+    remote = p.add_argument_group("a running server (nothing is loaded here; no torch needed)")
+    remote.add_argument(
+        "--server",
+        metavar="URL",
+        default=None,
+        help="stream from this server, e.g. http://localhost:8000 through an SSH tunnel",
+    )
+    remote.add_argument("--token", default=None, help="the server's bearer token")
+
+
+def add_local_arguments(p):
+    local = p.add_argument_group("the model, here")
+    local.add_argument("--model", default=None,
+                       help="hub repo, local folder or file, or random:tiny / random:csm-1b "
+                            "(None: the ungated CSM-1B copy)")
+    local.add_argument("--mimi", default=None, help="Mimi weights: a file, a repo, or 'random'")
+    local.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    local.add_argument("--chunk-size", type=int, default=320, metavar="MS",
+                       help="audio per chunk (a multiple of 80)")
+    local.add_argument("--first-chunk", type=int, default=160, metavar="MS",
+                       help="size of the first chunk (small: sound starts early)")
+    local.add_argument("--decode-frames", type=int, default=2, metavar="N",
+                       help="frames Mimi decodes per call (divides both chunk sizes)")
+    local.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the frame step (None: on CUDA only; minutes on a CPU)")
+    local.add_argument("--no-cuda-graphs", action="store_true",
+                       help="do not capture the frame step in a CUDA graph")
+    local.add_argument("--no-watermark", action="store_true",
+                       help="do not watermark the audio (please keep it on)")
+    local.add_argument("--watermark-key", default=None,
+                       help="private key: five integers 0..255, comma-separated")
+    local.add_argument("--no-normalize", action="store_true",
+                       help="do not spell out numbers and symbols")
+    local.add_argument("--no-cpu-fallback", action="store_true",
+                       help="fail instead of falling back to the CPU when the GPU cannot be used")
+
+
+# -- checks: before anything is loaded ----------------------------------------------------------
+
+
+def check_args(args) -> list[ContextTurn]:
+    """Every argument and file, checked now; ValueError / FileNotFoundError say what is wrong."""
+    from audio import read_audio
+    from request import validate_request
+
+    validate_request(args.text, args.speaker, (), args.max_audio_ms, args.temperature, args.topk,
+                     args.seed)
     if len(args.context_audio) != len(args.context_text):
         raise ValueError("--context-audio and --context-text come in pairs: "
                          f"got {len(args.context_audio)} audio and {len(args.context_text)} text")
     if args.context_speaker and len(args.context_speaker) != len(args.context_audio):
         raise ValueError("give --context-speaker once per context turn, or not at all")
+    if args.output and not Path(args.output).expanduser().resolve().parent.is_dir():
+        raise ValueError(f"--output: the folder of {args.output} does not exist")
     speakers = args.context_speaker or [args.speaker] * len(args.context_audio)
-    return [ContextArg(a, t, s) for a, t, s in zip(args.context_audio, args.context_text, speakers)]
+    turns = []
+    for path, text, speaker in zip(args.context_audio, args.context_text, speakers):
+        audio, rate = read_audio(path)
+        turns.append(ContextTurn(path, text, speaker, audio, rate, Path(path).read_bytes()))
+    if args.chat and args.server is None:
+        from llm import LLMConfig
+
+        args.llm_config = LLMConfig.from_env(None if args.llm == "auto" else args.llm,
+                                             model=args.llm_model)
+    if args.voice is not None and args.server is None:
+        from voices import VoiceLibrary
+
+        VoiceLibrary.load(args.voices_dir).get(args.voice)  # the files are there and readable
+    if args.server is None:
+        from config import StreamingConfig
+
+        StreamingConfig(chunk_size_ms=args.chunk_size, first_chunk_ms=args.first_chunk,
+                        frame_batch_size=args.decode_frames)
+    else:
+        from client import ws_url
+
+        ws_url(args.server)
+    return turns
 
 
-def snapshot(metrics, player, status: str):
+def open_player(sample_rate: int):
+    """The sound card, opened now: no device is an error before any loading."""
+    from playback import AudioPlayer
+
+    try:
+        import sounddevice as sd
+
+        sd.query_devices(kind="output")
+        return AudioPlayer(sample_rate).start()
+    except Exception as e:  # no PortAudio, no output device
+        raise ValueError(f"cannot open the audio output ({e}); run without --play-audio or with "
+                         "--output FILE.wav") from None
+
+
+# -- the shared part: play, show, save ------------------------------------------------------------
+
+
+def show_stream(chunks, metrics_of, args, player, expected_s: float, sample_rate: int,
+                chat_of=lambda: None):
+    """Consume chunks (tensors or arrays) with the dashboard and, when playing, the sound card.
+    Returns (list of chunks, interrupted)."""
+    from dashboard import Dashboard
+
+    out, interrupted = [], False
+    with Dashboard(enabled=True, force_terminal=False if args.no_dashboard else None) as dash:
+        def show(status):
+            dash.update(snapshot(metrics_of(), player, status, chat_of()),
+                        force=status != "generating")
+
+        try:
+            if player is not None:
+                from playback import play_stream
+
+                chunks = play_stream(chunks, sample_rate, rtf_hint=0.5, expected_total_s=expected_s,
+                                     player=player, on_chunk=lambda _: show("generating"))
+            for chunk in chunks:
+                out.append(chunk)
+                show("generating")
+            show("done")
+        except KeyboardInterrupt:
+            interrupted = True
+            show("interrupted")
+        finally:
+            if player is not None:
+                player.close()
+    return out, interrupted
+
+
+def snapshot(metrics, player, status: str, chat=None):
+    """What the dashboard shows: the stream's numbers, the player's buffer, the LLM's wait."""
     from dashboard import Snapshot
 
     stats = player.stats() if player is not None else None
-    events = list(metrics.events)
+    events = [str(e) for e in metrics.events]
     if stats is not None and not stats.started and not stats.finished:
         status = f"buffering {stats.buffered_ms:.0f} / {stats.prebuffer_ms:.0f} ms before playback"
         if metrics.audio_s and metrics.rtf >= 1:
             events.append(f"slower than real time (RTF {metrics.rtf:.2f}): buffering "
                           f"{stats.prebuffer_ms / 1000:.1f} s so playback will not stall")
+    llm_s = None if chat is None else chat.llm_first_piece_s
+    llm_ms = None if llm_s is None else llm_s * 1e3
     return Snapshot(device=metrics.device, status=status, rtf_now=metrics.rtf_now, rtf=metrics.rtf,
-                    ttfa_ms=None if metrics.first_audio_s is None else metrics.first_audio_s * 1000,
+                    ttfa_ms=None if metrics.first_audio_s is None else metrics.first_audio_s * 1e3,
                     chunks=metrics.chunks, chunk_gen_ms=list(metrics.chunk_gen_ms),
-                    frames=metrics.frames, frames_per_s=metrics.frames_per_s, audio_s=metrics.audio_s,
+                    frames=metrics.frames, frames_per_s=metrics.frames_per_s,
+                    audio_s=metrics.audio_s,
                     buffer_ms=None if stats is None else stats.buffered_ms,
                     prebuffer_ms=None if stats is None else stats.prebuffer_ms,
                     underruns=0 if stats is None else stats.underruns,
-                    memory_mb=metrics.peak_memory_mb, events=events)
+                    memory_mb=metrics.peak_memory_mb, events=events, llm_ms=llm_ms,
+                    llm_share=None if chat is None else chat.llm_wait_share)
+
+
+def finish(args, chunks, metrics, player, sample_rate: int, interrupted: bool) -> int:
+    import numpy as np
+
+    from audio import save_audio
+
+    audio = np.concatenate([np.asarray(c.detach().cpu() if hasattr(c, "detach") else c)
+                            for c in chunks]) if chunks else np.zeros(0, dtype=np.float32)
+    if args.output:
+        save_audio(args.output, audio, sample_rate)
+        print(f"wrote {audio.size / sample_rate:.2f} s to {args.output}", file=sys.stderr)
+    if metrics is not None and metrics.audio_s:
+        print(f"audio {metrics.audio_s:.2f} s, first audio {metrics.first_audio_s * 1000:.0f} ms, "
+              f"RTF {metrics.rtf:.3f}, {metrics.frames_per_s:.1f} frames/s"
+              + (f", underruns {player.underruns}" if player else ""), file=sys.stderr)
+    return 130 if interrupted else 0
+
+
+# -- local, remote, chat ---------------------------------------------------------------------------
+
+
+def load_local(args):
+    """The model here (the slow part, after every check passed): a StreamingGenerator."""
+    from checkpoints import DEFAULT_REPO
+    from config import StreamingConfig
+    from streaming_generator import load_streaming_csm_1b
+
+    config = StreamingConfig(chunk_size_ms=args.chunk_size, first_chunk_ms=args.first_chunk,
+                             frame_batch_size=args.decode_frames, enable_compilation=args.compile,
+                             enable_cuda_graphs=not args.no_cuda_graphs)
+    model = args.model or DEFAULT_REPO
+    t = time.perf_counter()
+    sg = load_streaming_csm_1b(device=args.device, config=config, model=model, mimi=args.mimi,
+                               watermark=not args.no_watermark, watermark_key=args.watermark_key,
+                               allow_cpu_fallback=not args.no_cpu_fallback,
+                               normalize=not args.no_normalize)
+    warm = f" (of which warm-up, compile, CUDA graphs: {sg.warmup_s:.1f} s)" if sg.warmup_s else ""
+    print(f"loaded {model} on {sg.device} in {time.perf_counter() - t:.1f} s{warm}",
+          file=sys.stderr)
+    voice = None
+    if args.voice is not None:
+        from voices import VoiceLibrary
+
+        voice = VoiceLibrary.load(args.voices_dir, sg.generator).get(args.voice)  # encoded once
+    return sg, voice
+
+
+def run_local(args, turns: list[ContextTurn]) -> int:
+    from request import EmptyOutputError, Segment
+
+    sg, voice = load_local(args)
+    context = ([voice.segment] if voice else []) + [Segment(t.speaker, t.text, t.audio, t.rate)
+                                                     for t in turns]
+    speaker = voice.speaker if voice else args.speaker
+    try:
+        req = sg.request(args.text, speaker, context, args.max_audio_ms, args.temperature,
+                         args.topk, args.seed)
+        player = open_player(sg.sample_rate) if args.play_audio else None
+        stream = sg.stream(req, None)
+    except ValueError as e:  # a text too long for the window is known once the model is there
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    expected = min(req.max_frames * 0.08, 0.08 * len(args.text))
+    try:
+        chunks, interrupted = show_stream(stream, lambda: sg.metrics, args, player, expected,
+                                          sg.sample_rate)
+    except (EmptyOutputError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return finish(args, chunks, sg.metrics, player, sg.sample_rate, interrupted)
+
+
+def run_remote(args, turns: list[ContextTurn]) -> int:
+    from audio import SAMPLE_RATE
+    from client import RemoteError, check_server, request_message, stream_from_server
+    from metrics import StreamMetrics
+
+    try:
+        health = check_server(args.server)
+        player = open_player(SAMPLE_RATE) if args.play_audio else None
+    except (RemoteError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"server {args.server}: {health.get('device')}, {health.get('slots')} stream slots",
+          file=sys.stderr)
+    metrics = StreamMetrics(device=f"{health.get('device')} (remote)")
+    message = request_message(args.text, args.speaker, args.voice, args.max_audio_ms,
+                              args.temperature, args.topk, args.seed,
+                              [(t.speaker, t.text, t.raw) for t in turns])
+    stream = stream_from_server(args.server, message, metrics, token=args.token)
+    try:
+        chunks, interrupted = show_stream(stream, lambda: metrics, args, player,
+                                          0.08 * len(args.text), SAMPLE_RATE)
+    except RemoteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return finish(args, chunks, metrics, player, SAMPLE_RATE, interrupted)
+
+
+def read_messages():
+    """The user's messages, a line each, until end of input or 'quit'."""
+    while True:
+        try:
+            line = input("you> " if sys.stdin.isatty() else "")
+        except EOFError:
+            return
+        if line.strip().lower() in ("quit", "exit"):
+            return
+        if line.strip():
+            yield line.strip()
+
+
+def run_chat(args) -> int:
+    """Type a message, hear the reply while the LLM writes it; every reply saved to --output."""
+    from audio import SAMPLE_RATE
+    from client import ChatSession, RemoteError
+    from llm import LLMError
+    from metrics import StreamMetrics
+
+    if args.server is None:
+        from conversation import Conversation
+
+        sg, voice = load_local(args)
+        conv = Conversation(sg, args.llm_config, voice=voice, speaker=args.speaker,
+                            temperature=args.temperature, topk=args.topk, seed=args.seed,
+                            max_reply_ms=args.max_audio_ms)
+        print(f"talking with {args.llm_config.describe()}; an empty input or 'quit' ends",
+              file=sys.stderr)
+    else:
+        session = ChatSession(args.server, args.token, args.voice, args.speaker,
+                              temperature=args.temperature, top_k=args.topk, seed=args.seed,
+                              max_audio_length_ms=args.max_audio_ms)
+    everything, status, metrics = [], 0, None
+    for message in read_messages():
+        player = open_player(SAMPLE_RATE) if args.play_audio else None
+        if args.server is None:
+            chunks = conv.speak_reply(message)
+            metrics_of, chat_of = (lambda: sg.metrics), (lambda: conv.metrics)
+        else:
+            metrics = StreamMetrics(device="remote")
+            chunks = session.reply(message, metrics)
+            metrics_of, chat_of = (lambda m=metrics: m), (lambda: None)
+        try:
+            out, interrupted = show_stream(chunks, metrics_of, args, player, 5.0, SAMPLE_RATE,
+                                           chat_of)
+        except (LLMError, RemoteError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)  # the conversation goes on
+            status = EXIT_BAD_INPUT
+            continue
+        everything += out
+        print(f"csm> {conv.reply.text if args.server is None else session.text}", flush=True)
+        if interrupted:
+            return 130
+    last = sg.metrics if args.server is None else metrics
+    finish(args, everything, last, None, SAMPLE_RATE, False)
+    return status
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    # Warnings (watermark off, context dropped) as one plain line, not a source listing.
+    warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
+    from llm import LLMError
+
     try:
-        context_args = parse_context(args)
-    except ValueError as e:
+        turns = check_args(args)
+        if args.play_audio:  # the sound card is there: checked now, opened when needed
+            open_player(24_000).close()
+    except (ValueError, OSError, LLMError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-
-    import torch
-
-    from audio import load_audio, save_audio
-    from checkpoints import DEFAULT_REPO, CheckpointError
-    from config import StreamingConfig
-    from request import Segment
-    from streaming_generator import load_streaming_csm_1b
+    from checkpoints import CheckpointError
     from watermarking import WatermarkError
 
     try:
-        config = StreamingConfig(chunk_size_ms=args.chunk_size, first_chunk_ms=args.first_chunk,
-                                 frame_batch_size=args.batch_size,
-                                 enable_compilation=not args.no_compile,
-                                 enable_cuda_graphs=not args.no_cuda_graphs)
-        context = []
-        for c in context_args:
-            audio, sr = load_audio(c.audio)
-            context.append(Segment(c.speaker, c.text, audio, sr))
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if args.chat:
+            return run_chat(args)
+        return run_remote(args, turns) if args.server else run_local(args, turns)
+    except (CheckpointError, WatermarkError, FileNotFoundError, RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)  # loading failed: the model, a device, a voice
         return EXIT_BAD_INPUT
-
-    model = args.model or DEFAULT_REPO
-    t_load = time.perf_counter()
-    try:
-        sg = load_streaming_csm_1b(device=args.device, config=config, model=model, mimi=args.mimi,
-                                   watermark=not args.no_watermark, watermark_key=args.watermark_key,
-                                   allow_cpu_fallback=not args.no_cpu_fallback,
-                                   normalize=not args.no_normalize)
-    except (CheckpointError, WatermarkError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except RuntimeError as e:  # a device that cannot be used
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    warm = f" (of which warm-up, compile and CUDA graphs: {sg.warmup_s:.1f} s)" if sg.warmup_s else ""
-    print(f"loaded {model} on {sg.device} in {time.perf_counter() - t_load:.1f} s{warm}", file=sys.stderr)
-
-    from dashboard import Dashboard
-
-    player = None
-    if args.play_audio:
-        from playback import AudioPlayer
-
-        try:
-            player = AudioPlayer(sg.sample_rate).start()
-        except Exception as e:  # no PortAudio, no output device
-            print(f"error: cannot open the audio output ({e}); run without --play-audio "
-                  "or with --output FILE.wav", file=sys.stderr)
-            return EXIT_BAD_INPUT
-
-    chunks = []
-    try:
-        stream = sg.generate_streaming(args.text, args.speaker, context, args.max_audio_ms,
-                                       args.temperature, args.topk, args.seed)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        if player is not None:
-            player.close()
-        return EXIT_BAD_INPUT
-    from request import EmptyOutputError
-
-    interrupted = False
-    with Dashboard(enabled=True, force_terminal=False if args.no_dashboard else None) as dash:
-        try:
-            if player is not None:
-                from playback import play_stream
-
-                stream = play_stream(stream, sg.sample_rate, rtf_hint=config.rtf_target,
-                                     expected_total_s=min(args.max_audio_ms / 1000, 0.08 * len(args.text)),
-                                     player=player,
-                                     on_chunk=lambda _: dash.update(snapshot(sg.metrics, player, "playing")))
-            for chunk in stream:
-                chunks.append(chunk)
-                dash.update(snapshot(sg.metrics, player, "generating"))
-            dash.update(snapshot(sg.metrics, player, "done"), force=True)
-        except KeyboardInterrupt:
-            interrupted = True
-            dash.update(snapshot(sg.metrics, player, "interrupted"), force=True)
-        except (EmptyOutputError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        finally:
-            if player is not None:
-                player.close()
-    audio = torch.cat(chunks) if chunks else torch.zeros(0)
-    if args.output:
-        save_audio(args.output, audio, sg.sample_rate)
-        print(f"wrote {audio.numel() / sg.sample_rate:.2f} s to {args.output}", file=sys.stderr)
-    m = sg.metrics
-    if m is not None and m.audio_s:
-        print(f"audio {m.audio_s:.2f} s, first audio {m.first_audio_s * 1000:.0f} ms, RTF {m.rtf:.3f}, "
-              f"{m.frames_per_s:.1f} frames/s" + (f", underruns {player.underruns}" if player else ""),
-              file=sys.stderr)
-    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

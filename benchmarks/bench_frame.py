@@ -17,6 +17,7 @@ import gc
 import torch
 
 from common import (
+    add_model_argument,
     device_name,
     memory_bandwidth,
     print_table,
@@ -28,7 +29,7 @@ from common import (
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
-def bench_dtype(name: str, device: torch.device, frames: int, flavour: str, bandwidth: float,
+def bench_dtype(name: str, device: torch.device, frames: int, model_name: str, bandwidth: float,
                 compile_: bool) -> dict:
     from checkpoints import load_mimi, load_model_and_tokenizer
     from config import StreamingConfig
@@ -36,14 +37,16 @@ def bench_dtype(name: str, device: torch.device, frames: int, flavour: str, band
     from generator import Generator
     from request import validate_request
 
-    model, tok, _ = load_model_and_tokenizer(f"random:{flavour}", device, DTYPES[name])
+    model, tok, _ = load_model_and_tokenizer(model_name, device, DTYPES[name])
     gen = Generator(model, tok, load_mimi("random", device))
     bytes_per_frame = weight_bytes_per_frame(model)
     floor = bytes_per_frame / bandwidth
 
     engine = StreamEngine(gen, StreamingConfig(enable_compilation=compile_, max_batch_size=1))
     frames_fit = model.window - 64  # the prompt and every timed frame fit in the window
-    engine.submit(validate_request("Benchmark sentence for timing.", 0, max_audio_length_ms=frames_fit * 80))
+    engine.submit(
+        validate_request("Benchmark sentence for timing.", 0, max_audio_length_ms=frames_fit * 80)
+    )
     engine.prepare_all()
     ours = time_calls(engine.step_fn(1), device, frames, warmup=2 if compile_ else 1)
     engine.cancel(engine.active[0])
@@ -65,15 +68,24 @@ def bench_dtype(name: str, device: torch.device, frames: int, flavour: str, band
             "compiled": compile_}
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--frames", type=int, default=5, help="frame steps timed (the best is kept)")
+    p.add_argument("--dtypes", default="bf16,fp32", help="weight types to compare")
+    add_model_argument(p)
+    p.add_argument(
+        "--compile", action="store_true", help="also compile our step (slow to build on CPU)"
+    )
+    p.add_argument(
+        "--out-dir", default=None, help="where the JSON goes (default benchmarks/results)"
+    )
+    return p
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--frames", type=int, default=5)
-    p.add_argument("--dtypes", default="bf16,fp32")
-    p.add_argument("--model", default="csm-1b", help="flavour of the random model (csm-1b, tiny)")
-    p.add_argument("--compile", action="store_true", help="also compile our step (slow to build on CPU)")
-    p.add_argument("--out-dir", default=None)
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     from generator import pick_device
 
     device = pick_device(args.device)

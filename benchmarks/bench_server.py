@@ -24,6 +24,7 @@ import argparse
 import base64
 import io
 import json
+import os
 import socket
 import statistics
 import threading
@@ -40,9 +41,8 @@ def start_server(model: str, device, max_streams: int, settings=None):
     from checkpoints import load_mimi, load_model_and_tokenizer
     from config import StreamingConfig
     from generator import Generator
-    from routes import create_app
     from scheduler import Scheduler
-    from server import serve_in_thread
+    from server import create_app, serve_in_thread
     from streaming_generator import StreamingGenerator
 
     m, tok, _ = load_model_and_tokenizer(model, device)
@@ -56,7 +56,7 @@ def start_server(model: str, device, max_streams: int, settings=None):
     return server, sched, url
 
 
-# -- load -------------------------------------------------------------------------------------------
+# -- load ------------------------------------------------------------------------------------------
 
 
 def one_client(url: str, i: int, frames: int) -> dict:
@@ -93,11 +93,52 @@ def load_run(url: str, counts: list[int], frames: int) -> list[dict]:
                      "max_ttfa_ms": max(r["ttfa_s"] for r in res) * 1e3, "wall_s": wall})
         print(f"  {n} clients: {rows[-1]['aggregate_audio_s_per_s']:.3f} audio s/s")
     for r in rows:
-        r["aggregate_vs_1_client"] = r["aggregate_audio_s_per_s"] / rows[0]["aggregate_audio_s_per_s"]
+        r["aggregate_vs_1_client"] = (
+            r["aggregate_audio_s_per_s"] / rows[0]["aggregate_audio_s_per_s"]
+        )
     return rows
 
 
-# -- isolation --------------------------------------------------------------------------------------
+# -- Ray Serve -------------------------------------------------------------------------------------
+
+
+def ray_run(model: str, replicas: list[int], counts: list[int], frames: int, streams: int) -> list:
+    """The load run against Ray Serve with each replica count (one engine per replica)."""
+    import socket
+
+    import ray
+    from ray import serve
+
+    import serve_ray
+
+    rows = []
+    ray.init(include_dashboard=False, log_to_driver=False,
+             runtime_env=serve_ray.runtime_env(remote=False))
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        for n in replicas:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
+            serve.run(serve_ray.build_app({
+                "server_args": ["--model", model, "--no-watermark", "--token", TOKEN],
+                "replicas": n, "max_streams": streams, "gpus_per_replica": gpus,
+                "cpus_per_replica": 0.5, "torch_threads": max(1, (os.cpu_count() or 2) // n)}),
+                name="csm", route_prefix="/")
+            for row in load_run(f"http://127.0.0.1:{port}", counts, frames):
+                rows.append({"replicas": n, **row})
+            serve.delete("csm")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    for r in rows:  # the same client count with one replica
+        one = next(x for x in rows if x["replicas"] == replicas[0] and x["clients"] == r["clients"])
+        r["aggregate_vs_1_replica"] = r["aggregate_audio_s_per_s"] / one["aggregate_audio_s_per_s"]
+    return rows
+
+
+# -- isolation -------------------------------------------------------------------------------------
 
 
 def ws_client(url: str, i: int, seconds: float) -> dict:
@@ -118,7 +159,11 @@ def ws_client(url: str, i: int, seconds: float) -> dict:
             elif json.loads(m)["type"] in ("done", "error"):
                 break
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    return {"ttfa_s": arrivals[0] - t0, "worst_gap_s": max(gaps), "median_gap_s": statistics.median(gaps)}
+    return {
+        "ttfa_s": arrivals[0] - t0,
+        "worst_gap_s": max(gaps),
+        "median_gap_s": statistics.median(gaps),
+    }
 
 
 def abuser_body(settings, window: int) -> dict:
@@ -195,8 +240,12 @@ def ordinary(url: str, stop: threading.Event):
     import httpx
 
     while not stop.is_set():
-        httpx.post(f"{url}/api/generate", timeout=600, headers={"Authorization": f"Bearer {TOKEN}"},
-                   json={"text": "An ordinary long answer, read to the end.", "max_audio_length_ms": 8000})
+        httpx.post(
+            f"{url}/api/generate",
+            timeout=600,
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            json={"text": "An ordinary long answer, read to the end.", "max_audio_length_ms": 8000},
+        )
 
 
 def plot(path, rows, counts, title):
@@ -207,7 +256,12 @@ def plot(path, rows, counts, title):
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot(counts, [r["aggregate_audio_s_per_s"] for r in rows], "o-")
-    a.set(xscale="log", xlabel="concurrent clients", ylabel="audio seconds / second", title="Aggregate")
+    a.set(
+        xscale="log",
+        xlabel="concurrent clients",
+        ylabel="audio seconds / second",
+        title="Aggregate",
+    )
     b.plot(counts, [r["mean_ttfa_ms"] for r in rows], "o-", label="mean")
     b.plot(counts, [r["max_ttfa_ms"] for r in rows], "s--", label="max")
     b.set(xscale="log", xlabel="concurrent clients", ylabel="ms", title="Time to first audio")
@@ -218,24 +272,46 @@ def plot(path, rows, counts, title):
     print(f"saved {path.with_suffix('.png').name}")
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_argument(p, default="random:csm-1b")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--clients", default="1,2,4,8,16,32", help="client counts of the load run")
     p.add_argument("--frames", type=int, default=6, help="frames each load client asks for")
+    p.add_argument("--ray", action="store_true",
+                   help="the load run on Ray Serve, with each of --replicas (default clients 8,16)")
+    p.add_argument("--replicas", default="1,2", help="replica counts of the --ray run")
     p.add_argument("--isolation", action="store_true",
                    help="measure normal clients alone and beside an abusive one instead")
     p.add_argument("--normal", type=int, default=8, help="normal clients of the isolation run")
     p.add_argument("--seconds", type=float, default=4.0, help="audio each normal client asks for")
-    p.add_argument("--out-dir", default=None, help="where JSON and PNG go (default benchmarks/results)")
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--out-dir", default=None, help="where JSON and PNG go (default benchmarks/results)"
+    )
+    return p
+
+
+def main_ray(args, device, counts):
+    if args.clients == build_parser().get_default("clients"):
+        counts = [8, 16]
+    rows = ray_run(args.model, [int(r) for r in args.replicas.split(",")], counts, args.frames,
+                   max(counts))  # every replica can hold every client: no one queues in Serve
+    print_table(rows, ["replicas", "clients", "aggregate_audio_s_per_s", "aggregate_vs_1_replica",
+                       "mean_rtf", "mean_ttfa_ms", "max_ttfa_ms"])
+    save_json("server_ray", device, {"model": args.model, "frames": args.frames, "rows": rows,
+                                     "cpu_count": os.cpu_count()}, args.out_dir)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     from api import ServerSettings
     from generator import pick_device
 
     device = pick_device(args.device)
     counts = [int(c) for c in args.clients.split(",")]
+    if args.ray:
+        return main_ray(args, device, counts)
     settings = ServerSettings(token=TOKEN, max_context=8, max_context_audio_s=60)
     slots = args.normal + 2 if args.isolation else max(counts)
     server, sched, url = start_server(args.model, device, slots, settings)

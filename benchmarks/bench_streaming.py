@@ -1,6 +1,7 @@
 """Streaming at full CSM-1B size (random weights): first audio, RTF and frames/s.
 
-    .venv/bin/python benchmarks/bench_streaming.py [--device auto] [--frames 12] [--streams 1,4,8,16]
+    .venv/bin/python benchmarks/bench_streaming.py [--device auto] [--frames 12]
+        [--streams 1,4,8,16]
 
 Sweeps chunk size, frame batch size (frames per Mimi call), compile on/off (--compile) and the
 number of streams advanced together per step, beside Generator.generate's plain loop measured in
@@ -17,6 +18,7 @@ import time
 import torch
 
 from common import (
+    add_model_argument,
     device_name,
     memory_bandwidth,
     print_table,
@@ -44,9 +46,14 @@ def run_streams(sg, n_streams: int, frames: int) -> dict:
     sync(sg.device)
     wall = time.perf_counter() - t0
     audio_s = sum(samples.values()) / 24_000
-    return {"streams": n_streams, "ttfa_ms": max(first.values()) * 1e3,
-            "rtf_per_stream": wall / (audio_s / n_streams), "aggregate_frames_per_s": audio_s / 0.08 / wall,
-            "aggregate_audio_s_per_s": audio_s / wall, "wall_s": wall}
+    return {
+        "streams": n_streams,
+        "ttfa_ms": max(first.values()) * 1e3,
+        "rtf_per_stream": wall / (audio_s / n_streams),
+        "aggregate_frames_per_s": audio_s / 0.08 / wall,
+        "aggregate_audio_s_per_s": audio_s / wall,
+        "wall_s": wall,
+    }
 
 
 def build(gen, **cfg):
@@ -55,43 +62,45 @@ def build(gen, **cfg):
     return StreamingGenerator(gen, StreamingConfig(**cfg))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--model", default="csm-1b", help="flavour of the random model")
-    p.add_argument("--dtype", default=None, help="bf16 or fp32 (default: bf16 on cuda, fp32 elsewhere)")
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    add_model_argument(p)
+    p.add_argument(
+        "--dtype", default=None, help="bf16 or fp32 (None: bf16 on cuda, fp32 elsewhere)"
+    )
     p.add_argument("--frames", type=int, default=12, help="frames per stream in each run")
-    p.add_argument("--streams", default="1,4,8,16")
-    p.add_argument("--chunks", default="160,320,640", help="chunk sizes (ms) for the 1-stream sweep")
+    p.add_argument("--streams", default="1,4,8,16", help="streams per step to sweep")
+    p.add_argument(
+        "--chunks", default="160,320,640", help="chunk sizes (ms) for the 1-stream sweep"
+    )
     p.add_argument("--frame-batches", default="1,2,4", help="frames per Mimi call for the sweep")
-    p.add_argument("--compile", action="store_true", help="add compiled runs (minutes to build on CPU)")
+    p.add_argument(
+        "--compile", action="store_true", help="add compiled runs (minutes to build on CPU)"
+    )
     p.add_argument("--max-seq-len", type=int, default=512, help="backbone window of the benchmark")
-    p.add_argument("--out-dir", default=None)
-    args = p.parse_args(argv)
-    from checkpoints import load_mimi, load_model_and_tokenizer
-    from generator import Generator, pick_device
-    from request import validate_request
+    p.add_argument(
+        "--out-dir", default=None, help="where JSON and PNG go (default benchmarks/results)"
+    )
+    return p
 
-    torch.set_grad_enabled(False)
-    device = pick_device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
-    bw = memory_bandwidth(device)["best"]
-    model, tok, _ = load_model_and_tokenizer(f"random:{args.model}", device, dtype)
-    gen = Generator(model, tok, load_mimi("random", device))
-    floor_ms = weight_bytes_per_frame(model) / bw * 1e3
-    print(f"device: {device_name(device)}; floor {floor_ms:.1f} ms/frame at {bw / 1e9:.1f} GB/s")
 
-    # the plain loop, same text and length, same process
+def plain_row(gen, device, frames: int) -> dict:
+    """Generator.generate's plain loop, same text and length, in the same process."""
     sync(device)
     t = time.perf_counter()
-    gen.generate(TEXT, 0, max_audio_length_ms=args.frames * 80, seed=0)
+    gen.generate(TEXT, 0, max_audio_length_ms=frames * 80, seed=0)
     sync(device)
-    plain_wall = time.perf_counter() - t
-    plain = {"name": "Generator.generate (plain loop)", "streams": 1, "chunk_ms": None,
-             "frame_batch": None, "compiled": False, "ttfa_ms": plain_wall * 1e3,
-             "rtf_per_stream": plain_wall / (args.frames * 0.08),
-             "aggregate_frames_per_s": args.frames / plain_wall}
-    rows = [plain]
+    wall = time.perf_counter() - t
+    return {"name": "Generator.generate (plain loop)", "streams": 1, "chunk_ms": None,
+            "frame_batch": None, "compiled": False, "ttfa_ms": wall * 1e3,
+            "rtf_per_stream": wall / (frames * 0.08), "aggregate_frames_per_s": frames / wall}
+
+
+def engine_rows(gen, args, plain: dict) -> list[dict]:
+    """First audio, RTF and frames/s over chunk sizes, Mimi batch, compile and streams."""
+    rows = []
     base = dict(max_seq_len=args.max_seq_len, enable_compilation=False)
 
     def record(name, sg, n, **info):
@@ -122,32 +131,60 @@ def main(argv=None):
         record(f"{n} streams", sg, n, chunk_ms=320, frame_batch=2, compiled=False)
         del sg
         gc.collect()
-
     one = next(r for r in rows if r["name"] == "1 streams")
     for r in rows:
         if r["name"].endswith(" streams"):
             r["aggregate_vs_1_stream"] = r["aggregate_frames_per_s"] / one["aggregate_frames_per_s"]
-    # The frame step alone (no prefill, no Mimi): what "n streams per step" costs the model.
-    step_rows = []
+    return rows
+
+
+def step_rows(gen, args, device) -> list[dict]:
+    """The frame step alone (no prefill, no Mimi): what "n streams per step" costs the model."""
+    from request import validate_request
+
+    rows = []
     for n in map(int, args.streams.split(",")):
-        sg = build(gen, chunk_size_ms=320, max_batch_size=n, **base)
+        sg = build(gen, chunk_size_ms=320, max_batch_size=n, max_seq_len=args.max_seq_len,
+                   enable_compilation=False)
         for i in range(n):
-            sg.engine.submit(validate_request(TEXT, i % 2, max_audio_length_ms=args.max_seq_len * 40, seed=i))
+            sg.engine.submit(
+                validate_request(TEXT, i % 2, max_audio_length_ms=args.max_seq_len * 40, seed=i)
+            )
         sg.engine.prepare_all()
-        step = sg.engine.step_fn(n)
-        best = min(time_calls(step, device, 3))
-        step_rows.append({"name": f"frame step, {n} streams", "streams": n, "step_ms": best * 1e3,
-                          "aggregate_frames_per_s": n / best})
+        best = min(time_calls(sg.engine.step_fn(n), device, 3))
+        rows.append({"name": f"frame step, {n} streams", "streams": n, "step_ms": best * 1e3,
+                     "aggregate_frames_per_s": n / best})
         del sg
         gc.collect()
-    for r in step_rows:
-        r["aggregate_vs_1_stream"] = r["aggregate_frames_per_s"] / step_rows[0]["aggregate_frames_per_s"]
-    print_table(step_rows, ["name", "streams", "step_ms", "aggregate_frames_per_s", "aggregate_vs_1_stream"])
-    rows += step_rows
-    print_table([r for r in rows if "step_ms" not in r],
-                ["name", "streams", "ttfa_ms", "rtf_per_stream", "aggregate_frames_per_s",
-                 "speedup_vs_plain", "aggregate_vs_1_stream"])
-    path = save_json("streaming", device, {"model": args.model, "dtype": str(next(model.parameters()).dtype),
+    for r in rows:
+        r["aggregate_vs_1_stream"] = r["aggregate_frames_per_s"] / rows[0]["aggregate_frames_per_s"]
+    return rows
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from checkpoints import load_mimi, load_model_and_tokenizer
+    from generator import Generator, pick_device
+
+    torch.set_grad_enabled(False)
+    device = pick_device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
+    bw = memory_bandwidth(device)["best"]
+    model, tok, _ = load_model_and_tokenizer(args.model, device, dtype)
+    gen = Generator(model, tok, load_mimi("random", device))
+    floor_ms = weight_bytes_per_frame(model) / bw * 1e3
+    print(f"device: {device_name(device)}; floor {floor_ms:.1f} ms/frame at {bw / 1e9:.1f} GB/s")
+    plain = plain_row(gen, device, args.frames)
+    rows = [plain] + engine_rows(gen, args, plain)
+    steps = step_rows(gen, args, device)
+    print_table(
+        steps, ["name", "streams", "step_ms", "aggregate_frames_per_s", "aggregate_vs_1_stream"]
+    )
+    print_table(rows, ["name", "streams", "ttfa_ms", "rtf_per_stream", "aggregate_frames_per_s",
+                       "speedup_vs_plain", "aggregate_vs_1_stream"])
+    rows += steps
+    path = save_json("streaming", device, {"model": args.model,
+                                           "dtype": str(next(model.parameters()).dtype),
                                            "frames": args.frames, "floor_ms_per_frame": floor_ms,
                                            "rows": rows}, args.out_dir)
     plot(rows, floor_ms, device, path.with_suffix(".png"))

@@ -19,12 +19,20 @@ import torch
 from common import print_table, save_json, sync
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (silentcipher runs "
+                                                    "on cuda or cpu)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per window size (the best is kept)")
+    p.add_argument(
+        "--out-dir", default=None, help="where the JSON goes (default benchmarks/results)"
+    )
+    return p
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out-dir", default=None)
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     from generator import pick_device
     from watermarking import build_random_watermarker, watermark
 
@@ -44,8 +52,14 @@ def main(argv=None):
             watermark(wm, audio, 24_000, None)
             sync(device)
             best = min(best, time.perf_counter() - t)
-        rows.append({"window_ms": ms, "mark_ms": best * 1e3, "ms_per_audio_s": best * 1e3 / (ms / 1000),
-                     "rtf_of_marking": best / (ms / 1000)})
+        rows.append(
+            {
+                "window_ms": ms,
+                "mark_ms": best * 1e3,
+                "ms_per_audio_s": best * 1e3 / (ms / 1000),
+                "rtf_of_marking": best / (ms / 1000),
+            }
+        )
     print(f"first call (librosa/numba warm-up): {warmup_s:.1f} s")
     print_table(rows, ["window_ms", "mark_ms", "ms_per_audio_s", "rtf_of_marking"])
     first = rows[0]

@@ -2,6 +2,9 @@
 
 import logging
 import os
+import shutil
+import subprocess
+import time
 import warnings
 
 import pytest
@@ -12,8 +15,14 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 logging.getLogger("transformers").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".*pad_token_id.*|.*bos_token_id.*|.*audio_.*token_id.*")
 
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 def tiny_hf_config(rope=LLAMA3_ROPE):
@@ -34,7 +43,7 @@ def tiny_hf_config(rope=LLAMA3_ROPE):
 
 
 def make_hf_checkpoint(folder, rope=LLAMA3_ROPE, seed=0):
-    """Write a transformers-format tiny CSM (save_pretrained) plus a tokenizer.json; return the model."""
+    """Write a transformers-format tiny CSM (save_pretrained) and a tokenizer.json; return it."""
     from transformers import CsmForConditionalGeneration
 
     from checkpoints import random_text_tokenizer
@@ -125,9 +134,8 @@ class LiveServer:
         from api import ServerSettings
         from checkpoints import load_mimi, load_model_and_tokenizer
         from generator import Generator
-        from routes import create_app
         from scheduler import Scheduler
-        from server import serve_in_thread
+        from server import create_app, serve_in_thread
         from streaming_generator import StreamingConfig, StreamingGenerator
 
         model, tok, _ = load_model_and_tokenizer("random:tiny", torch.device("cpu"))
@@ -135,7 +143,7 @@ class LiveServer:
         sg = StreamingGenerator(gen, StreamingConfig(max_batch_size=max_streams, **config))
         self.scheduler = Scheduler(sg, max_queue=max_queue).start()
         self.settings = settings or ServerSettings(token=TOKEN, max_body_bytes=2 * 2**20)
-        app = create_app(self.scheduler, self.settings, voices=voices, chat=chat)
+        self.app = app = create_app(self.scheduler, self.settings, voices=voices, chat=chat)
         self.server, self.thread, self.url = serve_in_thread(app, settings=self.settings)
         self.port = int(self.url.rsplit(":", 1)[1])
 
@@ -143,3 +151,45 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(10)
         self.scheduler.stop()
+
+
+@pytest.fixture(scope="session")
+def jack_device():
+    if shutil.which("jackd") is None:
+        pytest.skip("jackd is not installed (bash setup.sh --dev installs it as root)")
+    env = dict(os.environ, JACK_NO_AUDIO_RESERVATION="1")
+    server = f"csmtest{os.getpid()}"
+    env["JACK_DEFAULT_SERVER"] = server
+    proc = subprocess.Popen(
+        ["jackd", "--no-realtime", "-n", server, "-d", "dummy", "-r", str(24_000), "-p", "1920"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.environ["JACK_DEFAULT_SERVER"] = server
+    try:
+        import sounddevice as sd
+
+        device = None
+        for _ in range(50):
+            sd._terminate()
+            sd._initialize()
+            jack = [i for i, h in enumerate(sd.query_hostapis()) if "JACK" in h["name"]]
+            outs = [d["index"] for d in sd.query_devices()
+                    if jack and d["hostapi"] == jack[0] and d["max_output_channels"] > 0]
+            if outs:
+                device = outs[0]
+                break
+            time.sleep(0.1)
+        if device is None:
+            pytest.fail("jackd started but PortAudio shows no JACK output device")
+        yield device
+    finally:
+        # PortAudio must let go of the JACK server before it stops, or it aborts the process
+        import sounddevice as sd
+
+        sd._terminate()
+        proc.terminate()
+        proc.wait(5)
+        os.environ.pop("JACK_DEFAULT_SERVER", None)
+        sd._initialize()

@@ -83,12 +83,16 @@ def test_logits_equal_transformers(hf_checkpoint, mimi):
     gen, desc = load_ours(folder, mimi)
     assert "transformers format" in desc
     model: CSM = gen.model
-    tokens, mask = gen.build_prompt(validate_request("Hello there, how are you?", 1), reserve_frames=0)
+    tokens, mask = gen.build_prompt(
+        validate_request("Hello there, how are you?", 1), reserve_frames=0
+    )
     # backbone: hidden state after the prompt -> codebook-0 logits
     ours_h = model.prefill(tokens[None], mask[None], gen.caches, slot=0)
     theirs_h = hf.backbone_model(inputs_embeds=hf_embed(hf, tokens, mask)).last_hidden_state[:, -1]
     torch.testing.assert_close(ours_h, theirs_h, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(model.codebook0_head(ours_h), hf.lm_head(theirs_h), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        model.codebook0_head(ours_h), hf.lm_head(theirs_h), atol=1e-4, rtol=1e-4
+    )
     # depth decoder: logits of codebook 1..3 given h and fixed earlier codes
     codes = torch.tensor([[17, 400, 1999, 5]])
     x = torch.stack([ours_h, model.embed_audio(0, codes[:, 0])], dim=1)
@@ -96,9 +100,11 @@ def test_logits_equal_transformers(hf_checkpoint, mimi):
     for i in range(1, 4):
         dec = model.decoder(model.projection(x), pos, gen.caches.decoder, 0)[:, -1]
         ours_logits = dec @ model.audio_head[i - 1]
-        theirs = hf.depth_decoder(input_ids=torch.cat([torch.zeros(1, 1, dtype=torch.long),
-                                                       codes[:, :i]], dim=1),
-                                  backbone_last_hidden_state=theirs_h, logits_to_keep=1).logits[:, -1]
+        theirs = hf.depth_decoder(
+            input_ids=torch.cat([torch.zeros(1, 1, dtype=torch.long), codes[:, :i]], dim=1),
+            backbone_last_hidden_state=theirs_h,
+            logits_to_keep=1,
+        ).logits[:, -1]
         torch.testing.assert_close(ours_logits, theirs, atol=1e-4, rtol=1e-4)
         x = model.embed_audio(i, codes[:, i])[:, None]
         pos = pos[:, -1:] + 1
@@ -108,7 +114,11 @@ def test_logits_equal_transformers(hf_checkpoint, mimi):
 def test_greedy_codes_equal_transformers(hf_checkpoint, mimi, with_context):
     hf, folder = hf_checkpoint
     gen, _ = load_ours(folder, mimi)
-    context = [Segment(speaker=1, text="An earlier turn.", audio=speech_like(0.5))] if with_context else []
+    context = (
+        [Segment(speaker=1, text="An earlier turn.", audio=speech_like(0.5))]
+        if with_context
+        else []
+    )
     ours = greedy(gen, "Say something nice.", context)
     req = validate_request("Say something nice.", 0, context)
     tokens, mask = gen.build_prompt(req, reserve_frames=20)
@@ -131,7 +141,9 @@ def test_original_format_gives_same_codes(hf_checkpoint, mimi, tmp_path):
     (tmp_path / "model.safetensors").unlink()
     torch.save(state, tmp_path / "ckpt.pt")
     pt, desc = load_ours(tmp_path / "ckpt.pt", mimi)
-    assert torch.equal(greedy(pt, "Say something nice.", frames=5), greedy(gen, "Say something nice.", frames=5))
+    assert torch.equal(
+        greedy(pt, "Say something nice.", frames=5), greedy(gen, "Say something nice.", frames=5)
+    )
 
 
 def test_round_trip_to_transformers_names(hf_checkpoint, mimi):
@@ -154,7 +166,9 @@ def test_rope_settings_come_from_config(tmp_path, mimi):
     tokens, mask = gen.build_prompt(req, reserve_frames=0)
     with torch.no_grad():
         ours = gen.model.prefill(tokens[None], mask[None], gen.caches, 0)
-        theirs = hf.backbone_model(inputs_embeds=hf_embed(hf, tokens, mask)).last_hidden_state[:, -1]
+        theirs = hf.backbone_model(inputs_embeds=hf_embed(hf, tokens, mask)).last_hidden_state[
+            :, -1
+        ]
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
@@ -172,7 +186,9 @@ def test_sharded_transformers_checkpoint(hf_checkpoint, mimi, tmp_path):
     for name, ks in shards.items():
         save_file({k: state[k].contiguous() for k in ks}, str(tmp_path / name))
         weight_map.update({k: name for k in ks})
-    (tmp_path / "transformers.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "transformers.safetensors.index.json").write_text(
+        json.dumps({"weight_map": weight_map})
+    )
     for f in ("config.json", "tokenizer.json"):
         (tmp_path / f).write_text((folder / f).read_text())
     sharded, desc = load_ours(tmp_path, mimi)
@@ -210,7 +226,9 @@ def test_an_interrupted_download_in_the_cache_is_not_used(tmp_path, monkeypatch)
 
 def test_one_list_of_weight_files():
     """Local folders, hub downloads and deploy_vast.py pick weights by the same rule."""
-    assert pick_weight_files(["config.json", "ckpt.pt", "model.safetensors"]) == ["model.safetensors"]
+    assert pick_weight_files(["config.json", "ckpt.pt", "model.safetensors"]) == [
+        "model.safetensors"
+    ]
     names = ["config.json", "transformers.safetensors.index.json",
              "transformers-00002-of-00002.safetensors", "transformers-00001-of-00002.safetensors"]
     assert pick_weight_files(names) == ["transformers.safetensors.index.json",

@@ -11,8 +11,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def deploy(*args, env=None, timeout=900):
-    return subprocess.run([sys.executable, str(ROOT / "deploy_vast.py"), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "deploy_vast.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
 
 
 def test_info_says_what_the_box_can_do():
@@ -30,7 +36,9 @@ def test_setup_dry_run_prints_the_readme_install_and_runs_nothing():
     assert "(dry run" in r.stdout and "$ bash setup.sh" in r.stdout
     assert "torch.cuda.is_available()" in r.stdout
     # the CUDA check was printed, not run: none of its output lines is there
-    assert not any(line.startswith(("CUDA works:", "CUDA is not available")) for line in r.stdout.splitlines())
+    assert not any(
+        line.startswith(("CUDA works:", "CUDA is not available")) for line in r.stdout.splitlines()
+    )
 
 
 def test_secrets_never_reach_the_output():
@@ -41,6 +49,9 @@ def test_secrets_never_reach_the_output():
     r = deploy("--serve", "--dry-run", "--model", "random:tiny", "--token", "serverSecret987")
     assert r.returncode == 0 and "serverSecret987" not in r.stdout + r.stderr
     assert "stream slots" in r.stdout and "--max-streams 2" in r.stdout
+    r = deploy("--serve", "--dry-run", "--model", "random:tiny", "--replicas", "2")
+    assert r.returncode == 0 and "$ " in r.stdout and "serve_ray.py --replicas 2" in r.stdout
+    assert "x 2 replicas (Ray Serve)" in r.stdout
 
 
 def test_no_step_is_an_error():
@@ -60,7 +71,7 @@ def test_benchmark_with_the_tiny_random_model_writes_a_results_folder():
         assert {"frame_cpu.json", "streaming_cpu.json", "streaming_cpu.png", "watermark_cpu.json",
                 "report.md"} <= names
         frame = json.loads((out / "frame_cpu.json").read_text())
-        assert frame["model"] == "tiny" and frame["rows"][0]["ours_ms"] > 0
+        assert frame["model"] == "random:tiny" and frame["rows"][0]["ours_ms"] > 0
         report = (out / "report.md").read_text()
         assert frame["device"] in report and "## Frame step" in report and "## Streaming" in report
         assert "![streaming](streaming_cpu.png)" in report and "| frame step alone |" in report

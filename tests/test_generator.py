@@ -17,7 +17,9 @@ def test_text_segment_layout(tiny_generator):
     tokens, mask = tiny_generator.tokenize_text("Hi there", 3)
     tok = tiny_generator.text_tokenizer
     ids = tok.encode("[3]Hi there").ids
-    assert ids[0] == tok.token_to_id("<|begin_of_text|>") and ids[-1] == tok.token_to_id("<|end_of_text|>")
+    assert ids[0] == tok.token_to_id("<|begin_of_text|>") and ids[-1] == tok.token_to_id(
+        "<|end_of_text|>"
+    )
     assert tokens[:, 32].tolist() == ids and mask[:, 32].all() and not mask[:, :32].any()
     assert not tokens[:, :32].any()
 
@@ -46,7 +48,10 @@ def test_context_of_any_rate_and_channels(tiny_generator):
     assert codes.shape == (5, 32)
     # not a whole number of 80 ms frames: generate (which decodes as it goes) must take it too
     odd = Segment(1, "Hello.", speech_like(0.53), 24000)
-    assert tiny_generator.generate("Reply.", 0, [odd], max_audio_length_ms=400, seed=1).numel() == 5 * 1920
+    assert (
+        tiny_generator.generate("Reply.", 0, [odd], max_audio_length_ms=400, seed=1).numel()
+        == 5 * 1920
+    )
 
 
 def test_is_eos_rule():
@@ -116,25 +121,45 @@ def test_context_too_long_drops_oldest_with_warning(tiny_generator):
 
 
 def test_text_alone_too_long_is_a_clear_error(tiny_generator):
-    with pytest.raises(ValueError, match="text is too long.*split the text or lower max_audio_length_ms"):
+    with pytest.raises(
+        ValueError, match="text is too long.*split the text or lower max_audio_length_ms"
+    ):
         tiny_generator.generate_codes("word " * 400, 0, max_audio_length_ms=8000)
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"text": ""}, "text"), ({"text": " \n"}, "text"), ({"text": None}, "text"),
-    ({"speaker": -1}, "speaker"), ({"speaker": 1.5}, "speaker"), ({"speaker": True}, "speaker"),
-    ({"temperature": float("nan")}, "temperature"), ({"temperature": -1.0}, "temperature"),
-    ({"temperature": float("inf")}, "temperature"), ({"temperature": 1e308}, "temperature"),
-    ({"text": "bad \ud800 surrogate"}, "not valid Unicode"),
-    ({"topk": 0}, "topk"), ({"topk": 2.5}, "topk"),
-    ({"max_audio_length_ms": 0}, "max_audio_length_ms"), ({"max_audio_length_ms": -5}, "max_audio_length_ms"),
-    ({"seed": -3}, "seed"),
-    ({"context": [Segment(-2, "x", torch.ones(100))]}, r"context\[0\].speaker"),
-    ({"context": [Segment(0, "x", torch.zeros(0))]}, r"context\[0\].audio is empty"),
-    ({"context": [Segment(0, "x", codes=torch.zeros(3, 31, dtype=torch.long))]}, r"context\[0\].codes"),
-    ({"context": [Segment(0, "x", codes=torch.full((3, 32), 2048))]}, r"context\[0\].codes"),
-    ({"context": [Segment(0, "x", torch.tensor([0.1, float("nan")]))]}, r"context\[0\].audio contains NaN"),
-    ({"context": ["not a segment"]}, r"context\[0\] must be a Segment")])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"text": ""}, "text"),
+        ({"text": " \n"}, "text"),
+        ({"text": None}, "text"),
+        ({"speaker": -1}, "speaker"),
+        ({"speaker": 1.5}, "speaker"),
+        ({"speaker": True}, "speaker"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": 1e308}, "temperature"),
+        ({"text": "bad \ud800 surrogate"}, "not valid Unicode"),
+        ({"topk": 0}, "topk"),
+        ({"topk": 2.5}, "topk"),
+        ({"max_audio_length_ms": 0}, "max_audio_length_ms"),
+        ({"max_audio_length_ms": -5}, "max_audio_length_ms"),
+        ({"seed": -3}, "seed"),
+        ({"context": [Segment(-2, "x", torch.ones(100))]}, r"context\[0\].speaker"),
+        ({"context": [Segment(0, "x", torch.zeros(0))]}, r"context\[0\].audio is empty"),
+        (
+            {"context": [Segment(0, "x", codes=torch.zeros(3, 31, dtype=torch.long))]},
+            r"context\[0\].codes",
+        ),
+        ({"context": [Segment(0, "x", codes=torch.full((3, 32), 2048))]}, r"context\[0\].codes"),
+        (
+            {"context": [Segment(0, "x", torch.tensor([0.1, float("nan")]))]},
+            r"context\[0\].audio contains NaN",
+        ),
+        ({"context": ["not a segment"]}, r"context\[0\] must be a Segment"),
+    ],
+)
 def test_bad_input_raises_value_error_naming_the_argument(own_generator, kwargs, name):
     args = {"text": "Fine.", "speaker": 0, **kwargs}
     calls = []

@@ -82,7 +82,8 @@ def test_a_segment_that_cannot_fit_is_refused_before_admission(iso):
 def test_a_stream_that_fails_ends_alone_and_visibly_on_every_transport(iso, tiny_generator,
                                                                        monkeypatch):
     """Streams with seed 666 end their first sentence at frame 5 and the prompt of their second
-    fails. Each transport shows the failure; the clients beside them get exactly their solo audio."""
+    fails. Each transport shows the failure; the clients beside them get exactly their solo
+    audio."""
     from websockets.sync.client import connect
 
     prompts = iso.scheduler.engine.prompts
@@ -150,7 +151,9 @@ def test_a_stream_that_fails_ends_alone_and_visibly_on_every_transport(iso, tiny
         assert status == 200
         torch.testing.assert_close(audio, quantized(solo), atol=1.5 / 32767, rtol=0)
     # the cut stream is counted once, as a failure, never as a 200 as well
-    assert metric(iso, "csm_requests_total", route="/v1/audio/speech", status="200") == before_ok + 4
+    assert (
+        metric(iso, "csm_requests_total", route="/v1/audio/speech", status="200") == before_ok + 4
+    )
     assert metric(iso, "csm_requests_total", route="/v1/audio/speech", status="500") >= 2
 
 
@@ -167,8 +170,17 @@ def test_a_big_context_does_not_stall_the_running_streams(iso, tiny_generator):
     stall = time.perf_counter() - t  # what encoding it in one piece would cost every stream
     buf = io.BytesIO()
     sf.write(buf, context.numpy(), SR, format="WAV")
-    abuser = {"text": "Now me.", "max_audio_length_ms": 160, "context": [
-        {"speaker": 1, "text": "A long turn.", "audio_base64": base64.b64encode(buf.getvalue()).decode()}]}
+    abuser = {
+        "text": "Now me.",
+        "max_audio_length_ms": 160,
+        "context": [
+            {
+                "speaker": 1,
+                "text": "A long turn.",
+                "audio_base64": base64.b64encode(buf.getvalue()).decode(),
+            }
+        ],
+    }
     arrivals, result = [], {}
     with connect(f"ws://127.0.0.1:{iso.port}/v1/stream", additional_headers=AUTH) as c:
         c.send(json.dumps({"text": "I keep talking.", "seed": 4, "max_audio_length_ms": 12000}))
@@ -196,7 +208,7 @@ def test_a_big_context_does_not_stall_the_running_streams(iso, tiny_generator):
     assert gaps.max() < np.median(gaps) + stall / 2, (gaps, stall)
 
 
-# -- 3. a small file cannot expand into gigabytes ---------------------------------------------------
+# -- 3. a small file cannot expand into gigabytes --------------------------------------------------
 
 
 def b64_audio(data, rate, fmt="WAV", subtype=None) -> str:
@@ -238,12 +250,14 @@ def test_decoding_is_mixed_to_mono_in_blocks(tmp_path):
     assert peak < 40 * 2**20, f"peak {peak / 2**20:.0f} MB"
 
 
-# -- 4. a client that leaves /api/generate frees its slot --------------------------------------------
+# -- 4. a client that leaves /api/generate frees its slot ------------------------------------------
 
 
 def test_fire_and_forget_requests_are_cancelled(iso):
     before = metric(iso, "csm_requests_total", route="/api/generate", status="499")
-    body = json.dumps({"text": "Nobody will listen to this.", "max_audio_length_ms": 30000}).encode()
+    body = json.dumps(
+        {"text": "Nobody will listen to this.", "max_audio_length_ms": 30000}
+    ).encode()
     head = (f"POST /api/generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
     for _ in range(8):
@@ -272,7 +286,14 @@ def test_metrics_label_by_route_template(iso):
     text = httpx.get(f"{iso.url}/metrics", headers=AUTH).text
     routes = {s.labels["route"] for f in text_string_to_metric_families(text) for s in f.samples
               if s.name == "csm_requests_total"}  # parses: the exposition is well formed
-    assert routes <= {"/api/generate", "/v1/audio/speech", "/v1/stream", "/metrics", "/health", "other"}
+    assert routes <= {
+        "/api/generate",
+        "/v1/audio/speech",
+        "/v1/stream",
+        "/metrics",
+        "/health",
+        "other",
+    }
     assert metric(iso, "csm_requests_total", route="other", status="404") >= len(paths)
 
 
@@ -306,7 +327,7 @@ def test_strange_input_is_a_4xx_not_a_500(iso):
     assert err["type"] == "error" and err["status"] == 401
 
 
-# -- 7. bodies, messages and connections are bounded ------------------------------------------------
+# -- 7. bodies, messages and connections are bounded -----------------------------------------------
 
 
 def test_a_chunked_body_is_capped_while_it_is_read(iso):
@@ -362,15 +383,20 @@ def test_a_reader_that_never_reads_is_dropped(iso):
     s.connect(("127.0.0.1", iso.port))
     body = json.dumps({"input": "Fill the pipe.", "response_format": "pcm",
                        "max_audio_length_ms": 30000}).encode()
-    s.sendall((f"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
-               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
+    s.sendall(
+        (
+            f"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body
+    )
     time.sleep(0.5)
     assert httpx.get(f"{iso.url}/health").json()["active_streams"] == 1
     wait_idle(iso, timeout=40)  # far less than the minute of audio it asked for
     s.close()
 
 
-# -- 8. secrets never reach the logs ------------------------------------------------------------------
+# -- 8. secrets never reach the logs ---------------------------------------------------------------
 
 
 def test_the_access_log_masks_tokens():
@@ -476,7 +502,9 @@ def test_out_of_memory_mid_chunk_loses_and_repeats_no_audio(tiny_generator):
         audio, _ = sf.read(io.BytesIO(base64.b64decode(r.json()["audio_data"])), dtype="float32")
         solo = tiny_generator.generate(body["text"], 0, max_audio_length_ms=2400, seed=body["seed"],
                                        topk=5)
-        torch.testing.assert_close(torch.from_numpy(audio), quantized(solo), atol=1.5 / 32767, rtol=0)
+        torch.testing.assert_close(
+            torch.from_numpy(audio), quantized(solo), atol=1.5 / 32767, rtol=0
+        )
 
 
 def test_two_engines_on_one_model_keep_their_own_caches(tiny_generator):
@@ -486,7 +514,9 @@ def test_two_engines_on_one_model_keep_their_own_caches(tiny_generator):
     it = wide.generate_streaming("The first engine speaks.", 0, max_audio_length_ms=1600, seed=8)
     first = [next(it)]
     narrow = StreamingGenerator(tiny_generator, StreamingConfig(max_batch_size=1, max_seq_len=128))
-    list(narrow.generate_streaming("Another engine in between.", 1, max_audio_length_ms=800, seed=1))
+    list(
+        narrow.generate_streaming("Another engine in between.", 1, max_audio_length_ms=800, seed=1)
+    )
     assert wide.engine.caches.batch == 3 and wide.engine.caches.max_seq == 512
     out = torch.cat(first + list(it))
     ref = tiny_generator.generate("The first engine speaks.", 0, max_audio_length_ms=1600, seed=8)

@@ -23,7 +23,10 @@ CASES = [
     ("In 1999 and 2024.", "In nineteen ninety-nine and twenty twenty-four."),
     ("Back in 2005.", "Back in two thousand five."),
     ("The 1980s were loud.", "The nineteen eighties were loud."),
-    ("About 1,234,567 people.", "About one million two hundred thirty-four thousand five hundred sixty-seven people."),
+    (
+        "About 1,234,567 people.",
+        "About one million two hundred thirty-four thousand five hundred sixty-seven people.",
+    ),
     ("It was -5 degrees.", "It was minus five degrees."),
     ("Dr. Smith and Mr. Jones, etc.", "Doctor Smith and Mister Jones, et cetera"),
     ("Salt & pepper", "Salt and pepper"),

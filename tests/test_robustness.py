@@ -27,7 +27,9 @@ def distinct_codes(n, start=0):
 def feed_in_chunks(guard, audio, codes, chunk=4):
     out, stop = [], None
     for i in range(0, codes.shape[0], chunk):
-        o, stop = guard.feed(codes[i:i + chunk], audio[i * FRAME_SAMPLES:(i + chunk) * FRAME_SAMPLES])
+        o, stop = guard.feed(
+            codes[i : i + chunk], audio[i * FRAME_SAMPLES : (i + chunk) * FRAME_SAMPLES]
+        )
         out.append(o)
         if stop:
             break
@@ -78,7 +80,9 @@ def test_trimming_never_removes_non_silent_audio(seed):
     pieces = []
     for _ in range(40):
         loud = rng.random() < 0.5
-        pieces.append(speech_like(0.08, seed=rng.randrange(1000)) * 3 if loud else torch.zeros(FRAME_SAMPLES))
+        pieces.append(
+            speech_like(0.08, seed=rng.randrange(1000)) * 3 if loud else torch.zeros(FRAME_SAMPLES)
+        )
     audio = torch.cat(pieces)
     codes = distinct_codes(40)
     guard = TailGuard(TailConfig(max_silence_ms=800, keep_tail_ms=160))
@@ -89,7 +93,9 @@ def test_trimming_never_removes_non_silent_audio(seed):
     # what went out is the input's first frames with silent ones removed, loud ones all there
     consumed = frames_of(audio)[: n_out + guard.trimmed_frames + len(guard.held)]
     expected_loud = [f for f in consumed if frame_dbfs(f)[0] >= -50]
-    assert len(loud_out) == len(expected_loud) and all(torch.equal(a, b) for a, b in zip(loud_out, expected_loud))
+    assert len(loud_out) == len(expected_loud) and all(
+        torch.equal(a, b) for a, b in zip(loud_out, expected_loud)
+    )
     if stop is None:
         assert len(loud_out) == len(loud_in)
 
@@ -171,7 +177,9 @@ def test_server_narrows_its_batch_when_the_device_runs_out_of_memory(tiny_genera
     from request import validate_request
     from scheduler import Scheduler
 
-    sg = StreamingGenerator(tiny_generator, StreamingConfig(enable_compilation=False, max_batch_size=4))
+    sg = StreamingGenerator(
+        tiny_generator, StreamingConfig(enable_compilation=False, max_batch_size=4)
+    )
     engine = sg.engine
     original = engine._frame_step
     raised = []
@@ -187,8 +195,10 @@ def test_server_narrows_its_batch_when_the_device_runs_out_of_memory(tiny_genera
 
     async def run_all():
         loop = asyncio.get_running_loop()
-        tickets = [sched.submit(validate_request(f"Stream {i}.", 0, max_audio_length_ms=480, seed=i), loop)
-                   for i in range(4)]
+        tickets = [
+            sched.submit(validate_request(f"Stream {i}.", 0, max_audio_length_ms=480, seed=i), loop)
+            for i in range(4)
+        ]
         results = []
         for t in tickets:
             results.append(torch.cat([c async for c in t.chunks()]))

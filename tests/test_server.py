@@ -47,9 +47,17 @@ def test_health_needs_no_token(live):
 
 
 def test_16_concurrent_clients_each_get_their_solo_audio(live, reference):
-    reqs = [{"text": f"Client number {i} speaks now.", "speaker_id": i % 3, "top_k": 1 if i % 2 else 40,
-             "temperature": 0.7 + 0.05 * (i % 4), "max_audio_length_ms": 480 + 80 * (i % 5), "seed": 100 + i}
-            for i in range(16)]
+    reqs = [
+        {
+            "text": f"Client number {i} speaks now.",
+            "speaker_id": i % 3,
+            "top_k": 1 if i % 2 else 40,
+            "temperature": 0.7 + 0.05 * (i % 4),
+            "max_audio_length_ms": 480 + 80 * (i % 5),
+            "seed": 100 + i,
+        }
+        for i in range(16)
+    ]
 
     def call(body):
         return httpx.post(f"{live.url}/api/generate", json=body, headers=AUTH, timeout=300)
@@ -59,10 +67,18 @@ def test_16_concurrent_clients_each_get_their_solo_audio(live, reference):
     for body, r in zip(reqs, responses):
         assert r.status_code == 200, r.text
         got = r.json()
-        assert got["format"] == "wav" and got["encoding"] == "base64" and got["sample_rate"] == 24000
+        assert (
+            got["format"] == "wav" and got["encoding"] == "base64" and got["sample_rate"] == 24000
+        )
         audio, sr = read_wav_b64(got["audio_data"])
-        solo = reference.generate(body["text"], body["speaker_id"], max_audio_length_ms=body["max_audio_length_ms"],
-                                  temperature=body["temperature"], topk=body["top_k"], seed=body["seed"])
+        solo = reference.generate(
+            body["text"],
+            body["speaker_id"],
+            max_audio_length_ms=body["max_audio_length_ms"],
+            temperature=body["temperature"],
+            topk=body["top_k"],
+            seed=body["seed"],
+        )
         assert audio.shape == solo.shape
         torch.testing.assert_close(audio, quantized(solo), atol=1.5 / 32767, rtol=0)
         assert got["duration_ms"] == pytest.approx(body["max_audio_length_ms"])
@@ -76,47 +92,96 @@ def test_context_over_http(live, reference):
     buf = io.BytesIO()
     stereo = np.stack([ctx_audio.numpy(), ctx_audio.numpy()], axis=1)
     sf.write(buf, stereo, 24000, format="WAV", subtype="FLOAT")
-    body = {"text": "Answer.", "speaker_id": 0, "top_k": 1, "max_audio_length_ms": 400, "seed": 1,
-            "context": [{"speaker": 1, "text": "Question?", "audio_base64": base64.b64encode(buf.getvalue()).decode()}]}
+    body = {
+        "text": "Answer.",
+        "speaker_id": 0,
+        "top_k": 1,
+        "max_audio_length_ms": 400,
+        "seed": 1,
+        "context": [
+            {
+                "speaker": 1,
+                "text": "Question?",
+                "audio_base64": base64.b64encode(buf.getvalue()).decode(),
+            }
+        ],
+    }
     r = httpx.post(f"{live.url}/api/generate", json=body, headers=AUTH, timeout=120)
     assert r.status_code == 200, r.text
-    solo = reference.generate("Answer.", 0, [Segment(1, "Question?", torch.from_numpy(stereo.T.copy()), 24000)],
-                              max_audio_length_ms=400, topk=1, seed=1)
+    solo = reference.generate(
+        "Answer.",
+        0,
+        [Segment(1, "Question?", torch.from_numpy(stereo.T.copy()), 24000)],
+        max_audio_length_ms=400,
+        topk=1,
+        seed=1,
+    )
     audio, _ = read_wav_b64(r.json()["audio_data"])
     torch.testing.assert_close(audio, quantized(solo), atol=1.5 / 32767, rtol=0)
 
 
-@pytest.mark.parametrize("body, status, words", [
-    ({"speaker_id": 0}, 422, "text"),
-    ({"text": "   "}, 400, "text must be a non-empty string"),
-    ({"text": "x" * 5000}, 413, "limit is 2000"),
-    ({"text": "hi", "speaker_id": "abc"}, 422, "speaker_id"),
-    ({"text": "hi", "temperature": "hot"}, 422, "temperature"),
-    ({"text": "hi", "temperature": -1}, 400, "temperature"),
-    ({"text": "hi", "top_k": 0}, 400, "topk"),
-    ({"text": "hi", "speaker_id": -4}, 400, "speaker"),
-    ({"text": "hi", "context": [{"speaker": 0, "text": "a", "audio_base64": "@@not base64@@"}]}, 400, "base64"),
-    ({"text": "hi", "context": [{"speaker": 0, "text": "a", "audio_base64": base64.b64encode(b"not audio").decode()}]},
-     400, "not a readable audio file"),
-    ({"text": "hi", "unknown_field": 1}, 422, "unknown_field"),
-])
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ({"speaker_id": 0}, 422, "text"),
+        ({"text": "   "}, 400, "text must be a non-empty string"),
+        ({"text": "x" * 5000}, 413, "limit is 2000"),
+        ({"text": "hi", "speaker_id": "abc"}, 422, "speaker_id"),
+        ({"text": "hi", "temperature": "hot"}, 422, "temperature"),
+        ({"text": "hi", "temperature": -1}, 400, "temperature"),
+        ({"text": "hi", "top_k": 0}, 400, "topk"),
+        ({"text": "hi", "speaker_id": -4}, 400, "speaker"),
+        (
+            {
+                "text": "hi",
+                "context": [{"speaker": 0, "text": "a", "audio_base64": "@@not base64@@"}],
+            },
+            400,
+            "base64",
+        ),
+        (
+            {
+                "text": "hi",
+                "context": [
+                    {
+                        "speaker": 0,
+                        "text": "a",
+                        "audio_base64": base64.b64encode(b"not audio").decode(),
+                    }
+                ],
+            },
+            400,
+            "not a readable audio file",
+        ),
+        ({"text": "hi", "unknown_field": 1}, 422, "unknown_field"),
+    ],
+)
 def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(live, body, status, words):
     r = httpx.post(f"{live.url}/api/generate", json=body, headers=AUTH, timeout=60)
     assert r.status_code == status, r.text
     msg = r.json()["error"]["message"]
     assert words in msg and "Traceback" not in r.text
-    ok = httpx.post(f"{live.url}/api/generate", json={"text": "Still here.", "max_audio_length_ms": 160},
-                    headers=AUTH, timeout=60)
+    ok = httpx.post(
+        f"{live.url}/api/generate",
+        json={"text": "Still here.", "max_audio_length_ms": 160},
+        headers=AUTH,
+        timeout=60,
+    )
     assert ok.status_code == 200
 
 
 def test_tokens_and_body_size(live):
     r = httpx.post(f"{live.url}/api/generate", json={"text": "hi"})
     assert r.status_code == 401 and "bearer token" in r.json()["error"]["message"]
-    r = httpx.post(f"{live.url}/api/generate", json={"text": "hi"}, headers={"Authorization": "Bearer wrong"})
+    r = httpx.post(
+        f"{live.url}/api/generate", json={"text": "hi"}, headers={"Authorization": "Bearer wrong"}
+    )
     assert r.status_code == 401
     assert httpx.get(f"{live.url}/metrics").status_code == 401
-    big = {"text": "hi", "context": [{"speaker": 0, "text": "a", "audio_base64": "A" * (3 * 2**20)}]}
+    big = {
+        "text": "hi",
+        "context": [{"speaker": 0, "text": "a", "audio_base64": "A" * (3 * 2**20)}],
+    }
     r = httpx.post(f"{live.url}/api/generate", json=big, headers=AUTH, timeout=60)
     assert r.status_code == 413 and "request body over" in r.json()["error"]["message"]
 
@@ -125,13 +190,19 @@ def test_openai_speech_route_with_the_official_client(live, reference):
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{live.url}/v1", api_key=TOKEN)
-    resp = client.audio.speech.create(model="csm-1b", voice="1", input="Hello from the OpenAI client.",
-                                      response_format="wav", extra_body={"seed": 3, "top_k": 1,
-                                                                         "max_audio_length_ms": 640})
+    resp = client.audio.speech.create(
+        model="csm-1b",
+        voice="1",
+        input="Hello from the OpenAI client.",
+        response_format="wav",
+        extra_body={"seed": 3, "top_k": 1, "max_audio_length_ms": 640},
+    )
     data = resp.read()
     assert data[:4] == b"RIFF" and data[8:12] == b"WAVE"
     pcm = np.frombuffer(data[44:], dtype="<i2").astype(np.float32) / 32767
-    solo = reference.generate("Hello from the OpenAI client.", 1, max_audio_length_ms=640, topk=1, seed=3)
+    solo = reference.generate(
+        "Hello from the OpenAI client.", 1, max_audio_length_ms=640, topk=1, seed=3
+    )
     assert pcm.shape[0] == solo.shape[0]
     torch.testing.assert_close(torch.from_numpy(pcm), quantized(solo), atol=1.5 / 32767, rtol=0)
     # raw PCM, streamed
@@ -144,8 +215,12 @@ def test_openai_speech_route_with_the_official_client(live, reference):
 
 def test_speech_route_errors(live):
     def post(**body):
-        return httpx.post(f"{live.url}/v1/audio/speech", json={"model": "csm-1b", "input": "hi", **body},
-                          headers=AUTH, timeout=60)
+        return httpx.post(
+            f"{live.url}/v1/audio/speech",
+            json={"model": "csm-1b", "input": "hi", **body},
+            headers=AUTH,
+            timeout=60,
+        )
 
     r = post(voice="darth")
     assert r.status_code == 400 and "unknown voice" in r.json()["error"]["message"]
@@ -169,7 +244,11 @@ def test_websocket_stream_and_cancel_on_close(live):
     from websockets.sync.client import connect
 
     with connect(f"ws://127.0.0.1:{live.port}/v1/stream", additional_headers=AUTH) as ws:
-        ws.send(json.dumps({"text": "Socket speech.", "speaker": 0, "max_audio_length_ms": 640, "seed": 2}))
+        ws.send(
+            json.dumps(
+                {"text": "Socket speech.", "speaker": 0, "max_audio_length_ms": 640, "seed": 2}
+            )
+        )
         pcm, msgs = b"", []
         while True:
             m = ws.recv(timeout=60)
@@ -231,7 +310,9 @@ def test_full_server_answers_503_with_retry_after():
             time.sleep(1.0)  # the first holds the only slot
             second = pool.submit(long)  # waits in the queue
             time.sleep(0.5)
-            third = httpx.post(f"{s.url}/api/generate", headers=AUTH, json={"text": "No room."}, timeout=30)
+            third = httpx.post(
+                f"{s.url}/api/generate", headers=AUTH, json={"text": "No room."}, timeout=30
+            )
             assert third.status_code == 503 and "Retry-After" in third.headers
             assert "retry" in third.json()["error"]["message"]
             # nothing already accepted is lost

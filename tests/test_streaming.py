@@ -13,7 +13,9 @@ from streaming_generator import StreamingConfig, StreamingGenerator, StreamReque
 
 @pytest.fixture(scope="module")
 def streamer(tiny_generator):
-    return StreamingGenerator(tiny_generator, StreamingConfig(enable_compilation=False, max_batch_size=3))
+    return StreamingGenerator(
+        tiny_generator, StreamingConfig(enable_compilation=False, max_batch_size=3)
+    )
 
 
 def force_end_at(model, frame_of_end: dict[int, int | list[int]]):
@@ -58,7 +60,9 @@ def test_chunks_equal_one_shot_decode_of_the_same_codes(streamer, tiny_generator
 
 
 def test_first_chunk_comes_before_the_end(streamer):
-    it = streamer.generate_streaming("An utterance long enough to stream.", 0, max_audio_length_ms=4000, seed=1)
+    it = streamer.generate_streaming(
+        "An utterance long enough to stream.", 0, max_audio_length_ms=4000, seed=1
+    )
     first = next(it)
     stream = streamer.engine.last_stream
     assert first.shape[0] == streamer.config.first_chunk_frames * FRAME_SAMPLES
@@ -107,7 +111,9 @@ def test_caller_stopping_early_frees_the_engine(streamer, tiny_generator):
     assert streamer.engine.free_slots == 3
     assert streamer.engine.last_stream.metrics.stop_reason == "cancelled"
     ref = tiny_generator.generate("Next one.", 0, max_audio_length_ms=800, seed=2)
-    out = torch.cat(list(streamer.generate_streaming("Next one.", 0, max_audio_length_ms=800, seed=2)))
+    out = torch.cat(
+        list(streamer.generate_streaming("Next one.", 0, max_audio_length_ms=800, seed=2))
+    )
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
@@ -168,10 +174,14 @@ def test_bad_input_fails_before_any_work(streamer, kwargs, name):
 
 def test_compiled_step_equals_eager(own_generator):
     eager = StreamingGenerator(own_generator, StreamingConfig(enable_compilation=False))
-    ref = torch.cat(list(eager.generate_streaming("Compile me.", 0, max_audio_length_ms=480, seed=4)))
+    ref = torch.cat(
+        list(eager.generate_streaming("Compile me.", 0, max_audio_length_ms=480, seed=4))
+    )
     compiled = StreamingGenerator(own_generator, StreamingConfig(enable_compilation=True))
     assert compiled.engine._backbone is not None
-    out = torch.cat(list(compiled.generate_streaming("Compile me.", 0, max_audio_length_ms=480, seed=4)))
+    out = torch.cat(
+        list(compiled.generate_streaming("Compile me.", 0, max_audio_length_ms=480, seed=4))
+    )
     assert torch.equal(compiled.engine.last_stream.all_codes, eager.engine.last_stream.all_codes)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
@@ -180,11 +190,15 @@ def test_warmup_runs_a_throwaway_stream_and_leaves_the_engine_free(tiny_generato
     sg = StreamingGenerator(tiny_generator, StreamingConfig(enable_compilation=False))
     assert not sg.needs_warmup  # CPU, no compile: nothing to warm
     assert sg.warmup(frames=2) > 0 and sg.engine.free_slots == 1
-    wide = StreamingGenerator(tiny_generator, StreamingConfig(enable_compilation=False, max_batch_size=5))
+    wide = StreamingGenerator(
+        tiny_generator, StreamingConfig(enable_compilation=False, max_batch_size=5)
+    )
     wide.warmup(frames=2, all_buckets=True)
     assert sorted(wide.engine._steps) == [1, 2, 4, 5] and wide.engine.free_slots == 5
     ref = tiny_generator.generate("After warm-up.", 0, max_audio_length_ms=480, seed=3)
-    out = torch.cat(list(sg.generate_streaming("After warm-up.", 0, max_audio_length_ms=480, seed=3)))
+    out = torch.cat(
+        list(sg.generate_streaming("After warm-up.", 0, max_audio_length_ms=480, seed=3))
+    )
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
@@ -214,7 +228,9 @@ def test_cpu_prepacked_weights_give_the_same_numbers(own_generator):
     assert any(isinstance(m, PackedLinear) for m in model.modules())
     packed = model.backbone_step(codes, pos, caches)
     torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
-    assert unpack_linears(model) > 0 and not any(isinstance(m, PackedLinear) for m in model.modules())
+    assert unpack_linears(model) > 0 and not any(
+        isinstance(m, PackedLinear) for m in model.modules()
+    )
 
 
 def step_until_running(eng, *streams):
@@ -228,7 +244,9 @@ def step_until_running(eng, *streams):
 def test_engine_steps_only_the_bucket_of_busy_slots(tiny_generator):
     from request import validate_request
 
-    sg = StreamingGenerator(tiny_generator, StreamingConfig(enable_compilation=False, max_batch_size=8))
+    sg = StreamingGenerator(
+        tiny_generator, StreamingConfig(enable_compilation=False, max_batch_size=8)
+    )
     eng = sg.engine
     a = eng.submit(validate_request("One.", 0, max_audio_length_ms=800, seed=1))
     step_until_running(eng, a)

@@ -103,14 +103,18 @@ def test_stream_is_marked_in_growing_windows(marked_generator, tiny_generator):
 
 
 def test_batch_streams_are_marked_each(marked_generator, tiny_generator):
-    sg = StreamingGenerator(marked_generator, StreamingConfig(enable_compilation=False, max_batch_size=2))
+    sg = StreamingGenerator(
+        marked_generator, StreamingConfig(enable_compilation=False, max_batch_size=2)
+    )
     reqs = [StreamRequest("One.", 0, max_audio_length_ms=640, seed=1),
             StreamRequest("Two.", 1, max_audio_length_ms=960, seed=2)]
     got = {0: [], 1: []}
     for i, c in sg.generate_streaming_batch(reqs):
         got[i].append(c)
     for i, r in enumerate(reqs):
-        plain = tiny_generator.generate(r.text, r.speaker, max_audio_length_ms=r.max_audio_length_ms, seed=r.seed)
+        plain = tiny_generator.generate(
+            r.text, r.speaker, max_audio_length_ms=r.max_audio_length_ms, seed=r.seed
+        )
         out = torch.cat(got[i])
         assert out.shape == plain.shape and not torch.equal(out, plain)
 
@@ -194,7 +198,9 @@ def test_watermark_command(tmp_path, wm, wm_dir):
     assert "--no-watermark" not in r.stderr  # this command has no such flag
     for f in (path, marked_path):  # the command says what verify says, with the same model
         r = run_watermark_cli("--audio_path", str(f), "--model-dir", str(wm_dir))
-        expected = verify(wm, audio if f == path else watermark(wm, audio, 24_000, None), 24_000, None)
+        expected = verify(
+            wm, audio if f == path else watermark(wm, audio, 24_000, None), 24_000, None
+        )
         assert r.returncode == (0 if expected else 1), r.stderr
         assert r.stdout.strip() == f"{f}: {'watermarked' if expected else 'no watermark found'}"
     r = run_watermark_cli("--audio-path", str(tmp_path / "missing.wav"), "--model-dir", str(wm_dir))

@@ -1,0 +1,239 @@
+"""The command line as a new user meets it: offline, random weights, mistakes, a remote server."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import TOKEN, LiveServer, speech_like
+
+ROOT = Path(__file__).resolve().parent.parent
+SR = 24_000
+
+
+def run_cli(*args, timeout=300, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "test_streaming.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def cli_module():
+    # by path: tests/test_streaming.py has the same name
+    spec = importlib.util.spec_from_file_location("csm_cli", ROOT / "test_streaming.py")
+    cli = importlib.util.module_from_spec(spec)
+    sys.modules["csm_cli"] = cli  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(cli)
+    return cli
+
+
+def test_random_model_runs_offline_watermarked_and_short_by_default(tmp_path):
+    """The README's offline example: no network, the watermark stage on (random weights),
+    3 s by default since random weights never end, one '[done]' line, exactly the samples."""
+    from generator import load_csm_1b
+
+    out = tmp_path / "out.wav"
+    r = run_cli("--model", "random:tiny", "--text", "Hello from the command line.", "--seed", "5",
+                "--output", str(out), "--no-dashboard", "-v")
+    assert r.returncode == 0, r.stderr
+    assert "wrote 2.96 s" in r.stderr and r.stdout.count("[done]") == 1
+    assert r.stderr.count("silentcipher's classes with random weights") == 1
+    audio, sr = sf.read(out, dtype="float32")
+    assert sr == SR and audio.shape == (37 * 1920,)
+    ref = load_csm_1b("cpu", "random:tiny").generate("Hello from the command line.", 0, seed=5)
+    assert ref.shape == audio.shape and not torch.equal(ref, torch.zeros_like(ref))
+    # the stream is marked in windows, the reference as a whole: the same plain audio below
+    plain = load_csm_1b("cpu", "random:tiny", watermark=False).generate(
+        "Hello from the command line.", 0, seed=5)
+    assert (torch.from_numpy(audio) - plain).abs().mean() < 0.05 * plain.abs().mean()
+
+
+def test_without_the_watermark_it_equals_generate(tmp_path):
+    from generator import load_csm_1b
+
+    out = tmp_path / "out.wav"
+    r = run_cli("--model", "random:tiny", "--text", "Hello.", "--seed", "5", "--max-audio-ms",
+                "1200", "--output", str(out), "--no-dashboard", "--no-watermark")
+    assert r.returncode == 0, r.stderr
+    warning = [line for line in r.stderr.splitlines() if "watermarking is off" in line]
+    assert warning == ["warning: watermarking is off: the audio will not carry the CSM-1B "
+                       "watermark that Sesame asks users to keep"]  # one line, no source listing
+    audio, _ = sf.read(out, dtype="float32")
+    ref = load_csm_1b("cpu", "random:tiny", watermark=False).generate(
+        "Hello.", 0, max_audio_length_ms=1200, seed=5)
+    torch.testing.assert_close(torch.from_numpy(audio), ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--text", " "], "text must be a non-empty string"),
+    (["--speaker", "-1"], "speaker must be an integer >= 0"),
+    (["--temperature", "0"], "temperature must be a number in (0, 10]"),
+    (["--topk", "0"], "topk must be an integer >= 1"),
+    (["--max-audio-ms", "10"], "max_audio_length_ms must be at least 80"),
+    (["--context-audio", "no-such.wav", "--context-text", "hi"], "no such file: no-such.wav"),
+    (["--context-audio", "README.md", "--context-text", "hi"], "not a readable audio file"),
+    (["--context-audio", "a.wav"], "pairs"),
+    (["--chunk-size", "100"], "multiple of 80"),
+    (["--output", "/no/such/dir/o.wav"], "does not exist"),
+    (["--play-audio"], "cannot open the audio output"),
+    (["--server", "ftp://x"], "must be a URL")])
+def test_mistakes_are_caught_before_anything_is_loaded(args, words):
+    r = run_cli("--model", "random:tiny", *args, env={"JACK_DEFAULT_SERVER": "no-such-server"})
+    assert r.returncode == 2 and words in r.stderr, r.stderr
+    assert "loaded" not in r.stderr and "Traceback" not in r.stderr  # nothing was loaded
+
+
+def test_offline_default_model_fails_at_once_with_command_line_advice():
+    r = run_cli(env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "https://hub.invalid"}, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "cannot be reached" in r.stderr and "--model random:csm-1b" in r.stderr
+    assert [line[:6] for line in r.stderr.splitlines()] == ["error:"]  # one line
+
+
+def test_compile_follows_the_config_default():
+    cli = cli_module()
+    args = cli.build_parser().parse_args([])
+    assert args.compile is None  # StreamingConfig decides: CUDA only
+    from config import StreamingConfig
+
+    assert not StreamingConfig(enable_compilation=args.compile).compile_enabled(torch.device("cpu"))
+    assert cli.build_parser().parse_args(["--compile"]).compile is True
+    assert cli.build_parser().parse_args(["--no-compile"]).compile is False
+
+
+def test_it_plays_through_the_sound_card(jack_device, tmp_path):
+    env_server = os.environ.get("JACK_DEFAULT_SERVER")
+    r = run_cli("--model", "random:tiny", "--play-audio", "--max-audio-ms", "800", "--seed", "1",
+                "--no-dashboard", "--output", str(tmp_path / "p.wav"))
+    assert env_server and r.returncode == 0, r.stderr
+    assert "underruns" in r.stderr
+
+
+def test_it_listens_to_a_remote_server(tmp_path, tiny_generator):
+    """--server: the same dashboard and output, the audio from a server's WebSocket, with the
+    context file sent along; metrics measured at this end."""
+    live = LiveServer(max_streams=2)
+    ctx = tmp_path / "turn.wav"
+    sf.write(ctx, np.stack([speech_like(0.5).numpy()] * 2, axis=1), 44_100)  # stereo, 44.1 kHz
+    out = tmp_path / "remote.wav"
+    try:
+        r = run_cli("--server", live.url, "--token", TOKEN, "--text", "From afar.", "--seed", "3",
+                    "--topk", "1", "--max-audio-ms", "800", "--context-audio", str(ctx),
+                    "--context-text", "Before.", "--context-speaker", "1", "--output", str(out),
+                    "--no-dashboard", "--model", "this/is-ignored")
+        bad = run_cli("--server", live.url, "--token", "wrong", "--text", "Hi.")
+    finally:
+        live.close()
+    assert r.returncode == 0, r.stderr
+    assert "(remote)" in r.stdout and "first audio" in r.stderr and "loaded" not in r.stderr
+    from request import Segment
+
+    data, rate = sf.read(ctx, dtype="float32", always_2d=True)
+    solo = tiny_generator.generate(
+        "From afar.",
+        0,
+        [Segment(1, "Before.", torch.from_numpy(data.T.copy()), rate)],
+        max_audio_length_ms=800,
+        seed=3,
+        topk=1,
+    )
+    audio, _ = sf.read(out, dtype="float32")
+    quantized = torch.from_numpy(np.clip(solo.numpy(), -1, 1) * 32767).round() / 32767
+    torch.testing.assert_close(torch.from_numpy(audio), quantized, atol=1.5 / 32767, rtol=0)
+    assert bad.returncode == 2 and "401" in bad.stderr and "--token" in bad.stderr
+    r = run_cli("--server", "http://127.0.0.1:9", "--text", "Hi.")  # nobody there
+    assert r.returncode == 2 and "no CSM server answers" in r.stderr and "ssh -N -L" in r.stderr
+
+
+def test_the_remote_client_needs_no_torch():
+    code = ("import sys; sys.modules['torch'] = None\n"  # importing torch would fail
+            "import client, playback, dashboard, audio, metrics, request\n"
+            "request.validate_request('Hi.', 0)\n"
+            "print(client.ws_url('https://box:8443/csm'))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "wss://box:8443/csm/v1/stream"
+
+
+def test_the_snapshot_says_when_it_buffers_for_a_slow_generator():
+    from metrics import StreamMetrics
+    from playback import AudioPlayer
+
+    snapshot = cli_module().snapshot
+    m = StreamMetrics(elapsed_s=3.0, audio_s=1.5, frames=18, chunks=3, chunk_gen_ms=[900.0] * 3,
+                      chunk_rtf=[2.0] * 3)
+    player = AudioPlayer(SR, prebuffer_s=4.0)
+    player.write(np.zeros(int(1.5 * SR), dtype=np.float32))
+    s = snapshot(m, player, "generating")
+    assert s.status.startswith("buffering 1500 / 4000 ms")
+    assert any("slower than real time (RTF 2.00)" in e for e in s.events)
+
+
+TOOLS = ["test_streaming.py", "server.py", "serve_ray.py", "watermarking.py", "deploy_vast.py",
+         "benchmarks/bench_frame.py", "benchmarks/bench_streaming.py", "benchmarks/bench_server.py",
+         "benchmarks/bench_watermark.py"]
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_every_flag_has_help_and_a_shown_default(tool):
+    """--help of every tool: each option explained, defaults shown."""
+    import argparse
+
+    r = subprocess.run([sys.executable, str(ROOT / tool), "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    spec = importlib.util.spec_from_file_location(f"tool_{Path(tool).stem}", ROOT / tool)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    sys.path.insert(0, str((ROOT / tool).parent))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.pop(0)
+    parser = mod.build_parser()
+    assert parser.formatter_class is argparse.ArgumentDefaultsHelpFormatter
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and action.help.strip(), (
+                f"{tool}: {action.option_strings} has no help"
+            )
+    assert "(default:" in r.stdout
+
+
+def test_the_server_command_runs_offline_on_a_random_model():
+    """python server.py --model random:tiny: no download, the watermark stage on, and a request
+    without a length gets the short default of random models, not minutes of noise."""
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--model", "random:tiny",
+                             "--port", str(port), "--max-streams", "2"], cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+                time.sleep(0.5)
+        assert health["watermark"] is True
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/audio/speech", timeout=120,
+                       json={"input": "Hello there.", "response_format": "pcm"})
+        assert r.status_code == 200 and len(r.content) == 37 * 1920 * 2  # 3 s, not 90
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert "Traceback" not in out

@@ -1,0 +1,126 @@
+"""The listening page, in a real headless Chromium (Debian's chromium and chromium-driver,
+driven by selenium; nothing is downloaded): it loads, speaks through its AudioWorklet, shows
+what happened, and says so when the token is wrong."""
+
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import pytest
+
+from conftest import TOKEN, LiveServer
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and DRIVER):
+        if os.environ.get("CI"):
+            pytest.fail(
+                "chromium and chromium-driver are missing: bash setup.sh --dev installs them"
+            )
+        pytest.skip("chromium / chromium-driver not installed (bash setup.sh --dev, as root)")
+    os.environ["SE_OFFLINE"] = "true"  # selenium must not look for drivers online
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    opts = Options()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--autoplay-policy=no-user-gesture-required", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                f"--user-data-dir={tempfile.mkdtemp()}", "--window-size=900,700"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(options=opts, service=Service(DRIVER))
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def live():
+    s = LiveServer(max_streams=2)
+    yield s
+    s.close()
+
+
+def wait_for(driver, done, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = driver.execute_script("return window.csmStats")
+        if done(stats):
+            return stats
+        time.sleep(0.2)
+    pytest.fail(f"the page did not get there: {json.dumps(stats)}")
+
+
+def test_the_page_speaks_through_its_audio_worklet(browser, live, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{live.url}/")
+    assert browser.title == "CSM-1B streaming"
+    assert "speaker 0" in browser.find_element(By.ID, "voice").text  # filled from /health
+    assert not browser.find_element(By.ID, "chat-label").is_displayed()  # the server has no LLM
+    browser.find_element(By.ID, "token").send_keys(TOKEN)
+    browser.find_element(By.ID, "max-ms").send_keys("1200")
+    browser.find_element(By.ID, "play").click()
+    stats = wait_for(browser, lambda s: s.get("drained") or s.get("error"))
+    assert stats["error"] is None
+    assert stats["received"] == 15 * 1920  # 1.2 s of audio came over the socket
+    assert stats["played"] == stats["received"]  # and the worklet played every sample, once
+    assert stats["firstAudioMs"] > 0 and stats["rtf"] > 0
+    readout = {k: browser.find_element(By.ID, k).text for k in ("first-audio", "rtf", "received",
+                                                                  "underruns", "status")}
+    assert readout["first-audio"] == f"{stats['firstAudioMs']:.0f} ms"
+    assert readout["received"] == "1.20 s" and readout["status"] == "done"
+    assert readout["underruns"] == str(stats["underruns"])
+    shot = tmp_path / "page.png"
+    assert browser.save_screenshot(str(shot)) and shot.read_bytes()[:4] == b"\x89PNG"
+    print(f"screenshot: {shot}")
+    assert browser.get_log("browser") == []  # no script errors, no failed loads
+
+
+def test_a_wrong_token_is_shown_not_swallowed(browser, live):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{live.url}/")
+    browser.execute_script("localStorage.clear()")
+    browser.find_element(By.ID, "token").clear()
+    browser.find_element(By.ID, "token").send_keys("wrong")
+    browser.find_element(By.ID, "play").click()
+    stats = wait_for(browser, lambda s: s.get("error"), timeout=30)
+    assert stats["error"].startswith("401") and stats["received"] == 0
+    assert "401" in browser.find_element(By.ID, "status").text
+
+
+def test_the_page_chats_on_one_socket(browser):
+    """With an LLM on the server, the page offers a chat: the reply's text appears as it is
+    written, its audio plays, and the next message goes on the same socket (same dialogue)."""
+    from selenium.webdriver.common.by import By
+
+    from llm_stubs import LLMStub
+
+    stub = LLMStub("openai", ["Nice", " to meet", " you,", " really."], delay=0.05)
+    live = LiveServer(max_streams=1, chat=stub.config())
+    try:
+        browser.get(f"{live.url}/")
+        assert browser.find_element(By.ID, "chat-label").is_displayed()
+        browser.find_element(By.ID, "token").clear()
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "max-ms").send_keys("800")
+        browser.find_element(By.ID, "chat").click()
+        for turn in range(2):
+            browser.find_element(By.ID, "text").clear()
+            browser.find_element(By.ID, "text").send_keys(f"Message {turn}?")
+            browser.find_element(By.ID, "play").click()
+            stats = wait_for(browser, lambda s: s.get("drained") or s.get("error"))
+            assert stats["error"] is None and stats["played"] == stats["received"] == 10 * 1920
+            assert browser.find_element(By.ID, "reply-text").text == "Nice to meet you, really."
+        sent = [m["content"] for m in stub.requests[-1]["body"]["messages"] if m["role"] == "user"]
+    finally:
+        live.close()
+        stub.close()
+    assert sent == ["Message 0?", "Message 1?"]  # the second turn knew the first
