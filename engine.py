@@ -24,7 +24,7 @@ import torch
 
 from audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
 from config import StreamingConfig
-from fast_linear import prepack_linears, unpack_linears
+from fast_linear import restore_linears, speed_up_cpu_linears
 from generator import Generator, audio_rows
 from metrics import EMPTY_RETRY, RUNAWAY_STOP, Event, StreamMetrics
 from models import MIMI_CODES, is_eos
@@ -111,18 +111,18 @@ class StreamEngine:
         self.prompts = PromptWork(generator, self.caches, self.encoder, self.state)
         self._wake = threading.Event()
         self._backbone = self._decoder = None  # compiled wrappers, or None for eager
-        self.prepacked = 0  # Linear layers swapped for MKL-packed ones (CPU, batched)
+        self.cpu_kernel = "plain"  # the matrix kernel measured fastest here (CPU, fp32)
         self._graphs_off = not config.cuda_graphs_enabled(dev)
         self._steps: dict[int, CUDAGraphed] = {}  # batch bucket -> its (graphed) step
         self.last_bucket = 0
         self.frame_step_s = 0.0  # measured time of one frame step (EMA)
         self.chunk_slack_s = 0.0  # the last chunk's audio time minus the time it took
         if config.compile_enabled(dev):
-            unpack_linears(m)
+            restore_linears(m)
             self._backbone = torch.compile(m.backbone, dynamic=False)
             self._decoder = torch.compile(m.decoder, dynamic=False)
         elif config.cpu_weight_prepack:
-            self.prepacked = prepack_linears(m, b)
+            self.cpu_kernel = speed_up_cpu_linears(m, b)
 
     # -- slots ----------------------------------------------------------------------------------
 

@@ -213,24 +213,31 @@ def test_kill_switch_env(monkeypatch):
     assert cfg.compile_enabled()
 
 
-def test_cpu_prepacked_weights_give_the_same_numbers(own_generator):
-    """Batched CPU streams use MKL-packed weights; the model must compute the same values."""
-    from fast_linear import PackedLinear, can_prepack, prepack_linears, unpack_linears
+def test_cpu_kernels_give_the_same_numbers_and_the_fastest_is_used(own_generator, monkeypatch):
+    """CPU streams use the matrix kernel measured fastest on this CPU (oneDNN or MKL packed):
+    the model must compute the same values with each, and come back exactly when restored."""
+    import fast_linear
+    from fast_linear import KERNELS, measure_kernels, restore_linears, speed_up_cpu_linears
 
     model = own_generator.model
-    if not can_prepack(model):
-        pytest.skip("no MKL in this torch build")
     codes = torch.randint(0, 2048, (4, 32))
     pos = torch.tensor([3, 7, 11, 2])
     caches = model.make_caches(4)
     plain = model.backbone_step(codes, pos, caches)
-    assert prepack_linears(model, 4) > 0
-    assert any(isinstance(m, PackedLinear) for m in model.modules())
-    packed = model.backbone_step(codes, pos, caches)
-    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
-    assert unpack_linears(model) > 0 and not any(
-        isinstance(m, PackedLinear) for m in model.modules()
-    )
+    weight = model.backbone.layers[0].mlp.w1.weight.clone()
+    times = measure_kernels(weight, 4)
+    assert "plain" in times and all(t > 0 for t in times.values())
+    for name in [k for k in KERNELS if k in times]:  # each kernel this CPU can run
+        monkeypatch.setattr(fast_linear, "measure_kernels",
+                            lambda w, b, name=name: {"plain": 1.0, name: 0.5})
+        assert speed_up_cpu_linears(model, 4) == name
+        assert all(not isinstance(m, torch.nn.Linear) for m in model.backbone.modules())
+        torch.testing.assert_close(model.backbone_step(codes, pos, caches), plain,
+                                   atol=1e-5, rtol=1e-5)
+        assert restore_linears(model) > 0
+        assert torch.equal(model.backbone.layers[0].mlp.w1.weight, weight)  # exactly back
+    monkeypatch.setattr(fast_linear, "measure_kernels", lambda w, b: {"plain": 1.0, "mkl": 0.97})
+    assert speed_up_cpu_linears(model, 4) == "plain"  # 3% is not worth a swap
 
 
 def step_until_running(eng, *streams):
