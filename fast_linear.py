@@ -4,7 +4,7 @@ A frame step is ~2,000 skinny matrix products (one row per stream against a big 
 speed is the step's speed. Which library does them best depends on the CPU: on an AMD EPYC
 (Zen 3, AVX2) oneDNN's prepacked kernels read the weights 1.2-2x faster than MKL's at one row
 and 2-4x faster at 2-8 rows; Intel's own MKL may win on Intel. So nothing is assumed: the
-engine measures the candidates on the model's largest weight at its own batch size
+engine measures the candidates on the model's largest weights at its own batch size
 (`speed_up_cpu_linears`) and swaps in the fastest:
 
 - `DnnLinear`: the weight reordered once by oneDNN for the batch (held instead of the plain
@@ -96,32 +96,39 @@ def cpu_kernel_applies(model: nn.Module) -> bool:
     return p.device.type == "cpu" and p.dtype == torch.float32
 
 
-def measure_kernels(weight: torch.Tensor, batch: int, repeats: int = 5) -> dict[str, float]:
-    """Seconds of each kernel (plain, and each one this CPU can run) on `weight`, averaged over
-    one row and `batch` rows (the engine runs both: one stream, a full bucket)."""
+def measure_kernels(weights: list[torch.Tensor], batch: int, repeats: int = 5
+                    ) -> dict[str, float]:
+    """Seconds of each kernel (plain, and each one this CPU can run) over `weights`, at one row
+    and at `batch` rows (the engine runs both: one stream, a full bucket). The kernels take
+    turns in every repeat, so a noisy moment of the machine does not fall on one of them."""
     rows = sorted({1, batch})
-    xs = [torch.randn(m, weight.shape[1]) for m in rows]
-    layers = {"plain": lambda x: torch.nn.functional.linear(x, weight)}
+    cases = [(w, torch.randn(m, w.shape[1])) for w in weights for m in rows]
+    runs = {"plain": [lambda x, w=w: torch.nn.functional.linear(x, w) for w in weights]}
     for name, cls in KERNELS.items():
         try:
-            layer = cls(weight, batch)
-            layer(xs[0])
-            layers[name] = layer
+            runs[name] = [cls(w, batch) for w in weights]
+            runs[name][0](cases[0][1])
         except (RuntimeError, AttributeError) as e:  # not in this build, or not on this CPU
+            runs.pop(name)
             log.debug("%s kernels unavailable: %s", name, e)
-    times = {}
+    best = dict.fromkeys(runs, float("inf"))
     with torch.inference_mode():
-        for name, fn in layers.items():
-            for x in xs:
-                fn(x)
-            best = float("inf")
-            for _ in range(repeats):
+        for _ in range(repeats + 1):  # the first round warms up
+            for name, fns in runs.items():
                 t = time.perf_counter()
-                for x in xs:
-                    fn(x)
-                best = min(best, time.perf_counter() - t)
-            times[name] = best / len(xs)
-    return times
+                for i, (_, x) in enumerate(cases):
+                    fns[i // len(rows)](x)
+                best[name] = min(best[name], time.perf_counter() - t)
+    return {name: t / len(cases) for name, t in best.items()}
+
+
+def sample_weights(linears: list[nn.Linear], count: int = 4) -> list[torch.Tensor]:
+    """One weight of each of the `count` largest shapes (CSM-1B: the backbone's and the
+    decoder's MLP, both ways round): what a frame step spends its time on."""
+    by_shape = {}
+    for m in sorted(linears, key=lambda m: -m.weight.numel()):
+        by_shape.setdefault(tuple(m.weight.shape), m.weight)
+    return list(by_shape.values())[:count]
 
 
 @torch.no_grad()
@@ -134,8 +141,7 @@ def speed_up_cpu_linears(model: nn.Module, batch: int) -> str:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         return "plain"
-    sample = max(linears, key=lambda m: m.weight.numel()).weight
-    times = measure_kernels(sample, batch)
+    times = measure_kernels(sample_weights(linears), batch)
     name = min(times, key=times.get)
     if name == "plain" or times[name] > (1 - MIN_GAIN) * times["plain"]:
         name = "plain"

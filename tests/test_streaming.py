@@ -225,7 +225,7 @@ def test_cpu_kernels_give_the_same_numbers_and_the_fastest_is_used(own_generator
     caches = model.make_caches(4)
     plain = model.backbone_step(codes, pos, caches)
     weight = model.backbone.layers[0].mlp.w1.weight.clone()
-    times = measure_kernels(weight, 4)
+    times = measure_kernels([weight], 4)
     assert "plain" in times and all(t > 0 for t in times.values())
     for name in [k for k in KERNELS if k in times]:  # each kernel this CPU can run
         monkeypatch.setattr(fast_linear, "measure_kernels",
