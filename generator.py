@@ -310,8 +310,9 @@ class Generator:
 
 
 def load_csm_1b(device: str = "auto", model: str = DEFAULT_REPO, mimi: str | None = None,
-                dtype: torch.dtype | None = None, watermark: bool = True, watermark_key=None,
-                allow_cpu_fallback: bool = False, normalize: bool = True) -> Generator:
+                dtype: torch.dtype | str | None = None, watermark: bool = True, watermark_key=None,
+                allow_cpu_fallback: bool = False, normalize: bool = True,
+                quantize: str | None = None) -> Generator:
     """Load CSM-1B and Mimi and return a Generator.
 
     model: a hub repo id (default: the ungated copy; `sesame/csm-1b` for the official gated
@@ -320,13 +321,22 @@ def load_csm_1b(device: str = "auto", model: str = DEFAULT_REPO, mimi: str | Non
     file, a repo id, or 'random' (the default for random models). Random models also get a
     watermark model with random weights (the stage runs, the mark means nothing) and a short
     default length (RANDOM_MODEL_MAX_AUDIO_MS): they never emit the end frame.
+    quantize: None, 'int8' (CPU, MPS, CUDA) or 'int4' (CPU) weight-only quantization, see
+    quantize.py; dtype='int8' / 'int4' says the same.
     """
+    from quantize import MODES, check_mode, quantize_model
     from watermarking import load_watermark_stage
+
+    if isinstance(dtype, str):
+        if dtype not in MODES:
+            raise ValueError(f"dtype: a torch.dtype, or one of {', '.join(MODES)} (got {dtype!r})")
+        dtype, quantize = None, dtype
 
     random_model = is_random_model(model)
     events = []
     try:
         dev = pick_device(device)
+        check_mode(quantize, dev)  # before the weights load: int4 on a GPU says so now
         csm, tok, _ = load_model_and_tokenizer(model, dev, dtype)
     except (RuntimeError, torch.OutOfMemoryError) as e:
         if isinstance(e, CheckpointError) or not allow_cpu_fallback or str(device) == "cpu":
@@ -336,6 +346,8 @@ def load_csm_1b(device: str = "auto", model: str = DEFAULT_REPO, mimi: str | Non
         log.warning(events[-1].text)
         dev = torch.device("cpu")
         csm, tok, _ = load_model_and_tokenizer(model, dev, None)
+    if quantize:
+        log.info("%s weights: %d Linear layers quantized", quantize, quantize_model(csm, quantize))
     if mimi is None and random_model:
         mimi = "random"
     audio_tokenizer = load_mimi(mimi, dev)

@@ -21,6 +21,7 @@ import time
 import chat_routes
 import routes
 from api import SecretFilter, ServerSettings
+from options import add_model_arguments, config_arguments, load_arguments
 
 log = logging.getLogger("csm.server")
 
@@ -126,11 +127,7 @@ def serve_in_thread(app, host: str = "127.0.0.1", timeout: float = 30,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Serve CSM-1B speech to many clients at once.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None,
-                   help="hub repo, local folder, or random:tiny / random:csm-1b (None: the "
-                        "ungated CSM-1B copy)")
-    p.add_argument("--mimi", default=None, help="Mimi weights: a file, a repo, or 'random'")
-    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    add_model_arguments(p)
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: this machine only)"
     )
@@ -146,14 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=32,
                    help="largest request body or WebSocket message")
     p.add_argument("--chunk-size", type=int, default=320, metavar="MS", help="audio per chunk")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the frame step (default: on CUDA only)")
-    p.add_argument("--no-cuda-graphs", action="store_true",
-                   help="do not capture the frame step in CUDA graphs")
-    p.add_argument("--no-watermark", action="store_true",
-                   help="do not watermark the audio (please keep it on)")
-    p.add_argument("--watermark-key", default=None,
-                   help="private key: five integers 0..255, comma-separated")
     p.add_argument("--voices-dir", default="voices",
                    help="named voices: NAME.wav + NAME.txt (+ NAME.json with the speaker)")
     p.add_argument("--llm", choices=["gemini", "openai", "auto"], default=None,
@@ -165,17 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_scheduler(args, replica: str | None = None):
-    from checkpoints import DEFAULT_REPO
     from config import StreamingConfig
     from scheduler import Scheduler
     from streaming_generator import load_streaming_csm_1b
 
     config = StreamingConfig(chunk_size_ms=args.chunk_size, max_batch_size=args.max_streams,
-                             enable_compilation=args.compile,
-                             enable_cuda_graphs=not args.no_cuda_graphs)
-    sg = load_streaming_csm_1b(device=args.device, config=config, model=args.model or DEFAULT_REPO,
-                               mimi=args.mimi, watermark=not args.no_watermark,
-                               watermark_key=args.watermark_key)
+                             **config_arguments(args))
+    sg = load_streaming_csm_1b(config=config, **load_arguments(args))
     if sg.needs_warmup:  # every batch bucket, before the first client: no stall when one joins
         log.info(
             "warm-up of %d-slot batch buckets: %.1f s",

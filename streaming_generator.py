@@ -212,12 +212,12 @@ class StreamingGenerator:
 def load_streaming_csm_1b(device: str = "auto", config: StreamingConfig | None = None,
                           model: str = DEFAULT_REPO, mimi: str | None = None, dtype=None,
                           watermark: bool = True, watermark_key=None,
-                          allow_cpu_fallback: bool = False, normalize: bool = True
-                          ) -> StreamingGenerator:
+                          allow_cpu_fallback: bool = False, normalize: bool = True,
+                          quantize: str | None = None) -> StreamingGenerator:
     """Load CSM-1B (same `model` values as `load_csm_1b`, `random:*` included) for streaming."""
     gen = load_csm_1b(device=device, model=model, mimi=mimi, dtype=dtype, watermark=watermark,
                       watermark_key=watermark_key, allow_cpu_fallback=allow_cpu_fallback,
-                      normalize=normalize)
+                      normalize=normalize, quantize=quantize)
     sg = StreamingGenerator(gen, config or StreamingConfig())
     if sg.needs_warmup:  # compiled / graphed: pay for it here, not in the first audio
         sg.warmup()

@@ -19,6 +19,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from options import add_model_arguments, config_arguments, load_arguments
+
 EXIT_BAD_INPUT = 2
 
 
@@ -93,25 +95,13 @@ def add_remote_arguments(p):
 
 def add_local_arguments(p):
     local = p.add_argument_group("the model, here")
-    local.add_argument("--model", default=None,
-                       help="hub repo, local folder or file, or random:tiny / random:csm-1b "
-                            "(None: the ungated CSM-1B copy)")
-    local.add_argument("--mimi", default=None, help="Mimi weights: a file, a repo, or 'random'")
-    local.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    add_model_arguments(local)
     local.add_argument("--chunk-size", type=int, default=320, metavar="MS",
                        help="audio per chunk (a multiple of 80)")
     local.add_argument("--first-chunk", type=int, default=160, metavar="MS",
                        help="size of the first chunk (small: sound starts early)")
     local.add_argument("--decode-frames", type=int, default=2, metavar="N",
                        help="frames Mimi decodes per call (divides both chunk sizes)")
-    local.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                       help="torch.compile the frame step (None: on CUDA only; minutes on a CPU)")
-    local.add_argument("--no-cuda-graphs", action="store_true",
-                       help="do not capture the frame step in a CUDA graph")
-    local.add_argument("--no-watermark", action="store_true",
-                       help="do not watermark the audio (please keep it on)")
-    local.add_argument("--watermark-key", default=None,
-                       help="private key: five integers 0..255, comma-separated")
     local.add_argument("--no-normalize", action="store_true",
                        help="do not spell out numbers and symbols")
     local.add_argument("--no-cpu-fallback", action="store_true",
@@ -151,7 +141,9 @@ def check_args(args) -> list[ContextTurn]:
         VoiceLibrary.load(args.voices_dir).get(args.voice)  # the files are there and readable
     if args.server is None:
         from config import StreamingConfig
+        from quantize import check_mode
 
+        check_mode(args.quantize, args.device)
         StreamingConfig(chunk_size_ms=args.chunk_size, first_chunk_ms=args.first_chunk,
                         frame_batch_size=args.decode_frames)
     else:
@@ -256,19 +248,16 @@ def finish(args, chunks, metrics, player, sample_rate: int, interrupted: bool) -
 
 def load_local(args):
     """The model here (the slow part, after every check passed): a StreamingGenerator."""
-    from checkpoints import DEFAULT_REPO
     from config import StreamingConfig
     from streaming_generator import load_streaming_csm_1b
 
     config = StreamingConfig(chunk_size_ms=args.chunk_size, first_chunk_ms=args.first_chunk,
-                             frame_batch_size=args.decode_frames, enable_compilation=args.compile,
-                             enable_cuda_graphs=not args.no_cuda_graphs)
-    model = args.model or DEFAULT_REPO
+                             frame_batch_size=args.decode_frames, **config_arguments(args))
+    load = load_arguments(args)
+    model = load["model"]
     t = time.perf_counter()
-    sg = load_streaming_csm_1b(device=args.device, config=config, model=model, mimi=args.mimi,
-                               watermark=not args.no_watermark, watermark_key=args.watermark_key,
-                               allow_cpu_fallback=not args.no_cpu_fallback,
-                               normalize=not args.no_normalize)
+    sg = load_streaming_csm_1b(config=config, allow_cpu_fallback=not args.no_cpu_fallback,
+                               normalize=not args.no_normalize, **load)
     warm = f" (of which warm-up, compile, CUDA graphs: {sg.warmup_s:.1f} s)" if sg.warmup_s else ""
     print(f"loaded {model} on {sg.device} in {time.perf_counter() - t:.1f} s{warm}",
           file=sys.stderr)

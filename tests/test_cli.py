@@ -81,7 +81,8 @@ def test_without_the_watermark_it_equals_generate(tmp_path):
     (["--chunk-size", "100"], "multiple of 80"),
     (["--output", "/no/such/dir/o.wav"], "does not exist"),
     (["--play-audio"], "cannot open the audio output"),
-    (["--server", "ftp://x"], "must be a URL")])
+    (["--server", "ftp://x"], "must be a URL"),
+    (["--quantize", "int4", "--device", "cuda"], "int4 weights run on the CPU only")])
 def test_mistakes_are_caught_before_anything_is_loaded(args, words):
     r = run_cli("--model", "random:tiny", *args, env={"JACK_DEFAULT_SERVER": "no-such-server"})
     assert r.returncode == 2 and words in r.stderr, r.stderr
@@ -176,7 +177,7 @@ def test_the_snapshot_says_when_it_buffers_for_a_slow_generator():
 
 TOOLS = ["test_streaming.py", "server.py", "serve_ray.py", "watermarking.py", "deploy_vast.py",
          "benchmarks/bench_frame.py", "benchmarks/bench_streaming.py", "benchmarks/bench_server.py",
-         "benchmarks/bench_watermark.py"]
+         "benchmarks/bench_watermark.py", "benchmarks/bench_quantize.py"]
 
 
 @pytest.mark.parametrize("tool", TOOLS)

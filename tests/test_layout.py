@@ -58,7 +58,7 @@ def test_the_layers():
     graph = {name: imports_of(path) for name, path in MODULES.items()}
     assert "generator" not in imports_of(MODULES["models"]) | imports_of(MODULES["checkpoints"])
     assert graph["watermarking"].isdisjoint({"generator", "engine", "streaming_generator"})
-    for light in ("audio", "playback", "dashboard", "metrics", "request", "client"):
+    for light in ("audio", "playback", "dashboard", "metrics", "request", "client", "options"):
         heavy = {"torch", "models", "generator", "engine", "streaming_generator"}
         tree = ast.parse(MODULES[light].read_text())
         top = {

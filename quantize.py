@@ -1,0 +1,161 @@
+"""Weight-only quantization: int8 or int4 weights, the activations stay in their dtype.
+
+A frame reads the backbone once and the depth decoder 31 times: ~9.1 GB in bf16, ~18.2 GB in
+fp32. int8 weights halve the bf16 bytes, int4 quarter them. The matrix products use torch's own
+weight-only kernels where they exist:
+
+- int8, per output channel, symmetric: `aten._weight_int8pack_mm` on CPU and MPS; on CUDA,
+  `linear(x, w.to(x.dtype)) * scale`, the form gpt-fast uses so that torch.compile (on by
+  default there) fuses the cast into the matrix product (not run here: no GPU was lent).
+- int4, groups of 128 (fewer in tiny test models), asymmetric:
+  `aten._weight_int4pack_mm_for_cpu` (CPU; bf16 inside the layer, the model's dtype outside).
+  Not offered on CUDA or MPS in this version.
+
+Every Linear of the backbone, the depth decoder, the projection and the codebook-0 head is
+quantized (int4: but the codebook-0 head, 2051 outputs, which torch's int4 packing cannot take);
+embeddings and the 31 audio heads (1.4% of the bytes) stay as they are. Quality on
+the real weights is not measured here (no weights can be downloaded on this project's
+machines): benchmarks/bench_quantize.py compares logits against bf16 on random weights.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger("csm.quantize")
+MODES = ("int8", "int4")
+INT4_GROUPS = (128, 64, 32)  # the first that divides a layer's input size (128 for CSM-1B)
+
+
+def int4_group(in_features: int) -> int:
+    for g in INT4_GROUPS:
+        if in_features % g == 0:
+            return g
+    raise ValueError(f"int4: the input size {in_features} is not a multiple of 32")
+
+
+def int4_fits(layer: nn.Linear) -> bool:
+    """torch's int4 packing needs outputs in multiples of 16 and inputs of 32."""
+    n, k = layer.weight.shape
+    return n % 16 == 0 and k % 32 == 0
+
+
+class Int8Linear(nn.Module):
+    """A Linear with int8 weights, one scale per output channel (symmetric)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # [out]
+        q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        self.out_features, self.in_features = w.shape
+        self.register_buffer("weight_int8", q.to(weight.device))
+        self.register_buffer("scale", scale.to(weight.device, weight.dtype))
+
+    def forward(self, x):
+        return self.packed_mm(x) if x.device.type in ("cpu", "mps") else self.cast_mm(x)
+
+    def packed_mm(self, x):
+        """torch's int8 weight kernel (CPU, MPS)."""
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight_int8,
+                                               self.scale.to(x.dtype))
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def cast_mm(self, x):
+        """The weight cast in the product, the scale after (CUDA, where compile fuses it)."""
+        return F.linear(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight this layer multiplies by, in float32."""
+        return self.weight_int8.float() * self.scale.float()[:, None]
+
+
+class Int4Linear(nn.Module):
+    """CPU only: torch's packed int4 kernel with bf16 activations inside the layer."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        w = weight.detach().float().cpu()
+        n, k = w.shape
+        group = int4_group(k)
+        g = w.view(n, k // group, group)
+        low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        scale = (high - low).clamp(min=1e-12) / 15
+        zero = low + 8 * scale  # torch's convention: w = (q - 8) * scale + zero
+        q = ((g - low) / scale).round().clamp(0, 15).to(torch.int32).view(n, k)
+        self.out_features, self.in_features, self.group = n, k, group
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8))
+        sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1).transpose(0, 1)
+        self.register_buffer("scale_zero", sz.contiguous().bfloat16())  # [k / group, n, 2]
+
+    def forward(self, x):
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, self.in_features).bfloat16(), self.packed, self.group,
+            self.scale_zero.bfloat16())  # (a no-op unless a model.to(dtype) changed it)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight this layer multiplies by, in float32 (read back through the kernel)."""
+        return self(torch.eye(self.in_features)).float().T
+
+
+def check_mode(mode: str | None, device: str | torch.device | None = None):
+    """A ValueError that says what can run, unless `mode` can run on `device` (None: any)."""
+    if mode is None:
+        return
+    if mode not in MODES:
+        raise ValueError(f"quantize must be one of {', '.join(MODES)} (got {mode!r})")
+    if mode == "int4" and device not in (None, "auto") and torch.device(device).type != "cpu":
+        raise ValueError("int4 weights run on the CPU only in this version: use --quantize int8 "
+                         "on a GPU")
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, mode: str) -> int:
+    """Replace the model's Linear layers by int8 / int4 ones in place; returns how many."""
+    from fast_linear import restore_linears, swap_layers
+
+    check_mode(mode, next(model.parameters()).device)
+    restore_linears(model)
+    if mode == "int8":
+        if next(model.parameters()).device.type == "cpu":
+            warn_if_slower(model)
+        return swap_layers(model, lambda m: Int8Linear(m.weight) if isinstance(m, nn.Linear) else m)
+    return swap_layers(model, lambda m: Int4Linear(m.weight) if isinstance(m, nn.Linear)
+                       and int4_fits(m) else m)
+
+
+def warn_if_slower(model: nn.Module):
+    """torch's CPU int8 kernel is not fast on every CPU (an AVX2 AMD EPYC: 4x slower than fp32
+    per frame): time it on the largest weight and say so when it loses."""
+    import time
+
+    w = max((m.weight for m in model.modules() if isinstance(m, nn.Linear)), key=torch.numel)
+    x = torch.randn(1, w.shape[1], dtype=w.dtype)
+    layer = Int8Linear(w)
+    times = []
+    for fn in (lambda: F.linear(x, w), lambda: layer(x)):
+        fn()
+        t = time.perf_counter()
+        for _ in range(3):
+            fn()
+        times.append(time.perf_counter() - t)
+    if times[1] > times[0]:
+        log.warning("int8 weights are %.1fx slower than %s on this CPU (torch's int8 kernel): "
+                    "try --quantize int4, or none", times[1] / times[0],
+                    str(w.dtype).removeprefix("torch."))
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of a module's weights as stored: parameters and quantized buffers."""
+    total = sum(p.numel() * p.element_size() for p in module.parameters())
+    for m in module.modules():
+        if isinstance(m, Int8Linear):
+            total += m.weight_int8.numel() + m.scale.numel() * m.scale.element_size()
+        elif isinstance(m, Int4Linear):
+            total += m.packed.numel() + m.scale_zero.numel() * 2
+    return total

@@ -1,0 +1,90 @@
+"""Weight-only int8 / int4: the layers multiply by what they claim, the engine runs them, the
+options refuse what cannot run. Speed and quality on full-size weights: bench_quantize.py."""
+
+import pytest
+import torch
+
+from config import StreamingConfig
+from conftest import make_tiny_generator
+from quantize import Int4Linear, Int8Linear, check_mode, int4_group, quantize_model, weight_bytes
+from streaming_generator import StreamingGenerator
+
+
+def test_int8_weights_are_within_half_a_step_and_both_paths_agree():
+    torch.manual_seed(0)
+    w = torch.randn(96, 256) * 0.02
+    w[3] *= 40  # one row far larger: per-row scales keep the others fine
+    layer = Int8Linear(w)
+    assert layer.weight_int8.dtype == torch.int8
+    step = w.abs().amax(dim=1) / 127
+    err = (layer.dequantized() - w).abs()
+    assert (err <= step[:, None] / 2 + 1e-7).all()
+    x = torch.randn(2, 5, 256)
+    y = layer(x)
+    assert y.shape == (2, 5, 96)
+    ref = x @ layer.dequantized().T
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(layer.cast_mm(x), ref, atol=1e-4, rtol=1e-4)  # the CUDA form
+
+
+def test_int4_weights_are_within_half_a_step_of_their_group():
+    torch.manual_seed(1)
+    w = torch.randn(64, 256) * 0.02
+    layer = Int4Linear(w)
+    assert layer.group == 128 and int4_group(96) == 32
+    g = w.view(64, 2, 128)
+    step = (g.amax(-1) - g.amin(-1)) / 15  # [64, 2]
+    err = (layer.dequantized() - w).abs().view(64, 2, 128)
+    # half a step, plus bfloat16's rounding of the scale and zero (8 bits of mantissa)
+    assert (err <= step[..., None] * (0.5 + 8 / 256) + 1e-6).all()
+    x = torch.randn(3, 256)
+    y = layer(x)
+    assert y.shape == (3, 64) and y.dtype == torch.float32
+    torch.testing.assert_close(y, x @ layer.dequantized().T, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_compiled_quantized_layer_equals_eager(mode):
+    torch.manual_seed(2)
+    layer = (Int8Linear if mode == "int8" else Int4Linear)(torch.randn(64, 128) * 0.02)
+    x = torch.randn(4, 128)
+    torch.testing.assert_close(torch.compile(layer, dynamic=False)(x), layer(x), atol=1e-5,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_model_streams_what_it_generates(mimi, mode):
+    gen = make_tiny_generator(mimi)
+    model = gen.model
+    full = weight_bytes(model)
+    assert quantize_model(model, mode) > 0
+    assert not any(isinstance(m, torch.nn.Linear) and m is not model.codebook0_head
+                   for m in model.modules())
+    assert weight_bytes(model) < full
+    ref = gen.generate("Quantized.", 0, max_audio_length_ms=640, topk=1, seed=5)
+    sg = StreamingGenerator(gen, StreamingConfig(enable_compilation=False))
+    out = torch.cat(list(sg.generate_streaming("Quantized.", 0, max_audio_length_ms=640, topk=1,
+                                               seed=5)))
+    assert sg.engine.cpu_kernel == "plain"  # nothing left for the fp32 kernels to swap
+    assert out.shape == ref.shape == (8 * 1920,)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+def test_modes_that_cannot_run_are_refused_with_what_can():
+    check_mode(None, "cuda")
+    check_mode("int8", "cuda")
+    check_mode("int4", "cpu")
+    check_mode("int4", "auto")  # decided once the device is known
+    with pytest.raises(ValueError, match="int4 weights run on the CPU only.*int8"):
+        check_mode("int4", "cuda")
+    with pytest.raises(ValueError, match="one of int8, int4"):
+        check_mode("int3", "cpu")
+
+
+def test_the_loader_takes_quantize_or_a_dtype_name():
+    from generator import load_csm_1b
+
+    gen = load_csm_1b(device="cpu", model="random:tiny", dtype="int8", watermark=False)
+    assert any(isinstance(m, Int8Linear) for m in gen.model.modules())
+    with pytest.raises(ValueError, match="a torch.dtype, or one of int8, int4"):
+        load_csm_1b(device="cpu", model="random:tiny", dtype="bf16", watermark=False)
