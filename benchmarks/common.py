@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,12 @@ def device_name(device: torch.device) -> str:
 
 
 def slug(device: torch.device) -> str:
-    return "cpu" if device.type == "cpu" else device_name(device).lower().replace(" ", "-")
+    """A file name part: the GPU's name, or cpu-<vendor>-<family> (cpu-amd-epyc, cpu-intel-xeon):
+    results on different CPUs do not overwrite each other."""
+    name = re.sub(r"\(.*?\)|CPU|Processor", " ", device_name(device)) if device.type == "cpu" \
+        else device_name(device)
+    words = re.findall(r"[a-z0-9]+", name.lower())
+    return "-".join(["cpu", *words[:2]]) if device.type == "cpu" else "-".join(words)
 
 
 def memory_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 5) -> dict:
@@ -66,10 +72,12 @@ def memory_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 5) -
 def weight_bytes_per_frame(model) -> int:
     """Weight bytes one frame must read: the backbone step, codebook-0 head, 31 depth-decoder
     steps with the projection, and the audio heads. Embedding rows read are negligible."""
+    from quantize import weight_bytes
+
     def nbytes(module_or_tensor):
         if isinstance(module_or_tensor, torch.Tensor):
             return module_or_tensor.numel() * module_or_tensor.element_size()
-        return sum(p.numel() * p.element_size() for p in module_or_tensor.parameters())
+        return weight_bytes(module_or_tensor)  # int8 / int4 weights counted as stored
 
     steps = model.args.audio_num_codebooks - 1
     return (nbytes(model.backbone) + nbytes(model.codebook0_head)
@@ -99,6 +107,8 @@ def print_table(rows: list[dict], columns: list[str]):
 
 def _fmt(v) -> str:
     if isinstance(v, float):
+        if 0 < abs(v) < 0.01:
+            return f"{v:.2e}"
         return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
     return "-" if v is None else str(v)
 

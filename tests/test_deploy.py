@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from benchmarks.common import slug
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -68,13 +72,15 @@ def test_benchmark_with_the_tiny_random_model_writes_a_results_folder():
     out = new[0]
     try:
         names = {p.name for p in out.iterdir()}
-        assert {"frame_cpu.json", "streaming_cpu.json", "streaming_cpu.png", "watermark_cpu.json",
-                "report.md"} <= names
-        frame = json.loads((out / "frame_cpu.json").read_text())
+        cpu = slug(torch.device("cpu"))  # the CPU named: cpu-amd-epyc, cpu-intel-xeon, ...
+        assert cpu.startswith("cpu-")
+        assert {f"frame_{cpu}.json", f"streaming_{cpu}.json", f"streaming_{cpu}.png",
+                f"watermark_{cpu}.json", "report.md"} <= names
+        frame = json.loads((out / f"frame_{cpu}.json").read_text())
         assert frame["model"] == "random:tiny" and frame["rows"][0]["ours_ms"] > 0
         report = (out / "report.md").read_text()
         assert frame["device"] in report and "## Frame step" in report and "## Streaming" in report
-        assert "![streaming](streaming_cpu.png)" in report and "| frame step alone |" in report
+        assert f"![streaming](streaming_{cpu}.png)" in report and "| frame step alone |" in report
     finally:
         shutil.rmtree(out)
         if not before:

@@ -1,0 +1,148 @@
+"""Weight-only int8 / int4 at full CSM-1B size (random weights): speed and logit quality.
+
+    .venv/bin/python benchmarks/bench_quantize.py [--device auto] [--modes fp32,bf16,int8,int4]
+        [--quality-frames 50] [--frames 3]
+
+One fp32 model with random weights; every variant is made from it, so all share the same
+weights. For each: (a) the frame step of our engine beside the floor of its own weight bytes
+(bandwidth measured in the same run); (b) quality against bf16: the same 50 frames are fed to
+every variant (teacher forcing: codes sampled once from the bf16 model, top-k 50), and for each
+of the 32 codebooks the KL divergence KL(bf16 || variant) of the next-code distribution and the
+share of positions where the top-1 code agrees. Random weights give nearly flat distributions,
+where top-1 flips on tiny differences: read the fp32 row as the noise floor of the measure.
+Quality on the real weights is not measured here (none can be downloaded). Prints a table and
+saves benchmarks/results/quantize_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+
+import torch
+
+from common import (
+    add_model_argument,
+    device_name,
+    memory_bandwidth,
+    print_table,
+    save_json,
+)
+
+TEXT = "Benchmark sentence for the quality of quantized weights."
+
+
+def variant(master, mode: str, device: torch.device):
+    """The fp32 master as `mode`: fp32 / bf16 copies, or int8 / int4 weights (quantize.py) with
+    the device's usual activations (fp32 on a CPU, bf16 on a GPU)."""
+    from quantize import quantize_model
+
+    if mode in ("fp32", "bf16"):
+        dtype = torch.float32 if mode == "fp32" else torch.bfloat16
+        return copy.deepcopy(master).to(device=device, dtype=dtype)
+    activations = torch.float32 if device.type == "cpu" else torch.bfloat16
+    model = copy.deepcopy(master).to(device=device, dtype=activations)
+    quantize_model(model, mode)
+    return model
+
+
+@torch.inference_mode()
+def frame_logits(model, tok, frames: int, codes: torch.Tensor | None = None, seed: int = 0):
+    """Logits [frames, 32, vocab] (float32) of every codebook, each given the codes before it.
+    codes None: sample them (top-k 50, temperature 0.9) as it goes; returns (logits, codes)."""
+    from generator import text_rows
+
+    device = next(model.parameters()).device
+    tokens, mask = text_rows(tok, TEXT, 0)
+    caches = model.make_caches(1, tokens.shape[0] + frames + 1)
+    h = model.prefill(tokens[None].to(device), mask[None].to(device), caches, 0)
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(frames, 32, model.args.audio_vocab_size)
+    chosen = torch.empty(frames, 32, dtype=torch.long) if codes is None else codes
+
+    def pick(f, i, logits):
+        out[f, i] = logits.float().cpu()[0]
+        if codes is None:
+            top = torch.topk(out[f, i] / 0.9, 50)
+            chosen[f, i] = top.indices[torch.multinomial(top.values.softmax(-1), 1, generator=g)]
+        return chosen[f, i].view(1).to(device)
+
+    for f in range(frames):
+        c = pick(f, 0, model.codebook0_head(h))
+        x = torch.stack([h, model.embed_audio(0, c)], dim=1)
+        pos = torch.arange(2, device=device)[None]
+        for i in range(1, 32):
+            d = model.decoder(model.projection(x), pos, caches.decoder, 0).to(h.dtype)[:, -1]
+            c = pick(f, i, d @ model.audio_head[i - 1])
+            x, pos = model.embed_audio(i, c)[:, None], pos[:, -1:] + 1
+        h = model.backbone_step(chosen[f:f + 1].to(device),
+                                torch.tensor([tokens.shape[0] + f], device=device), caches)
+    return out, chosen
+
+
+def compare(ref: torch.Tensor, other: torch.Tensor) -> dict:
+    """Per codebook: mean KL(ref || other) in nats and the top-1 agreement, over the frames."""
+    logp, logq = ref.log_softmax(-1), other.log_softmax(-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1).mean(0)  # [32]
+    agree = (ref.argmax(-1) == other.argmax(-1)).float().mean(0)  # [32]
+    return {"kl_mean": kl.mean().item(), "kl_codebook0": kl[0].item(),
+            "kl_max_codebook": kl.max().item(), "top1_mean": agree.mean().item(),
+            "top1_codebook0": agree[0].item(), "top1_min_codebook": agree.min().item(),
+            "kl_per_codebook": kl.tolist(), "top1_per_codebook": agree.tolist()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--modes", default="fp32,bf16,int8,int4",
+                   help="variants (int4 runs on the CPU only)")
+    p.add_argument("--frames", type=int, default=3, help="frame steps timed (the best is kept)")
+    p.add_argument("--quality-frames", type=int, default=50, help="frames compared for quality")
+    add_model_argument(p)
+    p.add_argument("--out-dir", default=None,
+                   help="where the JSON goes (default benchmarks/results)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from bench_frame import bench_model
+    from checkpoints import load_model_and_tokenizer
+    from generator import pick_device
+    from quantize import check_mode
+
+    device = pick_device(args.device)
+    modes = [m for m in args.modes.split(",") if m in ("fp32", "bf16") or not check_mode(m, device)]
+    torch.set_grad_enabled(False)
+    probe = memory_bandwidth(device)
+    bw = probe["best"]
+    print(f"device: {device_name(device)}; read bandwidth {bw / 1e9:.1f} GB/s")
+    master, tok, _ = load_model_and_tokenizer(args.model, torch.device("cpu"), torch.float32)
+    reference = variant(master, "bf16", device)
+    ref_logits, codes = frame_logits(reference, tok, args.quality_frames)
+    del reference
+    rows = []
+    for mode in modes:
+        model = variant(master, mode, device)
+        row = bench_model(mode, model, tok, device, args.frames, bw, False, plain_loop=False)
+        row.update(compare(ref_logits, frame_logits(model, tok, args.quality_frames, codes)[0]))
+        rows.append(row)
+        print(f"{mode}: {row['ours_ms']:.0f} ms per frame, KL {row['kl_mean']:.2e}, "
+              f"top-1 {row['top1_mean']:.3f}", flush=True)
+        del model
+        gc.collect()
+    base = next((r for r in rows if r["dtype"] == "bf16"), rows[0])
+    for r in rows:
+        r["speed_vs_" + base["dtype"]] = base["ours_ms"] / r["ours_ms"]
+    print_table(rows, ["dtype", "weight_gb_per_frame", "floor_ms", "ours_ms", "ours_over_floor",
+                       "speed_vs_" + base["dtype"], "kl_mean", "kl_max_codebook", "top1_mean",
+                       "top1_min_codebook"])
+    save_json("quantize", device, {"model": args.model, "bandwidth_gb_s": bw / 1e9,
+                                   "reference": "bf16", "quality_frames": args.quality_frames,
+                                   "frames": args.frames, "rows": rows}, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()
