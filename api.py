@@ -64,19 +64,24 @@ class ContextItem(BaseModel):
     audio_base64: str
 
 
-class GenerateBody(BaseModel):
+class Sampling(BaseModel):
+    """The sampling fields every request body takes (on the OpenAI route, as extensions)."""
+
+    temperature: float = DEFAULT_TEMPERATURE
+    top_k: int = DEFAULT_TOPK
+    seed: int | None = None
+    max_audio_length_ms: float | None = None
+
+
+class GenerateBody(Sampling):
     model_config = ConfigDict(extra="forbid")
     text: str
     speaker_id: int = 0
     voice: str | None = None
-    temperature: float = DEFAULT_TEMPERATURE
-    top_k: int = DEFAULT_TOPK
-    max_audio_length_ms: float | None = None
-    seed: int | None = None
     context: list[ContextItem] = Field(default_factory=list)
 
 
-class SpeechBody(BaseModel):
+class SpeechBody(Sampling):
     model: str = "csm-1b"
     input: str
     voice: str | int = "0"
@@ -84,14 +89,9 @@ class SpeechBody(BaseModel):
     speed: float = 1.0
     stream_format: str = "audio"
     instructions: str | None = None
-    # extensions beyond OpenAI's API
-    temperature: float = DEFAULT_TEMPERATURE
-    top_k: int = DEFAULT_TOPK
-    seed: int | None = None
-    max_audio_length_ms: float | None = None
 
 
-class StreamMessage(BaseModel):
+class StreamMessage(Sampling):
     """The first message on /v1/stream: speak `text`; or `type: chat` to answer `text`."""
 
     model_config = ConfigDict(extra="forbid")
@@ -100,10 +100,6 @@ class StreamMessage(BaseModel):
     text: str
     speaker: int = 0
     voice: str | None = None
-    temperature: float = DEFAULT_TEMPERATURE
-    top_k: int = DEFAULT_TOPK
-    seed: int | None = None
-    max_audio_length_ms: float | None = None
     context: list[ContextItem] = Field(default_factory=list)
 
 

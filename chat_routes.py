@@ -20,10 +20,10 @@ from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from api import ApiError, StreamMessage, build_request, voice_to_speaker
+from api import ApiError, Sampling, StreamMessage, build_request, voice_to_speaker
 from audio import SAMPLE_RATE, pcm16, wav_header
 from conversation import ChatMetrics, Dialogue, ReplyText
-from request import DEFAULT_TEMPERATURE, DEFAULT_TOPK, Segment
+from request import Segment
 from routes import context_of, read_until_closed, ws_error
 from streams import TextFeed
 
@@ -36,15 +36,11 @@ class ChatMessage(BaseModel):
     content: str
 
 
-class ChatBody(BaseModel):
+class ChatBody(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     voice: str | int | None = None
     response_format: str = "wav"
     stream_format: str = "audio"
-    temperature: float = DEFAULT_TEMPERATURE
-    top_k: int = DEFAULT_TOPK
-    seed: int | None = None
-    max_audio_length_ms: float | None = None
 
 
 def _llm(ctx):
