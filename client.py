@@ -17,10 +17,8 @@ from urllib.parse import urlparse, urlunparse
 
 import numpy as np
 
-from audio import FRAME_SAMPLES, SAMPLE_RATE, pcm16_to_float
+from audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, pcm16_to_float
 from metrics import StreamMetrics
-
-FRAME_MS = 80
 
 
 class RemoteError(RuntimeError):
@@ -51,46 +49,64 @@ def check_server(server: str, timeout: float = 5.0) -> dict:
                           "user@gpu-box)?") from e
 
 
-def stream_from_server(server: str, message: dict, metrics: StreamMetrics,
-                       token: str | None = None, timeout: float = 600.0,
-                       on_progress=None) -> Iterator[np.ndarray]:
-    """Send one request over the WebSocket; yield float32 chunks as they arrive."""
-    from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
+class RemoteClosed(RemoteError):
+    """The connection ended (or went silent) before the answer did."""
+
+
+def connect_to(server: str, token: str | None = None):
+    """The server's WebSocket, authenticated with the bearer token when there is one."""
+    from websockets.exceptions import InvalidStatus, WebSocketException
     from websockets.sync.client import connect
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     url = ws_url(server)
     try:
-        ws = connect(url, additional_headers=headers, max_size=None, open_timeout=10)
+        return connect(url, additional_headers=headers, max_size=None, open_timeout=10)
     except (OSError, InvalidStatus, WebSocketException) as e:
         raise RemoteError(f"cannot open {url}: {type(e).__name__}: {e}") from e
-    with ws:
-        metrics.started = t_prev = time.perf_counter()
+
+
+def receive_chunks(ws, metrics: StreamMetrics, timeout: float, what: str,
+                   on_message=None) -> Iterator[np.ndarray]:
+    """float32 chunks from `ws` until the server says done, timed into `metrics` from
+    metrics.started (the time a listener spends between chunks is not the server's); JSON
+    messages go to on_message. An error message or a lost connection is a RemoteError."""
+    from websockets.exceptions import ConnectionClosed
+
+    t_prev = metrics.started
+    while True:
+        try:
+            m = ws.recv(timeout=timeout)
+        except (ConnectionClosed, TimeoutError) as e:
+            raise RemoteClosed(f"the server closed the {what} before its end ({e})") from e
+        if isinstance(m, bytes):
+            chunk = pcm16_to_float(m)
+            now = time.perf_counter()
+            metrics.record_chunk(chunk.size // FRAME_SAMPLES, FRAME_MS, now - t_prev, now)
+            yield chunk
+            t_prev = time.perf_counter()
+            continue
+        msg = json.loads(m)
+        if on_message is not None:
+            on_message(msg)
+        if msg.get("type") == "done":
+            return
+        if msg.get("type") == "error":
+            status = msg.get("status")
+            hint = " (wrong or missing --token)" if status == 401 else ""
+            raise RemoteError(f"the server refused or failed the {what}: {status} "
+                              f"{msg.get('message')}{hint}")
+
+
+def stream_from_server(server: str, message: dict, metrics: StreamMetrics,
+                       token: str | None = None, timeout: float = 600.0,
+                       on_progress=None) -> Iterator[np.ndarray]:
+    """Send one request over the WebSocket; yield float32 chunks as they arrive."""
+    with connect_to(server, token) as ws:
+        metrics.started = time.perf_counter()
         ws.send(json.dumps(message))
-        while True:
-            try:
-                m = ws.recv(timeout=timeout)
-            except (ConnectionClosed, TimeoutError) as e:
-                raise RemoteError(f"the server closed the stream before its end ({e})") from e
-            if isinstance(m, bytes):
-                chunk = pcm16_to_float(m)
-                now = time.perf_counter()
-                metrics.record_chunk(chunk.size // FRAME_SAMPLES, FRAME_MS, now - t_prev, now)
-                t_prev = now
-                yield chunk
-                t_prev = time.perf_counter()  # time spent by the listener is not the server's
-                continue
-            msg = json.loads(m)
-            if on_progress is not None:
-                on_progress(msg)
-            if msg.get("type") == "done":
-                metrics.finished, metrics.stop_reason = True, "done"
-                return
-            if msg.get("type") == "error":
-                status = msg.get("status")
-                hint = " (wrong or missing --token)" if status == 401 else ""
-                raise RemoteError(f"the server refused or failed the request: {status} "
-                                  f"{msg.get('message')}{hint}")
+        yield from receive_chunks(ws, metrics, timeout, "request", on_progress)
+        metrics.finished, metrics.stop_reason = True, "done"
 
 
 def request_message(text: str, speaker: int, voice: str | None, max_audio_ms: float | None,
@@ -126,42 +142,23 @@ class ChatSession:
         self.text = ""
 
     def reply(self, user_text: str, metrics: StreamMetrics) -> Iterator[np.ndarray]:
-        from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
-        from websockets.sync.client import connect
-
         if self.ws is None:
-            headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-            try:
-                self.ws = connect(ws_url(self.server), additional_headers=headers, max_size=None)
-            except (OSError, InvalidStatus, WebSocketException) as e:
-                raise RemoteError(f"cannot open {ws_url(self.server)}: {e}") from e
+            self.ws = connect_to(self.server, self.token)
             message = {**self.first, "text": user_text}
         else:
             message = {"type": "chat", "text": user_text}
         self.text = ""
-        metrics.started = t_prev = time.perf_counter()
+        metrics.started = time.perf_counter()
         self.ws.send(json.dumps(message))
-        while True:
-            try:
-                m = self.ws.recv(timeout=self.timeout)
-            except (ConnectionClosed, TimeoutError) as e:
-                self.ws = None
-                raise RemoteError(f"the server closed the chat ({e})") from e
-            if isinstance(m, bytes):
-                chunk = pcm16_to_float(m)
-                now = time.perf_counter()
-                metrics.record_chunk(chunk.size // FRAME_SAMPLES, FRAME_MS, now - t_prev, now)
-                yield chunk
-                t_prev = time.perf_counter()
-                continue
-            msg = json.loads(m)
-            if msg.get("type") == "text":
-                self.text += msg["delta"]
-            elif msg.get("type") == "done":
-                return
-            elif msg.get("type") == "error":
-                raise RemoteError(f"the server could not answer: {msg.get('status')} "
-                                  f"{msg.get('message')}")
+        try:
+            yield from receive_chunks(self.ws, metrics, self.timeout, "reply", self._on_message)
+        except RemoteClosed:
+            self.ws = None  # the next turn opens a new session
+            raise
+
+    def _on_message(self, msg: dict):
+        if msg.get("type") == "text":
+            self.text += msg["delta"]
 
     def close(self):
         if self.ws is not None:
