@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from api import ApiError, Sampling, StreamMessage, build_request, voice_to_speaker
+from api import CLEANUP_KEY, ApiError, Sampling, StreamMessage, build_request, voice_to_speaker
 from audio import SAMPLE_RATE, pcm16, wav_header
 from conversation import ChatMetrics, Dialogue, ReplyText
 from request import Segment
@@ -74,7 +74,7 @@ class ChatTurn:
         self.reply = ReplyText(_llm(ctx), messages, self.feed, self.metrics,
                                on_text=lambda t: loop.call_soon_threadsafe(self.texts.append, t))
         self.ticket = ctx.submit(req, scope, self.feed)  # prepares the voice while the LLM thinks
-        scope.setdefault("csm.cleanup", []).append(self.reply.cancel)
+        scope.setdefault(CLEANUP_KEY, []).append(self.reply.cancel)
         self.reply.start()
 
     def sync(self):
@@ -98,12 +98,11 @@ class ChatTurn:
             self.ctx.metrics.llm_wait.observe(self.metrics.llm_first_piece_s)
 
 
-async def _request(ctx, text: str, voice, speaker: int, context, body_or_msg):
+async def _request(ctx, text: str, speaker: int, context: tuple, sampling: Sampling):
     """A validated request for a reply to `text` (the feed brings what is spoken)."""
-    spk, voice_ctx = voice_to_speaker(voice, ctx.voices) if voice is not None else (speaker, ())
-    return spk, await build_request(ctx.sg, ctx.settings, text[:ctx.settings.max_text_chars], spk,
-                                    [], body_or_msg.max_audio_length_ms, body_or_msg.temperature,
-                                    body_or_msg.top_k, body_or_msg.seed, tuple(voice_ctx) + context)
+    return await build_request(ctx.sg, ctx.settings, text[:ctx.settings.max_text_chars], speaker,
+                               [], sampling.max_audio_length_ms, sampling.temperature,
+                               sampling.top_k, sampling.seed, context)
 
 
 @router.post("/v1/chat/speech")
@@ -115,9 +114,9 @@ async def chat_speech(body: ChatBody, request: Request):
     if fmt not in ("wav", "pcm") or body.stream_format not in ("audio", "sse"):
         raise ApiError(400, "response_format is 'wav' or 'pcm'; stream_format 'audio' or 'sse'")
     messages = _check_messages(body.messages, ctx.settings.max_text_chars * 4)
-    spk = voice_to_speaker(body.voice, ctx.voices)[0] if body.voice is not None else 0
+    spk, voice_ctx = voice_to_speaker(body.voice, ctx.voices) if body.voice is not None else (0, ())
     earlier = tuple(_segment(m, spk) for m in messages[:-1])
-    _, req = await _request(ctx, messages[-1]["content"], body.voice, 0, earlier, body)
+    req = await _request(ctx, messages[-1]["content"], spk, tuple(voice_ctx) + earlier, body)
     turn = ChatTurn(ctx, request.scope, messages, req)
     agen = ctx.marked(turn.ticket)
     first = await ctx.first_chunk(agen)
@@ -174,12 +173,11 @@ async def chat_session(ws: WebSocket, ctx, first: StreamMessage):
 
 
 async def _chat_turn(ws, ctx, dialogue: Dialogue, msg: StreamMessage, gone) -> bool:
-    gen = ctx.sg.generator
-    context = dialogue.context(lambda t, s: len(gen.tokenize_text(t, s)[0]), ctx.sg.engine.window)
+    context = dialogue.context_for(ctx.sg)
     try:
         if msg.type != "chat" or not msg.text.strip():
             raise ApiError(400, "in a chat session, send {\"type\": \"chat\", \"text\": ...}")
-        _, req = await _request(ctx, msg.text, None, dialogue.speaker, context, msg)
+        req = await _request(ctx, msg.text, dialogue.speaker, context, msg)
         turn = ChatTurn(ctx, ws.scope, dialogue.messages(msg.text.strip()), req)
     except ApiError as e:
         ctx.count(ws.scope, e.status)

@@ -150,6 +150,11 @@ class Dialogue:
             kept.insert(0, seg)
         return tuple(pinned + kept)
 
+    def context_for(self, sg) -> tuple[Segment, ...]:
+        """The context for a StreamingGenerator: its window, its tokenizer."""
+        gen = sg.generator
+        return self.context(lambda t, s: len(gen.tokenize_text(t, s)[0]), sg.engine.window)
+
     @staticmethod
     def _size(seg: Segment, token_count) -> int:
         audio = 0 if seg.codes is None else len(seg.codes) + 1
@@ -179,9 +184,7 @@ class Conversation:
         return self.dialogue.turns
 
     def context(self) -> tuple[Segment, ...]:
-        gen = self.sg.generator
-        return self.dialogue.context(lambda t, s: len(gen.tokenize_text(t, s)[0]),
-                                     self.sg.engine.window)
+        return self.dialogue.context_for(self.sg)
 
     def turn_seed(self) -> int | None:
         """The seed of the next reply: --seed plus the turn number (replies differ, runs repeat)."""

@@ -42,11 +42,11 @@ class LLMConfig:
     @classmethod
     def from_env(cls, provider: str | None = None, **overrides) -> LLMConfig:
         """The provider and its settings from the environment (see the module doc). provider
-        None: Gemini when GOOGLE_API_KEY is set, else an OpenAI-compatible endpoint when
-        OPENAI_BASE_URL or OPENAI_API_KEY is set."""
+        None or "auto" (the --llm flag's default): Gemini when GOOGLE_API_KEY is set, else an
+        OpenAI-compatible endpoint when OPENAI_BASE_URL or OPENAI_API_KEY is set."""
         env = os.environ
         gemini_key = env.get("GOOGLE_API_KEY") or env.get("GEMINI_API_KEY")
-        if provider is None:
+        if provider in (None, "auto"):
             provider = ("gemini" if gemini_key else "openai"
                         if env.get("OPENAI_BASE_URL") or env.get("OPENAI_API_KEY") else None)
         if provider is None:

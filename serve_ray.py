@@ -43,8 +43,7 @@ class CSMReplica:
         self.scheduler = server.load_scheduler(args, replica=self.replica).start()
         self.settings = server.settings_from_args(args)
         self.voices = VoiceLibrary.load(args.voices_dir, self.scheduler.generator.generator)
-        provider = None if args.llm == "auto" else args.llm
-        self.chat = LLMConfig.from_env(provider, model=args.llm_model) if args.llm else None
+        self.chat = LLMConfig.from_env(args.llm, model=args.llm_model) if args.llm else None
         log.info("replica %s ready on %s", self.replica, self.scheduler.generator.device)
 
     def __serve_build_asgi_app__(self):

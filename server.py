@@ -187,10 +187,7 @@ def main(argv=None) -> int:
     from watermarking import WatermarkError
 
     try:
-        chat = None
-        if args.llm is not None:
-            provider = None if args.llm == "auto" else args.llm
-            chat = LLMConfig.from_env(provider, model=args.llm_model)
+        chat = LLMConfig.from_env(args.llm, model=args.llm_model) if args.llm else None
         scheduler = load_scheduler(args)
         voices = VoiceLibrary.load(args.voices_dir, scheduler.generator.generator)
     except (CheckpointError, WatermarkError, LLMError, ValueError, RuntimeError) as e:

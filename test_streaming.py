@@ -133,8 +133,7 @@ def check_args(args) -> list[ContextTurn]:
     if args.chat and args.server is None:
         from llm import LLMConfig
 
-        args.llm_config = LLMConfig.from_env(None if args.llm == "auto" else args.llm,
-                                             model=args.llm_model)
+        args.llm_config = LLMConfig.from_env(args.llm, model=args.llm_model)
     if args.voice is not None and args.server is None:
         from voices import VoiceLibrary
 
@@ -386,12 +385,13 @@ def main(argv=None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     # Warnings (watermark off, context dropped) as one plain line, not a source listing.
     warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
+    from audio import SAMPLE_RATE
     from llm import LLMError
 
     try:
         turns = check_args(args)
         if args.play_audio:  # the sound card is there: checked now, opened when needed
-            open_player(24_000).close()
+            open_player(SAMPLE_RATE).close()
     except (ValueError, OSError, LLMError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

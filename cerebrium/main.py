@@ -36,10 +36,11 @@ def generator():
     """The model, loaded once per container (Cerebrium keeps module state between calls)."""
     global _GENERATOR
     if _GENERATOR is None:
+        from checkpoints import DEFAULT_REPO
         from generator import load_csm_1b
 
         _GENERATOR = load_csm_1b(device=os.environ.get("CSM_DEVICE", "auto"),
-                                 model=os.environ.get("CSM_MODEL", "unsloth/csm-1b"),
+                                 model=os.environ.get("CSM_MODEL", DEFAULT_REPO),
                                  mimi=os.environ.get("CSM_MIMI") or None)
     return _GENERATOR
 
