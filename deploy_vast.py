@@ -207,10 +207,10 @@ def step_setup(r: Runner):
 
 
 # Runs in the project's environment: the weight files of a checkpoint are picked by
-# checkpoints.py, the one place that knows them.
+# csm_streaming.model.hub, the one place that knows them.
 DOWNLOAD_SCRIPT = r"""
 import os, sys
-from checkpoints import MIMI_NAME, MIMI_REPO, download_checkpoint
+from csm_streaming.model.checkpoints import MIMI_NAME, MIMI_REPO, download_checkpoint
 from huggingface_hub import hf_hub_download, snapshot_download
 repo, with_wm = sys.argv[1], sys.argv[2] == "1"
 folder = download_checkpoint(repo, progress=lambda line: print(line, flush=True))
@@ -218,7 +218,7 @@ paths = [str(p) for p in folder.iterdir() if p.is_file()]
 print(f"[mimi] {MIMI_REPO}/{MIMI_NAME}", flush=True)
 paths.append(hf_hub_download(MIMI_REPO, MIMI_NAME))
 if with_wm:
-    from watermarking import SILENTCIPHER_44K, SILENTCIPHER_REPO
+    from csm_streaming.model.watermark import SILENTCIPHER_44K, SILENTCIPHER_REPO
     print(f"[watermark] {SILENTCIPHER_REPO} ({SILENTCIPHER_44K})", flush=True)
     snapshot_download(SILENTCIPHER_REPO, allow_patterns=[f"{SILENTCIPHER_44K}/*"])
 # verify: every file is there, and every safetensors header reads
@@ -394,11 +394,11 @@ def step_serve(r: Runner, model: str, host: str, port: int, token: str | None,
           f"{f' x {replicas} replicas (Ray Serve)' if replicas > 1 else ''} "
           f"({'fitted to the GPU memory' if info['gpus'] else 'CPU'})")
     if replicas > 1:
-        cmd = [str(VENV_PY), "serve_ray.py", "--replicas", str(replicas), "--host", host,
-               "--port", str(port), "--max-streams", str(streams), "--model", model]
+        cmd = [str(VENV_PY), "-m", "csm_streaming.server.ray_serve", "--replicas", str(replicas),
+               "--host", host, "--port", str(port), "--max-streams", str(streams), "--model", model]
     else:
-        cmd = [str(VENV_PY), "server.py", "--model", model, "--host", host, "--port", str(port),
-               "--max-streams", str(streams), "--max-queue", str(streams * 4)]
+        cmd = [str(VENV_PY), "-m", "csm_streaming.server.app", "--model", model, "--host", host,
+               "--port", str(port), "--max-streams", str(streams), "--max-queue", str(streams * 4)]
     env = dict(os.environ)
     if token:
         env["CSM_SERVER_TOKEN"] = token  # through the environment: not on the command line

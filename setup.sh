@@ -4,7 +4,8 @@
 #   bash setup.sh --dev      + tests, benchmarks, Ray Serve, and (as root, with apt) PortAudio,
 #                              JACK and Chromium for the playback and page tests
 #   bash setup.sh --client   only the remote client (a laptop listening to a server): no torch
-# Dependencies are declared once, in pyproject.toml. Safe to re-run: pip skips what is there.
+# Dependencies: ranges in pyproject.toml, the tested pins in requirements.txt (constraints).
+# Safe to re-run: pip skips what is there.
 set -euo pipefail
 cd "$(dirname "$0")"
 mode=run
@@ -34,13 +35,15 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 echo "setup: installing Python packages into .venv ($mode)"
+# pyproject.toml says what is needed (ranges); requirements.txt pins the tested versions.
 case "$mode" in
-  client) "${pip[@]}" -e . ;;
-  run) "${pip[@]}" -e ".[engine,llm]" ;;
-  dev) "${pip[@]}" -e ".[engine,llm,ray,dev]" ;;
+  client) "${pip[@]}" -c requirements.txt -e . ;;
+  run) "${pip[@]}" -c requirements.txt -e ".[engine,llm]" ;;
+  dev) "${pip[@]}" -c requirements.txt -e ".[engine,llm,ray,dev]" ;;
 esac
 if [ "$mode" = client ]; then
   .venv/bin/python -c "import numpy, sounddevice, rich, websockets; print('setup: ok (client)')"
+  echo "setup: listen to a server with: .venv/bin/csm-stream --server http://localhost:8000 --play-audio"
   exit 0
 fi
 "${pip[@]}" --no-deps -r requirements-nodeps.txt

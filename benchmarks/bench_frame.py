@@ -31,7 +31,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 def bench_dtype(name: str, device: torch.device, frames: int, model_name: str, bandwidth: float,
                 compile_: bool) -> dict:
-    from checkpoints import load_model_and_tokenizer
+    from csm_streaming.model.checkpoints import load_model_and_tokenizer
 
     model, tok, _ = load_model_and_tokenizer(model_name, device, DTYPES[name])
     return bench_model(name, model, tok, device, frames, bandwidth, compile_)
@@ -40,11 +40,11 @@ def bench_dtype(name: str, device: torch.device, frames: int, model_name: str, b
 def bench_model(name: str, model, tok, device: torch.device, frames: int, bandwidth: float,
                 compile_: bool, plain_loop: bool = True) -> dict:
     """One model's frame step beside its floor (and the plain loop's, unless plain_loop=False)."""
-    from checkpoints import load_mimi
-    from config import StreamingConfig
-    from engine import StreamEngine
-    from generator import Generator
-    from request import validate_request
+    from csm_streaming.engine.config import StreamingConfig
+    from csm_streaming.engine.generator import Generator
+    from csm_streaming.engine.stream_engine import StreamEngine
+    from csm_streaming.model.checkpoints import load_mimi
+    from csm_streaming.request import validate_request
 
     gen = Generator(model, tok, load_mimi("random", device))
     bytes_per_frame = weight_bytes_per_frame(model)
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from generator import pick_device
+    from csm_streaming.engine.generator import pick_device
 
     device = pick_device(args.device)
     torch.set_grad_enabled(False)

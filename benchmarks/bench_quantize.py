@@ -36,7 +36,7 @@ TEXT = "Benchmark sentence for the quality of quantized weights."
 def variant(master, mode: str, device: torch.device):
     """The fp32 master as `mode`: fp32 / bf16 copies, or int8 / int4 weights (quantize.py) with
     the device's usual activations (fp32 on a CPU, bf16 on a GPU)."""
-    from quantize import quantize_model
+    from csm_streaming.model.quantize import quantize_model
 
     if mode in ("fp32", "bf16"):
         dtype = torch.float32 if mode == "fp32" else torch.bfloat16
@@ -51,7 +51,7 @@ def variant(master, mode: str, device: torch.device):
 def frame_logits(model, tok, frames: int, codes: torch.Tensor | None = None, seed: int = 0):
     """Logits [frames, 32, vocab] (float32) of every codebook, each given the codes before it.
     codes None: sample them (top-k 50, temperature 0.9) as it goes; returns (logits, codes)."""
-    from generator import text_rows
+    from csm_streaming.engine.generator import text_rows
 
     device = next(model.parameters()).device
     tokens, mask = text_rows(tok, TEXT, 0)
@@ -109,9 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from bench_frame import bench_model
-    from checkpoints import load_model_and_tokenizer
-    from generator import pick_device
-    from quantize import check_mode
+    from csm_streaming.engine.generator import pick_device
+    from csm_streaming.model.checkpoints import load_model_and_tokenizer
+    from csm_streaming.model.quantize import check_mode
 
     device = pick_device(args.device)
     modes = [m for m in args.modes.split(",") if m in ("fp32", "bf16") or not check_mode(m, device)]

@@ -37,13 +37,13 @@ TOKEN = "bench"
 
 
 def start_server(model: str, device, max_streams: int, settings=None):
-    from api import ServerSettings
-    from checkpoints import load_mimi, load_model_and_tokenizer
-    from config import StreamingConfig
-    from generator import Generator
-    from scheduler import Scheduler
-    from server import create_app, serve_in_thread
-    from streaming_generator import StreamingGenerator
+    from csm_streaming.engine.config import StreamingConfig
+    from csm_streaming.engine.generator import Generator
+    from csm_streaming.engine.streaming import StreamingGenerator
+    from csm_streaming.model.checkpoints import load_mimi, load_model_and_tokenizer
+    from csm_streaming.server.api import ServerSettings
+    from csm_streaming.server.app import create_app, serve_in_thread
+    from csm_streaming.server.scheduler import Scheduler
 
     m, tok, _ = load_model_and_tokenizer(model, device)
     gen = Generator(m, tok, load_mimi("random", device))
@@ -109,11 +109,10 @@ def ray_run(model: str, replicas: list[int], counts: list[int], frames: int, str
     import ray
     from ray import serve
 
-    import serve_ray
-
+    from csm_streaming.server import ray_serve
     rows = []
     ray.init(include_dashboard=False, log_to_driver=False,
-             runtime_env=serve_ray.runtime_env(remote=False))
+             runtime_env=ray_serve.runtime_env(remote=False))
     try:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -121,7 +120,7 @@ def ray_run(model: str, replicas: list[int], counts: list[int], frames: int, str
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for n in replicas:
             gpus = 1 if ray.cluster_resources().get("GPU", 0) else 0
-            serve.run(serve_ray.build_app({
+            serve.run(ray_serve.build_app({
                 "server_args": ["--model", model, "--no-watermark", "--token", TOKEN],
                 "replicas": n, "max_streams": streams, "gpus_per_replica": gpus,
                 "cpus_per_replica": 0.5, "torch_threads": max(1, (os.cpu_count() or 2) // n)}),
@@ -305,8 +304,8 @@ def main_ray(args, device, counts):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from api import ServerSettings
-    from generator import pick_device
+    from csm_streaming.engine.generator import pick_device
+    from csm_streaming.server.api import ServerSettings
 
     device = pick_device(args.device)
     counts = [int(c) for c in args.clients.split(",")]

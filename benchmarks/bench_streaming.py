@@ -32,7 +32,7 @@ TEXT = "The quick brown fox jumps over the lazy dog, and then it runs away."
 
 
 def run_streams(sg, n_streams: int, frames: int) -> dict:
-    from streaming_generator import StreamRequest
+    from csm_streaming.engine.streaming import StreamRequest
 
     reqs = [StreamRequest(TEXT, speaker=i % 2, max_audio_length_ms=frames * 80, seed=i)
             for i in range(n_streams)]
@@ -57,7 +57,8 @@ def run_streams(sg, n_streams: int, frames: int) -> dict:
 
 
 def build(gen, **cfg):
-    from streaming_generator import StreamingConfig, StreamingGenerator
+    from csm_streaming.engine.config import StreamingConfig
+    from csm_streaming.engine.streaming import StreamingGenerator
 
     return StreamingGenerator(gen, StreamingConfig(**cfg))
 
@@ -140,7 +141,7 @@ def engine_rows(gen, args, plain: dict) -> list[dict]:
 
 def step_rows(gen, args, device) -> list[dict]:
     """The frame step alone (no prefill, no Mimi): what "n streams per step" costs the model."""
-    from request import validate_request
+    from csm_streaming.request import validate_request
 
     rows = []
     for n in map(int, args.streams.split(",")):
@@ -163,8 +164,8 @@ def step_rows(gen, args, device) -> list[dict]:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from checkpoints import load_mimi, load_model_and_tokenizer
-    from generator import Generator, pick_device
+    from csm_streaming.engine.generator import Generator, pick_device
+    from csm_streaming.model.checkpoints import load_mimi, load_model_and_tokenizer
 
     torch.set_grad_enabled(False)
     device = pick_device(args.device)

@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from generator import pick_device
-    from watermarking import build_random_watermarker, watermark
+    from csm_streaming.engine.generator import pick_device
+    from csm_streaming.model.watermark import build_random_watermarker, watermark
 
     device = pick_device(args.device)
     wm = build_random_watermarker(tempfile.mkdtemp(), device)

@@ -72,7 +72,7 @@ def memory_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 5) -
 def weight_bytes_per_frame(model) -> int:
     """Weight bytes one frame must read: the backbone step, codebook-0 head, 31 depth-decoder
     steps with the projection, and the audio heads. Embedding rows read are negligible."""
-    from quantize import weight_bytes
+    from csm_streaming.model.quantize import weight_bytes
 
     def nbytes(module_or_tensor):
         if isinstance(module_or_tensor, torch.Tensor):
@@ -128,7 +128,7 @@ def save_json(name: str, device: torch.device, payload: dict, out_dir: Path | No
 def model_arg(value: str) -> str:
     """--model: random:csm-1b / random:tiny (random weights: speed does not depend on their
     values), a checkpoint, or a bare flavour name (csm-1b, tiny) as earlier versions took."""
-    from models import FLAVORS
+    from csm_streaming.model.csm import FLAVORS
 
     return f"random:{value}" if value in FLAVORS else value
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 for folder in (ROOT, ROOT.parent):  # deployed: the project's files beside it; a checkout: above
-    if (folder / "generator.py").is_file() and str(folder) not in sys.path:
+    if (folder / "csm_streaming").is_dir() and str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
 log = logging.getLogger("csm.cerebrium")
@@ -36,8 +36,8 @@ def generator():
     """The model, loaded once per container (Cerebrium keeps module state between calls)."""
     global _GENERATOR
     if _GENERATOR is None:
-        from checkpoints import DEFAULT_REPO
-        from generator import load_csm_1b
+        from csm_streaming.engine.generator import load_csm_1b
+        from csm_streaming.model.hub import DEFAULT_REPO
 
         _GENERATOR = load_csm_1b(device=os.environ.get("CSM_DEVICE", "auto"),
                                  model=os.environ.get("CSM_MODEL", DEFAULT_REPO),
@@ -50,9 +50,9 @@ def generate(text: str, speaker_id: int = 0, temperature: float = 0.9, top_k: in
              context: list | None = None, run_id: str | None = None) -> dict:
     """The seeds' endpoint: text (and optional sampling and context turns, as /api/generate:
     [{"speaker", "text", "audio_base64"}]) -> a base64 WAV of the speech."""
-    from api import ApiError, ContextItem, ServerSettings, decode_context
-    from audio import SAMPLE_RATE, wav_bytes
-    from request import EmptyOutputError
+    from csm_streaming.audio import SAMPLE_RATE, wav_bytes
+    from csm_streaming.request import EmptyOutputError
+    from csm_streaming.server.api import ApiError, ContextItem, ServerSettings, decode_context
 
     t0 = time.perf_counter()
     try:

@@ -46,7 +46,7 @@ def make_hf_checkpoint(folder, rope=LLAMA3_ROPE, seed=0):
     """Write a transformers-format tiny CSM (save_pretrained) and a tokenizer.json; return it."""
     from transformers import CsmForConditionalGeneration
 
-    from checkpoints import random_text_tokenizer
+    from csm_streaming.model.checkpoints import random_text_tokenizer
 
     torch.manual_seed(seed)
     hf = CsmForConditionalGeneration(tiny_hf_config(rope)).eval()
@@ -63,7 +63,7 @@ def make_hf_checkpoint(folder, rope=LLAMA3_ROPE, seed=0):
 
 @pytest.fixture(scope="session")
 def mimi():
-    from checkpoints import load_mimi
+    from csm_streaming.model.checkpoints import load_mimi
 
     return load_mimi("random", "cpu")
 
@@ -77,8 +77,8 @@ def hf_checkpoint(tmp_path_factory):
 
 def make_tiny_generator(mimi, **kwargs):
     """A plain reference Generator on random:tiny (no watermark) with a model of its own."""
-    from checkpoints import load_model_and_tokenizer
-    from generator import Generator
+    from csm_streaming.engine.generator import Generator
+    from csm_streaming.model.checkpoints import load_model_and_tokenizer
 
     model, tok, _ = load_model_and_tokenizer("random:tiny", torch.device("cpu"))
     return Generator(model, tok, mimi, **kwargs)
@@ -131,12 +131,13 @@ class LiveServer:
 
     def __init__(self, max_streams=16, max_queue=32, settings=None, watermarker=None, voices=None,
                  chat=None, **config):
-        from api import ServerSettings
-        from checkpoints import load_mimi, load_model_and_tokenizer
-        from generator import Generator
-        from scheduler import Scheduler
-        from server import create_app, serve_in_thread
-        from streaming_generator import StreamingConfig, StreamingGenerator
+        from csm_streaming.engine.config import StreamingConfig
+        from csm_streaming.engine.generator import Generator
+        from csm_streaming.engine.streaming import StreamingGenerator
+        from csm_streaming.model.checkpoints import load_mimi, load_model_and_tokenizer
+        from csm_streaming.server.api import ServerSettings
+        from csm_streaming.server.app import create_app, serve_in_thread
+        from csm_streaming.server.scheduler import Scheduler
 
         model, tok, _ = load_model_and_tokenizer("random:tiny", torch.device("cpu"))
         gen = Generator(model, tok, load_mimi("random", "cpu"), watermarker=watermarker)

@@ -99,7 +99,7 @@ class LLMStub:
         return {"candidates": [candidate], "modelVersion": "stub"}
 
     def config(self, **kw):
-        from llm import LLMConfig
+        from csm_streaming.chat.llm import LLMConfig
 
         return LLMConfig(self.kind, "stub-model", "stub-key", self.base_url, **kw)
 

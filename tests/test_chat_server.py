@@ -18,12 +18,13 @@ import pytest
 import soundfile as sf
 import torch
 
-from audio import to_mono_24k
 from conftest import AUTH, TOKEN, LiveServer, speech_like
+from csm_streaming.audio import to_mono_24k
+from csm_streaming.engine.config import StreamingConfig
+from csm_streaming.engine.streaming import StreamingGenerator
+from csm_streaming.engine.voices import VoiceError, VoiceLibrary
+from csm_streaming.request import Segment
 from llm_stubs import LLMStub
-from request import Segment
-from streaming_generator import StreamingConfig, StreamingGenerator
-from voices import VoiceError, VoiceLibrary
 
 ROOT = Path(__file__).resolve().parent.parent
 # as the stub's tokens arrive: the first piece at the first clause end, then a whole sentence
@@ -50,8 +51,8 @@ def stub():
 
 @pytest.fixture(scope="module")
 def live(voices_dir, stub, mimi):
-    from checkpoints import load_model_and_tokenizer
-    from generator import Generator
+    from csm_streaming.engine.generator import Generator
+    from csm_streaming.model.checkpoints import load_model_and_tokenizer
 
     model, tok, _ = load_model_and_tokenizer("random:tiny", torch.device("cpu"))
     voices = VoiceLibrary.load(voices_dir, Generator(model, tok, mimi))
@@ -89,8 +90,7 @@ def test_a_voice_is_read_and_encoded_once(voices_dir, tiny_generator, tmp_path):
 def test_the_speech_route_speaks_in_a_named_voice_without_encoding_it_again(live, voices_dir,
                                                                               tiny_generator,
                                                                               monkeypatch):
-    import prompts
-
+    from csm_streaming.engine import prompts
     calls = []
     original = prompts.encode_slices
     monkeypatch.setattr(prompts, "encode_slices", lambda *a: calls.append(1) or original(*a))
@@ -263,7 +263,7 @@ def test_the_cerebrium_entry_answers_base64_wav(monkeypatch, tiny_generator):
     bad = main.generate("Hi.", context=[{"speaker": 0, "text": "a", "audio_base64": "@@"}])
     assert bad["status_code"] == 400 and "base64" in bad["error"]
 
-    from request import EmptyOutputError
+    from csm_streaming.request import EmptyOutputError
 
     calls = []
 

@@ -1,4 +1,5 @@
-"""models.py against an independent implementation: transformers' CsmForConditionalGeneration.
+"""csm_streaming.model against an independent implementation: transformers'
+CsmForConditionalGeneration.
 
 A tiny random transformers checkpoint (save_pretrained) is loaded through our loader; logits and
 greedy codes must match what transformers' own modules compute on the same weights.
@@ -10,17 +11,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from checkpoints import (
-    CheckpointError,
-    load_model_and_tokenizer,
-    original_to_transformers,
-    pick_weight_files,
-    resolve_checkpoint,
-)
 from conftest import make_hf_checkpoint, speech_like
-from generator import Generator
-from models import CSM
-from request import Segment, validate_request
+from csm_streaming.engine.generator import Generator
+from csm_streaming.model.checkpoints import load_model_and_tokenizer, original_to_transformers
+from csm_streaming.model.csm import CSM
+from csm_streaming.model.hub import CheckpointError, pick_weight_files, resolve_checkpoint
+from csm_streaming.request import Segment, validate_request
 
 CPU = torch.device("cpu")
 

@@ -35,7 +35,7 @@ def cli_module():
 def test_random_model_runs_offline_watermarked_and_short_by_default(tmp_path):
     """The README's offline example: no network, the watermark stage on (random weights),
     3 s by default since random weights never end, one '[done]' line, exactly the samples."""
-    from generator import load_csm_1b
+    from csm_streaming.engine.generator import load_csm_1b
 
     out = tmp_path / "out.wav"
     r = run_cli("--model", "random:tiny", "--text", "Hello from the command line.", "--seed", "5",
@@ -54,7 +54,7 @@ def test_random_model_runs_offline_watermarked_and_short_by_default(tmp_path):
 
 
 def test_without_the_watermark_it_equals_generate(tmp_path):
-    from generator import load_csm_1b
+    from csm_streaming.engine.generator import load_csm_1b
 
     out = tmp_path / "out.wav"
     r = run_cli("--model", "random:tiny", "--text", "Hello.", "--seed", "5", "--max-audio-ms",
@@ -100,7 +100,7 @@ def test_compile_follows_the_config_default():
     cli = cli_module()
     args = cli.build_parser().parse_args([])
     assert args.compile is None  # StreamingConfig decides: CUDA only
-    from config import StreamingConfig
+    from csm_streaming.engine.config import StreamingConfig
 
     assert not StreamingConfig(enable_compilation=args.compile).compile_enabled(torch.device("cpu"))
     assert cli.build_parser().parse_args(["--compile"]).compile is True
@@ -132,7 +132,7 @@ def test_it_listens_to_a_remote_server(tmp_path, tiny_generator):
         live.close()
     assert r.returncode == 0, r.stderr
     assert "(remote)" in r.stdout and "first audio" in r.stderr and "loaded" not in r.stderr
-    from request import Segment
+    from csm_streaming.request import Segment
 
     data, rate = sf.read(ctx, dtype="float32", always_2d=True)
     solo = tiny_generator.generate(
@@ -162,8 +162,8 @@ def test_the_remote_client_needs_no_torch():
 
 
 def test_the_snapshot_says_when_it_buffers_for_a_slow_generator():
-    from metrics import StreamMetrics
-    from playback import AudioPlayer
+    from csm_streaming.client.playback import AudioPlayer
+    from csm_streaming.metrics import StreamMetrics
 
     snapshot = cli_module().snapshot
     m = StreamMetrics(elapsed_s=3.0, audio_s=1.5, frames=18, chunks=3, chunk_gen_ms=[900.0] * 3,
@@ -175,19 +175,16 @@ def test_the_snapshot_says_when_it_buffers_for_a_slow_generator():
     assert any("slower than real time (RTF 2.00)" in e for e in s.events)
 
 
-TOOLS = ["test_streaming.py", "server.py", "serve_ray.py", "watermarking.py", "deploy_vast.py",
-         "benchmarks/bench_frame.py", "benchmarks/bench_streaming.py", "benchmarks/bench_server.py",
+# The package's commands by module; the clone's scripts by file
+TOOLS = ["csm_streaming.cli", "csm_streaming.server.app", "csm_streaming.server.ray_serve",
+         "csm_streaming.model.watermark", "deploy_vast.py", "benchmarks/bench_frame.py",
+         "benchmarks/bench_streaming.py", "benchmarks/bench_server.py",
          "benchmarks/bench_watermark.py", "benchmarks/bench_quantize.py"]
 
 
-@pytest.mark.parametrize("tool", TOOLS)
-def test_every_flag_has_help_and_a_shown_default(tool):
-    """--help of every tool: each option explained, defaults shown."""
-    import argparse
-
-    r = subprocess.run([sys.executable, str(ROOT / tool), "--help"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+def _tool_module(tool: str):
+    if not tool.endswith(".py"):
+        return importlib.import_module(tool)
     spec = importlib.util.spec_from_file_location(f"tool_{Path(tool).stem}", ROOT / tool)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
@@ -196,7 +193,19 @@ def test_every_flag_has_help_and_a_shown_default(tool):
         spec.loader.exec_module(mod)
     finally:
         sys.path.pop(0)
-    parser = mod.build_parser()
+    return mod
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_every_flag_has_help_and_a_shown_default(tool):
+    """--help of every tool: each option explained, each default shown once."""
+    import argparse
+
+    argv = [str(ROOT / tool)] if tool.endswith(".py") else ["-m", tool]
+    r = subprocess.run([sys.executable, *argv, "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    parser = _tool_module(tool).build_parser()
     assert parser.formatter_class is argparse.ArgumentDefaultsHelpFormatter
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
@@ -207,8 +216,9 @@ def test_every_flag_has_help_and_a_shown_default(tool):
 
 
 def test_the_server_command_runs_offline_on_a_random_model():
-    """python server.py --model random:tiny: no download, the watermark stage on, and a request
-    without a length gets the short default of random models, not minutes of noise."""
+    """csm-server --model random:tiny (the console script): no download, the watermark stage
+    on, and a request without a length gets the short default of random models, not minutes of
+    noise."""
     import socket
     import time
 
@@ -217,7 +227,8 @@ def test_the_server_command_runs_offline_on_a_random_model():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--model", "random:tiny",
+    server = Path(sys.executable).parent / "csm-server"
+    proc = subprocess.Popen([str(server), "--model", "random:tiny",
                              "--port", str(port), "--max-streams", "2"], cwd=ROOT,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

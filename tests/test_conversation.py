@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from conftest import patch_sample_frame, speech_like
-from conversation import Conversation, Dialogue
-from llm import LLMConfig, LLMError, stream_reply
+from csm_streaming.chat.conversation import Conversation, Dialogue
+from csm_streaming.chat.llm import LLMConfig, LLMError, stream_reply
+from csm_streaming.engine.config import StreamingConfig
+from csm_streaming.engine.segmenting import TextChunker, clean_markdown
+from csm_streaming.engine.streaming import StreamingGenerator
 from llm_stubs import LLMStub
-from segmenting import TextChunker, clean_markdown
-from streaming_generator import StreamingConfig, StreamingGenerator
 
 REPLY = ["Hello", " there,", " friend.", " I am", " really glad", " that you", " asked me",
          " about", " it.", " Mars is", " a cold", " and very", " dusty", " planet", " today."]
@@ -63,8 +64,8 @@ def test_audio_starts_before_the_llm_finishes_and_equals_the_same_sentences(spea
 def test_the_next_turn_carries_the_previous_replys_audio(speaking, mimi):
     """The voice stays: turn 2 is conditioned on the voice's clip, turn 1's text and the exact
     codes CSM said; the LLM sees the whole dialogue."""
-    from request import Segment
-    from voices import Voice
+    from csm_streaming.engine.voices import Voice
+    from csm_streaming.request import Segment
 
     clip = speech_like(0.6, seed=4)
     codes = speaking.generator.encode_audio(clip)
@@ -157,8 +158,8 @@ def test_the_chunker_cuts_at_clauses_first_then_sentences():
 
 
 def test_the_dialogue_keeps_the_voice_and_drops_the_oldest_turns():
-    from request import Segment
-    from voices import Voice
+    from csm_streaming.engine.voices import Voice
+    from csm_streaming.request import Segment
 
     voice = Voice("v", 0, "ref", Segment(0, "ref", codes=torch.zeros(50, 32, dtype=torch.long)))
     d = Dialogue(voice)

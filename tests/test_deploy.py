@@ -54,7 +54,8 @@ def test_secrets_never_reach_the_output():
     assert r.returncode == 0 and "serverSecret987" not in r.stdout + r.stderr
     assert "stream slots" in r.stdout and "--max-streams 2" in r.stdout
     r = deploy("--serve", "--dry-run", "--model", "random:tiny", "--replicas", "2")
-    assert r.returncode == 0 and "$ " in r.stdout and "serve_ray.py --replicas 2" in r.stdout
+    assert r.returncode == 0 and "$ " in r.stdout
+    assert "csm_streaming.server.ray_serve --replicas 2" in r.stdout
     assert "x 2 replicas (Ray Serve)" in r.stdout
 
 

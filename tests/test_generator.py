@@ -5,12 +5,13 @@ import warnings
 import pytest
 import torch
 
-from audio import FRAME_SAMPLES, to_mono_24k
-from checkpoints import CheckpointError, load_mimi
 from conftest import patch_sample_frame, speech_like
-from generator import audio_rows, load_csm_1b, pick_device
-from models import MIMI_CODES, exponential_noise, is_eos, sample_topk
-from request import Segment, validate_request
+from csm_streaming.audio import FRAME_SAMPLES, to_mono_24k
+from csm_streaming.engine.generator import audio_rows, load_csm_1b, pick_device
+from csm_streaming.model.checkpoints import load_mimi
+from csm_streaming.model.hub import CheckpointError
+from csm_streaming.model.sampling import MIMI_CODES, exponential_noise, is_eos, sample_topk
+from csm_streaming.request import Segment, validate_request
 
 
 def test_text_segment_layout(tiny_generator):

@@ -20,8 +20,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from api import ServerSettings
 from conftest import AUTH, TOKEN, LiveServer, patch_sample_frame, speech_like
+from csm_streaming.server.api import ServerSettings
 
 SR = 24_000
 
@@ -232,7 +232,7 @@ def test_decoding_is_mixed_to_mono_in_blocks(tmp_path):
     """30 s of 96 kHz x 8 channels is 92 MB decoded; reading it for the model keeps far less."""
     import tracemalloc
 
-    from audio import AudioLimits, read_audio
+    from csm_streaming.audio import AudioLimits, read_audio
 
     path = tmp_path / "big.flac"
     with sf.SoundFile(path, "w", 96_000, 8, format="FLAC") as f:
@@ -402,7 +402,7 @@ def test_a_reader_that_never_reads_is_dropped(iso):
 def test_the_access_log_masks_tokens():
     import logging
 
-    from api import SecretFilter
+    from csm_streaming.server.api import SecretFilter
 
     record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1,
                                '%s - "%s %s HTTP/%s" %d',
@@ -417,7 +417,8 @@ def test_the_access_log_masks_tokens():
 
 
 def test_cpu_fallback_after_out_of_memory_does_not_deadlock(own_generator):
-    from streaming_generator import StreamingConfig, StreamingGenerator
+    from csm_streaming.engine.config import StreamingConfig
+    from csm_streaming.engine.streaming import StreamingGenerator
 
     sg = StreamingGenerator(own_generator, StreamingConfig(max_batch_size=2))
     ref = own_generator.generate("Fall back.", 0, max_audio_length_ms=480, seed=3)
@@ -508,7 +509,8 @@ def test_out_of_memory_mid_chunk_loses_and_repeats_no_audio(tiny_generator):
 
 
 def test_two_engines_on_one_model_keep_their_own_caches(tiny_generator):
-    from streaming_generator import StreamingConfig, StreamingGenerator
+    from csm_streaming.engine.config import StreamingConfig
+    from csm_streaming.engine.streaming import StreamingGenerator
 
     wide = StreamingGenerator(tiny_generator, StreamingConfig(max_batch_size=3))
     it = wide.generate_streaming("The first engine speaks.", 0, max_audio_length_ms=1600, seed=8)
@@ -524,9 +526,10 @@ def test_two_engines_on_one_model_keep_their_own_caches(tiny_generator):
 
 
 def test_the_scheduler_follows_a_replaced_engine(tiny_generator):
-    from engine import StreamEngine
-    from scheduler import Scheduler
-    from streaming_generator import StreamingConfig, StreamingGenerator
+    from csm_streaming.engine.config import StreamingConfig
+    from csm_streaming.engine.stream_engine import StreamEngine
+    from csm_streaming.engine.streaming import StreamingGenerator
+    from csm_streaming.server.scheduler import Scheduler
 
     sg = StreamingGenerator(tiny_generator, StreamingConfig(max_batch_size=2))
     sched = Scheduler(sg)

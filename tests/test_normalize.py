@@ -2,7 +2,7 @@
 
 import pytest
 
-from normalize import normalize_text, number_to_words, ordinal_words
+from csm_streaming.engine.normalize import normalize_text, number_to_words, ordinal_words
 
 CASES = [
     ("I have 3 cats.", "I have three cats."),

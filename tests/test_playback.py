@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dashboard import Dashboard, Snapshot, plain_line, sparkline
-from playback import AudioPlayer, RingBuffer, choose_prebuffer_s, play_stream
+from csm_streaming.client.dashboard import Dashboard, Snapshot, plain_line, sparkline
+from csm_streaming.client.playback import AudioPlayer, RingBuffer, choose_prebuffer_s, play_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 SR = 24_000

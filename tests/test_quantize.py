@@ -4,10 +4,17 @@ options refuse what cannot run. Speed and quality on full-size weights: bench_qu
 import pytest
 import torch
 
-from config import StreamingConfig
 from conftest import make_tiny_generator
-from quantize import Int4Linear, Int8Linear, check_mode, int4_group, quantize_model, weight_bytes
-from streaming_generator import StreamingGenerator
+from csm_streaming.engine.config import StreamingConfig
+from csm_streaming.engine.streaming import StreamingGenerator
+from csm_streaming.model.quantize import (
+    Int4Linear,
+    Int8Linear,
+    check_mode,
+    int4_group,
+    quantize_model,
+    weight_bytes,
+)
 
 
 def test_int8_weights_are_within_half_a_step_and_both_paths_agree():
@@ -58,6 +65,7 @@ def test_a_quantized_model_streams_what_it_generates(mimi, mode):
     model = gen.model
     full = weight_bytes(model)
     assert quantize_model(model, mode) > 0
+    quantized = sum(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
     assert not any(isinstance(m, torch.nn.Linear) and m is not model.codebook0_head
                    for m in model.modules())
     assert weight_bytes(model) < full
@@ -65,7 +73,11 @@ def test_a_quantized_model_streams_what_it_generates(mimi, mode):
     sg = StreamingGenerator(gen, StreamingConfig(enable_compilation=False))
     out = torch.cat(list(sg.generate_streaming("Quantized.", 0, max_audio_length_ms=640, topk=1,
                                                seed=5)))
-    assert sg.engine.cpu_kernel == "plain"  # nothing left for the fp32 kernels to swap
+    # The kernel for what stays fp32 (codebook0_head) is chosen by timing; whichever it is, the
+    # quantized layers stay quantized and the output is the reference's.
+    assert sg.engine.cpu_kernel in ("plain", "onednn", "mkl")
+    kind = Int8Linear if mode == "int8" else Int4Linear
+    assert sum(isinstance(m, kind) for m in model.modules()) == quantized
     assert out.shape == ref.shape == (8 * 1920,)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
@@ -82,7 +94,7 @@ def test_modes_that_cannot_run_are_refused_with_what_can():
 
 
 def test_the_loader_takes_quantize_or_a_dtype_name():
-    from generator import load_csm_1b
+    from csm_streaming.engine.generator import load_csm_1b
 
     gen = load_csm_1b(device="cpu", model="random:tiny", dtype="int8", watermark=False)
     assert any(isinstance(m, Int8Linear) for m in gen.model.modules())

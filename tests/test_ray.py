@@ -17,15 +17,14 @@ ray = pytest.importorskip("ray", reason="Ray Serve is installed by bash setup.sh
 def cluster():
     from ray import serve
 
-    import serve_ray
-
+    from csm_streaming.server import ray_serve
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env=serve_ray.runtime_env(remote=False))
+             runtime_env=ray_serve.runtime_env(remote=False))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = serve_ray.build_app({"server_args": ["--model", "random:tiny", "--no-watermark"],
+    app = ray_serve.build_app({"server_args": ["--model", "random:tiny", "--no-watermark"],
                                "replicas": 2, "max_streams": 4, "torch_threads": 1})
     serve.run(app, name="csm", route_prefix="/")
     yield f"http://127.0.0.1:{port}"

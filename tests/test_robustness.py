@@ -6,12 +6,13 @@ import random
 import pytest
 import torch
 
-from audio import FRAME_SAMPLES
 from conftest import patch_sample_frame, speech_like
-from generator import load_csm_1b
-from request import EmptyOutputError
-from runaway import TailConfig, TailGuard, frame_dbfs
-from streaming_generator import StreamingConfig, StreamingGenerator
+from csm_streaming.audio import FRAME_SAMPLES
+from csm_streaming.engine.config import StreamingConfig
+from csm_streaming.engine.generator import load_csm_1b
+from csm_streaming.engine.runaway import TailConfig, TailGuard, frame_dbfs
+from csm_streaming.engine.streaming import StreamingGenerator
+from csm_streaming.request import EmptyOutputError
 
 SR = 24_000
 
@@ -174,8 +175,8 @@ def test_device_fallback_is_said_not_silent():
 
 
 def test_server_narrows_its_batch_when_the_device_runs_out_of_memory(tiny_generator):
-    from request import validate_request
-    from scheduler import Scheduler
+    from csm_streaming.request import validate_request
+    from csm_streaming.server.scheduler import Scheduler
 
     sg = StreamingGenerator(
         tiny_generator, StreamingConfig(enable_compilation=False, max_batch_size=4)

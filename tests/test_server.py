@@ -12,10 +12,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from checkpoints import load_mimi, load_model_and_tokenizer
 from conftest import AUTH, TOKEN, LiveServer, speech_like
-from generator import Generator
-from request import Segment
+from csm_streaming.engine.generator import Generator
+from csm_streaming.model.checkpoints import load_mimi, load_model_and_tokenizer
+from csm_streaming.request import Segment
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from audio import FRAME_SAMPLES
 from conftest import patch_sample_frame, speech_like
-from request import Segment
-from runaway import TailGuard
-from segmenting import split_sentences
-from streaming_generator import StreamingConfig, StreamingGenerator, StreamRequest
+from csm_streaming.audio import FRAME_SAMPLES
+from csm_streaming.engine.config import StreamingConfig
+from csm_streaming.engine.runaway import TailGuard
+from csm_streaming.engine.segmenting import split_sentences
+from csm_streaming.engine.streaming import StreamingGenerator, StreamRequest
+from csm_streaming.request import Segment
 
 
 @pytest.fixture(scope="module")
@@ -216,8 +217,13 @@ def test_kill_switch_env(monkeypatch):
 def test_cpu_kernels_give_the_same_numbers_and_the_fastest_is_used(own_generator, monkeypatch):
     """CPU streams use the matrix kernel measured fastest on this CPU (oneDNN or MKL packed):
     the model must compute the same values with each, and come back exactly when restored."""
-    import fast_linear
-    from fast_linear import KERNELS, measure_kernels, restore_linears, speed_up_cpu_linears
+    from csm_streaming.model import cpu_kernels
+    from csm_streaming.model.cpu_kernels import (
+        KERNELS,
+        measure_kernels,
+        restore_linears,
+        speed_up_cpu_linears,
+    )
 
     model = own_generator.model
     codes = torch.randint(0, 2048, (4, 32))
@@ -228,7 +234,7 @@ def test_cpu_kernels_give_the_same_numbers_and_the_fastest_is_used(own_generator
     times = measure_kernels([weight], 4)
     assert "plain" in times and all(t > 0 for t in times.values())
     for name in [k for k in KERNELS if k in times]:  # each kernel this CPU can run
-        monkeypatch.setattr(fast_linear, "measure_kernels",
+        monkeypatch.setattr(cpu_kernels, "measure_kernels",
                             lambda w, b, name=name: {"plain": 1.0, name: 0.5})
         assert speed_up_cpu_linears(model, 4) == name
         assert all(not isinstance(m, torch.nn.Linear) for m in model.backbone.modules())
@@ -236,7 +242,7 @@ def test_cpu_kernels_give_the_same_numbers_and_the_fastest_is_used(own_generator
                                    atol=1e-5, rtol=1e-5)
         assert restore_linears(model) > 0
         assert torch.equal(model.backbone.layers[0].mlp.w1.weight, weight)  # exactly back
-    monkeypatch.setattr(fast_linear, "measure_kernels", lambda w, b: {"plain": 1.0, "mkl": 0.97})
+    monkeypatch.setattr(cpu_kernels, "measure_kernels", lambda w, b: {"plain": 1.0, "mkl": 0.97})
     assert speed_up_cpu_linears(model, 4) == "plain"  # 3% is not worth a swap
 
 
@@ -249,7 +255,7 @@ def step_until_running(eng, *streams):
 
 
 def test_engine_steps_only_the_bucket_of_busy_slots(tiny_generator):
-    from request import validate_request
+    from csm_streaming.request import validate_request
 
     sg = StreamingGenerator(
         tiny_generator, StreamingConfig(enable_compilation=False, max_batch_size=8)

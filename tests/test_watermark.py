@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from audio import FRAME_SAMPLES, save_audio
 from conftest import speech_like
-from generator import Generator, load_csm_1b
-from streaming_generator import StreamingConfig, StreamingGenerator, StreamRequest
-from watermarking import (
+from csm_streaming.audio import FRAME_SAMPLES, save_audio
+from csm_streaming.engine.config import StreamingConfig
+from csm_streaming.engine.generator import Generator, load_csm_1b
+from csm_streaming.engine.streaming import StreamingGenerator, StreamRequest
+from csm_streaming.model.watermark import (
     CSM_1B_GH_WATERMARK,
     StreamMarker,
     Watermarker,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from audio import FRAME_MS
+from csm_streaming.audio import FRAME_MS
 
 
 def env_off(name: str) -> bool:

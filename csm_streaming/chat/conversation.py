@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llm import LLMConfig, LLMError, stream_reply
-from request import Segment
-from segmenting import TextChunker
-from streams import TextFeed
+from csm_streaming.chat.llm import LLMConfig, LLMError, stream_reply
+from csm_streaming.engine.segmenting import TextChunker
+from csm_streaming.engine.streams import TextFeed
+from csm_streaming.request import Segment
 
 CONTEXT_SHARE = 0.5  # of the window for the dialogue; the rest is for the reply being spoken
+REPLY_TEXT_WAIT_S = 30.0  # after the speech ends, for the rest of the reply's text
 
 
 @dataclass
@@ -104,8 +105,9 @@ class ReplyText:
         try:
             for delta in stream_reply(self.config, self.messages):
                 self.metrics.mark("llm_first_token_s")
-                if self._stop.is_set():
-                    raise LLMError("the reply was cancelled")
+                if self._stop.is_set():  # nobody listens any more: no error to report
+                    self.feed.close()
+                    return
                 for piece in self.chunker.feed(delta):
                     self._push(piece)
             for piece in self.chunker.flush():
@@ -201,13 +203,19 @@ class Conversation:
         feed = TextFeed(closed=False)
         self.reply = reply = ReplyText(self.llm, self.dialogue.messages(user_text.strip()), feed,
                                        metrics).start()
+        listened = False
         try:  # the stream starts now: the voice's context is prepared while the LLM thinks
             for chunk in self.sg.stream(req, feed):
                 metrics.mark("first_audio_s")
                 yield chunk
+            listened = True
         finally:
+            if not listened:  # the listener stopped early: the rest of the reply is not wanted
+                reply.cancel()
+            # Speech can end before the text does (the length cap): the reply's text is still
+            # the whole reply, which the LLM writes much faster than it is spoken.
+            reply.join(REPLY_TEXT_WAIT_S if listened else 5)
             reply.cancel()
-            reply.join(5)
         if reply.error is not None:
             raise reply.error
         self.dialogue.add(user_text.strip(), reply.text, feed.stream.all_codes)

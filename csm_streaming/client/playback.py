@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from audio import FRAME_SAMPLES, SAMPLE_RATE
+from csm_streaming.audio import FRAME_SAMPLES, SAMPLE_RATE
 
 
 class RingBuffer:

@@ -18,8 +18,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from audio import AudioLimits, read_audio
-from request import Segment
+from csm_streaming.audio import AudioLimits, read_audio
+from csm_streaming.request import Segment
 
 MAX_VOICE_SECONDS = 60.0
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -50,7 +50,7 @@ class VoiceLibrary:
         for wav in sorted(folder.glob("*.wav")) if folder.is_dir() else []:
             voice = read_voice(wav)
             if generator is not None:
-                from audio import to_mono_24k
+                from csm_streaming.audio import to_mono_24k
 
                 seg = voice.segment
                 codes = generator.encode_audio(to_mono_24k(seg.audio, seg.sample_rate))

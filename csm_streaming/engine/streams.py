@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from metrics import StreamMetrics
-from models import SamplingState
-from request import GenerationRequest
-from runaway import TailGuard
+from csm_streaming.engine.runaway import TailGuard
+from csm_streaming.metrics import StreamMetrics
+from csm_streaming.model.sampling import SamplingState
+from csm_streaming.request import GenerationRequest
 
 
 class TextFeed:

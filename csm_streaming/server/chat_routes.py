@@ -7,7 +7,7 @@
   turn; each reply's exact codes stay in the context, so the voice stays the same. The reply's
   text comes as {"type": "text", "delta": ...} messages ahead of its audio.
 
-Same auth and limits as the speech routes; without an LLM configured (server.py --llm) the
+Same auth and limits as the speech routes; without an LLM configured (csm-server --llm) the
 routes answer 501.
 """
 
@@ -20,12 +20,19 @@ from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from api import CLEANUP_KEY, ApiError, Sampling, StreamMessage, build_request, voice_to_speaker
-from audio import SAMPLE_RATE, pcm16, wav_header
-from conversation import ChatMetrics, Dialogue, ReplyText
-from request import Segment
-from routes import context_of, read_until_closed, ws_error
-from streams import TextFeed
+from csm_streaming.audio import SAMPLE_RATE, pcm16, wav_header
+from csm_streaming.chat.conversation import ChatMetrics, Dialogue, ReplyText
+from csm_streaming.engine.streams import TextFeed
+from csm_streaming.request import Segment
+from csm_streaming.server.api import (
+    CLEANUP_KEY,
+    ApiError,
+    Sampling,
+    StreamMessage,
+    build_request,
+    voice_to_speaker,
+)
+from csm_streaming.server.context import context_of, read_until_closed, ws_error
 
 log = logging.getLogger("csm.server")
 router = APIRouter()

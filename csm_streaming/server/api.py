@@ -1,6 +1,6 @@
 """The server's contract: request bodies, limits, auth, request building and error shaping.
 
-Everything here is testable without a running server. server.py holds the routes. Every error
+Everything here is testable without a running server. routes.py holds the routes. Every error
 a client can cause is an `ApiError` with a 4xx status and a message that says what to do;
 `shape_error` turns anything else into a JSON 5xx without a stack trace.
 """
@@ -21,8 +21,14 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from audio import AudioError, AudioLimits, read_audio, to_mono_24k
-from request import DEFAULT_TEMPERATURE, DEFAULT_TOPK, EmptyOutputError, GenerationRequest, Segment
+from csm_streaming.audio import AudioError, AudioLimits, read_audio, to_mono_24k
+from csm_streaming.request import (
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOPK,
+    EmptyOutputError,
+    GenerationRequest,
+    Segment,
+)
 
 log = logging.getLogger("csm.server")
 
@@ -220,7 +226,7 @@ async def build_request(sg, settings: ServerSettings, text, speaker, context_ite
 
 def shape_error(e: BaseException, retry_after: int = 2) -> ApiError:
     """Any error of a generation -> the ApiError a client gets."""
-    from scheduler import QueueFull
+    from csm_streaming.server.scheduler import QueueFull
 
     if isinstance(e, ApiError):
         return e

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
+from csm_streaming.audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
 
 
 @dataclass(frozen=True)

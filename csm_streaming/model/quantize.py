@@ -117,7 +117,7 @@ def check_mode(mode: str | None, device: str | torch.device | None = None):
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str) -> int:
     """Replace the model's Linear layers by int8 / int4 ones in place; returns how many."""
-    from fast_linear import restore_linears, swap_layers
+    from csm_streaming.model.cpu_kernels import restore_linears, swap_layers
 
     check_mode(mode, next(model.parameters()).device)
     restore_linears(model)

@@ -1,6 +1,6 @@
 """Listen to a running server from another machine (a laptop and a rented GPU).
 
-    python test_streaming.py --server http://localhost:8000 --token T --text "Hi." --play-audio
+    csm-stream --server http://localhost:8000 --token T --text "Hi." --play-audio
 
 No torch here: `bash setup.sh --client` installs what this needs. The server's WebSocket
 (/v1/stream) sends 16-bit PCM chunks and JSON progress; `stream_from_server` yields float32
@@ -17,8 +17,8 @@ from urllib.parse import urlparse, urlunparse
 
 import numpy as np
 
-from audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, pcm16_to_float
-from metrics import StreamMetrics
+from csm_streaming.audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, pcm16_to_float
+from csm_streaming.metrics import StreamMetrics
 
 
 class RemoteError(RuntimeError):

@@ -16,10 +16,11 @@ import time
 
 import torch
 
-from audio import FRAME_SAMPLES, to_mono_24k
-from generator import Generator, audio_rows, encode_slices, fit_prompt
-from models import ModelCaches, prefill_block_size
-from streams import SlotState, Stream
+from csm_streaming.audio import FRAME_SAMPLES, to_mono_24k
+from csm_streaming.engine.generator import Generator, audio_rows, encode_slices, fit_prompt
+from csm_streaming.engine.streams import SlotState, Stream
+from csm_streaming.model.csm import prefill_block_size
+from csm_streaming.model.llama import ModelCaches
 
 log = logging.getLogger("csm.engine")
 

@@ -14,7 +14,6 @@ while streams are running, so a request with a huge context never stalls the oth
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import threading
@@ -22,17 +21,24 @@ import time
 
 import torch
 
-from audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
-from config import StreamingConfig
-from fast_linear import restore_linears, speed_up_cpu_linears
-from generator import Generator, audio_rows
-from metrics import EMPTY_RETRY, RUNAWAY_STOP, Event, StreamMetrics
-from models import MIMI_CODES, is_eos
-from prompts import PromptWork
-from request import MAX_EMPTY_RETRIES, EmptyOutputError, GenerationRequest, draw_seed, retry_request
-from runaway import TailGuard
-from segmenting import split_sentences
-from streams import ChunkEvent, SlotState, Stream, TextFeed
+from csm_streaming.audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
+from csm_streaming.engine.config import StreamingConfig
+from csm_streaming.engine.generator import Generator, audio_rows
+from csm_streaming.engine.graphs import CUDAGraphed, shared_copy
+from csm_streaming.engine.prompts import PromptWork
+from csm_streaming.engine.runaway import TailGuard
+from csm_streaming.engine.segmenting import split_sentences
+from csm_streaming.engine.streams import ChunkEvent, SlotState, Stream, TextFeed
+from csm_streaming.metrics import EMPTY_RETRY, RUNAWAY_STOP, Event, StreamMetrics
+from csm_streaming.model.cpu_kernels import restore_linears, speed_up_cpu_linears
+from csm_streaming.model.sampling import MIMI_CODES, is_eos
+from csm_streaming.request import (
+    MAX_EMPTY_RETRIES,
+    EmptyOutputError,
+    GenerationRequest,
+    draw_seed,
+    retry_request,
+)
 
 log = logging.getLogger("csm.engine")
 
@@ -41,49 +47,6 @@ IDLE_PROMPT_SLICE_S = 0.05  # prompt work between two looks for new requests whe
 
 class EngineFull(RuntimeError):
     """Every slot holds a stream; try again when one finishes."""
-
-
-class CUDAGraphed:
-    """Run `fn()` eagerly for a few warm-up calls, then capture it once and replay the graph.
-
-    `fn` takes no arguments: it reads and writes static buffers. Its outputs are views of the
-    graph's static memory: the caller copies them before the next call. disable=True (CPU, MPS,
-    NO_CUDA_GRAPH) runs the very same Python eagerly every time.
-    """
-
-    def __init__(self, fn, disable: bool, warmup_steps: int = 2):
-        self.fn, self.disable, self.warmup_steps = fn, disable, warmup_steps
-        self.graph = None
-        self.output = None
-        self.calls = 0
-        self.capture_s = 0.0
-
-    def __call__(self):
-        if self.disable:
-            return self.fn()
-        if self.graph is None:
-            self.calls += 1
-            if self.calls <= self.warmup_steps:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    out = self.fn()
-                torch.cuda.current_stream().wait_stream(stream)
-                return out
-            t = time.perf_counter()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.output = self.fn()  # recorded, not run
-            self.capture_s = time.perf_counter() - t
-        self.graph.replay()
-        return self.output
-
-
-def shared_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy with its own streaming state that shares the weights (Mimi's encoder and decoder
-    states live in module attributes, the weights in parameters and buffers)."""
-    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
-    return copy.deepcopy(module, memo)
 
 
 class StreamEngine:

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine import StreamEngine
-from metrics import OOM_NARROWED, ServerMetrics, StreamMetrics
-from request import GenerationRequest
-from streaming_generator import StreamingGenerator
-from streams import TextFeed
+from csm_streaming.engine.stream_engine import StreamEngine
+from csm_streaming.engine.streaming import StreamingGenerator
+from csm_streaming.engine.streams import TextFeed
+from csm_streaming.metrics import OOM_NARROWED, ServerMetrics, StreamMetrics
+from csm_streaming.request import GenerationRequest
 
 log = logging.getLogger("csm.scheduler")
 

@@ -1,6 +1,6 @@
 """HTTP and WebSocket front of the engine: many clients stream at once, batched on one device.
 
-    python server.py --model random:tiny --host 127.0.0.1 --port 8000
+    csm-server --model random:tiny --host 127.0.0.1 --port 8000
 
 Routes (routes.py): POST /api/generate (base64 WAV), POST /v1/audio/speech (OpenAI-compatible,
 streamed), WebSocket /v1/stream (PCM chunks + JSON progress), GET /health, GET /metrics
@@ -18,10 +18,10 @@ import os
 import sys
 import time
 
-import chat_routes
-import routes
-from api import SecretFilter, ServerSettings
-from options import add_model_arguments, config_arguments, load_arguments
+from csm_streaming.options import add_model_arguments, config_arguments, load_arguments
+from csm_streaming.server import chat_routes, routes
+from csm_streaming.server.api import SecretFilter, ServerSettings
+from csm_streaming.server.context import ServerContext
 
 log = logging.getLogger("csm.server")
 
@@ -37,7 +37,7 @@ def create_app(scheduler, settings: ServerSettings, voices=None, chat=None):
     from fastapi import FastAPI
 
     app = FastAPI(title="CSM-1B streaming server", docs_url="/docs", redoc_url=None)
-    ctx = routes.ServerContext(app, scheduler, settings, voices, chat)
+    ctx = ServerContext(app, scheduler, settings, voices, chat)
     ctx.chat_session = chat_routes.chat_session
     app.state.ctx = ctx
     routes.install(app)
@@ -154,9 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_scheduler(args, replica: str | None = None):
-    from config import StreamingConfig
-    from scheduler import Scheduler
-    from streaming_generator import load_streaming_csm_1b
+    from csm_streaming.engine.config import StreamingConfig
+    from csm_streaming.engine.streaming import load_streaming_csm_1b
+    from csm_streaming.server.scheduler import Scheduler
 
     config = StreamingConfig(chunk_size_ms=args.chunk_size, max_batch_size=args.max_streams,
                              **config_arguments(args))
@@ -181,10 +181,10 @@ def main(argv=None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.captureWarnings(True)
-    from checkpoints import CheckpointError
-    from llm import LLMConfig, LLMError
-    from voices import VoiceLibrary
-    from watermarking import WatermarkError
+    from csm_streaming.chat.llm import LLMConfig, LLMError
+    from csm_streaming.engine.voices import VoiceLibrary
+    from csm_streaming.model.hub import CheckpointError
+    from csm_streaming.model.watermark import WatermarkError
 
     try:
         chat = LLMConfig.from_env(args.llm, model=args.llm_model) if args.llm else None

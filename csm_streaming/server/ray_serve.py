@@ -1,9 +1,9 @@
 """CSM-1B on Ray Serve: one engine per replica (one GPU each), the server's routes in front.
 
-    python serve_ray.py --replicas 4 --model unsloth/csm-1b --host 0.0.0.0   # 4 GPUs, one box
-    serve run serve_config.yaml                                              # autoscaled, a cluster
+    python -m csm_streaming.server.ray_serve --replicas 4 --host 0.0.0.0   # 4 GPUs, one box
+    serve run serve_config.yaml                                         # autoscaled, a cluster
 
-Each replica is the whole server of server.py (the same FastAPI routes, built by
+Each replica is the whole server of app.py (the same FastAPI routes, built by
 server.create_app around the replica's own engine and scheduler): the OpenAI speech route, the
 WebSocket, /api/generate, chat, /health and /metrics (that replica's, labelled `replica`; Ray
 exports Serve's own metrics for the whole cluster). Serve routes a request to a replica with a
@@ -31,23 +31,23 @@ class CSMReplica:
     def __init__(self, server_args: list[str], torch_threads: int | None = None):
         import torch
 
-        import server
-        from llm import LLMConfig
-        from voices import VoiceLibrary
+        from csm_streaming.chat.llm import LLMConfig
+        from csm_streaming.engine.voices import VoiceLibrary
+        from csm_streaming.server.app import build_parser, load_scheduler, settings_from_args
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        args = server.build_parser().parse_args(server_args)
+        args = build_parser().parse_args(server_args)
         ctx = serve.get_replica_context()
         self.replica = ctx.replica_tag if ctx is not None else "local"
-        self.scheduler = server.load_scheduler(args, replica=self.replica).start()
-        self.settings = server.settings_from_args(args)
+        self.scheduler = load_scheduler(args, replica=self.replica).start()
+        self.settings = settings_from_args(args)
         self.voices = VoiceLibrary.load(args.voices_dir, self.scheduler.generator.generator)
         self.chat = LLMConfig.from_env(args.llm, model=args.llm_model) if args.llm else None
         log.info("replica %s ready on %s", self.replica, self.scheduler.generator.device)
 
     def __serve_build_asgi_app__(self):
-        from server import create_app
+        from csm_streaming.server.app import create_app
 
         return create_app(self.scheduler, self.settings, voices=self.voices, chat=self.chat)
 
@@ -63,9 +63,10 @@ class CSMReplica:
 
 
 def build_app(options: dict):
-    """The Serve application (also `import_path: serve_ray:build_app` in serve_config.yaml).
+    """The Serve application (`import_path: csm_streaming.server.ray_serve:build_app` in
+    serve_config.yaml).
 
-    options: server_args (list, server.py's flags), replicas or autoscaling
+    options: server_args (list, csm-server's flags), replicas or autoscaling
     ({min_replicas, max_replicas, target_ongoing_requests}), gpus_per_replica, cpus_per_replica,
     max_streams (the engine's slots: Serve's max_ongoing_requests), max_queued, torch_threads.
     """
@@ -99,7 +100,7 @@ def runtime_env(remote: bool) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Serve CSM-1B on Ray Serve: replicas of the server, one engine (GPU) each. "
-                    "Flags not listed here go to each replica's server (see server.py --help).",
+                    "Flags not listed here go to each replica's server (see csm-server --help).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--replicas", type=int, default=None,
                    help="fixed replica count (None: one per GPU Ray sees, at least one)")

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
-from audio import FRAME_MS, SAMPLE_RATE
+from csm_streaming.audio import FRAME_MS, SAMPLE_RATE
 
 if TYPE_CHECKING:  # torch is imported where tensors are checked: the CLI validates without it
     import torch

@@ -1,5 +1,5 @@
-"""Command-line flags of the tools that load the model (test_streaming.py, server.py, and
-serve_ray.py through server.py): one definition, one meaning. No torch at import."""
+"""Command-line flags of the tools that load the model (csm-stream, csm-server, and
+the Ray Serve replicas through csm-server): one definition, one meaning. No torch at import."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def add_model_arguments(p):
 
 def load_arguments(args) -> dict:
     """What those flags say, as keyword arguments of load_streaming_csm_1b."""
-    from checkpoints import DEFAULT_REPO
+    from csm_streaming.model.hub import DEFAULT_REPO
 
     return {"device": args.device, "model": args.model or DEFAULT_REPO, "mimi": args.mimi,
             "watermark": not args.no_watermark, "watermark_key": args.watermark_key,

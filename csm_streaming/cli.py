@@ -1,0 +1,417 @@
+"""Speak text with CSM-1B while it is generated: the command line (`csm-stream`; in a clone
+`python test_streaming.py`).
+
+    csm-stream --text "Hello from Sesame." --play-audio
+    csm-stream --model random:tiny --output out.wav      # offline, random weights
+    csm-stream --server http://localhost:8000 --play-audio   # a remote GPU (no torch needed)
+    csm-stream --chat --play-audio     # talk: an LLM writes, CSM speaks (--llm)
+
+Every argument, context file and the sound card are checked before anything is loaded, so a
+mistake costs a second, not the half minute a model takes to load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from csm_streaming.options import add_model_arguments, config_arguments, load_arguments
+
+EXIT_BAD_INPUT = 2
+
+
+@dataclass
+class ContextTurn:
+    path: str
+    text: str
+    speaker: int
+    audio: object = None  # float32 [channels, samples], read before loading
+    rate: int = 0
+    raw: bytes = b""  # the file, for a remote server
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Stream speech from CSM-1B, with a live dashboard.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--text", default="Hello from Sesame. This is streaming speech, generated "
+                   "while you listen.", help="what to say")
+    p.add_argument("--speaker", type=int, default=0, help="speaker id (a number)")
+    p.add_argument("--voice", default=None, metavar="NAME",
+                   help="a named voice of --voices-dir (its clip is the context: the voice stays)")
+    p.add_argument("--voices-dir", default="voices", help="named voices: NAME.wav + NAME.txt")
+    p.add_argument(
+        "--context-audio",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="audio of an earlier turn (any rate, mono or stereo); pair with --context-text",
+    )
+    p.add_argument("--context-text", action="append", default=[], metavar="TEXT",
+                   help="what was said in the matching --context-audio")
+    p.add_argument("--context-speaker", action="append", type=int, default=[], metavar="N",
+                   help="speaker of the matching context turn (default: --speaker)")
+    p.add_argument(
+        "--play-audio", action="store_true", help="play through the sound card while generating"
+    )
+    p.add_argument(
+        "--output", metavar="FILE.wav", help="write exactly the streamed samples to this file"
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.9, help="sampling temperature, in (0, 10]"
+    )
+    p.add_argument("--topk", type=int, default=50, help="sample among the k likeliest codes")
+    p.add_argument("--seed", type=int, default=None, help="seed of the random draws (None: random)")
+    p.add_argument("--max-audio-ms", type=float, default=None,
+                   help="longest audio (None: 90 s; 3 s for random models, which never end)")
+    p.add_argument("--no-dashboard", action="store_true",
+                   help="plain progress lines instead of the live view (also when not a terminal)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens inside")
+    chat = p.add_argument_group("talk: type a message, hear an LLM's reply as it is written")
+    chat.add_argument("--chat", action="store_true", help="a conversation, one line per message")
+    chat.add_argument("--llm", choices=["auto", "gemini", "openai"], default="auto",
+                      help="the reply's writer (auto: GOOGLE_API_KEY -> Gemini, OPENAI_BASE_URL "
+                           "or OPENAI_API_KEY -> OpenAI-compatible)")
+    chat.add_argument("--llm-model", default=None,
+                      help="the LLM's model (None: from the environment)")
+    add_remote_arguments(p)
+    add_local_arguments(p)
+    return p
+
+
+def add_remote_arguments(p):
+    remote = p.add_argument_group("a running server (nothing is loaded here; no torch needed)")
+    remote.add_argument(
+        "--server",
+        metavar="URL",
+        default=None,
+        help="stream from this server, e.g. http://localhost:8000 through an SSH tunnel",
+    )
+    remote.add_argument("--token", default=None, help="the server's bearer token")
+
+
+def add_local_arguments(p):
+    local = p.add_argument_group("the model, here")
+    add_model_arguments(local)
+    local.add_argument("--chunk-size", type=int, default=320, metavar="MS",
+                       help="audio per chunk (a multiple of 80)")
+    local.add_argument("--first-chunk", type=int, default=160, metavar="MS",
+                       help="size of the first chunk (small: sound starts early)")
+    local.add_argument("--decode-frames", type=int, default=2, metavar="N",
+                       help="frames Mimi decodes per call (divides both chunk sizes)")
+    local.add_argument("--no-normalize", action="store_true",
+                       help="do not spell out numbers and symbols")
+    local.add_argument("--no-cpu-fallback", action="store_true",
+                       help="fail instead of falling back to the CPU when the GPU cannot be used")
+
+
+# -- checks: before anything is loaded ----------------------------------------------------------
+
+
+def check_args(args) -> list[ContextTurn]:
+    """Every argument and file, checked now; ValueError / FileNotFoundError say what is wrong."""
+    from csm_streaming.audio import read_audio
+    from csm_streaming.request import validate_request
+
+    validate_request(args.text, args.speaker, (), args.max_audio_ms, args.temperature, args.topk,
+                     args.seed)
+    if len(args.context_audio) != len(args.context_text):
+        raise ValueError("--context-audio and --context-text come in pairs: "
+                         f"got {len(args.context_audio)} audio and {len(args.context_text)} text")
+    if args.context_speaker and len(args.context_speaker) != len(args.context_audio):
+        raise ValueError("give --context-speaker once per context turn, or not at all")
+    if args.output and not Path(args.output).expanduser().resolve().parent.is_dir():
+        raise ValueError(f"--output: the folder of {args.output} does not exist")
+    speakers = args.context_speaker or [args.speaker] * len(args.context_audio)
+    turns = []
+    for path, text, speaker in zip(args.context_audio, args.context_text, speakers):
+        audio, rate = read_audio(path)
+        turns.append(ContextTurn(path, text, speaker, audio, rate, Path(path).read_bytes()))
+    if args.chat and args.server is None:
+        from csm_streaming.chat.llm import LLMConfig
+
+        args.llm_config = LLMConfig.from_env(args.llm, model=args.llm_model)
+    if args.voice is not None and args.server is None:
+        from csm_streaming.engine.voices import VoiceLibrary
+
+        VoiceLibrary.load(args.voices_dir).get(args.voice)  # the files are there and readable
+    if args.server is None:
+        from csm_streaming.engine.config import StreamingConfig
+        from csm_streaming.model.quantize import check_mode
+
+        check_mode(args.quantize, args.device)
+        StreamingConfig(chunk_size_ms=args.chunk_size, first_chunk_ms=args.first_chunk,
+                        frame_batch_size=args.decode_frames)
+    else:
+        from csm_streaming.client.remote import ws_url
+
+        ws_url(args.server)
+    return turns
+
+
+def open_player(sample_rate: int):
+    """The sound card, opened now: no device is an error before any loading."""
+    from csm_streaming.client.playback import AudioPlayer
+
+    try:
+        import sounddevice as sd
+
+        sd.query_devices(kind="output")
+        return AudioPlayer(sample_rate).start()
+    except Exception as e:  # no PortAudio, no output device
+        raise ValueError(f"cannot open the audio output ({e}); run without --play-audio or with "
+                         "--output FILE.wav") from None
+
+
+# -- the shared part: play, show, save ------------------------------------------------------------
+
+
+def show_stream(chunks, metrics_of, args, player, expected_s: float, sample_rate: int,
+                chat_of=lambda: None):
+    """Consume chunks (tensors or arrays) with the dashboard and, when playing, the sound card.
+    Returns (list of chunks, interrupted)."""
+    from csm_streaming.client.dashboard import Dashboard
+
+    out, interrupted = [], False
+    with Dashboard(enabled=True, force_terminal=False if args.no_dashboard else None) as dash:
+        def show(status):
+            dash.update(snapshot(metrics_of(), player, status, chat_of()),
+                        force=status != "generating")
+
+        try:
+            if player is not None:
+                from csm_streaming.client.playback import play_stream
+
+                chunks = play_stream(chunks, sample_rate, rtf_hint=0.5, expected_total_s=expected_s,
+                                     player=player, on_chunk=lambda _: show("generating"))
+            for chunk in chunks:
+                out.append(chunk)
+                show("generating")
+            show("done")
+        except KeyboardInterrupt:
+            interrupted = True
+            show("interrupted")
+        finally:
+            if player is not None:
+                player.close()
+    return out, interrupted
+
+
+def snapshot(metrics, player, status: str, chat=None):
+    """What the dashboard shows: the stream's numbers, the player's buffer, the LLM's wait."""
+    from csm_streaming.client.dashboard import Snapshot
+
+    stats = player.stats() if player is not None else None
+    events = [str(e) for e in metrics.events]
+    if stats is not None and not stats.started and not stats.finished:
+        status = f"buffering {stats.buffered_ms:.0f} / {stats.prebuffer_ms:.0f} ms before playback"
+        if metrics.audio_s and metrics.rtf >= 1:
+            events.append(f"slower than real time (RTF {metrics.rtf:.2f}): buffering "
+                          f"{stats.prebuffer_ms / 1000:.1f} s so playback will not stall")
+    llm_s = None if chat is None else chat.llm_first_piece_s
+    llm_ms = None if llm_s is None else llm_s * 1e3
+    return Snapshot(device=metrics.device, status=status, rtf_now=metrics.rtf_now, rtf=metrics.rtf,
+                    ttfa_ms=None if metrics.first_audio_s is None else metrics.first_audio_s * 1e3,
+                    chunks=metrics.chunks, chunk_gen_ms=list(metrics.chunk_gen_ms),
+                    frames=metrics.frames, frames_per_s=metrics.frames_per_s,
+                    audio_s=metrics.audio_s,
+                    buffer_ms=None if stats is None else stats.buffered_ms,
+                    prebuffer_ms=None if stats is None else stats.prebuffer_ms,
+                    underruns=0 if stats is None else stats.underruns,
+                    memory_mb=metrics.peak_memory_mb, events=events, llm_ms=llm_ms,
+                    llm_share=None if chat is None else chat.llm_wait_share)
+
+
+def finish(args, chunks, metrics, player, sample_rate: int, interrupted: bool) -> int:
+    import numpy as np
+
+    from csm_streaming.audio import save_audio
+
+    audio = np.concatenate([np.asarray(c.detach().cpu() if hasattr(c, "detach") else c)
+                            for c in chunks]) if chunks else np.zeros(0, dtype=np.float32)
+    if args.output:
+        save_audio(args.output, audio, sample_rate)
+        print(f"wrote {audio.size / sample_rate:.2f} s to {args.output}", file=sys.stderr)
+    if metrics is not None and metrics.audio_s:
+        print(f"audio {metrics.audio_s:.2f} s, first audio {metrics.first_audio_s * 1000:.0f} ms, "
+              f"RTF {metrics.rtf:.3f}, {metrics.frames_per_s:.1f} frames/s"
+              + (f", underruns {player.underruns}" if player else ""), file=sys.stderr)
+    return 130 if interrupted else 0
+
+
+# -- local, remote, chat ---------------------------------------------------------------------------
+
+
+def load_local(args):
+    """The model here (the slow part, after every check passed): a StreamingGenerator."""
+    from csm_streaming.engine.config import StreamingConfig
+    from csm_streaming.engine.streaming import load_streaming_csm_1b
+
+    config = StreamingConfig(chunk_size_ms=args.chunk_size, first_chunk_ms=args.first_chunk,
+                             frame_batch_size=args.decode_frames, **config_arguments(args))
+    load = load_arguments(args)
+    model = load["model"]
+    t = time.perf_counter()
+    sg = load_streaming_csm_1b(config=config, allow_cpu_fallback=not args.no_cpu_fallback,
+                               normalize=not args.no_normalize, **load)
+    warm = f" (of which warm-up, compile, CUDA graphs: {sg.warmup_s:.1f} s)" if sg.warmup_s else ""
+    print(f"loaded {model} on {sg.device} in {time.perf_counter() - t:.1f} s{warm}",
+          file=sys.stderr)
+    voice = None
+    if args.voice is not None:
+        from csm_streaming.engine.voices import VoiceLibrary
+
+        voice = VoiceLibrary.load(args.voices_dir, sg.generator).get(args.voice)  # encoded once
+    return sg, voice
+
+
+def run_local(args, turns: list[ContextTurn]) -> int:
+    from csm_streaming.request import EmptyOutputError, Segment
+
+    sg, voice = load_local(args)
+    context = ([voice.segment] if voice else []) + [Segment(t.speaker, t.text, t.audio, t.rate)
+                                                     for t in turns]
+    speaker = voice.speaker if voice else args.speaker
+    try:
+        req = sg.request(args.text, speaker, context, args.max_audio_ms, args.temperature,
+                         args.topk, args.seed)
+        player = open_player(sg.sample_rate) if args.play_audio else None
+        stream = sg.stream(req, None)
+    except ValueError as e:  # a text too long for the window is known once the model is there
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    expected = min(req.max_frames * 0.08, 0.08 * len(args.text))
+    try:
+        chunks, interrupted = show_stream(stream, lambda: sg.metrics, args, player, expected,
+                                          sg.sample_rate)
+    except (EmptyOutputError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return finish(args, chunks, sg.metrics, player, sg.sample_rate, interrupted)
+
+
+def run_remote(args, turns: list[ContextTurn]) -> int:
+    from csm_streaming.audio import SAMPLE_RATE
+    from csm_streaming.client.remote import (
+        RemoteError,
+        check_server,
+        request_message,
+        stream_from_server,
+    )
+    from csm_streaming.metrics import StreamMetrics
+
+    try:
+        health = check_server(args.server)
+        player = open_player(SAMPLE_RATE) if args.play_audio else None
+    except (RemoteError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"server {args.server}: {health.get('device')}, {health.get('slots')} stream slots",
+          file=sys.stderr)
+    metrics = StreamMetrics(device=f"{health.get('device')} (remote)")
+    message = request_message(args.text, args.speaker, args.voice, args.max_audio_ms,
+                              args.temperature, args.topk, args.seed,
+                              [(t.speaker, t.text, t.raw) for t in turns])
+    stream = stream_from_server(args.server, message, metrics, token=args.token)
+    try:
+        chunks, interrupted = show_stream(stream, lambda: metrics, args, player,
+                                          0.08 * len(args.text), SAMPLE_RATE)
+    except RemoteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return finish(args, chunks, metrics, player, SAMPLE_RATE, interrupted)
+
+
+def read_messages():
+    """The user's messages, a line each, until end of input or 'quit'."""
+    while True:
+        try:
+            line = input("you> " if sys.stdin.isatty() else "")
+        except EOFError:
+            return
+        if line.strip().lower() in ("quit", "exit"):
+            return
+        if line.strip():
+            yield line.strip()
+
+
+def run_chat(args) -> int:
+    """Type a message, hear the reply while the LLM writes it; every reply saved to --output."""
+    from csm_streaming.audio import SAMPLE_RATE
+    from csm_streaming.chat.llm import LLMError
+    from csm_streaming.client.remote import ChatSession, RemoteError
+    from csm_streaming.metrics import StreamMetrics
+
+    if args.server is None:
+        from csm_streaming.chat.conversation import Conversation
+
+        sg, voice = load_local(args)
+        conv = Conversation(sg, args.llm_config, voice=voice, speaker=args.speaker,
+                            temperature=args.temperature, topk=args.topk, seed=args.seed,
+                            max_reply_ms=args.max_audio_ms)
+        print(f"talking with {args.llm_config.describe()}; an empty input or 'quit' ends",
+              file=sys.stderr)
+    else:
+        session = ChatSession(args.server, args.token, args.voice, args.speaker,
+                              temperature=args.temperature, top_k=args.topk, seed=args.seed,
+                              max_audio_length_ms=args.max_audio_ms)
+    everything, status, metrics = [], 0, None
+    for message in read_messages():
+        player = open_player(SAMPLE_RATE) if args.play_audio else None
+        if args.server is None:
+            chunks = conv.speak_reply(message)
+            metrics_of, chat_of = (lambda: sg.metrics), (lambda: conv.metrics)
+        else:
+            metrics = StreamMetrics(device="remote")
+            chunks = session.reply(message, metrics)
+            metrics_of, chat_of = (lambda m=metrics: m), (lambda: None)
+        try:
+            out, interrupted = show_stream(chunks, metrics_of, args, player, 5.0, SAMPLE_RATE,
+                                           chat_of)
+        except (LLMError, RemoteError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)  # the conversation goes on
+            status = EXIT_BAD_INPUT
+            continue
+        everything += out
+        print(f"csm> {conv.reply.text if args.server is None else session.text}", flush=True)
+        if interrupted:
+            return 130
+    last = sg.metrics if args.server is None else metrics
+    finish(args, everything, last, None, SAMPLE_RATE, False)
+    return status
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    # Warnings (watermark off, context dropped) as one plain line, not a source listing.
+    warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
+    from csm_streaming.audio import SAMPLE_RATE
+    from csm_streaming.chat.llm import LLMError
+
+    try:
+        turns = check_args(args)
+        if args.play_audio:  # the sound card is there: checked now, opened when needed
+            open_player(SAMPLE_RATE).close()
+    except (ValueError, OSError, LLMError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.server is not None:  # a remote server: nothing here imports torch
+        return run_chat(args) if args.chat else run_remote(args, turns)
+    from csm_streaming.model.hub import CheckpointError
+    from csm_streaming.model.watermark import WatermarkError
+
+    try:
+        return run_chat(args) if args.chat else run_local(args, turns)
+    except (CheckpointError, WatermarkError, FileNotFoundError, RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)  # loading failed: the model, a device, a voice
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Llama blocks of our own (torchtune stopped active development): shapes, RMSNorm, Llama-3
+RoPE applied interleaved as the original, static KV caches written at positions, SwiGLU."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 frequency scaling (torchtune's Llama3ScaledRoPE)."""
+
+    factor: float = 32.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    dim: int
+    intermediate_dim: int
+    max_seq_len: int
+    norm_eps: float = 1e-5
+    rope_base: float = 500_000.0
+    rope_scaling: RopeScaling | None = RopeScaling()
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 like torchtune, then return to the activation dtype.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x32.type_as(x) * self.scale
+
+
+def rope_frequencies(args: LlamaArgs) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2], Llama-3 scaled when `args.rope_scaling` is set."""
+    hd = args.head_dim
+    freqs = 1.0 / (args.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    s = args.rope_scaling
+    if s is None:
+        return freqs.float()
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    mid = (1 - smooth) * freqs / s.factor + smooth * freqs
+    scaled = torch.where(wavelen < high_wavelen, freqs,
+                         torch.where(wavelen > low_wavelen, freqs / s.factor, mid))
+    return scaled.float()
+
+
+def rope_tables(args: LlamaArgs, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's angles, [max_seq_len, head_dim // 2], computed in fp32."""
+    angles = (torch.arange(args.max_seq_len, device=device).float()[:, None]
+              * rope_frequencies(args).to(device)[None, :])
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved RoPE (pairs x[2i], x[2i+1]) as in the original release, computed in fp32.
+
+    x: [B, S, H, D]; cos, sin: [B, S, 1, D // 2].
+    """
+    xp = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xp[..., 0], xp[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """One layer's static cache [batch, kv_heads, max_seq, head_dim], written at positions."""
+
+    def __init__(self, batch: int, args: LlamaArgs, max_seq: int, dtype, device):
+        shape = (batch, args.num_kv_heads, max_seq, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_seq = max_seq
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: int | None):
+        """Write k, v [B, S, Hkv, D] at input_pos [B, S]; return the caches the batch attends to."""
+        if slot is not None:  # one row: prefill and the plain loop
+            kc, vc = self.k[slot:slot + 1], self.v[slot:slot + 1]
+        else:  # the leading rows: the engine steps the smallest batch bucket holding its streams
+            kc, vc = self.k[:k.shape[0]], self.v[:k.shape[0]]
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        kc[rows, :, input_pos] = k
+        vc[rows, :, input_pos] = v
+        return kc, vc
+
+
+@dataclass
+class ModelCaches:
+    """The KV caches of one user of a model: `batch` rows (streams) of `max_seq` positions."""
+
+    backbone: list[KVCache]
+    decoder: list[KVCache]
+    batch: int
+    max_seq: int
+
+
+class Attention(nn.Module):
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        self.args = args
+        hd = args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.num_kv_heads * hd, bias=False)
+        self.output_proj = nn.Linear(args.num_heads * hd, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, input_pos, mask, cache: KVCache, slot):
+        b, s, _ = x.shape
+        a = self.args
+        q = apply_rope(self.q_proj(x).view(b, s, a.num_heads, a.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(b, s, a.num_kv_heads, a.head_dim), cos, sin)
+        v = self.v_proj(x).view(b, s, a.num_kv_heads, a.head_dim)
+        kc, vc = cache.update(input_pos, k, v, slot)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=mask,
+                                           enable_gqa=a.num_heads != a.num_kv_heads)
+        return self.output_proj(y.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.intermediate_dim, bias=False)  # gate
+        self.w2 = nn.Linear(args.intermediate_dim, args.dim, bias=False)  # down
+        self.w3 = nn.Linear(args.dim, args.intermediate_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        self.sa_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn = Attention(args)
+        self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, input_pos, mask, cache, slot):
+        x = x + self.attn(self.sa_norm(x), cos, sin, input_pos, mask, cache, slot)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """A Llama stack without embeddings or output head (CSM supplies both)."""
+
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        self.args = args
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        cos, sin = rope_tables(args)
+        # [max_seq_len, D/2]. Computed in fp32, then cast with the model to its dtype by
+        # checkpoints.build_model (bf16 on a GPU), as the original release's torchtune RoPE
+        # cache is: the rotation itself runs in fp32 (apply_rope).
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, h: torch.Tensor, input_pos: torch.Tensor, caches: list[KVCache],
+                slot: int | None = None):
+        """h [B, S, D], input_pos [B, S] int64 -> [B, S, D]. slot: run on one cache row only."""
+        cos = self.rope_cos[input_pos].unsqueeze(2)  # [B, S, 1, D/2]
+        sin = self.rope_sin[input_pos].unsqueeze(2)
+        # Each query sees the cache positions at or before its own; stale entries further on
+        # (from an earlier, longer request in the same slot) are masked, so no reset is needed.
+        keys = torch.arange(caches[0].max_seq, device=h.device)
+        mask = (keys[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, S, L]
+        for layer, cache in zip(self.layers, caches):
+            h = layer(h, cos, sin, input_pos, mask, cache, slot)
+        return self.norm(h)

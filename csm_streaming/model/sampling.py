@@ -1,0 +1,97 @@
+"""Sampling: top-k with per-stream temperature and k, a counter-based random draw (no host
+sync, no generator state), and the end-of-speech rule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: top-k with per-stream temperature and k, and a counter-based random draw
+# ---------------------------------------------------------------------------------------------
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32), without int64 overflow."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (lowbias32) on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def exponential_noise(seed: torch.Tensor, counter: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Exp(1) noise [B, vocab] that depends only on (seed, counter, token) of each stream.
+
+    A stream's draws do not depend on which batch row it sits in or what else runs beside it,
+    so a batched stream reproduces its solo run, and the fast path its reference, at any top-k.
+    seed, counter: [B] int64.
+    """
+    key = hash32(hash32(seed & _MASK32) ^ (counter & _MASK32))  # [B]
+    tokens = torch.arange(vocab, device=seed.device)
+    bits = hash32(key[:, None] ^ hash32(tokens)[None, :])
+    # 23 bits: (k + 0.5) / 2**23 is exact in float32, so u stays strictly inside (0, 1) and the
+    # noise is never 0 (with 24 bits the top value rounds to u = 1, q = 0 and p / q = inf).
+    u = ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
+    return -torch.log(u)
+
+
+MIMI_CODES = 2048  # Mimi's codebook size; ids 2048..2050 of the 2051-way heads are never audio
+
+# End of speech. The release stops at a frame whose 32 codes are all 0. Sampled at T=0.9 the 31
+# depth codes of that frame are not always all 0, and the stream then runs on as a silent tail
+# (csm#122). Codebook 0 (the backbone's choice) must be 0, and at least EOS_MIN_ZERO_CODES of the
+# 32 codes: a real speech frame has almost never 24 zero codes, a missed end frame almost always.
+EOS_MIN_ZERO_CODES = 24
+
+
+def is_eos(codes: torch.Tensor, min_zero_codes: int = EOS_MIN_ZERO_CODES) -> torch.Tensor:
+    """codes [..., 32] -> bool [...]: does this frame end the speech?"""
+    return (codes[..., 0] == 0) & ((codes == 0).sum(-1) >= min_zero_codes)
+
+
+def sample_topk(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor,
+                seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """logits [B, V]; temperature [B] float; topk [B] int64; seed, counter [B] -> [B] int64.
+
+    Multinomial draw over the top-k of softmax(logits / T) with the exponential trick
+    (argmax(p / q), q ~ Exp(1)): no host sync, no generator state. Ids Mimi cannot decode
+    (>= 2048) are never drawn.
+    """
+    logits = logits.float() / temperature[:, None]
+    logits[:, MIMI_CODES:] = float("-inf")
+    kth = logits.sort(dim=-1, descending=True).values.gather(-1, (topk[:, None] - 1))
+    logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    q = exponential_noise(seed, counter, logits.shape[-1])
+    return torch.argmax(probs / q, dim=-1)
+
+
+@dataclass
+class SamplingState:
+    """Per-stream sampling tensors [B]; fixed addresses so one captured step serves all."""
+
+    temperature: torch.Tensor  # float32
+    topk: torch.Tensor  # int64
+    seed: torch.Tensor  # int64 in [0, 2**32)
+    frame: torch.Tensor  # int64, frames drawn so far (the counter of the random draw)
+
+    def rows(self, n: int) -> SamplingState:
+        """Views of the first n rows (in-place updates reach the full tensors)."""
+        return SamplingState(self.temperature[:n], self.topk[:n], self.seed[:n], self.frame[:n])
+
+    @classmethod
+    def empty(cls, batch: int, device) -> SamplingState:
+        return cls(torch.ones(batch, device=device),
+                   torch.ones(batch, dtype=torch.long, device=device),
+                   torch.zeros(batch, dtype=torch.long, device=device),
+                   torch.zeros(batch, dtype=torch.long, device=device))

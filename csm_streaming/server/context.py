@@ -1,0 +1,232 @@
+"""What the routes share (`ServerContext`, on `app.state.ctx`): the scheduler, the settings, the
+voices, and the helpers that turn a ticket's chunks into a response body, server-sent events or
+WebSocket messages, each counted once with its real outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+
+from fastapi import WebSocketDisconnect
+
+from csm_streaming.audio import SAMPLE_RATE, pcm16
+from csm_streaming.server.api import (
+    CLEANUP_KEY,
+    ServerSettings,
+    StreamAborted,
+    build_request,
+    route_template,
+    shape_error,
+    voice_to_speaker,
+)
+
+log = logging.getLogger("csm.server")
+
+
+class ServerContext:
+    """What the routes share: the scheduler, the settings, the voices, and the helpers that turn
+    a ticket's chunks into a response. One per app, on `app.state.ctx`."""
+
+    def __init__(self, app, scheduler, settings: ServerSettings, voices=None, chat=None):
+        self.app, self.scheduler, self.settings = app, scheduler, settings
+        self.sg, self.metrics = scheduler.generator, scheduler.metrics
+        self.voices, self.chat = voices, chat  # chat: an llm.LLMConfig, or None
+        self.chat_session = None  # async (ws, ctx, first message): set by server.create_app
+
+    def count(self, scope, status):
+        self.metrics.count_request(route_template(self.app, scope), status)
+
+    def retry_after(self) -> int:
+        return self.scheduler.retry_after_s()
+
+    def submit(self, req, scope, feed=None):
+        """Queue a request; its stream is cancelled when the HTTP request ends, however."""
+        from csm_streaming.server.scheduler import QueueFull
+
+        try:
+            ticket = self.scheduler.submit(req, asyncio.get_running_loop(), feed)
+        except QueueFull as e:
+            raise shape_error(e, self.retry_after()) from None
+        scope.setdefault(CLEANUP_KEY, []).append(ticket.cancel)
+        return ticket
+
+    async def request_from(self, text, voice, context, max_ms, temperature, top_k, seed,
+                           speaker=0, gone=None):
+        """A validated request; `voice` (a name or number) when given, else the bare speaker."""
+        speaker, voice_ctx = (
+            voice_to_speaker(voice, self.voices) if voice is not None else (speaker, ())
+        )
+        return await build_request(self.sg, self.settings, text, speaker, context, max_ms,
+                                   temperature, top_k, seed, voice_ctx, gone)
+
+    async def marked(self, ticket):
+        """The ticket's chunks, watermarked in windows off the event loop, as they come."""
+        wm = self.sg.generator.watermarker
+        marker = wm.stream_marker(self.settings.watermark_window_ms) if wm is not None else None
+        try:
+            async for chunk in ticket.chunks():
+                if marker is None:
+                    yield chunk
+                    continue
+                for w in await asyncio.to_thread(marker.feed, chunk):
+                    yield w
+            if marker is not None:
+                for w in await asyncio.to_thread(marker.flush):
+                    yield w
+        finally:
+            ticket.cancel()  # a no-op when it finished; frees the slot when the client left
+
+    async def first_chunk(self, agen):
+        """Wait for the first chunk, so that an early failure still gets a proper status."""
+        try:
+            return await agen.__anext__()
+        except StopAsyncIteration:
+            return None
+        except Exception as e:
+            await agen.aclose()
+            raise shape_error(e, self.retry_after()) from None
+
+    async def body(self, scope, agen, first, encode, done=None):
+        """Encoded chunks of a stream; counted once, as 200 only when it is complete. A failure
+        after the first byte raises StreamAborted: the client sees the body cut, not an end."""
+        try:
+            if first is not None:
+                yield encode(first)
+            async for chunk in agen:
+                yield encode(chunk)
+            if done is not None:
+                yield done()
+            self.count(scope, 200)
+        except Exception as e:
+            err = shape_error(e, self.retry_after())
+            self.count(scope, err.status)
+            log.warning("stream cut short (%s): %s", err.status, err.message)
+            raise StreamAborted(err.message) from e
+        finally:
+            await agen.aclose()
+
+    async def sse(self, scope, agen, first, before=None, done_extra=None):
+        """Server-sent events: deltas, then done; a failure is an `error` event, never a done.
+        before(): events (dicts) to send ahead of each audio delta and of done (chat text);
+        done_extra(): fields added to the done event."""
+        n = 0
+
+        def ahead() -> bytes:
+            return b"".join(_sse(e) for e in (before() if before else ()))
+
+        def delta(chunk):
+            nonlocal n
+            n += chunk.numel()
+            audio = base64.b64encode(pcm16(chunk)).decode()
+            return ahead() + _sse({"type": "speech.audio.delta", "audio": audio})
+
+        def done():
+            return ahead() + _sse({"type": "speech.audio.done", "audio_ms": n / SAMPLE_RATE * 1000,
+                                   **(done_extra() if done_extra else {})})
+
+        try:
+            async for b in self.body(scope, agen, first, delta, done):
+                yield b
+        except StreamAborted as e:
+            yield _sse({"type": "error", "message": str(e)})
+
+    async def ws_stream(self, ws, ticket, gone: asyncio.Event | None = None, session: bool = False,
+                        before_chunk=None) -> bool:
+        """PCM chunks and progress on a WebSocket, then done (or an error); the client leaving
+        cancels. gone: set when the client left (a session reads the socket itself); None:
+        watch it here. session: keep the socket open after done (more turns come).
+        before_chunk(): messages to send before each chunk and before done (chat text).
+        Returns True when the stream was complete and the socket is still usable."""
+        watcher = None
+        if gone is None:
+            gone = asyncio.Event()
+            watcher = asyncio.create_task(read_until_closed(ws, gone))
+        cancel_when_gone = asyncio.create_task(_cancel_when(gone, ticket))
+
+        async def send(message):  # a reader that reads nothing is dropped, as on HTTP
+            send = ws.send_bytes if isinstance(message, bytes) else ws.send_json
+            await asyncio.wait_for(send(message), self.settings.write_timeout_s)
+
+        samples = chunks = 0
+        try:
+            async for chunk in self.marked(ticket):
+                for m in before_chunk() if before_chunk else ():
+                    await send(m)
+                await send(pcm16(chunk))
+                samples += chunk.numel()
+                chunks += 1
+                m = ticket.metrics
+                await send({"type": "progress", "chunk": chunks,
+                            "audio_ms": samples / SAMPLE_RATE * 1000,
+                            "rtf": m.rtf if m and m.audio_s else None,
+                            "time_to_first_audio_ms": _ms(m.first_audio_s if m else None)})
+            for m in before_chunk() if before_chunk else ():
+                await send(m)
+            await send({"type": "done", "audio_ms": samples / SAMPLE_RATE * 1000,
+                        "sample_rate": SAMPLE_RATE, "format": "pcm_s16le"})
+            self.count(ws.scope, 200)
+            if not session:
+                await ws.close()
+            return True
+        except (WebSocketDisconnect, asyncio.TimeoutError) as e:
+            ticket.cancel()
+            self.count(ws.scope, 499)
+            if isinstance(e, asyncio.TimeoutError):
+                log.warning("websocket: the client read nothing for %g s; dropped",
+                            self.settings.write_timeout_s)
+                await ws.close(code=1008)
+        except Exception as e:
+            ticket.cancel()
+            err = shape_error(e, self.retry_after())
+            self.count(ws.scope, err.status)
+            await ws_error(ws, err.status, err.message, close=not session or gone.is_set())
+            return session and not gone.is_set()  # a failed turn: the session goes on
+        finally:
+            cancel_when_gone.cancel()
+            if watcher is not None:
+                watcher.cancel()
+        return False
+
+
+async def read_until_closed(ws, gone: asyncio.Event, inbox: asyncio.Queue | None = None):
+    """Read a socket until it closes (then set `gone`); text messages go to `inbox`."""
+    try:
+        while True:
+            m = await ws.receive()
+            if m.get("type") == "websocket.disconnect":
+                break
+            if inbox is not None and m.get("text") is not None:
+                inbox.put_nowait(m["text"])
+    except Exception:  # the socket broke: same as closed
+        pass
+    gone.set()
+    if inbox is not None:
+        inbox.put_nowait(None)
+
+
+async def _cancel_when(gone: asyncio.Event, ticket):
+    await gone.wait()
+    ticket.cancel()
+
+
+def context_of(request_or_ws) -> ServerContext:
+    return request_or_ws.app.state.ctx
+
+
+def _ms(s):
+    return None if s is None else s * 1000
+
+
+def _sse(obj) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+async def ws_error(ws, status, message, close: bool = True):
+    try:
+        await ws.send_json({"type": "error", "status": status, "message": message})
+        if close:
+            await ws.close(code=1008 if status in (401, 403) else 1003 if status < 500 else 1011)
+    except Exception:  # the client is already gone
+        pass
