@@ -50,6 +50,9 @@ class ServerSettings:
     watermark_window_ms: int = 2000
     write_timeout_s: float = 30.0  # a client that reads nothing for this long is dropped
     header_timeout_s: float = 10.0  # a connection must send a whole request head within this
+    first_message_timeout_s: float = 5.0  # a WebSocket must send its (authorising) request
+    max_pending_sockets: int = 64  # WebSockets not yet authorised: a budget of their own
+    max_connections: int = 512  # authorised requests and WebSockets at once
 
 
 class ApiError(Exception):
@@ -296,6 +299,39 @@ def _is_abort(exc: BaseException) -> bool:
     return bool(inner) and all(_is_abort(e) for e in inner)
 
 
+class Gate:
+    """Admission of connections in two budgets: WebSockets that have not sent their authorising
+    first message yet (`pending`), and authorised requests and sockets (`active`). Strangers can
+    fill only the first; /health and the page count in neither. Event-loop only: no lock."""
+
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.pending = self.active = 0
+
+    def enter_pending(self) -> bool:
+        if self.pending >= self.settings.max_pending_sockets:
+            return False
+        self.pending += 1
+        return True
+
+    def leave_pending(self):
+        self.pending -= 1
+
+    def enter(self) -> bool:
+        if self.active >= self.settings.max_connections:
+            return False
+        self.active += 1
+        return True
+
+    def leave(self):
+        self.active -= 1
+
+
+def busy_error(what: str) -> ApiError:
+    return ApiError(503, f"the server has too many {what} open; try again in a moment",
+                    {"Retry-After": "1"})
+
+
 def is_open_path(path: str) -> bool:
     """Routes served without a token: the health check and the page (which asks for one)."""
     return path in ("/health", "/") or path.startswith("/web/")
@@ -334,11 +370,25 @@ class LimitsMiddleware:
             return await self.app(scope, receive, send)  # websockets: the route checks the token
         s = self.settings
         route = route_template(self.routes_app, scope)
-        if not is_open_path(scope["path"]) and not bearer_ok(scope["headers"], s.token):
+        if is_open_path(scope["path"]):
+            return await self.app(scope, receive, send)
+        if not bearer_ok(scope["headers"], s.token):
             self.metrics.count_request(route, 401)
             return await _send_json(send, 401, error_body(401, "missing or wrong bearer token: "
                                                           "send 'Authorization: Bearer <token>'"),
                                     {"WWW-Authenticate": "Bearer"})
+        gate = self.routes_app.state.ctx.gate
+        if not gate.enter():
+            self.metrics.count_request(route, 503)
+            busy = busy_error("connections")
+            return await _send_json(send, 503, error_body(503, busy.message), busy.headers)
+        try:
+            await self._limited(scope, receive, send, route)
+        finally:
+            gate.leave()
+
+    async def _limited(self, scope, receive, send, route):
+        s = self.settings
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > s.max_body_bytes:
             self.metrics.count_request(route, 413)

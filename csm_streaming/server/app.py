@@ -45,15 +45,18 @@ def create_app(scheduler, settings: ServerSettings, voices=None, chat=None):
     return app
 
 
+LAST_RESORT_CONNECTIONS = 4096  # uvicorn's plain-text 503 past this (the Gate's JSON 503s first)
 SEND_BUFFER_BYTES = 128 * 1024  # per connection, in the kernel: ~3 s of 16-bit audio (doubled)
 
 
 def uvicorn_config(app, host: str, port: int, settings: ServerSettings, log_level: str = "info"):
     """uvicorn settings that bound what one client can hold: a request head must arrive within
     header_timeout_s (no slowloris), idle keep-alive connections close after 5 s, WebSocket
-    messages are capped at the body limit, at most 512 connections are served at once, and each
+    messages are capped at the body limit, and each
     connection's kernel send buffer is capped (the default grows to 4 MB, a minute and a half of
-    audio a reader could leave unread before the write timeout could see it)."""
+    audio a reader could leave unread before the write timeout could see it). How many requests
+    run at once is the app's Gate (two budgets, JSON 503s); uvicorn's own cap, far above it, is
+    only the last guard against a flood of sockets that never send a request head."""
     import socket
 
     import uvicorn
@@ -83,7 +86,7 @@ def uvicorn_config(app, host: str, port: int, settings: ServerSettings, log_leve
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=HeadTimeoutH11,
                             ws_max_size=settings.max_body_bytes, timeout_keep_alive=5,
-                            limit_concurrency=512)
+                            limit_concurrency=LAST_RESORT_CONNECTIONS)
     for name in ("uvicorn.access", "uvicorn.error"):  # after uvicorn has set its loggers up
         logger = logging.getLogger(name)
         if not any(isinstance(f, SecretFilter) for f in logger.filters):
@@ -142,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-text-chars", type=int, default=2000, help="longest text of one request")
     p.add_argument("--max-body-mb", type=float, default=32,
                    help="largest request body or WebSocket message")
+    p.add_argument("--first-message-timeout", type=float, default=5.0, metavar="S",
+                   help="a WebSocket that sends no request within this is closed")
+    p.add_argument("--max-pending-sockets", type=int, default=64,
+                   help="WebSockets not yet authorised (their own budget: strangers cannot "
+                        "take the clients' connections)")
+    p.add_argument("--max-connections", type=int, default=512,
+                   help="authorised requests and WebSockets at once (then 503, Retry-After)")
     p.add_argument("--chunk-size", type=int, default=320, metavar="MS", help="audio per chunk")
     p.add_argument("--voices-dir", default="voices",
                    help="named voices: NAME.wav + NAME.txt (+ NAME.json with the speaker)")
@@ -172,7 +182,10 @@ def load_scheduler(args, replica: str | None = None):
 
 def settings_from_args(args) -> ServerSettings:
     return ServerSettings(token=args.token, max_text_chars=args.max_text_chars,
-                          max_body_bytes=int(args.max_body_mb * 2**20))
+                          max_body_bytes=int(args.max_body_mb * 2**20),
+                          first_message_timeout_s=args.first_message_timeout,
+                          max_pending_sockets=args.max_pending_sockets,
+                          max_connections=args.max_connections)
 
 
 def main(argv=None) -> int:

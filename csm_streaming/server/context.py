@@ -14,6 +14,7 @@ from fastapi import WebSocketDisconnect
 from csm_streaming.audio import SAMPLE_RATE, pcm16
 from csm_streaming.server.api import (
     CLEANUP_KEY,
+    Gate,
     ServerSettings,
     StreamAborted,
     build_request,
@@ -34,6 +35,7 @@ class ServerContext:
         self.sg, self.metrics = scheduler.generator, scheduler.metrics
         self.voices, self.chat = voices, chat  # chat: an llm.LLMConfig, or None
         self.chat_session = None  # async (ws, ctx, first message): set by server.create_app
+        self.gate = Gate(settings)  # connections: not yet authorised, and authorised
 
     def count(self, scope, status):
         self.metrics.count_request(route_template(self.app, scope), status)

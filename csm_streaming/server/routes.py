@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from csm_streaming.audio import SAMPLE_RATE, pcm16, wav_bytes, wav_header
@@ -29,6 +29,7 @@ from csm_streaming.server.api import (
     SpeechBody,
     StreamMessage,
     bearer_ok,
+    busy_error,
     error_body,
     route_template,
     shape_error,
@@ -201,14 +202,29 @@ async def _with_header(header: bytes, body):
 
 async def ws_first_message(ws: WebSocket, ctx: ServerContext) -> StreamMessage | None:
     """The first message of a socket, authenticated by header or by its `token` field (browsers
-    cannot set headers on a WebSocket); None after answering an error."""
+    cannot set headers on a WebSocket); None after answering an error. It must come within
+    first_message_timeout_s: a silent socket is closed, it holds nothing for long."""
+    wait_s = ctx.settings.first_message_timeout_s
     try:
-        msg = StreamMessage(**json.loads(await ws.receive_text()))
-    except WebSocketDisconnect:
+        first = await asyncio.wait_for(ws.receive(), wait_s)
+    except asyncio.TimeoutError:
+        ctx.count(ws.scope, 408)
+        await ws_error(ws, 408, f"no request within {wait_s:g} s of connecting: send the JSON "
+                                "request as the first message")
         return None
+    if first["type"] == "websocket.disconnect":
+        return None
+    if first.get("text") is None:
+        ctx.count(ws.scope, 400)
+        await ws_error(ws, 400, 'send the request as a text frame of UTF-8 JSON, like '
+                                '{"text": "Hello.", "speaker": 0}, not a binary frame')
+        return None
+    try:
+        msg = StreamMessage(**json.loads(first["text"]))
     except Exception as e:  # not JSON, not an object, a wrong field...
+        ctx.count(ws.scope, 400)
         await ws_error(ws, 400, 'send one JSON request first, like {"text": "Hello.", '
-                                 f'"speaker": 0}} ({type(e).__name__}: {e})')
+                                f'"speaker": 0}} ({describe_bad_json(e)})')
         return None
     token = ctx.settings.token
     if token and not (bearer_ok(ws.scope["headers"], token) or token_matches(msg.token, token)):
@@ -221,11 +237,30 @@ async def ws_first_message(ws: WebSocket, ctx: ServerContext) -> StreamMessage |
 
 @router.websocket("/v1/stream")
 async def ws_stream(ws: WebSocket):
+    """Strangers' sockets wait in a small budget of their own until their first message
+    authorises them; only then do they count against the authorised clients' connections."""
     ctx = context_of(ws)
-    await ws.accept()
-    msg = await ws_first_message(ws, ctx)
+    if not ctx.gate.enter_pending():
+        ctx.count(ws.scope, 503)
+        return await ws.close(code=1013)  # "try again later", before the handshake completes
+    try:
+        await ws.accept()
+        msg = await ws_first_message(ws, ctx)
+    finally:
+        ctx.gate.leave_pending()
     if msg is None:
         return
+    if not ctx.gate.enter():
+        busy = busy_error("connections")
+        ctx.count(ws.scope, busy.status)
+        return await ws_error(ws, busy.status, busy.message)
+    try:
+        await ws_authorised(ws, ctx, msg)
+    finally:
+        ctx.gate.leave()
+
+
+async def ws_authorised(ws: WebSocket, ctx: ServerContext, msg: StreamMessage):
     if msg.type == "chat" and ctx.chat_session is not None:
         return await ctx.chat_session(ws, ctx, msg)
     try:
@@ -238,6 +273,20 @@ async def ws_stream(ws: WebSocket):
         ctx.count(ws.scope, e.status)
         return await ws_error(ws, e.status, e.message)
     await ctx.ws_stream(ws, ticket)
+
+
+def describe_bad_json(e: Exception) -> str:
+    """What was wrong with a request, in words a client can act on (no Python internals)."""
+    from pydantic import ValidationError
+
+    if isinstance(e, json.JSONDecodeError):
+        return f"not valid JSON: {e.msg} at character {e.pos}"
+    if isinstance(e, ValidationError):
+        return "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}"
+                         for err in e.errors()[:5])
+    if isinstance(e, TypeError):
+        return "the message must be a JSON object"
+    return type(e).__name__
 
 
 def install(app):
