@@ -217,7 +217,7 @@ def test_without_an_llm_chat_says_how_to_turn_it_on():
                        json={"messages": [{"role": "user", "content": "Hi?"}]})
     finally:
         s.close()
-    assert r.status_code == 501 and "--llm" in r.json()["error"]["message"]
+    assert r.status_code == 404 and "--llm" in r.json()["error"]["message"]
 
 
 # -- the command line and Cerebrium -----------------------------------------------------------

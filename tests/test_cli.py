@@ -24,11 +24,8 @@ def run_cli(*args, timeout=300, env=None):
 
 
 def cli_module():
-    # by path: tests/test_streaming.py has the same name
-    spec = importlib.util.spec_from_file_location("csm_cli", ROOT / "test_streaming.py")
-    cli = importlib.util.module_from_spec(spec)
-    sys.modules["csm_cli"] = cli  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(cli)
+    from csm_streaming import cli
+
     return cli
 
 
@@ -153,9 +150,10 @@ def test_it_listens_to_a_remote_server(tmp_path, tiny_generator):
 
 def test_the_remote_client_needs_no_torch():
     code = ("import sys; sys.modules['torch'] = None\n"  # importing torch would fail
-            "import client, playback, dashboard, audio, metrics, request\n"
+            "from csm_streaming import request\n"
+            "from csm_streaming.client import remote, playback, dashboard\n"
             "request.validate_request('Hi.', 0)\n"
-            "print(client.ws_url('https://box:8443/csm'))")
+            "print(remote.ws_url('https://box:8443/csm'))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "wss://box:8443/csm/v1/stream"

@@ -133,7 +133,7 @@ def test_plain_lines_when_not_a_terminal(tmp_path):
 def test_dashboard_in_a_pseudo_terminal():
     code = (
         f"import sys, time; sys.path.insert(0, {str(ROOT)!r})\n"
-        "from dashboard import Dashboard, Snapshot\n"
+        "from csm_streaming.client.dashboard import Dashboard, Snapshot\n"
         "with Dashboard(refresh_per_second=10) as d:\n"
         "    for i in range(5):\n"
         "        d.update(Snapshot(device='cpu', status='generating', rtf_now=0.25+i/100, rtf=0.3,"

@@ -19,7 +19,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from csm_streaming.audio import AudioError, AudioLimits, read_audio, to_mono_24k
 from csm_streaming.request import (
@@ -37,6 +37,11 @@ log = logging.getLogger("csm.server")
 OPENAI_VOICES = {"alloy": 0, "echo": 1, "fable": 2, "onyx": 3, "nova": 4, "shimmer": 5, "ash": 6,
                  "ballad": 7, "coral": 8, "sage": 9, "verse": 10}
 MAX_SPEAKER = 63
+MAX_TOPK = 2051  # the audio heads' width
+MAX_SEED = 2**63 - 1  # a seed is an int64 on the device
+# The model ids /v1/audio/speech answers to: ours, and OpenAI's, so an SDK left at its default
+# model works; any other is a 404, as OpenAI answers.
+MODEL_IDS = ("csm-1b", "sesame/csm-1b", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 
 
 @dataclass(frozen=True)
@@ -66,9 +71,16 @@ class ApiError(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
+def _no_bool(value):
+    """JSON true/false where a number is wanted is a mistake, not 1/0."""
+    if isinstance(value, bool):
+        raise ValueError("a number is wanted here, not true/false")
+    return value
+
+
 class ContextItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    speaker: int
+    speaker: int = Field(ge=0, le=MAX_SPEAKER)
     text: str
     audio_base64: str
 
@@ -76,16 +88,24 @@ class ContextItem(BaseModel):
 class Sampling(BaseModel):
     """The sampling fields every request body takes (on the OpenAI route, as extensions)."""
 
-    temperature: float = DEFAULT_TEMPERATURE
-    top_k: int = DEFAULT_TOPK
-    seed: int | None = None
-    max_audio_length_ms: float | None = None
+    # The one set of limits of every route (HTTP and WebSocket): the same checks, same words.
+    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, le=10, allow_inf_nan=False)
+    top_k: int = Field(DEFAULT_TOPK, ge=1, le=MAX_TOPK)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    max_audio_length_ms: float | None = Field(None, ge=80, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, value, info):
+        if info.field_name in NUMBER_FIELDS:
+            return _no_bool(value)
+        return value
 
 
 class GenerateBody(Sampling):
     model_config = ConfigDict(extra="forbid")
     text: str
-    speaker_id: int = 0
+    speaker_id: int = Field(0, ge=0, le=MAX_SPEAKER)
     voice: str | None = None
     context: list[ContextItem] = Field(default_factory=list)
 
@@ -95,7 +115,7 @@ class SpeechBody(Sampling):
     input: str
     voice: str | int = "0"
     response_format: str = "wav"
-    speed: float = 1.0
+    speed: float = Field(1.0, ge=0.25, le=4.0, allow_inf_nan=False)
     stream_format: str = "audio"
     instructions: str | None = None
 
@@ -107,7 +127,7 @@ class StreamMessage(Sampling):
     type: str = "speech"
     token: str | None = None  # browsers cannot send headers on a WebSocket
     text: str
-    speaker: int = 0
+    speaker: int = Field(0, ge=0, le=MAX_SPEAKER)
     voice: str | None = None
     context: list[ContextItem] = Field(default_factory=list)
 
@@ -115,6 +135,27 @@ class StreamMessage(Sampling):
 # ---------------------------------------------------------------------------------------------
 # Building a request
 # ---------------------------------------------------------------------------------------------
+
+
+NUMBER_FIELDS = {"temperature", "top_k", "seed", "max_audio_length_ms", "speaker", "speaker_id",
+                 "speed", "voice"}
+
+
+def field_errors(errors: list[dict]) -> str:
+    """Pydantic's errors as one line a client can act on: 'field: what is wrong; ...'."""
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return "the body is not valid JSON: send one JSON object, encoded as UTF-8"
+    parts = []
+    for e in errors[:5]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{loc or 'body'}: {e.get('msg')}")
+    return "; ".join(parts) or "invalid request body"
+
+
+def check_model(model: str):
+    if model not in MODEL_IDS:
+        raise ApiError(404, f"the model {model!r} does not exist here: use one of "
+                            f"{', '.join(MODEL_IDS)} (GET /v1/models lists them)")
 
 
 def voice_to_speaker(voice, voices=None) -> tuple[int, tuple[Segment, ...]]:

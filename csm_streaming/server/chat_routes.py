@@ -8,7 +8,7 @@
   text comes as {"type": "text", "delta": ...} messages ahead of its audio.
 
 Same auth and limits as the speech routes; without an LLM configured (csm-server --llm) the
-routes answer 501.
+routes answer 404, saying how to enable them.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class ChatBody(Sampling):
 
 def _llm(ctx):
     if ctx.chat is None:
-        raise ApiError(501, "chat is not configured on this server: start it with --llm gemini "
+        raise ApiError(404, "chat is not configured on this server: start it with --llm gemini "
                             "or --llm openai (and the provider's key in the environment)")
     return ctx.chat
 

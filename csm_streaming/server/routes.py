@@ -21,6 +21,7 @@ from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from csm_streaming.audio import SAMPLE_RATE, pcm16, wav_bytes, wav_header
 from csm_streaming.server.api import (
+    MODEL_IDS,
     ApiError,
     BodyTooLarge,
     ClientGone,
@@ -30,7 +31,9 @@ from csm_streaming.server.api import (
     StreamMessage,
     bearer_ok,
     busy_error,
+    check_model,
     error_body,
+    field_errors,
     route_template,
     shape_error,
     token_matches,
@@ -58,15 +61,12 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}")
 
 
 async def _validation_error(request, exc):
-    parts = []
-    for e in exc.errors():
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-        parts.append(f"{loc or 'body'}: {e.get('msg')}")
+    message = field_errors(exc.errors())
     if _SURROGATE_ESCAPE.search(await request.body()):  # the JSON parser refused the whole body
-        parts = ["body: a string is not valid Unicode (a lone surrogate escape such as \\ud800): "
-                 "send UTF-8 text"]
+        message = ("body: a string is not valid Unicode (a lone surrogate escape such as "
+                   "\\ud800): send UTF-8 text")
     context_of(request).count(request.scope, 422)
-    return _error(422, "; ".join(parts) or "invalid request body")
+    return _error(422, message)
 
 
 async def _http_error(request, exc):
@@ -74,6 +74,9 @@ async def _http_error(request, exc):
         context_of(request).count(request.scope, 413)
         return _error(413, exc.__cause__.message)
     context_of(request).count(request.scope, exc.status_code)
+    if exc.status_code == 400 and "parsing the body" in str(exc.detail):  # not UTF-8, say
+        return _error(400, "the body could not be read as JSON: send one JSON object, encoded "
+                           "as UTF-8, with Content-Type: application/json")
     return _error(exc.status_code, str(exc.detail))
 
 
@@ -169,10 +172,21 @@ async def api_generate(body: GenerateBody, request: Request):
             "run_time_ms": run_ms, "rtf": run_ms / duration_ms if duration_ms else None}
 
 
+@router.get("/v1/models")
+async def models():
+    """OpenAI's model list: the ids /v1/audio/speech answers to."""
+    return {"object": "list", "data": [{"id": m, "object": "model", "created": 0,
+                                        "owned_by": "csm-streaming"} for m in MODEL_IDS]}
+
+
 @router.post("/v1/audio/speech")
 async def speech(body: SpeechBody, request: Request):
     """OpenAI's speech API: WAV or raw PCM bytes as they are generated, or server-sent events."""
     ctx = context_of(request)
+    check_model(body.model)
+    if body.speed != 1.0:  # refused rather than ignored: audio at the wrong speed is a bug
+        raise ApiError(400, f"speed {body.speed:g} is not supported yet: send 1.0 (or leave it "
+                            "out); time-stretch the audio on your side meanwhile")
     fmt = body.response_format.lower()
     if fmt not in ("wav", "pcm"):
         raise ApiError(400, f"response_format '{body.response_format}' is not supported: "
@@ -223,8 +237,7 @@ async def ws_first_message(ws: WebSocket, ctx: ServerContext) -> StreamMessage |
         msg = StreamMessage(**json.loads(first["text"]))
     except Exception as e:  # not JSON, not an object, a wrong field...
         ctx.count(ws.scope, 400)
-        await ws_error(ws, 400, 'send one JSON request first, like {"text": "Hello.", '
-                                f'"speaker": 0}} ({describe_bad_json(e)})')
+        await ws_error(ws, 400, describe_bad_json(e))
         return None
     token = ctx.settings.token
     if token and not (bearer_ok(ws.scope["headers"], token) or token_matches(msg.token, token)):
@@ -276,19 +289,15 @@ async def ws_authorised(ws: WebSocket, ctx: ServerContext, msg: StreamMessage):
 
 
 def describe_bad_json(e: Exception) -> str:
-    """What was wrong with a request, in words a client can act on (no Python internals)."""
+    """What was wrong with a first message, in words a client can act on (no Python internals);
+    a wrong field in the same words as on the HTTP routes."""
     from pydantic import ValidationError
 
-    if isinstance(e, json.JSONDecodeError):
-        return f"not valid JSON: {e.msg} at character {e.pos}"
     if isinstance(e, ValidationError):
-        return "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}"
-                         for err in e.errors()[:5])
-    if isinstance(e, TypeError):
-        return "the message must be a JSON object"
-    return type(e).__name__
-
-
+        return field_errors(e.errors())
+    what = (f"not valid JSON: {e.msg} at character {e.pos}" if isinstance(e, json.JSONDecodeError)
+            else "the message must be a JSON object")
+    return f'send one JSON request first, like {{"text": "Hello.", "speaker": 0}} ({what})'
 def install(app):
     """The routes of this module, the limits middleware and the JSON error handlers, on an app
     whose `state.ctx` is its ServerContext (server.create_app assembles it)."""
