@@ -89,3 +89,27 @@ def test_a_body_that_is_not_utf8_json_says_what_to_send(live, content, says):
     assert 400 <= r.status_code < 500
     message = r.json()["error"]["message"]
     assert says in message and "decode error" not in message, message
+
+
+def test_a_speech_client_that_leaves_is_counted_once_as_499(live):
+    import socket
+    import time
+
+    def count(status: str) -> float:
+        text = httpx.get(f"{live.url}/metrics", headers=AUTH, timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("csm_requests_total{") and 'route="/v1/audio/speech"' in line
+                   and f'status="{status}"' in line)
+
+    before = count("499"), count("200")
+    body = json.dumps({"input": "Leave early.", "response_format": "pcm",
+                       "max_audio_length_ms": 3000}).encode()
+    with socket.create_connection(("127.0.0.1", live.port)) as s:
+        s.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                  + f"\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n"
+                  .encode() + body)
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")  # the stream is under way
+    deadline = time.monotonic() + 15
+    while count("499") == before[0] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert count("499") == before[0] + 1 and count("200") == before[1]

@@ -101,6 +101,9 @@ class ServerContext:
             if done is not None:
                 yield done()
             self.count(scope, 200)
+        except (asyncio.CancelledError, GeneratorExit):  # the client left mid-stream
+            self.count(scope, 499)
+            raise
         except Exception as e:
             err = shape_error(e, self.retry_after())
             self.count(scope, err.status)
