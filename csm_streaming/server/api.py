@@ -340,32 +340,22 @@ def _is_abort(exc: BaseException) -> bool:
     return bool(inner) and all(_is_abort(e) for e in inner)
 
 
-class Gate:
-    """Admission of connections in two budgets: WebSockets that have not sent their authorising
-    first message yet (`pending`), and authorised requests and sockets (`active`). Strangers can
-    fill only the first; /health and the page count in neither. Event-loop only: no lock."""
+class Budget:
+    """How many connections of one kind may be open at once. The server has two: WebSockets
+    that have not sent their authorising first message yet, and authorised requests and
+    sockets; strangers can fill only the first. Event-loop only: no lock."""
 
-    def __init__(self, settings: ServerSettings):
-        self.settings = settings
-        self.pending = self.active = 0
-
-    def enter_pending(self) -> bool:
-        if self.pending >= self.settings.max_pending_sockets:
-            return False
-        self.pending += 1
-        return True
-
-    def leave_pending(self):
-        self.pending -= 1
+    def __init__(self, limit: int):
+        self.limit, self.count = limit, 0
 
     def enter(self) -> bool:
-        if self.active >= self.settings.max_connections:
+        if self.count >= self.limit:
             return False
-        self.active += 1
+        self.count += 1
         return True
 
     def leave(self):
-        self.active -= 1
+        self.count -= 1
 
 
 def busy_error(what: str) -> ApiError:
@@ -418,15 +408,15 @@ class LimitsMiddleware:
             return await _send_json(send, 401, error_body(401, "missing or wrong bearer token: "
                                                           "send 'Authorization: Bearer <token>'"),
                                     {"WWW-Authenticate": "Bearer"})
-        gate = self.routes_app.state.ctx.gate
-        if not gate.enter():
+        clients = self.routes_app.state.ctx.clients
+        if not clients.enter():
             self.metrics.count_request(route, 503)
             busy = busy_error("connections")
             return await _send_json(send, 503, error_body(503, busy.message), busy.headers)
         try:
             await self._limited(scope, receive, send, route)
         finally:
-            gate.leave()
+            clients.leave()
 
     async def _limited(self, scope, receive, send, route):
         s = self.settings

@@ -45,7 +45,7 @@ def create_app(scheduler, settings: ServerSettings, voices=None, chat=None):
     return app
 
 
-LAST_RESORT_CONNECTIONS = 4096  # uvicorn's plain-text 503 past this (the Gate's JSON 503s first)
+LAST_RESORT_CONNECTIONS = 4096  # uvicorn's plain-text 503 past this (the budgets' JSON first)
 SEND_BUFFER_BYTES = 128 * 1024  # per connection, in the kernel: ~3 s of 16-bit audio (doubled)
 
 
@@ -55,8 +55,9 @@ def uvicorn_config(app, host: str, port: int, settings: ServerSettings, log_leve
     messages are capped at the body limit, and each
     connection's kernel send buffer is capped (the default grows to 4 MB, a minute and a half of
     audio a reader could leave unread before the write timeout could see it). How many requests
-    run at once is the app's Gate (two budgets, JSON 503s); uvicorn's own cap, far above it, is
-    only the last guard against a flood of sockets that never send a request head."""
+    run at once is the app's two budgets (ServerContext.strangers, .clients: JSON 503s);
+    uvicorn's own cap, far above them, is only the last guard against a flood of sockets that
+    never send a request head."""
     import socket
 
     import uvicorn

@@ -14,7 +14,7 @@ from fastapi import WebSocketDisconnect
 from csm_streaming.audio import SAMPLE_RATE, pcm16
 from csm_streaming.server.api import (
     CLEANUP_KEY,
-    Gate,
+    Budget,
     ServerSettings,
     StreamAborted,
     build_request,
@@ -35,7 +35,10 @@ class ServerContext:
         self.sg, self.metrics = scheduler.generator, scheduler.metrics
         self.voices, self.chat = voices, chat  # chat: an llm.LLMConfig, or None
         self.chat_session = None  # async (ws, ctx, first message): set by server.create_app
-        self.gate = Gate(settings)  # connections: not yet authorised, and authorised
+        # Open connections: WebSockets not yet authorised, and authorised clients (the routes
+        # but /health and the page); /health and the page count in neither.
+        self.strangers = Budget(settings.max_pending_sockets)
+        self.clients = Budget(settings.max_connections)
 
     def count(self, scope, status):
         self.metrics.count_request(route_template(self.app, scope), status)

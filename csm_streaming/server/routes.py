@@ -253,24 +253,24 @@ async def ws_stream(ws: WebSocket):
     """Strangers' sockets wait in a small budget of their own until their first message
     authorises them; only then do they count against the authorised clients' connections."""
     ctx = context_of(ws)
-    if not ctx.gate.enter_pending():
+    if not ctx.strangers.enter():
         ctx.count(ws.scope, 503)
         return await ws.close(code=1013)  # "try again later", before the handshake completes
     try:
         await ws.accept()
         msg = await ws_first_message(ws, ctx)
     finally:
-        ctx.gate.leave_pending()
+        ctx.strangers.leave()
     if msg is None:
         return
-    if not ctx.gate.enter():
+    if not ctx.clients.enter():
         busy = busy_error("connections")
         ctx.count(ws.scope, busy.status)
         return await ws_error(ws, busy.status, busy.message)
     try:
         await ws_authorised(ws, ctx, msg)
     finally:
-        ctx.gate.leave()
+        ctx.clients.leave()
 
 
 async def ws_authorised(ws: WebSocket, ctx: ServerContext, msg: StreamMessage):
