@@ -224,8 +224,8 @@ def test_speech_route_errors(live):
 
     r = post(voice="darth")
     assert r.status_code == 400 and "unknown voice" in r.json()["error"]["message"]
-    r = post(response_format="mp3")
-    assert r.status_code == 400 and "use 'wav' or 'pcm'" in r.json()["error"]["message"]
+    r = post(response_format="mp4")
+    assert r.status_code == 400 and "mp3, opus, aac, flac, wav, pcm" in r.json()["error"]["message"]
     r = post(input="")
     assert r.status_code == 400
 

@@ -114,7 +114,7 @@ class SpeechBody(Sampling):
     model: str = "csm-1b"
     input: str
     voice: str | int = "0"
-    response_format: str = "wav"
+    response_format: str = "mp3"  # OpenAI's default
     speed: float = Field(1.0, ge=0.25, le=4.0, allow_inf_nan=False)
     stream_format: str = "audio"
     instructions: str | None = None

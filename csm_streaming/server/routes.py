@@ -39,6 +39,7 @@ from csm_streaming.server.api import (
     token_matches,
 )
 from csm_streaming.server.context import ServerContext, context_of, ws_error
+from csm_streaming.server.encode import FORMATS, StreamEncoder
 
 log = logging.getLogger("csm.server")
 
@@ -181,16 +182,17 @@ async def models():
 
 @router.post("/v1/audio/speech")
 async def speech(body: SpeechBody, request: Request):
-    """OpenAI's speech API: WAV or raw PCM bytes as they are generated, or server-sent events."""
+    """OpenAI's speech API: mp3 (OpenAI's default), Ogg Opus, AAC, FLAC, WAV or raw PCM bytes
+    as they are generated, or server-sent events."""
     ctx = context_of(request)
     check_model(body.model)
     if body.speed != 1.0:  # refused rather than ignored: audio at the wrong speed is a bug
         raise ApiError(400, f"speed {body.speed:g} is not supported yet: send 1.0 (or leave it "
                             "out); time-stretch the audio on your side meanwhile")
     fmt = body.response_format.lower()
-    if fmt not in ("wav", "pcm"):
-        raise ApiError(400, f"response_format '{body.response_format}' is not supported: "
-                            "use 'wav' or 'pcm'")
+    if fmt not in ("wav", "pcm", *FORMATS):
+        raise ApiError(400, f"response_format '{body.response_format}' is not supported: use "
+                            f"one of {', '.join([*FORMATS, 'wav', 'pcm'])}")
     if body.stream_format not in ("audio", "sse"):
         raise ApiError(400, "stream_format must be 'audio' or 'sse'")
     req = await ctx.request_from(body.input, body.voice, [], body.max_audio_length_ms,
@@ -201,6 +203,11 @@ async def speech(body: SpeechBody, request: Request):
         return StreamingResponse(
             ctx.sse(request.scope, agen, first), media_type="text/event-stream"
         )
+    if fmt in FORMATS:  # compressed, encoded chunk by chunk as the speech is made
+        enc = StreamEncoder(fmt)
+        return StreamingResponse(ctx.body(request.scope, agen, first, enc.feed, enc.finish),
+                                 media_type=enc.content_type,
+                                 headers={"X-Sample-Rate": str(SAMPLE_RATE)})
     return StreamingResponse(_with_header(wav_header(None) if fmt == "wav" else b"",
                                           ctx.body(request.scope, agen, first, pcm16)),
                              media_type="audio/wav" if fmt == "wav" else "audio/pcm",

@@ -1,0 +1,70 @@
+"""OpenAI's response formats as its SDK asks for them: each streamed as it is generated (bytes
+before the stream ends), with its content type, decoded by an independent decoder (libsndfile)
+where one exists, to the duration that was generated."""
+
+import io
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from conftest import AUTH, LiveServer
+
+MS = 2400  # 30 frames: several chunks
+
+
+@pytest.fixture(scope="module")
+def live(mimi):
+    server = LiveServer(max_streams=2)
+    yield server
+    server.close()
+
+
+def decode(fmt: str, data: bytes) -> tuple[np.ndarray, int]:
+    if fmt in ("aac", "flac"):
+        # libsndfile reads neither ADTS nor a FLAC stream whose header has no length (it is
+        # streamed before the length is known): FFmpeg's decoders, through PyAV
+        import av
+
+        with av.open(io.BytesIO(data)) as c:
+            frames = [f.to_ndarray().reshape(-1) for f in c.decode(audio=0)]
+            return np.concatenate(frames), c.streams.audio[0].rate
+    return sf.read(io.BytesIO(data), dtype="float32")
+
+
+@pytest.mark.parametrize("fmt, content_type", [("mp3", "audio/mpeg"), ("opus", "audio/ogg"),
+                                               ("aac", "audio/aac"), ("flac", "audio/flac")])
+def test_each_format_streams_and_decodes_to_the_generated_length(live, fmt, content_type):
+    body = {"input": "Formats.", "response_format": fmt, "max_audio_length_ms": MS, "seed": 4}
+    parts = []
+    with httpx.stream("POST", f"{live.url}/v1/audio/speech", json=body, headers=AUTH,
+                      timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"] == content_type
+        for part in r.iter_raw():
+            parts.append(part)
+    assert len(parts) > 2  # sent in pieces as the chunks came, not one body at the end
+    audio, rate = decode(fmt, b"".join(parts))
+    assert abs(len(audio) / rate - MS / 1000) < 0.1  # encoder padding at most a few frames
+    assert np.abs(audio).max() > 0.001
+
+
+def test_mp3_is_the_default_as_openai_and_matches_the_pcm(live):
+    body = {"input": "Default.", "max_audio_length_ms": 800, "seed": 2, "top_k": 1}
+    mp3 = httpx.post(f"{live.url}/v1/audio/speech", json=body, headers=AUTH, timeout=120)
+    pcm = httpx.post(f"{live.url}/v1/audio/speech", headers=AUTH, timeout=120,
+                     json={**body, "response_format": "pcm"})
+    assert mp3.headers["content-type"] == "audio/mpeg"
+    decoded, rate = sf.read(io.BytesIO(mp3.content), dtype="float32")
+    reference = np.frombuffer(pcm.content, dtype="<i2").astype(np.float32) / 32768
+    assert rate == 24_000 and abs(len(decoded) - len(reference)) < 2400
+    # random weights speak noise, which a perceptual coder does not keep sample for sample:
+    # compare the loudness, which it keeps
+    rms = [float(np.sqrt(np.mean(a**2))) for a in (decoded, reference)]
+    assert rms[1] > 0.001 and 0.7 < rms[0] / rms[1] < 1.3, rms
+
+
+def test_an_unknown_format_names_the_ones_there_are(live):
+    r = httpx.post(f"{live.url}/v1/audio/speech", headers=AUTH, timeout=30,
+                   json={"input": "Hi.", "response_format": "ogg-vorbis"})
+    assert r.status_code == 400 and "mp3, opus, aac, flac, wav, pcm" in r.json()["error"]["message"]
