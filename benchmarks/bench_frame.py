@@ -25,6 +25,7 @@ from common import (
     time_calls,
     weight_bytes_per_frame,
 )
+from csm_streaming.options import HelpFormatter
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -83,7 +84,7 @@ def bench_model(name: str, model, tok, device: torch.device, frames: int, bandwi
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--frames", type=int, default=5, help="frame steps timed (the best is kept)")
     p.add_argument("--dtypes", default="bf16,fp32", help="weight types to compare")

@@ -29,6 +29,7 @@ from common import (
     print_table,
     save_json,
 )
+from csm_streaming.options import HelpFormatter
 
 TEXT = "Benchmark sentence for the quality of quantized weights."
 
@@ -94,7 +95,7 @@ def compare(ref: torch.Tensor, other: torch.Tensor) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--modes", default="fp32,bf16,int8,int4",
                    help="variants (int4 runs on the CPU only)")

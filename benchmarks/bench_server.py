@@ -32,6 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from common import add_model_argument, device_name, print_table, save_json
+from csm_streaming.options import HelpFormatter
 
 TOKEN = "bench"
 
@@ -273,7 +274,7 @@ def plot(path, rows, counts, title):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_model_argument(p, default="random:csm-1b")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--clients", default="1,2,4,8,16,32", help="client counts of the load run")

@@ -27,6 +27,7 @@ from common import (
     time_calls,
     weight_bytes_per_frame,
 )
+from csm_streaming.options import HelpFormatter
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then it runs away."
 
@@ -65,7 +66,7 @@ def build(gen, **cfg):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     add_model_argument(p)
     p.add_argument(

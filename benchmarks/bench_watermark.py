@@ -17,11 +17,12 @@ import time
 import torch
 
 from common import print_table, save_json, sync
+from csm_streaming.options import HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu (silentcipher runs "
                                                     "on cuda or cpu)")
     p.add_argument("--repeats", type=int, default=3, help="runs per window size (the best is kept)")

@@ -20,9 +20,15 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from csm_streaming.options import add_model_arguments, config_arguments, load_arguments
+from csm_streaming.options import (
+    HelpFormatter,
+    add_model_arguments,
+    config_arguments,
+    load_arguments,
+)
 
 EXIT_BAD_INPUT = 2
+DEFAULT_OUTPUT = "csm_output.wav"  # in the current folder, when neither --output nor --play-audio
 
 
 @dataclass
@@ -37,7 +43,7 @@ class ContextTurn:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Stream speech from CSM-1B, with a live dashboard.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--text", default="Hello from Sesame. This is streaming speech, generated "
                    "while you listen.", help="what to say")
     p.add_argument("--speaker", type=int, default=0, help="speaker id (a number)")
@@ -59,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--play-audio", action="store_true", help="play through the sound card while generating"
     )
     p.add_argument(
-        "--output", metavar="FILE.wav", help="write exactly the streamed samples to this file"
+        "--output", metavar="FILE.wav",
+        help=f"write exactly the streamed samples to this file (default without --play-audio: "
+             f"{DEFAULT_OUTPUT})"
     )
     p.add_argument(
         "--temperature", type=float, default=0.9, help="sampling temperature, in (0, 10]"
@@ -394,6 +402,10 @@ def main(argv=None) -> int:
     from csm_streaming.audio import SAMPLE_RATE
     from csm_streaming.chat.llm import LLMError
 
+    if not args.output and not args.play_audio:  # the audio is never thrown away unasked
+        args.output = DEFAULT_OUTPUT
+        print(f"no --output or --play-audio: the audio goes to {Path(DEFAULT_OUTPUT).resolve()}",
+              file=sys.stderr)
     try:
         turns = check_args(args)
         if args.play_audio:  # the sound card is there: checked now, opened when needed

@@ -37,3 +37,14 @@ def load_arguments(args) -> dict:
 def config_arguments(args) -> dict:
     """What they say of the StreamingConfig."""
     return {"enable_compilation": args.compile, "enable_cuda_graphs": not args.no_cuda_graphs}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default shown once: appended as '(default: X)' unless the help already says what
+    happens without the flag ('(default ...' or '(None: ...'), or there is nothing to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or "(None:" in text or action.default in (None, False, []):
+            return text
+        return super()._get_help_string(action)

@@ -2,8 +2,10 @@
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,9 @@ SR = 24_000
 
 def run_cli(*args, timeout=300, env=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "test_streaming.py"), *args], cwd=ROOT,
+    # from a scratch folder: a run without --output writes csm_output.wav where it runs
+    return subprocess.run([sys.executable, str(ROOT / "test_streaming.py"), *args],
+                          cwd=tempfile.gettempdir(),
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -204,13 +208,17 @@ def test_every_flag_has_help_and_a_shown_default(tool):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     parser = _tool_module(tool).build_parser()
-    assert parser.formatter_class is argparse.ArgumentDefaultsHelpFormatter
+    assert issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             assert action.help and action.help.strip(), (
                 f"{tool}: {action.option_strings} has no help"
             )
     assert "(default:" in r.stdout
+    # each default once: no option says it twice (its own words, then argparse's)
+    flat = " ".join(r.stdout.split())
+    options = re.split(r" (?=-{1,2}[a-z])", flat)
+    assert not [o for o in options if o.count("(default") + o.count("(None:") > 1], tool
 
 
 def test_the_server_command_runs_offline_on_a_random_model():
@@ -247,3 +255,13 @@ def test_the_server_command_runs_offline_on_a_random_model():
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert "Traceback" not in out
+
+
+def test_without_output_or_playback_the_audio_goes_to_a_default_file(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "test_streaming.py"), "--model", "random:tiny",
+                        "--no-watermark", "--max-audio-ms", "400", "--no-dashboard"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    written = tmp_path / "csm_output.wav"
+    assert str(written) in r.stderr and sf.info(written).frames == 5 * 1920

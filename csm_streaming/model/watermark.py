@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from csm_streaming.audio import SAMPLE_RATE, AudioError, read_audio, resample
+from csm_streaming.options import HelpFormatter
 
 log = logging.getLogger("csm.watermark")
 
@@ -324,7 +325,7 @@ def verify(model, audio: torch.Tensor, sample_rate: int, key) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Check whether an audio file carries the CSM "
                                 "watermark (exit 0: it does, 1: it does not, 2: error).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--audio-path", "--audio_path", dest="audio_path", required=True,
                    help="audio file to check (wav, flac, ogg; any rate, mono or stereo)")
     p.add_argument("--watermark-key", "--key", dest="key", default=None,

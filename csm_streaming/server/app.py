@@ -18,7 +18,12 @@ import os
 import sys
 import time
 
-from csm_streaming.options import add_model_arguments, config_arguments, load_arguments
+from csm_streaming.options import (
+    HelpFormatter,
+    add_model_arguments,
+    config_arguments,
+    load_arguments,
+)
 from csm_streaming.server import chat_routes, routes
 from csm_streaming.server.api import SecretFilter, ServerSettings
 from csm_streaming.server.context import ServerContext
@@ -130,7 +135,7 @@ def serve_in_thread(app, host: str = "127.0.0.1", timeout: float = 30,
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Serve CSM-1B speech to many clients at once.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_model_arguments(p)
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: this machine only)"

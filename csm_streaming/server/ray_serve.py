@@ -21,6 +21,8 @@ import sys
 
 from ray import serve
 
+from csm_streaming.options import HelpFormatter
+
 log = logging.getLogger("csm.ray")
 
 
@@ -101,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Serve CSM-1B on Ray Serve: replicas of the server, one engine (GPU) each. "
                     "Flags not listed here go to each replica's server (see csm-server --help).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--replicas", type=int, default=None,
                    help="fixed replica count (None: one per GPU Ray sees, at least one)")
     p.add_argument("--max-replicas", type=int, default=None,
