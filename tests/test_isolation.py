@@ -314,7 +314,7 @@ def test_strange_input_is_a_4xx_not_a_500(iso):
         err = json.loads(c.recv(timeout=30))
     assert err["status"] == 400 and "not valid Unicode" in err["message"]
     r = post("/api/generate", text="hi", temperature=1e308)
-    assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
+    assert r.status_code == 422 and "temperature" in r.json()["error"]["message"]
     r = post("/v1/audio/speech", input="hi", voice="\u00b2")
     assert r.status_code == 400 and "unknown voice" in r.json()["error"]["message"]
     r = post("/api/generate", headers={"Authorization": b"Bearer \xff\xfe\xc3"}, text="hi")

@@ -128,9 +128,9 @@ def test_context_over_http(live, reference):
         ({"text": "x" * 5000}, 413, "limit is 2000"),
         ({"text": "hi", "speaker_id": "abc"}, 422, "speaker_id"),
         ({"text": "hi", "temperature": "hot"}, 422, "temperature"),
-        ({"text": "hi", "temperature": -1}, 400, "temperature"),
-        ({"text": "hi", "top_k": 0}, 400, "topk"),
-        ({"text": "hi", "speaker_id": -4}, 400, "speaker"),
+        ({"text": "hi", "temperature": -1}, 422, "temperature"),
+        ({"text": "hi", "top_k": 0}, 422, "top_k"),
+        ({"text": "hi", "speaker_id": -4}, 422, "speaker_id"),
         (
             {
                 "text": "hi",

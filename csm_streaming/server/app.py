@@ -16,7 +16,10 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import time
+
+import uvicorn
 
 from csm_streaming.options import (
     HelpFormatter,
@@ -65,7 +68,6 @@ def uvicorn_config(app, host: str, port: int, settings: ServerSettings, log_leve
     never send a request head."""
     import socket
 
-    import uvicorn
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeadTimeoutH11(H11Protocol):
@@ -110,7 +112,6 @@ def serve_in_thread(app, host: str = "127.0.0.1", timeout: float = 30,
     import socket
     import threading
 
-    import uvicorn
 
     with socket.socket() as s:
         s.bind((host, 0))
@@ -133,6 +134,41 @@ def serve_in_thread(app, host: str = "127.0.0.1", timeout: float = 30,
 # ---------------------------------------------------------------------------------------------
 
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn with a bounded shutdown: on SIGTERM / SIGINT it stops admitting at once, lets
+    the running streams go on for `grace_s`, then ends each with an error on its own channel
+    (an aborted body, an SSE error event, a WebSocket error message) and exits. A supervisor's
+    kill (Kubernetes and systemd wait 30 s) never finds streams that look complete."""
+
+    def __init__(self, config, scheduler, grace_s: float):
+        config.timeout_graceful_shutdown = 5  # after the grace period: uvicorn's own backstop
+        super().__init__(config)
+        self.scheduler, self.grace_s = scheduler, grace_s
+        self._draining = False
+
+    def handle_exit(self, sig, frame):
+        if self._draining:  # a second signal: stop now
+            return super().handle_exit(sig, frame)
+        self._draining = True
+        self.scheduler.drain()  # new requests get a 503 from here on
+        log.info("shutting down: %d streams get up to %g s to finish", self.scheduler.active,
+                 self.grace_s)
+        threading.Thread(target=self._drain_then_exit, args=(sig, frame), daemon=True).start()
+
+    def _drain_then_exit(self, sig, frame):
+        """uvicorn closes WebSockets (1012) the moment it stops: so it stops only once the
+        streams are done or have been ended with an error each client can see."""
+        deadline = time.monotonic() + self.grace_s
+        while self.scheduler.active + self.scheduler.queued and time.monotonic() < deadline:
+            time.sleep(0.1)
+        n = self.scheduler.end_all(f"the server shut down: the stream was cut after the "
+                                   f"{self.grace_s:g} s grace period")
+        if n:
+            log.warning("shutdown: ended %d streams still running after the grace period", n)
+            time.sleep(1.0)  # the error messages and aborted bodies go out first
+        super().handle_exit(sig, frame)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Serve CSM-1B speech to many clients at once.",
                                 formatter_class=HelpFormatter)
@@ -151,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-text-chars", type=int, default=2000, help="longest text of one request")
     p.add_argument("--max-body-mb", type=float, default=32,
                    help="largest request body or WebSocket message")
+    p.add_argument("--shutdown-grace", type=float, default=10.0, metavar="S",
+                   help="on SIGTERM, running streams get this long to finish before they are "
+                        "ended with an error")
     p.add_argument("--first-message-timeout", type=float, default=5.0, metavar="S",
                    help="a WebSocket that sends no request within this is closed")
     p.add_argument("--max-pending-sockets", type=int, default=64,
@@ -220,10 +259,10 @@ def main(argv=None) -> int:
         )
     settings = settings_from_args(args)
     app = create_app(scheduler.start(), settings, voices=voices, chat=chat)
-    import uvicorn
 
     try:
-        uvicorn.Server(uvicorn_config(app, args.host, args.port, settings)).run()
+        GracefulServer(uvicorn_config(app, args.host, args.port, settings), scheduler,
+                       args.shutdown_grace).run()
     finally:
         scheduler.stop()
     return 0

@@ -21,11 +21,15 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from csm_streaming.audio import SAMPLE_RATE, pcm16, wav_header
-from csm_streaming.chat.conversation import ChatMetrics, Dialogue, ReplyText
+from csm_streaming.chat.conversation import (
+    REPLY_TEXT_WAIT_S,
+    ChatMetrics,
+    Dialogue,
+    ReplyText,
+)
 from csm_streaming.engine.streams import TextFeed
 from csm_streaming.request import Segment
 from csm_streaming.server.api import (
-    CLEANUP_KEY,
     ApiError,
     Sampling,
     StreamMessage,
@@ -33,6 +37,7 @@ from csm_streaming.server.api import (
     voice_to_speaker,
 )
 from csm_streaming.server.context import context_of, read_until_closed, ws_error
+from csm_streaming.server.limits import CLEANUP_KEY
 
 log = logging.getLogger("csm.server")
 router = APIRouter()
@@ -98,6 +103,11 @@ class ChatTurn:
             self._sent = True
         self.texts.clear()
         return out
+
+    async def text_done(self):
+        """Speech can end before the text does (the length cap): the client still gets the
+        whole reply's text, which the LLM writes much faster than it is spoken."""
+        await asyncio.to_thread(self.reply.join, REPLY_TEXT_WAIT_S)
 
     def finished(self):
         self.sync()
@@ -191,7 +201,8 @@ async def _chat_turn(ws, ctx, dialogue: Dialogue, msg: StreamMessage, gone) -> b
         await ws_error(ws, e.status, e.message, close=False)
         return True
     complete = await ctx.ws_stream(ws, turn.ticket, gone, session=True,
-                                   before_chunk=lambda: turn.pending_text("text"))
+                                   before_chunk=lambda: turn.pending_text("text"),
+                                   before_done=turn.text_done)
     turn.finished()
     if complete and turn.ticket.stream is not None and not turn.ticket.stream.error:
         dialogue.add(msg.text.strip(), turn.reply.text, turn.ticket.stream.all_codes)

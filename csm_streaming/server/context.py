@@ -12,16 +12,8 @@ import logging
 from fastapi import WebSocketDisconnect
 
 from csm_streaming.audio import SAMPLE_RATE, pcm16
-from csm_streaming.server.api import (
-    CLEANUP_KEY,
-    Budget,
-    ServerSettings,
-    StreamAborted,
-    build_request,
-    route_template,
-    shape_error,
-    voice_to_speaker,
-)
+from csm_streaming.server.api import ServerSettings, build_request, shape_error, voice_to_speaker
+from csm_streaming.server.limits import CLEANUP_KEY, Budget, StreamAborted, route_template
 
 log = logging.getLogger("csm.server")
 
@@ -141,11 +133,12 @@ class ServerContext:
             yield _sse({"type": "error", "message": str(e)})
 
     async def ws_stream(self, ws, ticket, gone: asyncio.Event | None = None, session: bool = False,
-                        before_chunk=None) -> bool:
+                        before_chunk=None, before_done=None) -> bool:
         """PCM chunks and progress on a WebSocket, then done (or an error); the client leaving
         cancels. gone: set when the client left (a session reads the socket itself); None:
         watch it here. session: keep the socket open after done (more turns come).
-        before_chunk(): messages to send before each chunk and before done (chat text).
+        before_chunk(): messages to send before each chunk and before done (chat text);
+        before_done(): awaited once before the last of those (the whole reply's text).
         Returns True when the stream was complete and the socket is still usable."""
         watcher = None
         if gone is None:
@@ -170,6 +163,8 @@ class ServerContext:
                             "audio_ms": samples / SAMPLE_RATE * 1000,
                             "rtf": m.rtf if m and m.audio_s else None,
                             "time_to_first_audio_ms": _ms(m.first_audio_s if m else None)})
+            if before_done is not None:  # e.g. the rest of a chat reply's text
+                await before_done()
             for m in before_chunk() if before_chunk else ():
                 await send(m)
             await send({"type": "done", "audio_ms": samples / SAMPLE_RATE * 1000,

@@ -23,23 +23,25 @@ from csm_streaming.audio import SAMPLE_RATE, pcm16, wav_bytes, wav_header
 from csm_streaming.server.api import (
     MODEL_IDS,
     ApiError,
-    BodyTooLarge,
     ClientGone,
     GenerateBody,
-    LimitsMiddleware,
     SpeechBody,
     StreamMessage,
-    bearer_ok,
-    busy_error,
     check_model,
     error_body,
     field_errors,
-    route_template,
     shape_error,
-    token_matches,
 )
 from csm_streaming.server.context import ServerContext, context_of, ws_error
 from csm_streaming.server.encode import FORMATS, StreamEncoder
+from csm_streaming.server.limits import (
+    BodyTooLarge,
+    LimitsMiddleware,
+    bearer_ok,
+    busy_error,
+    route_template,
+    token_matches,
+)
 
 log = logging.getLogger("csm.server")
 

@@ -34,6 +34,10 @@ class QueueFull(RuntimeError):
     """Every slot is busy and the waiting queue is at its limit: retry later."""
 
 
+class ShuttingDown(QueueFull):
+    """The server is stopping: no new stream, and the running ones end at the grace period."""
+
+
 class OutOfMemory(MemoryError):
     """The device ran out of memory for this stream; retrying later may work."""
 
@@ -84,6 +88,7 @@ class Scheduler:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._next_id = 0
+        self.draining = False  # shutting down: admits nothing new
         self.max_active = self.slots  # lowered when the device runs out of memory
         self._thread = threading.Thread(target=self._run, name="csm-engine", daemon=True)
 
@@ -118,6 +123,9 @@ class Scheduler:
                feed: TextFeed | None = None) -> Ticket:
         """Queue a validated request. Raises QueueFull when slots and queue are all taken."""
         with self._lock:
+            if self.draining:
+                raise ShuttingDown("the server is shutting down: retry in a moment (another "
+                                   "replica, or this one once it is back)")
             free = self.slots - len(self._live)
             if len(self._pending) >= self.max_queue + max(0, free):
                 self.metrics.rejected.inc()
@@ -128,6 +136,21 @@ class Scheduler:
             self._pending.append(ticket)
         self.engine.wake()
         return ticket
+
+    def drain(self):
+        """Admit nothing new; running and waiting streams go on (until end_all)."""
+        self.draining = True
+
+    def end_all(self, reason: str) -> int:
+        """End every running and waiting stream now, each with `reason` as its error (never a
+        clean end); returns how many were ended."""
+        with self._lock:
+            tickets = list(self._pending) + list(self._live.values())
+        for ticket in tickets:
+            ticket._put(ShuttingDown(reason))
+            ticket.cancel()
+        self.engine.wake()
+        return len(tickets)
 
     def retry_after_s(self) -> int:
         """A hint for Retry-After: about one typical stream's length."""
