@@ -427,3 +427,26 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _missing(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is None
+    except ValueError:  # in sys.modules as None: made unimportable on purpose
+        return True
+
+
+def server_main(argv=None) -> int:
+    """csm-server: the server needs the engine extra; a client-only install says so."""
+    missing = [m for m in ("torch", "fastapi", "uvicorn") if _missing(m)]
+    if missing:
+        print(f"error: csm-server runs the model and needs {', '.join(missing)}: install the "
+              "engine (pip install 'csm-streaming[engine]', or bash setup.sh in a clone). This "
+              "install is the client: csm-stream --server URL listens to a running server.",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from csm_streaming.server.app import main as serve
+
+    return serve(argv)

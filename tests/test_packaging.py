@@ -44,7 +44,7 @@ def test_the_wheel_holds_one_top_level_name_the_page_and_the_commands(wheel):
     (entry,) = [n for n in names if n.endswith("entry_points.txt")]
     scripts = zipfile.ZipFile(wheel).read(entry).decode()
     assert "csm-stream = csm_streaming.cli:main" in scripts
-    assert "csm-server = csm_streaming.server.app:main" in scripts
+    assert "csm-server = csm_streaming.cli:server_main" in scripts
 
 
 def free_port() -> int:
@@ -162,3 +162,12 @@ def test_every_pin_satisfies_the_declared_range():
 def test_the_pin_check_catches_a_pin_outside_its_range():
     req = Requirement("torch>=2.5")
     assert not req.specifier.contains("2.4.1") and req.specifier.contains("2.13.0")
+
+
+def test_the_server_command_in_a_client_install_says_what_to_install():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from csm_streaming.cli import server_main\n"
+            "sys.exit(server_main(['--model', 'random:tiny']))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "csm-streaming[engine]" in r.stderr and "torch" in r.stderr
