@@ -243,7 +243,8 @@ def finish(args, chunks, metrics, player, sample_rate: int, interrupted: bool) -
                             for c in chunks]) if chunks else np.zeros(0, dtype=np.float32)
     if args.output:
         save_audio(args.output, audio, sample_rate)
-        print(f"wrote {audio.size / sample_rate:.2f} s to {args.output}", file=sys.stderr)
+        print(f"wrote {audio.size / sample_rate:.2f} s to {Path(args.output).resolve()}",
+              file=sys.stderr)
     if metrics is not None and metrics.audio_s:
         print(f"audio {metrics.audio_s:.2f} s, first audio {metrics.first_audio_s * 1000:.0f} ms, "
               f"RTF {metrics.rtf:.3f}, {metrics.frames_per_s:.1f} frames/s"
@@ -402,10 +403,8 @@ def main(argv=None) -> int:
     from csm_streaming.audio import SAMPLE_RATE
     from csm_streaming.chat.llm import LLMError
 
-    if not args.output and not args.play_audio:  # the audio is never thrown away unasked
+    if not args.output and not args.play_audio:  # never thrown away unasked: finish says where
         args.output = DEFAULT_OUTPUT
-        print(f"no --output or --play-audio: the audio goes to {Path(DEFAULT_OUTPUT).resolve()}",
-              file=sys.stderr)
     try:
         turns = check_args(args)
         if args.play_audio:  # the sound card is there: checked now, opened when needed
@@ -429,18 +428,12 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-def _missing(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is None
-    except ValueError:  # in sys.modules as None: made unimportable on purpose
-        return True
-
-
 def server_main(argv=None) -> int:
     """csm-server: the server needs the engine extra; a client-only install says so."""
-    missing = [m for m in ("torch", "fastapi", "uvicorn") if _missing(m)]
+    import importlib.util
+
+    missing = [m for m in ("torch", "fastapi", "uvicorn") if sys.modules.get(m, 0) is None
+               or m not in sys.modules and importlib.util.find_spec(m) is None]
     if missing:
         print(f"error: csm-server runs the model and needs {', '.join(missing)}: install the "
               "engine (pip install 'csm-streaming[engine]', or bash setup.sh in a clone). This "
