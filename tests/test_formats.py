@@ -68,3 +68,42 @@ def test_an_unknown_format_names_the_ones_there_are(live):
     r = httpx.post(f"{live.url}/v1/audio/speech", headers=AUTH, timeout=30,
                    json={"input": "Hi.", "response_format": "ogg-vorbis"})
     assert r.status_code == 400 and "mp3, opus, aac, flac, wav, pcm" in r.json()["error"]["message"]
+
+
+def speech_pcm(live, **extra) -> np.ndarray:
+    body = {"input": "Speed.", "response_format": "pcm", "max_audio_length_ms": MS, "seed": 6,
+            **extra}
+    r = httpx.post(f"{live.url}/v1/audio/speech", json=body, headers=AUTH, timeout=120)
+    assert r.status_code == 200, r.text
+    return np.frombuffer(r.content, dtype="<i2").astype(np.float32) / 32768
+
+
+@pytest.mark.parametrize("speed", [0.5, 2.0, 4.0])
+def test_speed_changes_the_duration_by_its_factor(live, speed):
+    normal, fast = speech_pcm(live), speech_pcm(live, speed=speed)
+    assert len(normal) == MS * 24 and np.abs(fast).max() > 0.001
+    assert abs(len(fast) / len(normal) - 1 / speed) < 0.05, (len(fast), len(normal))
+
+
+def test_speed_keeps_the_pitch():
+    # The stretch on its own: a 440 Hz tone twice as fast is still 440 Hz (a resampling speed-up
+    # would make it 880 Hz) and half as long, fed in the engine's chunks.
+    from csm_streaming.server.encode import Tempo
+
+    tone = np.sin(2 * np.pi * 440 * np.arange(48_000) / 24_000).astype(np.float32)
+    tempo = Tempo(2.0)
+    out = np.concatenate([tempo.feed(tone[i:i + 1920]) for i in range(0, len(tone), 1920)]
+                         + [tempo.finish()])
+    peak_hz = np.fft.rfftfreq(len(out), 1 / 24_000)[np.argmax(np.abs(np.fft.rfft(out)))]
+    assert abs(peak_hz - 440) < 5 and abs(len(out) / len(tone) - 0.5) < 0.02
+
+
+def test_speed_streams_in_every_format(live):
+    body = {"input": "Fast.", "response_format": "mp3", "max_audio_length_ms": MS, "seed": 4,
+            "speed": 2.0}
+    with httpx.stream("POST", f"{live.url}/v1/audio/speech", json=body, headers=AUTH,
+                      timeout=120) as r:
+        assert r.status_code == 200
+        parts = list(r.iter_raw())
+    audio, rate = decode("mp3", b"".join(parts))
+    assert len(parts) > 2 and abs(len(audio) / rate - MS / 2000) < 0.1

@@ -75,6 +75,22 @@ class ServerContext:
         finally:
             ticket.cancel()  # a no-op when it finished; frees the slot when the client left
 
+    async def stretched(self, agen, speed: float):
+        """OpenAI's `speed`: the chunks time-stretched, the pitch kept, as they come."""
+        import torch
+
+        from csm_streaming.server.encode import Tempo
+
+        tempo = Tempo(speed)
+        try:
+            async for chunk in agen:
+                if (out := tempo.feed(chunk)).size:
+                    yield torch.from_numpy(out)
+            if (out := tempo.finish()).size:
+                yield torch.from_numpy(out)
+        finally:
+            await agen.aclose()
+
     async def first_chunk(self, agen):
         """Wait for the first chunk, so that an early failure still gets a proper status."""
         try:

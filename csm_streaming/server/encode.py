@@ -1,6 +1,6 @@
-"""Compressed audio for the OpenAI speech route, encoded chunk by chunk as the speech is made:
-FFmpeg's encoders through PyAV (mp3, Ogg Opus, ADTS AAC, FLAC). The first bytes leave with the
-first chunk (as soon as the encoder emits a packet); `finish` flushes the encoder's tail."""
+"""Audio for the OpenAI speech route, chunk by chunk as the speech is made, through FFmpeg
+(PyAV): `StreamEncoder` (mp3, Ogg Opus, ADTS AAC, FLAC; the first bytes leave as soon as the
+encoder emits a packet, `finish` flushes its tail) and `Tempo` (`speed`, pitch kept)."""
 
 from __future__ import annotations
 
@@ -64,3 +64,60 @@ class StreamEncoder:
         self._mux(None)  # flush the encoder
         self._out.close()  # the trailer (FLAC rewrites its header in place: sent as written)
         return self._drain()
+
+
+class Tempo:
+    """OpenAI's `speed`: FFmpeg's `atempo` filter (WSOLA: the duration changes, the pitch does
+    not), streamed: chunks in, stretched chunks out as the filter releases them. atempo takes
+    0.5..2 per stage, so 0.25 and 4 are two stages."""
+
+    def __init__(self, speed: float):
+        from av.filter import Graph
+
+        self.speed, self._pts = speed, 0
+        self._graph = g = Graph()
+        node = g.add_abuffer(format="flt", sample_rate=SAMPLE_RATE, layout="mono",
+                             time_base=f"1/{SAMPLE_RATE}")
+        for factor in _tempo_stages(speed):
+            stage = g.add("atempo", f"{factor:.6f}")
+            node.link_to(stage)
+            node = stage
+        sink = g.add("abuffersink")
+        node.link_to(sink)
+        g.configure()
+
+    def feed(self, chunk) -> np.ndarray:
+        import av
+
+        x = np.ascontiguousarray(np.asarray(chunk, dtype=np.float32).reshape(1, -1))
+        frame = av.AudioFrame.from_ndarray(x, format="flt", layout="mono")
+        frame.sample_rate, frame.pts = SAMPLE_RATE, self._pts
+        self._pts += x.shape[1]
+        self._graph.push(frame)
+        return self._pull()
+
+    def finish(self) -> np.ndarray:
+        self._graph.push(None)
+        return self._pull()
+
+    def _pull(self) -> np.ndarray:
+        import av
+
+        out = []
+        while True:
+            try:
+                out.append(self._graph.pull().to_ndarray().reshape(-1))
+            except (av.BlockingIOError, av.EOFError):
+                break
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def _tempo_stages(speed: float) -> list[float]:
+    stages = []
+    while speed < 0.5:
+        stages.append(0.5)
+        speed /= 0.5
+    while speed > 2.0:
+        stages.append(2.0)
+        speed /= 2.0
+    return stages + [speed]
