@@ -21,13 +21,14 @@ import time
 
 import uvicorn
 
+from csm_streaming.engine.voices import DEFAULT_VOICES_DIR
 from csm_streaming.options import (
     HelpFormatter,
     add_model_arguments,
     config_arguments,
     load_arguments,
 )
-from csm_streaming.server import chat_routes, routes
+from csm_streaming.server import chat_routes, routes, voice_routes
 from csm_streaming.server.api import SecretFilter, ServerSettings
 from csm_streaming.server.context import ServerContext
 
@@ -50,6 +51,7 @@ def create_app(scheduler, settings: ServerSettings, voices=None, chat=None):
     app.state.ctx = ctx
     routes.install(app)
     app.include_router(chat_routes.router)
+    app.include_router(voice_routes.router)
     return app
 
 
@@ -198,8 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, default=512,
                    help="authorised requests and WebSockets at once (then 503, Retry-After)")
     p.add_argument("--chunk-size", type=int, default=320, metavar="MS", help="audio per chunk")
-    p.add_argument("--voices-dir", default="voices",
-                   help="named voices: NAME.wav + NAME.txt (+ NAME.json with the speaker)")
+    p.add_argument("--voices-dir", default=None,
+                   help="named voices: NAME.wav + NAME.txt (+ NAME.json with the speaker); "
+                        f"POST /v1/voices adds to it (None: ./{DEFAULT_VOICES_DIR}, created "
+                        "when the first voice is added)")
     p.add_argument("--llm", choices=["gemini", "openai", "auto"], default=None,
                    help="answer chat requests with this LLM (auto: from the environment; "
                         "None: no chat). Keys and models: GOOGLE_API_KEY, GEMINI_MODEL, "
@@ -240,17 +244,25 @@ def main(argv=None) -> int:
     )
     logging.captureWarnings(True)
     from csm_streaming.chat.llm import LLMConfig, LLMError
-    from csm_streaming.engine.voices import VoiceLibrary
+    from csm_streaming.chat.llm import check as check_llm
+    from csm_streaming.engine.voices import VoiceLibrary, check_folder
     from csm_streaming.model.hub import CheckpointError
     from csm_streaming.model.watermark import WatermarkError
 
-    try:
+    try:  # what is wrong with the command shows before the model loads
+        if args.voices_dir is not None:
+            check_folder(args.voices_dir)
         chat = LLMConfig.from_env(args.llm, model=args.llm_model) if args.llm else None
+        if chat is not None:
+            check_llm(chat)  # the key, the endpoint, the model: in seconds, not after the load
         scheduler = load_scheduler(args)
-        voices = VoiceLibrary.load(args.voices_dir, scheduler.generator.generator)
+        voices = VoiceLibrary.load(args.voices_dir or DEFAULT_VOICES_DIR,
+                                   scheduler.generator.generator)
     except (CheckpointError, WatermarkError, LLMError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for file, why in voices.skipped.items():
+        log.warning("voice %s skipped: %s", file, why)
     log.info("voices: %s; chat: %s", ", ".join(voices.names()) or "none",
              chat.describe() if chat else "off (--llm)")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:

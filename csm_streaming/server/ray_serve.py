@@ -34,7 +34,7 @@ class CSMReplica:
         import torch
 
         from csm_streaming.chat.llm import LLMConfig
-        from csm_streaming.engine.voices import VoiceLibrary
+        from csm_streaming.engine.voices import DEFAULT_VOICES_DIR, VoiceLibrary
         from csm_streaming.server.app import build_parser, load_scheduler, settings_from_args
 
         if torch_threads:
@@ -44,7 +44,9 @@ class CSMReplica:
         self.replica = ctx.replica_tag if ctx is not None else "local"
         self.scheduler = load_scheduler(args, replica=self.replica).start()
         self.settings = settings_from_args(args)
-        self.voices = VoiceLibrary.load(args.voices_dir, self.scheduler.generator.generator)
+        self.voices = VoiceLibrary.load(args.voices_dir or DEFAULT_VOICES_DIR,
+                                        self.scheduler.generator.generator,
+                                        must_exist=args.voices_dir is not None)
         self.chat = LLMConfig.from_env(args.llm, model=args.llm_model) if args.llm else None
         log.info("replica %s ready on %s", self.replica, self.scheduler.generator.device)
 
