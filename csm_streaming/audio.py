@@ -125,10 +125,18 @@ def load_audio(source, limits: AudioLimits = AudioLimits()):
 
 
 def save_audio(path, audio, sample_rate: int = SAMPLE_RATE):
-    """Write 1-D float audio (tensor or array) as a float WAV (or by the file's extension)."""
+    """Write 1-D float audio (tensor or array) as a float WAV (or by the file's extension:
+    FLAC, OGG...). Whole or not at all: a reader never sees half a file under its name."""
+    import os
+
     import soundfile as sf
 
-    sf.write(str(path), _as_numpy(audio), sample_rate, subtype="FLOAT")
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    wav = path.suffix.lower() in (".wav", "")
+    sf.write(str(tmp), _as_numpy(audio), sample_rate, subtype="FLOAT" if wav else None,
+             format="WAV" if not path.suffix else None)
+    os.replace(tmp, path)
 
 
 def pcm16(audio) -> bytes:

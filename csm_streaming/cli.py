@@ -20,6 +20,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from csm_streaming.client.terminal import EXIT_BAD_INPUT, finish, open_player, show_stream
 from csm_streaming.options import (
     HelpFormatter,
     add_model_arguments,
@@ -27,7 +28,6 @@ from csm_streaming.options import (
     load_arguments,
 )
 
-EXIT_BAD_INPUT = 2
 DEFAULT_OUTPUT = "csm_output.wav"  # in the current folder, when neither --output nor --play-audio
 
 
@@ -140,9 +140,10 @@ def check_args(args) -> list[ContextTurn]:
         audio, rate = read_audio(path)
         turns.append(ContextTurn(path, text, speaker, audio, rate, Path(path).read_bytes()))
     if args.chat and args.server is None:
-        from csm_streaming.chat.llm import LLMConfig
+        from csm_streaming.chat.llm import LLMConfig, check
 
         args.llm_config = LLMConfig.from_env(args.llm, model=args.llm_model)
+        check(args.llm_config)  # the key, the endpoint, the model: before the model loads
     if args.voice is not None and args.server is None:
         from csm_streaming.engine.voices import VoiceLibrary
 
@@ -159,97 +160,6 @@ def check_args(args) -> list[ContextTurn]:
 
         ws_url(args.server)
     return turns
-
-
-def open_player(sample_rate: int):
-    """The sound card, opened now: no device is an error before any loading."""
-    from csm_streaming.client.playback import AudioPlayer
-
-    try:
-        import sounddevice as sd
-
-        sd.query_devices(kind="output")
-        return AudioPlayer(sample_rate).start()
-    except Exception as e:  # no PortAudio, no output device
-        raise ValueError(f"cannot open the audio output ({e}); run without --play-audio or with "
-                         "--output FILE.wav") from None
-
-
-# -- the shared part: play, show, save ------------------------------------------------------------
-
-
-def show_stream(chunks, metrics_of, args, player, expected_s: float, sample_rate: int,
-                chat_of=lambda: None):
-    """Consume chunks (tensors or arrays) with the dashboard and, when playing, the sound card.
-    Returns (list of chunks, interrupted)."""
-    from csm_streaming.client.dashboard import Dashboard
-
-    out, interrupted = [], False
-    with Dashboard(enabled=True, force_terminal=False if args.no_dashboard else None) as dash:
-        def show(status):
-            dash.update(snapshot(metrics_of(), player, status, chat_of()),
-                        force=status != "generating")
-
-        try:
-            if player is not None:
-                from csm_streaming.client.playback import play_stream
-
-                chunks = play_stream(chunks, sample_rate, rtf_hint=0.5, expected_total_s=expected_s,
-                                     player=player, on_chunk=lambda _: show("generating"))
-            for chunk in chunks:
-                out.append(chunk)
-                show("generating")
-            show("done")
-        except KeyboardInterrupt:
-            interrupted = True
-            show("interrupted")
-        finally:
-            if player is not None:
-                player.close()
-    return out, interrupted
-
-
-def snapshot(metrics, player, status: str, chat=None):
-    """What the dashboard shows: the stream's numbers, the player's buffer, the LLM's wait."""
-    from csm_streaming.client.dashboard import Snapshot
-
-    stats = player.stats() if player is not None else None
-    events = [str(e) for e in metrics.events]
-    if stats is not None and not stats.started and not stats.finished:
-        status = f"buffering {stats.buffered_ms:.0f} / {stats.prebuffer_ms:.0f} ms before playback"
-        if metrics.audio_s and metrics.rtf >= 1:
-            events.append(f"slower than real time (RTF {metrics.rtf:.2f}): buffering "
-                          f"{stats.prebuffer_ms / 1000:.1f} s so playback will not stall")
-    llm_s = None if chat is None else chat.llm_first_piece_s
-    llm_ms = None if llm_s is None else llm_s * 1e3
-    return Snapshot(device=metrics.device, status=status, rtf_now=metrics.rtf_now, rtf=metrics.rtf,
-                    ttfa_ms=None if metrics.first_audio_s is None else metrics.first_audio_s * 1e3,
-                    chunks=metrics.chunks, chunk_gen_ms=list(metrics.chunk_gen_ms),
-                    frames=metrics.frames, frames_per_s=metrics.frames_per_s,
-                    audio_s=metrics.audio_s,
-                    buffer_ms=None if stats is None else stats.buffered_ms,
-                    prebuffer_ms=None if stats is None else stats.prebuffer_ms,
-                    underruns=0 if stats is None else stats.underruns,
-                    memory_mb=metrics.peak_memory_mb, events=events, llm_ms=llm_ms,
-                    llm_share=None if chat is None else chat.llm_wait_share)
-
-
-def finish(args, chunks, metrics, player, sample_rate: int, interrupted: bool) -> int:
-    import numpy as np
-
-    from csm_streaming.audio import save_audio
-
-    audio = np.concatenate([np.asarray(c.detach().cpu() if hasattr(c, "detach") else c)
-                            for c in chunks]) if chunks else np.zeros(0, dtype=np.float32)
-    if args.output:
-        save_audio(args.output, audio, sample_rate)
-        print(f"wrote {audio.size / sample_rate:.2f} s to {Path(args.output).resolve()}",
-              file=sys.stderr)
-    if metrics is not None and metrics.audio_s:
-        print(f"audio {metrics.audio_s:.2f} s, first audio {metrics.first_audio_s * 1000:.0f} ms, "
-              f"RTF {metrics.rtf:.3f}, {metrics.frames_per_s:.1f} frames/s"
-              + (f", underruns {player.underruns}" if player else ""), file=sys.stderr)
-    return 130 if interrupted else 0
 
 
 # -- local, remote, chat ---------------------------------------------------------------------------
@@ -335,65 +245,6 @@ def run_remote(args, turns: list[ContextTurn]) -> int:
     return finish(args, chunks, metrics, player, SAMPLE_RATE, interrupted)
 
 
-def read_messages():
-    """The user's messages, a line each, until end of input or 'quit'."""
-    while True:
-        try:
-            line = input("you> " if sys.stdin.isatty() else "")
-        except EOFError:
-            return
-        if line.strip().lower() in ("quit", "exit"):
-            return
-        if line.strip():
-            yield line.strip()
-
-
-def run_chat(args) -> int:
-    """Type a message, hear the reply while the LLM writes it; every reply saved to --output."""
-    from csm_streaming.audio import SAMPLE_RATE
-    from csm_streaming.chat.llm import LLMError
-    from csm_streaming.client.remote import ChatSession, RemoteError
-    from csm_streaming.metrics import StreamMetrics
-
-    if args.server is None:
-        from csm_streaming.chat.conversation import Conversation
-
-        sg, voice = load_local(args)
-        conv = Conversation(sg, args.llm_config, voice=voice, speaker=args.speaker,
-                            temperature=args.temperature, topk=args.topk, seed=args.seed,
-                            max_reply_ms=args.max_audio_ms)
-        print(f"talking with {args.llm_config.describe()}; an empty input or 'quit' ends",
-              file=sys.stderr)
-    else:
-        session = ChatSession(args.server, args.token, args.voice, args.speaker,
-                              temperature=args.temperature, top_k=args.topk, seed=args.seed,
-                              max_audio_length_ms=args.max_audio_ms)
-    everything, status, metrics = [], 0, None
-    for message in read_messages():
-        player = open_player(SAMPLE_RATE) if args.play_audio else None
-        if args.server is None:
-            chunks = conv.speak_reply(message)
-            metrics_of, chat_of = (lambda: sg.metrics), (lambda: conv.metrics)
-        else:
-            metrics = StreamMetrics(device="remote")
-            chunks = session.reply(message, metrics)
-            metrics_of, chat_of = (lambda m=metrics: m), (lambda: None)
-        try:
-            out, interrupted = show_stream(chunks, metrics_of, args, player, 5.0, SAMPLE_RATE,
-                                           chat_of)
-        except (LLMError, RemoteError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)  # the conversation goes on
-            status = EXIT_BAD_INPUT
-            continue
-        everything += out
-        print(f"csm> {conv.reply.text if args.server is None else session.text}", flush=True)
-        if interrupted:
-            return 130
-    last = sg.metrics if args.server is None else metrics
-    finish(args, everything, last, None, SAMPLE_RATE, False)
-    return status
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -413,12 +264,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.server is not None:  # a remote server: nothing here imports torch
-        return run_chat(args) if args.chat else run_remote(args, turns)
+        return chat_console(args) if args.chat else run_remote(args, turns)
     from csm_streaming.model.hub import CheckpointError
     from csm_streaming.model.watermark import WatermarkError
 
     try:
-        return run_chat(args) if args.chat else run_local(args, turns)
+        return chat_console(args) if args.chat else run_local(args, turns)
     except (CheckpointError, WatermarkError, FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)  # loading failed: the model, a device, a voice
         return EXIT_BAD_INPUT
@@ -426,6 +277,12 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def chat_console(args) -> int:
+    from csm_streaming.chat.console import run_chat
+
+    return run_chat(args, *(load_local(args) if args.server is None else (None, None)))
 
 
 def server_main(argv=None) -> int:

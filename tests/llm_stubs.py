@@ -8,6 +8,7 @@
 
 `tokens` are sent one event each, `delay` seconds apart; `sent_last_at` is when the last went.
 `fail` makes the next requests fail: an HTTP status (401, 500...) or "hang" (no answer).
+GET answers what `llm.check` asks: the model list (OpenAI), a model by name (Gemini).
 """
 
 from __future__ import annotations
@@ -23,12 +24,30 @@ class LLMStub:
         assert kind in ("openai", "gemini")
         self.kind, self.tokens, self.delay = kind, tokens, delay
         self.fail: int | str | None = None
+        self.models = ["stub-model"]  # what the endpoint lists
         self.requests: list[dict] = []  # (path, headers, body) of each request
         self.sent_last_at: float | None = None
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def do_GET(self):  # what llm.check asks: the model list (OpenAI), a model (Gemini)
+                stub.requests.append({"path": self.path, "headers": dict(self.headers)})
+                if stub.fail == "hang":
+                    time.sleep(30)
+                    return
+                if stub.fail is not None:
+                    return self._error(int(stub.fail))
+                path = self.path.split("?")[0]
+                if stub.kind == "openai" and path.endswith("/models"):
+                    return self._json(200, {"object": "list", "data": [
+                        {"id": m, "object": "model", "created": 0, "owned_by": "stub"}
+                        for m in stub.models]})
+                model = path.rsplit("/models/", 1)[-1]
+                if stub.kind == "gemini" and model in stub.models:
+                    return self._json(200, {"name": f"models/{model}", "displayName": model})
+                self._error(404)
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
@@ -66,6 +85,9 @@ class LLMStub:
                 else:
                     state = "PERMISSION_DENIED" if status == 403 else "INTERNAL"
                     body = {"error": {"code": status, "message": message, "status": state}}
+                self._json(status, body)
+
+            def _json(self, status, body):
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -72,7 +73,7 @@ def pcm(data: bytes) -> torch.Tensor:
 # -- voices ---------------------------------------------------------------------------------------
 
 
-def test_a_voice_is_read_and_encoded_once(voices_dir, tiny_generator, tmp_path):
+def test_a_voice_is_read_and_encoded_once(voices_dir, tiny_generator):
     lib = VoiceLibrary.load(voices_dir, tiny_generator)
     anna = lib.get("anna")
     assert lib.names() == ["anna"] and anna.speaker == 2 and anna.text == "This is how I sound."
@@ -81,10 +82,6 @@ def test_a_voice_is_read_and_encoded_once(voices_dir, tiny_generator, tmp_path):
     assert anna.segment.codes is not None and torch.equal(anna.segment.codes, expected)
     with pytest.raises(VoiceError, match="no voice named 'bob'.*anna"):
         lib.get("bob")
-    sf.write(tmp_path / "mute.wav", np.zeros(2400, dtype=np.float32), 24_000)
-    with pytest.raises(VoiceError, match="mute.txt is missing"):
-        VoiceLibrary.load(tmp_path)
-    assert VoiceLibrary.load(tmp_path / "none").names() == []  # no folder, no voices
 
 
 def test_the_speech_route_speaks_in_a_named_voice_without_encoding_it_again(live, voices_dir,
@@ -198,16 +195,55 @@ def test_chat_failures_are_clear_and_a_session_goes_on(live, stub):
         with httpx.stream("POST", f"{live.url}/v1/chat/speech", headers=AUTH, timeout=60, json={
                 "messages": [{"role": "user", "content": "Hi?"}], "stream_format": "sse"}) as r:
             body = "".join(r.iter_lines())
-        assert r.status_code == 500 and "failed the request (500)" in body
+        assert r.status_code == 502 and "failed the request (500)" in body  # upstream's fault
         with connect(f"ws://127.0.0.1:{live.port}/v1/stream", additional_headers=AUTH) as ws:
             ws.send(json.dumps({"type": "chat", "text": "Hi?", "max_audio_length_ms": 800}))
             err = receive_until(ws, "error", "done")
             assert err["type"] == "error" and "failed the request (500)" in err["message"]
+            assert err["status"] == 502
             stub.fail = None
             ws.send(json.dumps({"text": "Again?", "max_audio_length_ms": 800}))
             assert receive_until(ws, "error", "done")["type"] == "done"  # the same socket goes on
     finally:
         stub.fail = None
+
+
+@pytest.mark.parametrize("fail, status", [(401, 502), ("hang", 504)])
+def test_llm_failures_are_upstream_statuses_never_500(live, stub, fail, status):
+    from dataclasses import replace
+
+    ctx = live.app.state.ctx
+    chat, stub.fail = ctx.chat, fail
+    ctx.chat = replace(chat, timeout_s=1.0)
+    try:
+        r = httpx.post(f"{live.url}/v1/chat/speech", headers=AUTH, timeout=60, json={
+            "messages": [{"role": "user", "content": "Hi?"}], "response_format": "pcm"})
+    finally:
+        ctx.chat, stub.fail = chat, None
+    assert r.status_code == status, r.text
+    down = replace(chat, base_url="http://127.0.0.1:9/v1")
+    ctx.chat = down
+    try:
+        r = httpx.post(f"{live.url}/v1/chat/speech", headers=AUTH, timeout=60, json={
+            "messages": [{"role": "user", "content": "Hi?"}], "response_format": "pcm"})
+    finally:
+        ctx.chat = chat
+    assert r.status_code == 503 and "Retry-After" in r.headers
+    assert "cannot reach" in r.json()["error"]["message"]
+
+
+def test_the_server_checks_the_llm_before_loading_the_model(stub, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OPENAI_BASE_URL": stub.base_url,
+           "OPENAI_API_KEY": "wrong", "OPENAI_MODEL": "stub-model"}
+    stub.fail = 401
+    try:
+        r = subprocess.run([sys.executable, "-m", "csm_streaming.server.app", "--model",
+                            "random:tiny", "--llm", "openai"], capture_output=True, text=True,
+                           env=env, cwd=tmp_path, timeout=120)
+    finally:
+        stub.fail = None
+    assert r.returncode == 2 and "refused the API key (401): check OPENAI_API_KEY" in r.stderr
+    assert "warm-up" not in r.stderr and "Uvicorn running" not in r.stderr
 
 
 def test_without_an_llm_chat_says_how_to_turn_it_on():
@@ -228,22 +264,31 @@ def test_the_command_line_chats_here_and_with_a_server(stub, live, voices_dir, t
            "OPENAI_API_KEY": "k", "OPENAI_MODEL": "stub-model"}
     env.pop("GOOGLE_API_KEY", None)
     out = tmp_path / "chat.wav"
-    local = subprocess.run(
+    local = subprocess.Popen(
         [sys.executable, str(ROOT / "test_streaming.py"), "--chat", "--model", "random:tiny",
          "--voice", "anna", "--voices-dir", str(voices_dir), "--no-dashboard", "--seed", "1",
          "--max-audio-ms", "800", "--output", str(out)],
-        input="How are you?\nAnd now?\n", capture_output=True, text=True, env=env, cwd=ROOT,
-        timeout=300)
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, cwd=ROOT)
+    local.stdin.write("How are you?\n")
+    local.stdin.flush()
+    deadline = time.monotonic() + 240
+    while not out.exists() and local.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # the first reply is on disk (written whole) before the next message
+    assert out.exists() and sf.info(out).frames == 10 * 1920, local.poll()
+    stdout, stderr = local.communicate("And now?\n", timeout=300)
+    local = subprocess.CompletedProcess(local.args, local.returncode, stdout, stderr)
     assert local.returncode == 0, local.stderr
-    assert local.stdout.count(f"csm> {' '.join(PIECES)}") == 2
-    assert "llm_first_words=" in local.stdout and "talking with openai stub-model" in local.stderr
+    # stdout is the transcript: each piece of each reply as it came (the dashboard is on stderr)
+    assert local.stdout.splitlines() == [f"csm> {p}" for p in PIECES] * 2
+    assert "llm_first_words=" in local.stderr and "talking with openai stub-model" in local.stderr
     assert sf.info(out).frames == 2 * 10 * 1920  # two replies of 800 ms
     remote = subprocess.run(
         [sys.executable, str(ROOT / "test_streaming.py"), "--chat", "--server", live.url,
          "--token", TOKEN, "--voice", "anna", "--no-dashboard", "--max-audio-ms", "800"],
         input="Hello?\n", capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert remote.returncode == 0, remote.stderr
-    assert f"csm> {' '.join(PIECES)}" in remote.stdout
+    assert remote.stdout.splitlines() == [f"csm> {p}" for p in PIECES]
     none = subprocess.run([sys.executable, str(ROOT / "test_streaming.py"), "--chat"],
                           capture_output=True, text=True, cwd=ROOT, timeout=60, input="",
                           env={k: v for k, v in env.items() if not k.startswith("OPENAI")})

@@ -168,7 +168,8 @@ def test_the_snapshot_says_when_it_buffers_for_a_slow_generator():
     from csm_streaming.client.playback import AudioPlayer
     from csm_streaming.metrics import StreamMetrics
 
-    snapshot = cli_module().snapshot
+    from csm_streaming.client.terminal import snapshot
+
     m = StreamMetrics(elapsed_s=3.0, audio_s=1.5, frames=18, chunks=3, chunk_gen_ms=[900.0] * 3,
                       chunk_rtf=[2.0] * 3)
     player = AudioPlayer(SR, prebuffer_s=4.0)

@@ -121,6 +121,41 @@ def test_a_provider_failure_is_clear_and_the_conversation_goes_on(speaking, kind
     assert audio.numel() and [t.role for t in conv.turns] == ["user", "assistant"]
 
 
+@pytest.mark.parametrize("kind", ["openai", "gemini"])
+@pytest.mark.parametrize("fail, model, what, status", [
+    (None, "stub-model", None, None),
+    (401, "stub-model", "key", 502),
+    (None, "no-such-model", "model", 502),
+    ("hang", "stub-model", "timeout", 504),
+    ("down", "stub-model", "unreachable", 503),
+])
+def test_the_check_says_which_is_wrong_within_seconds(kind, fail, model, what, status):
+    from dataclasses import replace
+
+    from csm_streaming.chat.llm import check
+
+    stub = LLMStub(kind, ["Hi."])
+    try:
+        config = replace(stub.config(), model=model)
+        if fail == "down":
+            config = replace(config, base_url="http://127.0.0.1:9" + stub.base_url[-3:] * (
+                kind == "openai"))
+        else:
+            stub.fail = fail
+        t0 = time.perf_counter()
+        if what is None:
+            check(config)  # a good key, a known model: no error
+            return
+        with pytest.raises(LLMError) as e:
+            check(config, timeout_s=1.0)
+    finally:
+        stub.close()
+    assert e.value.kind == what and e.value.http_status == status
+    assert time.perf_counter() - t0 < 10  # seconds, not the 30 s of a reply's timeout
+    if what == "model":
+        assert "no-such-model" in str(e.value)
+
+
 def test_configuration_from_the_environment(monkeypatch):
     for var in ("GOOGLE_API_KEY", "GEMINI_API_KEY", "OPENAI_BASE_URL", "OPENAI_API_KEY",
                 "GEMINI_MODEL", "OPENAI_MODEL"):
@@ -138,6 +173,10 @@ def test_configuration_from_the_environment(monkeypatch):
         LLMConfig.from_env("claude")
     with pytest.raises(LLMError, match="must end with the user's message"):
         list(stream_reply(c, []))
+    for var in ("GOOGLE_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(var)
+    with pytest.raises(LLMError, match="OpenAI needs an API key: set OPENAI_API_KEY"):
+        LLMConfig.from_env("openai")  # not "cannot reach": the key is what is missing
 
 
 def test_the_chunker_cuts_at_clauses_first_then_sentences():

@@ -192,9 +192,10 @@ class Conversation:
         """The seed of the next reply: --seed plus the turn number (replies differ, runs repeat)."""
         return None if self.seed is None else self.seed + len(self.turns) // 2
 
-    def speak_reply(self, user_text: str) -> Iterator[torch.Tensor]:
+    def speak_reply(self, user_text: str, on_text=None) -> Iterator[torch.Tensor]:
         """Stream the spoken reply to `user_text`. The LLM's first clause is spoken while the
-        rest is written. Raises LLMError (the conversation is unchanged and goes on)."""
+        rest is written; on_text(piece) sees each piece of the text as it goes to the engine.
+        Raises LLMError (the conversation is unchanged and goes on)."""
         if not isinstance(user_text, str) or not user_text.strip():
             raise ValueError("say something: the message is empty")
         self.metrics = metrics = ChatMetrics()
@@ -202,7 +203,7 @@ class Conversation:
                               self.max_reply_ms, self.temperature, self.topk, self.turn_seed())
         feed = TextFeed(closed=False)
         self.reply = reply = ReplyText(self.llm, self.dialogue.messages(user_text.strip()), feed,
-                                       metrics).start()
+                                       metrics, on_text).start()
         listened = False
         try:  # the stream starts now: the voice's context is prepared while the LLM thinks
             for chunk in self.sg.stream(req, feed):

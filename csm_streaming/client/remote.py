@@ -130,11 +130,13 @@ def audio_seconds(chunks: list[np.ndarray]) -> float:
 
 class ChatSession:
     """Turns of a spoken chat with a server, on one WebSocket (the server keeps the dialogue,
-    so the voice stays the same). reply(text) yields float32 chunks; `text` is the reply."""
+    so the voice stays the same). reply(text) yields float32 chunks; `text` is the reply, and
+    on_text(delta), when given, sees each piece of it as it arrives (before its audio)."""
 
     def __init__(self, server: str, token: str | None = None, voice: str | None = None,
-                 speaker: int = 0, timeout: float = 600.0, **sampling):
+                 speaker: int = 0, timeout: float = 600.0, on_text=None, **sampling):
         self.server, self.token, self.timeout = server, token, timeout
+        self.on_text = on_text
         self.first = {"type": "chat", "speaker": speaker, **sampling}
         if voice is not None:
             self.first["voice"] = voice
@@ -159,6 +161,8 @@ class ChatSession:
     def _on_message(self, msg: dict):
         if msg.get("type") == "text":
             self.text += msg["delta"]
+            if self.on_text is not None:
+                self.on_text(msg["delta"])
 
     def close(self):
         if self.ws is not None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from csm_streaming.audio import AudioError, AudioLimits, read_audio, to_mono_24k
+from csm_streaming.chat.llm import LLMError
 from csm_streaming.request import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOPK,
@@ -281,6 +282,9 @@ def shape_error(e: BaseException, retry_after: int = 2) -> ApiError:
         return ApiError(503, str(e), {"Retry-After": str(retry_after)})
     if isinstance(e, EmptyOutputError):
         return ApiError(422, str(e))
+    if isinstance(e, LLMError):  # the chat's language model: an upstream fault, never a 500
+        retry = {"Retry-After": str(retry_after)} if e.http_status == 503 else None
+        return ApiError(e.http_status, str(e), retry)
     return ApiError(500, f"generation failed ({type(e).__name__}: {str(e)[:300]})")
 
 
