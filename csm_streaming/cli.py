@@ -109,8 +109,9 @@ def add_local_arguments(p):
                        help="audio per chunk (a multiple of 80)")
     local.add_argument("--first-chunk", type=int, default=160, metavar="MS",
                        help="size of the first chunk (small: sound starts early)")
-    local.add_argument("--decode-frames", type=int, default=2, metavar="N",
-                       help="frames Mimi decodes per call (divides both chunk sizes)")
+    local.add_argument("--decode-frames", type=int, default=None, metavar="N",
+                       help="frames Mimi decodes per call, dividing both chunk sizes (None: a "
+                            "whole chunk per call, the fastest)")
     local.add_argument("--no-normalize", action="store_true",
                        help="do not spell out numbers and symbols")
     local.add_argument("--no-cpu-fallback", action="store_true",

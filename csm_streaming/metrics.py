@@ -47,6 +47,18 @@ class StreamMetrics:
     finished: bool = False
     stop_reason: str = ""
     events: list[Event] = field(default_factory=list)
+    # seconds spent per stage: "model" (frame steps), "mimi" (decode), "watermark"
+    stage_s: dict[str, float] = field(default_factory=dict)
+
+    def add_stage(self, stage: str, seconds: float):
+        self.stage_s[stage] = self.stage_s.get(stage, 0.0) + seconds
+
+    def stages_line(self) -> str:
+        """Each stage's cost per second of audio, e.g. 'model 0.45 s, mimi 0.50 s per audio s'."""
+        if not self.audio_s or not self.stage_s:
+            return ""
+        parts = [f"{k} {v / self.audio_s:.2f} s" for k, v in self.stage_s.items()]
+        return ", ".join(parts) + " per second of audio"
 
     @property
     def rtf(self) -> float:

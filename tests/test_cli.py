@@ -44,6 +44,9 @@ def test_random_model_runs_offline_watermarked_and_short_by_default(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "wrote 2.96 s" in r.stderr and r.stdout.count("[done]") == 1
     assert r.stderr.count("silentcipher's classes with random weights") == 1
+    # each stage's cost, said once: the model's frame steps, Mimi's decode, the watermark
+    stages = [line for line in r.stderr.splitlines() if line.startswith("stages: ")]
+    assert len(stages) == 1 and all(f"{k} " in stages[0] for k in ("model", "mimi", "watermark"))
     audio, sr = sf.read(out, dtype="float32")
     assert sr == SR and audio.shape == (37 * 1920,)
     ref = load_csm_1b("cpu", "random:tiny").generate("Hello from the command line.", 0, seed=5)

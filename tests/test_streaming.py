@@ -118,8 +118,10 @@ def test_caller_stopping_early_frees_the_engine(streamer, tiny_generator):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
-def test_long_text_is_spoken_in_segments_without_a_seam(own_generator):
-    sg = StreamingGenerator(own_generator, StreamingConfig(max_segment_chars=40))
+@pytest.mark.parametrize("frame_batch", [None, 1])  # a chunk per Mimi call, or a frame
+def test_long_text_is_spoken_in_segments_without_a_seam(own_generator, frame_batch):
+    sg = StreamingGenerator(own_generator, StreamingConfig(max_segment_chars=40,
+                                                           frame_batch_size=frame_batch))
     text = "This is the first sentence here. And this one is the second. A third one ends it."
     assert len(split_sentences(text, 40)) == 3
     # A segment's draws start at (frames said so far + its index): the first keeps frames 0..5

@@ -106,4 +106,6 @@ def finish(args, chunks, metrics, player, sample_rate: int, interrupted: bool) -
         print(f"audio {metrics.audio_s:.2f} s, first audio {metrics.first_audio_s * 1000:.0f} ms, "
               f"RTF {metrics.rtf:.3f}, {metrics.frames_per_s:.1f} frames/s"
               + (f", underruns {player.underruns}" if player else ""), file=sys.stderr)
+        if metrics.stage_s:
+            print(f"stages: {metrics.stages_line()}", file=sys.stderr)
     return 130 if interrupted else 0

@@ -315,7 +315,8 @@ def load_csm_1b(device: str = "auto", model: str = DEFAULT_REPO, mimi: str | Non
     one), a local folder or weight file (both checkpoint formats), or `random:csm-1b` /
     `random:tiny` for random weights with no download. mimi: None (Kyutai's release), a local
     file, a repo id, or 'random' (the default for random models). Random models also get a
-    watermark model with random weights (the stage runs, the mark means nothing) and a short
+    watermark model with random weights (the stage runs, the mark means nothing; random:tiny's
+    is small, as its model is) and a short
     default length (RANDOM_MODEL_MAX_AUDIO_MS): they never emit the end frame.
     quantize: None, 'int8' (CPU, MPS, CUDA) or 'int4' (CPU) weight-only quantization, see
     model/quantize.py; dtype='int8' / 'int4' says the same.
@@ -347,7 +348,8 @@ def load_csm_1b(device: str = "auto", model: str = DEFAULT_REPO, mimi: str | Non
     if mimi is None and random_model:
         mimi = "random"
     audio_tokenizer = load_mimi(mimi, dev)
-    wm = load_watermark_stage(watermark, dev, watermark_key, random_weights=random_model)
+    wm = load_watermark_stage(watermark, dev, watermark_key, random_weights=random_model,
+                              small=model == "random:tiny")
     gen = Generator(csm, tok, audio_tokenizer, dev, watermarker=wm, normalize=normalize,
                     allow_cpu_fallback=allow_cpu_fallback,
                     default_max_audio_ms=RANDOM_MODEL_MAX_AUDIO_MS if random_model else None)

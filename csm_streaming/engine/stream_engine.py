@@ -281,13 +281,17 @@ class StreamEngine:
         except BaseException:
             st.restore(saved)  # e.g. out of memory at frame f: no stream loses frames 0..f-1
             raise
-        step_s = (time.perf_counter() - t0) / n
+        t_model = time.perf_counter()
+        step_s = (t_model - t0) / n
         self.frame_step_s = (
             step_s if not self.frame_step_s else 0.8 * self.frame_step_s + 0.2 * step_s
         )
         kept = {s.slot: min(valid[s.slot], s.segment_limit - s.segment_frames, s.frames_left)
                 for s in streams}
         audio = self._decode(st.codes[:, :n], kept)
+        for s in streams:  # shared by the batch: each stream sees the whole step's cost
+            s.metrics.add_stage("model", t_model - t0)
+            s.metrics.add_stage("mimi", time.perf_counter() - t_model)
         host_codes = st.codes[:, :n].to("cpu", copy=True)
         now = time.perf_counter()
         events = []
@@ -378,8 +382,9 @@ class StreamEngine:
         stream's end are decoded only for the streams that keep them (exec mask), so no stream's
         codec state sees frames it will not play.
         """
-        b, fb = len(self.slots), self.config.frame_batch_size
+        b = len(self.slots)
         common = min(kept.values()) if kept else 0
+        fb = self.config.frame_batch_size or max(common, 1)
         pieces: list[torch.Tensor] = []
         self.mimi.set_exec_mask(self._rows_mask(kept, 0))
         for start in range(0, common, fb):

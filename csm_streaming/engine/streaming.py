@@ -128,7 +128,9 @@ class StreamingGenerator:
         chunks = self._chunks(req, feed)
         if not self.watermarked:
             return chunks
-        return self.generator.watermarker.mark_chunks(chunks, self.config.watermark_window_ms)
+        return self.generator.watermarker.mark_chunks(
+            chunks, self.config.watermark_window_ms,
+            on_mark=lambda s: self.metrics.add_stage("watermark", s))
 
     def _chunks(self, req: GenerationRequest, feed: TextFeed | None) -> Iterator[torch.Tensor]:
         with self._lock:  # one thread drives the engine; a second caller waits its turn
