@@ -1,0 +1,186 @@
+"""What a CUDA graph and torch.compile need from the frame step, proven on a CPU.
+
+- No host sync inside the frame step: every op that reads a tensor's value on the host (.item(),
+  .tolist(), nonzero, bool(tensor), a copy to the CPU...) is recorded while the engine runs
+  streams that join and end, in batch buckets 1 and 4, at top-k 1 and 50: none happens inside a
+  step, and between a chunk's first step and its decode the one look is `valid.tolist()` in
+  `_chunk`.
+- Graph-ready: dynamo traces each bucket's frame step whole (fullgraph, no break), and 20 steps
+  with moving positions, other temperatures and top-k and slots that change hands compile it
+  once. Every buffer a captured graph would hold keeps its storage across steps and resets.
+"""
+
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from csm_streaming.engine.config import StreamingConfig
+from csm_streaming.engine.streaming import StreamingGenerator
+
+aten = torch.ops.aten
+# Ops that need a tensor's value on the host (a device would have to finish first)
+SYNC_OPS = {aten._local_scalar_dense.default, aten.item.default, aten.is_nonzero.default,
+            aten.nonzero.default, aten.masked_select.default, aten._unique2.default,
+            aten.unique_consecutive.default, aten.repeat_interleave.Tensor}
+SYNC_METHODS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__",
+                "__index__")
+PACKAGE = str(Path(__file__).resolve().parent.parent / "csm_streaming")
+
+
+def where() -> str:
+    """The package function that asked (the innermost frame in csm_streaming)."""
+    for frame in inspect.stack()[2:]:
+        if frame.filename.startswith(PACKAGE):
+            return frame.function
+    return "?"
+
+
+class SyncRecorder(TorchDispatchMode):
+    """Records host reads as (what, where) while `on`."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.on, self.events = False, []
+        for name in SYNC_METHODS:
+            original = getattr(torch.Tensor, name)
+
+            def wrapped(t, *a, _name=name, _original=original, **k):
+                self._record(f".{_name}()")
+                return _original(t, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, wrapped)
+
+    def _record(self, what: str):
+        if self.on:
+            self.events.append((what, where()))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        bool_index = func is aten.index.Tensor and any(
+            i is not None and i.dtype == torch.bool for i in args[1])
+        to_host = func is aten._to_copy.default and kwargs.get("device") == torch.device("cpu")
+        if func in SYNC_OPS or bool_index or to_host:
+            self._record(str(func))
+        return func(*args, **kwargs)
+
+
+def test_the_recorder_sees_each_kind_of_host_read(monkeypatch):
+    # the detector itself can fail: each of these is a host read it must see
+    rec = SyncRecorder(monkeypatch)
+    x = torch.arange(4)
+    with rec:
+        rec.on = True
+        x.sum().item(), x.tolist(), x[x > 1], bool(x[0]), x.nonzero(), int(x[1])
+        x.to("cpu", copy=True)
+    seen = " ".join(w for w, _ in rec.events)
+    for what in (".item()", ".tolist()", "aten.index", ".__bool__()", "aten.nonzero",
+                 ".__int__()", "aten._to_copy"):
+        assert what in seen, (what, seen)
+
+
+def test_no_host_sync_inside_the_frame_step(own_generator, monkeypatch):
+    sg = StreamingGenerator(own_generator, StreamingConfig(max_batch_size=4))
+    engine = sg.engine
+    rec = SyncRecorder(monkeypatch)
+    inside, before_decode, steps, buckets = [], [], [0], set()
+    frame_step, decode, chunk = engine._frame_step, engine._decode, engine._chunk
+
+    def traced_step(n):
+        buckets.add(n)
+        steps[0] += 1
+        mark = len(rec.events)
+        out = frame_step(n)
+        inside.extend(rec.events[mark:])
+        return out
+
+    def traced_chunk(streams):
+        rec.on, mark = True, len(rec.events)
+        try:
+            return chunk(streams)
+        finally:
+            rec.on = False
+            before_decode.append(rec.events[mark:])
+
+    def traced_decode(*a):
+        rec.on = False  # after the frames: Mimi and the host copies of the chunk
+        return decode(*a)
+
+    monkeypatch.setattr(engine, "_frame_step", traced_step)
+    monkeypatch.setattr(engine, "_chunk", traced_chunk)
+    monkeypatch.setattr(engine, "_decode", traced_decode)
+    engine._steps.clear()  # the graphed wrappers call the traced step
+    reqs = [sg.request("First one.", 0, (), 1600, 0.9, 1, 1),
+            sg.request("The second, longer.", 1, (), 2400, 0.7, 50, 2),
+            sg.request("Third.", 0, (), 1200, 1.2, 50, 3)]
+    streams = [engine.submit(reqs[0])]
+    with rec, torch.inference_mode():
+        for i in range(200):
+            engine.step()
+            if i == 2:  # others join while the first runs: bucket 1 -> 4
+                streams += [engine.submit(reqs[1]), engine.submit(reqs[2])]
+            if i == 12:
+                engine.cancel(streams[1])  # one leaves mid-stream
+            if not engine.active and not engine.prompts.pending:
+                break
+    assert not engine.active and steps[0] > 10 and {1, 4} <= buckets
+    assert inside == [], f"host reads inside the frame step: {sorted(set(inside))}"
+    assert before_decode and all(e == [(".tolist()", "_chunk")] for e in before_decode), \
+        before_decode
+
+
+# -- graph-ready: one trace per bucket, no recompile, fixed storage -------------------------------
+
+
+def buffers(engine) -> dict[str, int]:
+    """The storage every captured graph of the step holds, by name."""
+    st, found = engine.state, {}
+    for name in ("last_h", "pos", "ended", "valid", "codes"):
+        found[name] = getattr(st, name).data_ptr()
+    for name, t in vars(st.sampling).items():
+        if isinstance(t, torch.Tensor):
+            found[f"sampling.{name}"] = t.data_ptr()
+    for kind in ("backbone", "decoder"):
+        for i, c in enumerate(getattr(engine.caches, kind)):
+            found[f"{kind}[{i}].k"], found[f"{kind}[{i}].v"] = c.k.data_ptr(), c.v.data_ptr()
+    return found
+
+
+@pytest.mark.parametrize("bucket", [1, 2, 4])
+def test_the_frame_step_traces_whole_once_and_keeps_its_buffers(own_generator, bucket):
+    import torch._dynamo
+
+    sg = StreamingGenerator(own_generator, StreamingConfig(max_batch_size=4))
+    engine = sg.engine
+    reqs = [sg.request(f"Stream number {i}.", i % 2, (), 4000, 0.6 + 0.2 * i, [1, 50, 7, 2051][i],
+                       i) for i in range(4)]
+    for r in reqs[:bucket]:
+        engine.submit(r)
+    with torch.inference_mode():
+        engine.prepare_all()  # prefill: the streams run from here
+    before = buffers(engine)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(lambda: engine._frame_step(bucket), backend=counting_backend,
+                         fullgraph=True)  # fullgraph: a graph break is an error
+    with torch.inference_mode():
+        for i in range(20):
+            step()
+            if i == 5:  # new sampling settings in place, as a joining stream writes them
+                engine.state.sampling.temperature[:bucket].mul_(0.5)
+                engine.state.sampling.topk[:bucket].copy_(
+                    torch.tensor([3, 2051, 1, 40][:bucket]))
+            if i == 10:  # a slot changes hands: reset its row as admission does
+                engine.cancel(engine.active[0])
+                engine.submit(reqs[0])
+                engine.prepare_all()
+    assert len(graphs) == 1, f"{len(graphs)} compilations for bucket {bucket}"
+    assert buffers(engine) == before  # same storage: a captured graph stays valid
+    assert int(engine.state.pos[:bucket].min()) > 0
