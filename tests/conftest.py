@@ -75,13 +75,35 @@ def hf_checkpoint(tmp_path_factory):
     return hf, folder
 
 
-def make_tiny_generator(mimi, **kwargs):
+def make_tiny_generator(mimi, device="cpu", **kwargs):
     """A plain reference Generator on random:tiny (no watermark) with a model of its own."""
     from csm_streaming.engine.generator import Generator
-    from csm_streaming.model.checkpoints import load_model_and_tokenizer
+    from csm_streaming.model.checkpoints import load_mimi, load_model_and_tokenizer
 
-    model, tok, _ = load_model_and_tokenizer("random:tiny", torch.device("cpu"))
-    return Generator(model, tok, mimi, **kwargs)
+    model, tok, _ = load_model_and_tokenizer("random:tiny", torch.device(device))
+    if device != "cpu":
+        mimi = load_mimi("random", device)
+    return Generator(model, tok, mimi, torch.device(device), **kwargs)
+
+
+# Equality tests run on every device present: the CPU always, CUDA and MPS where there is one
+# (`pytest -m gpu` selects those; without the device they are skipped, saying so).
+DEVICES = ["cpu"] + [
+    pytest.param(name, marks=[pytest.mark.gpu,
+                              pytest.mark.skipif(not present, reason=f"no {name} device here")])
+    for name, present in (("cuda", torch.cuda.is_available()),
+                          ("mps", torch.backends.mps.is_available()))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture
+def device_generator(device, mimi):
+    """A Generator of the test's own on `device` (see DEVICES)."""
+    return make_tiny_generator(mimi, device)
 
 
 @pytest.fixture(scope="session")
