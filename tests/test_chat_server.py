@@ -324,3 +324,26 @@ def test_the_cerebrium_entry_answers_base64_wav(monkeypatch, tiny_generator):
     monkeypatch.setattr(main.generator(), "generate",
                         lambda *a: (_ for _ in ()).throw(EmptyOutputError(3)))
     assert main.generate("Never.")["status_code"] == 422
+
+
+def test_the_cerebrium_stream_yields_audio_events_in_a_voice(monkeypatch, voices_dir):
+    spec = importlib.util.spec_from_file_location("cerebrium_main2", ROOT / "cerebrium" / "main.py")
+    main = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(main)
+    monkeypatch.setenv("CSM_MODEL", "random:tiny")
+    monkeypatch.setenv("CSM_VOICES_DIR", str(voices_dir))
+    events = [json.loads(e) for e in main.stream("Streamed.", voice="anna",
+                                                 max_audio_length_ms=800, seed=3, top_k=1)]
+    audio = [e for e in events if e["type"] == "audio"]
+    assert len(audio) >= 2 and events[-1]["type"] == "done"  # chunk by chunk, then done
+    assert events[-1]["duration_ms"] == 800 and events[-1]["load_ms"] > 0
+    got = pcm(b"".join(base64.b64decode(e["audio"]) for e in audio))
+    # the same request in one piece (the plain loop, the voice's clip as context): as long;
+    # not the same samples, since a stream is watermarked in windows, a whole answer at once
+    one = main.generate("Streamed.", voice="anna", max_audio_length_ms=800, seed=3, top_k=1)
+    assert one["load_ms"] < events[-1]["load_ms"] and one["run_time_ms"] > 0  # loaded once
+    ref, _ = sf.read(io.BytesIO(base64.b64decode(one["audio_data"])), dtype="float32")
+    assert got.shape == ref.shape == (10 * 1920,) and got.abs().max() > 0.001
+    bad = [json.loads(e) for e in main.stream("Hi.", voice="nobody")]
+    assert bad == [{"type": "error", "error": bad[0]["error"], "status_code": 400}]
+    assert "anna" in bad[0]["error"]
