@@ -22,6 +22,7 @@ from common import (
     memory_bandwidth,
     print_table,
     save_json,
+    spread,
     time_calls,
     weight_bytes_per_frame,
 )
@@ -74,6 +75,7 @@ def bench_model(name: str, model, tok, device: torch.device, frames: int, bandwi
     del engine
     ours_best = min(ours)
     row.update({"ours_ms": ours_best * 1e3, "ours_median_ms": sorted(ours)[len(ours) // 2] * 1e3,
+                "ours_spread_ms": spread([t * 1e3 for t in ours]),
                 "ours_over_floor": ours_best / floor, "ours_rtf": ours_best / 0.08,
                 "compiled": compile_})
     if plain_loop:

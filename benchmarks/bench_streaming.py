@@ -21,8 +21,10 @@ from common import (
     add_model_argument,
     device_name,
     memory_bandwidth,
+    plural,
     print_table,
     save_json,
+    spread,
     sync,
     time_calls,
     weight_bytes_per_frame,
@@ -30,6 +32,7 @@ from common import (
 from csm_streaming.options import HelpFormatter
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then it runs away."
+FIGURES = ("ttfa_ms", "rtf_per_stream", "aggregate_frames_per_s", "aggregate_audio_s_per_s")
 
 
 def run_streams(sg, n_streams: int, frames: int) -> dict:
@@ -73,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default=None, help="bf16 or fp32 (None: bf16 on cuda, fp32 elsewhere)"
     )
     p.add_argument("--frames", type=int, default=12, help="frames per stream in each run")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each streams row (their median is the figure; min and max kept)")
     p.add_argument("--streams", default="1,4,8,16", help="streams per step to sweep")
     p.add_argument(
         "--chunks", default="160,320,640", help="chunk sizes (ms) for the 1-stream sweep"
@@ -106,7 +111,10 @@ def engine_rows(gen, args, plain: dict) -> list[dict]:
     base = dict(max_seq_len=args.max_seq_len, enable_compilation=False)
 
     def record(name, sg, n, **info):
-        r = run_streams(sg, n, args.frames)
+        runs = [run_streams(sg, n, args.frames) for _ in range(args.repeats)]
+        r = dict(runs[0])  # the medians, and each figure's spread over the runs
+        r["spread"] = {k: spread([x[k] for x in runs]) for k in FIGURES}
+        r.update({k: r["spread"][k]["median"] for k in FIGURES})
         r.update(name=name, **info)
         r["speedup_vs_plain"] = r["aggregate_frames_per_s"] / plain["aggregate_frames_per_s"]
         rows.append(r)
@@ -126,16 +134,16 @@ def engine_rows(gen, args, plain: dict) -> list[dict]:
         t = time.perf_counter()
         run_streams(sg, 1, 3)  # compiles (and captures a CUDA graph on cuda)
         warm_s = time.perf_counter() - t
-        record("compiled", sg, 1, chunk_ms=320, frame_batch=2, compiled=True, warmup_s=warm_s)
+        record("compiled", sg, 1, chunk_ms=320, frame_batch=None, compiled=True, warmup_s=warm_s)
     for n in map(int, args.streams.split(",")):
         sg = build(gen, chunk_size_ms=320, max_batch_size=n, **base)
         run_streams(sg, n, 2)  # warm-up at this batch size
-        record(f"{n} streams", sg, n, chunk_ms=320, frame_batch=2, compiled=False)
+        record(plural(n, "stream"), sg, n, kind="streams", chunk_ms=320, compiled=False)
         del sg
         gc.collect()
-    one = next(r for r in rows if r["name"] == "1 streams")
+    one = next(r for r in rows if r.get("kind") == "streams" and r["streams"] == 1)
     for r in rows:
-        if r["name"].endswith(" streams"):
+        if r.get("kind") == "streams":
             r["aggregate_vs_1_stream"] = r["aggregate_frames_per_s"] / one["aggregate_frames_per_s"]
     return rows
 
@@ -153,9 +161,11 @@ def step_rows(gen, args, device) -> list[dict]:
                 validate_request(TEXT, i % 2, max_audio_length_ms=args.max_seq_len * 40, seed=i)
             )
         sg.engine.prepare_all()
-        best = min(time_calls(sg.engine.step_fn(n), device, 3))
-        rows.append({"name": f"frame step, {n} streams", "streams": n, "step_ms": best * 1e3,
-                     "aggregate_frames_per_s": n / best})
+        times = time_calls(sg.engine.step_fn(n), device, max(3, args.repeats))
+        best = min(times)
+        rows.append({"name": f"frame step, {plural(n, 'stream')}", "streams": n,
+                     "step_ms": best * 1e3, "aggregate_frames_per_s": n / best,
+                     "spread": {"step_ms": spread([t * 1e3 for t in times])}})
         del sg
         gc.collect()
     for r in rows:
@@ -199,20 +209,25 @@ def plot(rows, floor_ms, device, path):
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    streams = [r for r in rows if r["name"].endswith(" streams") and "step_ms" not in r]
+    streams = [r for r in rows if r.get("kind") == "streams"]
     steps = [r for r in rows if "step_ms" in r]
-    a.plot([r["streams"] for r in streams], [r["aggregate_frames_per_s"] for r in streams], "o-",
-           label="engine, batched")
+    xs = [r["streams"] for r in streams]
+    low = [r["spread"]["aggregate_frames_per_s"]["min"] for r in streams]
+    high = [r["spread"]["aggregate_frames_per_s"]["max"] for r in streams]
+    a.fill_between(xs, low, high, alpha=0.25, label="min-max over the runs")
+    a.plot(xs, [r["aggregate_frames_per_s"] for r in streams], "o-", label="engine, batched")
     a.plot([r["streams"] for r in steps], [r["aggregate_frames_per_s"] for r in steps], "s--",
            label="frame step alone")
+    # log scales: the references (a tiny model's floor is far above its data) never squash it
     a.axhline(1000 / floor_ms, ls="--", c="gray", label="1-stream bandwidth floor")
     a.axhline(12.5, ls=":", c="red", label="real time, 1 stream")
-    a.set(xlabel="streams per step", ylabel="aggregate frames / s", title="Batched streams")
+    a.set(xlabel="streams per step", ylabel="aggregate frames / s", title="Batched streams",
+          yscale="log")
     a.legend()
     ones = [r for r in rows if r["streams"] == 1 and "step_ms" not in r]
     b.barh([r["name"] for r in ones], [r["rtf_per_stream"] for r in ones])
     b.axvline(1.0, c="red", ls=":", label="real time")
-    b.set(xlabel="RTF (lower is faster)", title="One stream")
+    b.set(xlabel="RTF (lower is faster)", title="One stream", xscale="log")
     b.legend()
     fig.suptitle(f"CSM-1B streaming, random weights, {device_name(device)}")
     fig.tight_layout()

@@ -97,6 +97,16 @@ def time_calls(fn, device, n: int, warmup: int = 1) -> list[float]:
     return times
 
 
+def spread(values) -> dict:
+    """min, median, max and the number of runs of a measured figure."""
+    v = sorted(values)
+    return {"min": v[0], "median": v[len(v) // 2], "max": v[-1], "n": len(v)}
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def print_table(rows: list[dict], columns: list[str]):
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))

@@ -82,7 +82,36 @@ def test_benchmark_with_the_tiny_random_model_writes_a_results_folder():
         report = (out / "report.md").read_text()
         assert frame["device"] in report and "## Frame step" in report and "## Streaming" in report
         assert f"![streaming](streaming_{cpu}.png)" in report and "| frame step alone |" in report
+        # each figure with its spread and number of runs, right plurals, then the checks
+        assert "| 1 stream | 1 |" in report and "1 streams" not in report
+        assert ", 2 runs)" in report and "## Checks" in report
     finally:
         shutil.rmtree(out)
         if not before:
             shutil.rmtree(ROOT / "results", ignore_errors=True)
+
+
+def test_the_report_names_figures_that_contradict_each_other():
+    from deploy_vast import contradictions
+
+    def streams(n, fps, runs=(1.0, 1.0)):
+        return {"name": f"{n} stream{'s' * (n != 1)}", "kind": "streams", "streams": n,
+                "aggregate_frames_per_s": fps,
+                "spread": {"aggregate_frames_per_s": {"min": fps * runs[0], "median": fps,
+                                                      "max": fps * runs[1], "n": 3}}}
+
+    frame = {"rows": [{"dtype": "fp32", "ours_ms": 10.0}, {"dtype": "bf16", "ours_ms": 8.0}]}
+    wm = {"rows": [{"window_ms": 2000, "ms_per_audio_s": 280}]}
+    calm = {"rows": [streams(1, 10), streams(4, 30), streams(8, 50)]}
+    assert contradictions(frame, calm, wm, on_cpu=True) == []
+    slower = {"rows": [streams(1, 10), streams(4, 6)]}
+    assert any("4 streams make fewer frames per second than 1 stream" in w
+               for w in contradictions(None, slower, None, on_cpu=True))
+    far = {"rows": [{"dtype": "fp32", "ours_ms": 1198.0}, {"dtype": "bf16", "ours_ms": 61.0}]}
+    assert any("19.6x the bf16 step" in w for w in contradictions(far, None, None, on_cpu=True))
+    costly = {"rows": [{"window_ms": 2000, "ms_per_audio_s": 3900}]}
+    assert any("13.0x the README" in w for w in contradictions(None, None, costly, on_cpu=True))
+    assert contradictions(None, None, costly, on_cpu=False) == []  # the figure is a CPU's
+    noisy = {"rows": [streams(1, 10, runs=(0.5, 1.2))]}
+    assert any("varies 2.4x over 3 runs" in w
+               for w in contradictions(None, noisy, None, on_cpu=True))
