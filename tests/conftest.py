@@ -216,3 +216,18 @@ def jack_device():
         proc.wait(5)
         os.environ.pop("JACK_DEFAULT_SERVER", None)
         sd._initialize()
+
+
+def wait_until_healthy(proc, base: str, timeout_s: float = 120):
+    """Poll a server process's /health until it answers; fail with its output if it exits or
+    does not answer in time (a waiting bound, not a measurement)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            httpx.get(f"{base}/health", timeout=2).raise_for_status()
+            return
+        except httpx.HTTPError:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.5)

@@ -169,9 +169,8 @@ def test_the_remote_client_needs_no_torch():
 
 def test_the_snapshot_says_when_it_buffers_for_a_slow_generator():
     from csm_streaming.client.playback import AudioPlayer
-    from csm_streaming.metrics import StreamMetrics
-
     from csm_streaming.client.terminal import snapshot
+    from csm_streaming.metrics import StreamMetrics
 
     m = StreamMetrics(elapsed_s=3.0, audio_s=1.5, frames=18, chunks=3, chunk_gen_ms=[900.0] * 3,
                       chunk_rtf=[2.0] * 3)

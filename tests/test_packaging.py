@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import soundfile as sf
 import tomllib
 from packaging.requirements import Requirement
 
-from conftest import TOKEN, LiveServer
+from conftest import TOKEN, LiveServer, wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = {"index.html", "app.js", "player-worklet.js"}
@@ -71,14 +70,7 @@ def test_the_installed_server_serves_the_page_and_speech(wheel, tmp_path):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                httpx.get(f"{base}/health", timeout=2).raise_for_status()
-                break
-            except httpx.HTTPError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-                time.sleep(0.5)
+        wait_until_healthy(proc, base)
         page = httpx.get(f"{base}/", timeout=10)
         assert page.status_code == 200 and "<html" in page.text.lower()
         assert httpx.get(f"{base}/web/app.js", timeout=10).status_code == 200

@@ -34,6 +34,23 @@ def test_int8_weights_are_within_half_a_step_and_both_paths_agree():
     torch.testing.assert_close(layer.cast_mm(x), ref, atol=1e-4, rtol=1e-4)  # the CUDA form
 
 
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,
+                    reason="FBGEMM is x86 only")
+def test_fbgemm_multiplies_by_the_same_weights_and_keeps_streams_apart():
+    torch.manual_seed(3)
+    layer = Int8Linear(torch.randn(96, 256) * 0.02)
+    x = torch.randn(3, 2, 256)  # 3 streams of 2 positions, as the depth decoder's first step
+    x[1] *= 50  # a loud neighbour must not coarsen the others' activation steps
+    y = layer.fbgemm_mm(x)
+    ref = x @ layer.dequantized().T
+    # the activations are rounded to 8 bits too: about 1-2% of the output's size
+    for b in range(3):
+        assert (y[b] - ref[b]).norm() / ref[b].norm() < 0.03
+        assert torch.equal(y[b:b + 1], layer.fbgemm_mm(x[b:b + 1]))  # alone, the same bits
+    rows = torch.randn(4, 256)  # [streams, features]: each row is a stream
+    assert torch.equal(layer.fbgemm_mm(rows)[2], layer.fbgemm_mm(rows[2:3])[0])
+
+
 def test_int4_weights_are_within_half_a_step_of_their_group():
     torch.manual_seed(1)
     w = torch.randn(64, 256) * 0.02
@@ -59,12 +76,25 @@ def test_compiled_quantized_layer_equals_eager(mode):
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_a_quantized_model_streams_what_it_generates(mimi, mode):
+@pytest.mark.parametrize("mode, kernel", [("int8", "int8pack"), ("int8", "fbgemm"),
+                                          ("int4", None)])
+def test_a_quantized_model_streams_what_it_generates(mimi, mode, kernel, monkeypatch):
+    from csm_streaming.model import quantize
+
+    if kernel == "fbgemm" and not quantize.fbgemm_available():
+        pytest.skip("FBGEMM is x86 only")
+    if kernel is not None:  # whichever the timing would pick, this one
+        monkeypatch.setattr(quantize, "choose_cpu_kernel", lambda model: kernel)
     gen = make_tiny_generator(mimi)
     model = gen.model
     full = weight_bytes(model)
     assert quantize_model(model, mode) > 0
+    from csm_streaming.model.quantize import FULL_PRECISION_ACTIVATIONS
+
+    for name, m in model.named_modules():  # the chosen kernel, but where activations stay full
+        if isinstance(m, Int8Linear):
+            keep = kernel == "fbgemm" and name in FULL_PRECISION_ACTIVATIONS
+            assert m.cpu_kernel == ("int8pack" if keep else kernel), name
     quantized = sum(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
     assert not any(isinstance(m, torch.nn.Linear) and m is not model.codebook0_head
                    for m in model.modules())

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from conftest import wait_until_healthy
+
 GRACE_S = 2.0
 
 
@@ -30,14 +32,7 @@ def test_sigterm_ends_long_streams_with_an_error_within_the_grace_period(tmp_pat
     base = f"http://127.0.0.1:{port}"
     long = {"max_audio_length_ms": 35_000, "seed": 1}  # far longer than the grace period
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                httpx.get(f"{base}/health", timeout=2).raise_for_status()
-                break
-            except httpx.HTTPError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-                time.sleep(0.5)
+        wait_until_healthy(proc, base)
         sse_events, ws_messages = [], []
         started = threading.Barrier(3)
 

@@ -4,9 +4,14 @@ A frame reads the backbone once and the depth decoder 31 times: ~9.1 GB in bf16,
 fp32. int8 weights halve the bf16 bytes, int4 quarter them. The matrix products use torch's own
 weight-only kernels where they exist:
 
-- int8, per output channel, symmetric: `aten._weight_int8pack_mm` on CPU and MPS; on CUDA,
-  `linear(x, w.to(x.dtype)) * scale`, the form gpt-fast uses so that torch.compile (on by
-  default there) fuses the cast into the matrix product (not run here: no GPU was lent).
+- int8, per output channel, symmetric. On a CPU the faster of two kernels, timed when the
+  model is quantized: FBGEMM's int8 x int8 product (`quantized.linear_dynamic`, x86: the
+  activations are rounded to 8 bits on the fly, per stream, so streams stay independent) or
+  `aten._weight_int8pack_mm` (weight-only; no fast AVX2 path). MPS: `_weight_int8pack_mm`. On
+  CUDA, `linear(x, w.to(x.dtype)) * scale`, the form gpt-fast uses so that torch.compile (on
+  by default there) fuses the cast into the matrix product (not run here: no GPU was lent).
+  torch 2.13 deprecates the quantized tensor FBGEMM's packing takes; where the ops are gone,
+  `_weight_int8pack_mm` is used.
 - int4, groups of 128 (fewer in tiny test models), asymmetric:
   `aten._weight_int4pack_mm_for_cpu` (CPU; bf16 inside the layer, the model's dtype outside).
   Not offered on CUDA or MPS in this version.
@@ -20,7 +25,9 @@ machines): benchmarks/bench_quantize.py compares logits against bf16 on random w
 
 from __future__ import annotations
 
+import functools
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -56,8 +63,31 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", q.to(weight.device))
         self.register_buffer("scale", scale.to(weight.device, weight.dtype))
 
+    cpu_kernel = "int8pack"  # or "fbgemm": chosen for the model by choose_cpu_kernel
+
     def forward(self, x):
+        if x.device.type == "cpu" and self.cpu_kernel == "fbgemm":
+            return self.fbgemm_mm(x)
         return self.packed_mm(x) if x.device.type in ("cpu", "mps") else self.cast_mm(x)
+
+    def fbgemm_mm(self, x):
+        """FBGEMM's int8 x int8 product (x86): the activations quantized to 8 bits on the fly,
+        per stream (each leading index: a stream's rows never share a scale with another
+        stream's, so a batched stream reproduces its solo run). The same int8 weights."""
+        if getattr(self, "_fbgemm", None) is None:
+            import warnings
+
+            with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors (its
+                warnings.simplefilter("ignore", UserWarning)  # packing still takes one)
+                qw = torch._make_per_channel_quantized_tensor(
+                    self.weight_int8.cpu(), self.scale.double().cpu(),
+                    torch.zeros(self.out_features, dtype=torch.long), 0)
+            self._fbgemm = torch.ops.quantized.linear_prepack(qw, None)
+        rows = x.float().reshape(x.shape[0], -1, self.in_features) if x.dim() > 2 else x.float()
+        y = torch.stack([torch.ops.quantized.linear_dynamic(r.reshape(-1, self.in_features),
+                                                            self._fbgemm, not cpu_has_vnni())
+                         for r in rows])
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def packed_mm(self, x):
         """torch's int8 weight kernel (CPU, MPS)."""
@@ -122,32 +152,73 @@ def quantize_model(model: nn.Module, mode: str) -> int:
     check_mode(mode, next(model.parameters()).device)
     restore_linears(model)
     if mode == "int8":
-        if next(model.parameters()).device.type == "cpu":
-            warn_if_slower(model)
-        return swap_layers(model, lambda m: Int8Linear(m.weight) if isinstance(m, nn.Linear) else m)
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        kernel = choose_cpu_kernel(model) if on_cpu else Int8Linear.cpu_kernel
+        n = swap_layers(model, lambda m: Int8Linear(m.weight) if isinstance(m, nn.Linear) else m)
+        for name, m in model.named_modules():
+            if isinstance(m, Int8Linear):
+                # 8-bit activations there cost the most quality (random weights: top-1 against
+                # bf16 0.56 -> 0.76) and little time: the two keep full-precision activations
+                keep = name in FULL_PRECISION_ACTIVATIONS
+                m.cpu_kernel = "int8pack" if keep and kernel == "fbgemm" else kernel
+        return n
     return swap_layers(model, lambda m: Int4Linear(m.weight) if isinstance(m, nn.Linear)
                        and int4_fits(m) else m)
 
 
-def warn_if_slower(model: nn.Module):
-    """torch's CPU int8 kernel is not fast on every CPU (an AVX2 AMD EPYC: 4x slower than fp32
-    per frame): time it on the largest weight and say so when it loses."""
+# Layers whose inputs stay unquantized under FBGEMM (weight-only int8 there): the depth
+# decoder's input projection (every depth step reads it) and the codebook-0 head (its logits)
+FULL_PRECISION_ACTIVATIONS = ("projection", "codebook0_head")
+
+
+@functools.cache
+def cpu_has_vnni() -> bool:
+    """VNNI (AVX-512 or AVX) multiplies 8-bit pairs into 32 bits: FBGEMM may then use all 8
+    bits of the activations (half the error); without it, 7 (reduce_range: no int16 overflow)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def fbgemm_available() -> bool:
+    """FBGEMM's int8 ops are there (x86 builds; a torch that drops them falls back)."""
+    try:
+        torch.ops.quantized.linear_dynamic  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def choose_cpu_kernel(model: nn.Module) -> str:
+    """The faster int8 kernel on this CPU, timed on the model's largest weight at batch 1:
+    FBGEMM's (x86; 4.7-12x fp32 on an AVX2 EPYC) or torch's weight-only `_weight_int8pack_mm`
+    (which has no fast AVX2 path: slower than fp32 there). Both multiply by the same int8
+    weights; FBGEMM also rounds the activations to 8 bits. Says what it picked, and warns when
+    int8 loses to the model's own dtype here."""
     import time
 
     w = max((m.weight for m in model.modules() if isinstance(m, nn.Linear)), key=torch.numel)
     x = torch.randn(1, w.shape[1], dtype=w.dtype)
     layer = Int8Linear(w)
-    times = []
-    for fn in (lambda: F.linear(x, w), lambda: layer(x)):
+    candidates = {"fp": lambda: F.linear(x, w), "int8pack": lambda: layer.packed_mm(x)}
+    if fbgemm_available():
+        candidates["fbgemm"] = lambda: layer.fbgemm_mm(x)
+    times = {}
+    for name, fn in candidates.items():
         fn()
         t = time.perf_counter()
         for _ in range(3):
             fn()
-        times.append(time.perf_counter() - t)
-    if times[1] > times[0]:
-        log.warning("int8 weights are %.1fx slower than %s on this CPU (torch's int8 kernel): "
-                    "try --quantize int4, or none", times[1] / times[0],
-                    str(w.dtype).removeprefix("torch."))
+        times[name] = (time.perf_counter() - t) / 3 * 1000
+    best = min((k for k in times if k != "fp"), key=times.get)
+    said = ", ".join(f"{k} {v:.2f} ms" for k, v in times.items())
+    log.info("int8 CPU kernel: %s (%s, on a %dx%d weight)", best, said, *w.shape)
+    if times[best] > times["fp"]:
+        log.warning("int8 weights are %.1fx slower than %s on this CPU: try --quantize int4, "
+                    "or none", times[best] / times["fp"], str(w.dtype).removeprefix("torch."))
+    return best
 
 
 def weight_bytes(module: nn.Module) -> int:

@@ -250,8 +250,8 @@ def load_watermark_stage(enabled: bool, device, key=None, random_weights: bool =
     if random_weights:
         log.info("random model: the watermark stage uses silentcipher's classes with random "
                  "weights (it runs and costs the same; the mark means nothing)")
-        model = build_random_watermarker(tempfile.mkdtemp(prefix="csm-silentcipher-"), device,
-                                         small=small)
+        with tempfile.TemporaryDirectory(prefix="csm-silentcipher-") as folder:  # read at load
+            model = build_random_watermarker(folder, device, small=small)
         return Watermarker(model, key)
     try:
         return Watermarker(load_watermarker(device), key)
