@@ -137,8 +137,10 @@ def engine_rows(gen, args, plain: dict) -> list[dict]:
         record("compiled", sg, 1, chunk_ms=320, frame_batch=None, compiled=True, warmup_s=warm_s)
     for n in map(int, args.streams.split(",")):
         sg = build(gen, chunk_size_ms=320, max_batch_size=n, **base)
-        run_streams(sg, n, 2)  # warm-up at this batch size
-        record(plural(n, "stream"), sg, n, kind="streams", chunk_ms=320, compiled=False)
+        sg.warmup(frames=2, all_buckets=True)  # every bucket up to n, each timed
+        run_streams(sg, n, 2)  # and the whole path at this batch size
+        record(plural(n, "stream"), sg, n, kind="streams", chunk_ms=320, compiled=False,
+               warmup_buckets={str(k): v for k, v in sg.warmup_buckets.items()})
         del sg
         gc.collect()
     one = next(r for r in rows if r.get("kind") == "streams" and r["streams"] == 1)

@@ -93,7 +93,8 @@ def test_a_wrong_token_is_shown_not_swallowed(browser, live):
     browser.find_element(By.ID, "play").click()
     stats = wait_for(browser, lambda s: s.get("error"), timeout=30)
     assert stats["error"].startswith("401") and stats["received"] == 0
-    assert "401" in browser.find_element(By.ID, "status").text
+    # said in words a user acts on, not as a status code
+    assert "enter it in the Token field" in browser.find_element(By.ID, "status").text
 
 
 def test_the_page_chats_on_one_socket(browser):
@@ -124,3 +125,45 @@ def test_the_page_chats_on_one_socket(browser):
         live.close()
         stub.close()
     assert sent == ["Message 0?", "Message 1?"]  # the second turn knew the first
+
+
+def test_the_page_lists_voices_takes_sampling_shows_a_level_and_offers_what_it_played(browser,
+                                                                                      live):
+    import base64
+    import io
+
+    import soundfile as sf
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(f"{live.url}/")
+    token = browser.find_element(By.ID, "token")
+    token.clear()
+    token.send_keys(TOKEN)
+    browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", token)
+    voice = Select(browser.find_element(By.ID, "voice"))
+    deadline = time.monotonic() + 10
+    while "nova" not in [o.get_attribute("value") for o in voice.options]:
+        assert time.monotonic() < deadline, "the OpenAI names never came from /v1/voices"
+        time.sleep(0.2)
+    voice.select_by_value("nova")
+    for field, value in (("temperature", "0.5"), ("top-k", "7"), ("seed", "42"),
+                         ("max-ms", "800")):
+        browser.find_element(By.ID, field).clear()
+        browser.find_element(By.ID, field).send_keys(value)
+    browser.find_element(By.ID, "play").click()
+    stats = wait_for(browser, lambda s: s.get("drained") or s.get("error"))
+    assert stats["error"] is None and stats["received"] == 10 * 1920
+    assert stats["request"] == {"type": "speech", "text": stats["request"]["text"],
+                                "max_audio_length_ms": 800, "temperature": 0.5, "top_k": 7,
+                                "seed": 42, "voice": "nova"}
+    assert stats["peakLevel"] > 0.001  # the meter saw the audio play
+    link = browser.find_element(By.ID, "download")
+    assert link.is_displayed() and link.get_attribute("download") == "csm-speech.wav"
+    data = browser.execute_async_script(
+        "const done = arguments[arguments.length - 1]; fetch(arguments[0])"
+        ".then((r) => r.arrayBuffer())"
+        ".then((b) => { let s = ''; new Uint8Array(b).forEach((x) => s += String.fromCharCode(x));"
+        " done(btoa(s)); });", link.get_attribute("href"))
+    audio, rate = sf.read(io.BytesIO(base64.b64decode(data)), dtype="float32")  # independent
+    assert rate == 24_000 and audio.shape == (10 * 1920,) and abs(audio).max() > 0.001

@@ -2,6 +2,7 @@
 them, one replica killed mid-stream."""
 
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,12 +33,18 @@ def cluster():
     ray.shutdown()
 
 
-def speak(url, i, ms, **extra):
+def speak(url, i, ms, started=None, **extra):
+    """The PCM of one speech request; `started` (an Event) is set when its first bytes came."""
     body = {"input": f"Client {i} over Ray.", "voice": str(i % 3), "seed": 50 + i,
             "top_k": 1 + 7 * i, "response_format": "pcm", "max_audio_length_ms": ms, **extra}
     with httpx.stream("POST", f"{url}/v1/audio/speech", json=body, timeout=300) as r:
         assert r.status_code == 200
-        return b"".join(r.iter_bytes())
+        parts = []
+        for part in r.iter_bytes():
+            parts.append(part)
+            if started is not None:
+                started.set()
+        return b"".join(parts)
 
 
 def quantized(audio):
@@ -61,18 +68,20 @@ def test_clients_spread_over_replicas_each_get_their_solo_audio(cluster, tiny_ge
 
 
 def test_a_dead_replica_is_replaced_its_clients_see_an_error_the_others_finish(cluster):
-    full = 40 * 1920 * 2  # 3.2 s of 16-bit audio
+    full = 150 * 1920 * 2  # 12 s of 16-bit audio: far from done when the replica dies
+    started = [threading.Event() for _ in range(6)]
 
     def client(i):
         try:
-            data = speak(cluster, 100 + i, 3200)
+            data = speak(cluster, 100 + i, 12_000, started[i])
             return "complete" if len(data) == full else f"truncated: {len(data)} bytes"
         except (httpx.HTTPError, AssertionError) as e:
             return f"error: {type(e).__name__}"
 
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(client, i) for i in range(6)]
-        time.sleep(4.0)  # every stream is under way
+        for event in started:  # every stream is under way (its first audio came), not a guess
+            assert event.wait(120)
         replicas = replica_actors()
         assert len(replicas) == 2
         ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]),

@@ -202,6 +202,10 @@ def test_warmup_runs_a_throwaway_stream_and_leaves_the_engine_free(tiny_generato
     )
     wide.warmup(frames=2, all_buckets=True)
     assert sorted(wide.engine._steps) == [1, 2, 4, 5] and wide.engine.free_slots == 5
+    # each bucket's warm-up reported apart (no CUDA graph on a CPU: no capture time)
+    assert sorted(wide.warmup_buckets) == [1, 2, 4, 5]
+    assert all(b["seconds"] > 0 and b["graph_capture_s"] == 0
+               for b in wide.warmup_buckets.values())
     ref = tiny_generator.generate("After warm-up.", 0, max_audio_length_ms=480, seed=3)
     out = torch.cat(
         list(sg.generate_streaming("After warm-up.", 0, max_audio_length_ms=480, seed=3))

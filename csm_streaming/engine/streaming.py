@@ -43,6 +43,7 @@ class StreamingGenerator:
         self.metrics: StreamMetrics | None = None  # the last (or current) stream's metrics
         self._lock = threading.Lock()
         self.warmup_s = 0.0  # compile and CUDA-graph capture, apart from steady state
+        self.warmup_buckets: dict[int, dict] = {}  # per batch bucket: seconds, graph capture
 
     @property
     def device(self) -> torch.device:
@@ -66,10 +67,16 @@ class StreamingGenerator:
         buckets = sorted({self.engine.bucket(top) for top in range(1, slots + 1)})
         with self._lock, torch.inference_mode():
             for n in buckets:
+                t_bucket = time.perf_counter()
                 streams = [self.engine.submit(self.request("Warm up.", 0, (), frames * FRAME_MS,
                                                            seed=i)) for i in range(n)]
                 while any(not s.finished for s in streams):
                     self.engine.step()
+                step = self.engine.step_fn(n)
+                self.warmup_buckets[n] = {"seconds": time.perf_counter() - t_bucket,
+                                          "graph_capture_s": step.capture_s}
+                log.info("warm-up of batch bucket %d: %.1f s (of which CUDA graph capture "
+                         "%.2f s)", n, self.warmup_buckets[n]["seconds"], step.capture_s)
         self.warmup_s = time.perf_counter() - t
         log.info("warm-up (compile / CUDA graphs) took %.1f s", self.warmup_s)
         return self.warmup_s

@@ -100,7 +100,8 @@ async def health(request: Request):
     s = ctx.scheduler
     return {"status": "ok", "device": str(ctx.sg.device), "active_streams": s.active,
             "queued": s.queued, "slots": s.slots, "watermark": ctx.sg.watermarked,
-            "voices": ctx.voices.names() if ctx.voices else [], "chat": ctx.chat is not None}
+            "voices": ctx.voices.names() if ctx.voices else [], "chat": ctx.chat is not None,
+            "auth": ctx.settings.token is not None}
 
 
 WEB = Path(__file__).resolve().parent / "web"
