@@ -148,7 +148,7 @@ def buffers(engine) -> dict[str, int]:
     return found
 
 
-@pytest.mark.parametrize("bucket", [1, 2, 4])
+@pytest.mark.parametrize("bucket", [1, 4])  # one stream, and four in one step
 def test_the_frame_step_traces_whole_once_and_keeps_its_buffers(own_generator, bucket):
     import torch._dynamo
 

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -188,7 +189,16 @@ def run_watermark_cli(*args):
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
-def test_watermark_command(tmp_path, wm, wm_dir):
+def run_watermark_main(capsys, *args):
+    """The same command's main in this process (a process start each costs seconds)."""
+    from csm_streaming.model.watermark import main
+
+    code = main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def test_watermark_command(tmp_path, wm, wm_dir, capsys):
     path = tmp_path / "speech.wav"
     audio = speech_like(1.0)
     marked_path = tmp_path / "marked.wav"
@@ -198,16 +208,18 @@ def test_watermark_command(tmp_path, wm, wm_dir):
     assert r.returncode == 2 and "HF_HUB_OFFLINE" in r.stderr and "Traceback" not in r.stderr
     assert "--no-watermark" not in r.stderr  # this command has no such flag
     for f in (path, marked_path):  # the command says what verify says, with the same model
-        r = run_watermark_cli("--audio_path", str(f), "--model-dir", str(wm_dir))
+        run = run_watermark_cli if f == path else partial(run_watermark_main, capsys)
+        r = run("--audio_path", str(f), "--model-dir", str(wm_dir))
         expected = verify(
             wm, audio if f == path else watermark(wm, audio, 24_000, None), 24_000, None
         )
         assert r.returncode == (0 if expected else 1), r.stderr
         assert r.stdout.strip() == f"{f}: {'watermarked' if expected else 'no watermark found'}"
-    r = run_watermark_cli("--audio-path", str(tmp_path / "missing.wav"), "--model-dir", str(wm_dir))
+    cli = partial(run_watermark_main, capsys)
+    r = cli("--audio-path", str(tmp_path / "missing.wav"), "--model-dir", str(wm_dir))
     assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "notes.txt").write_text("not audio")
-    r = run_watermark_cli("--audio-path", str(tmp_path / "notes.txt"), "--model-dir", str(wm_dir))
+    r = cli("--audio-path", str(tmp_path / "notes.txt"), "--model-dir", str(wm_dir))
     assert r.returncode == 2 and "not a readable audio file" in r.stderr
-    r = run_watermark_cli("--audio-path", str(path), "--model-dir", str(tmp_path))
+    r = cli("--audio-path", str(path), "--model-dir", str(tmp_path))
     assert r.returncode == 2 and "not a silentcipher model folder" in r.stderr
