@@ -149,6 +149,10 @@ def test_one_bad_voice_file_is_skipped_by_name_and_the_others_work(tmp_path):
     assert "mute.txt is missing" in lib.skipped["mute.wav"]
     with pytest.raises(VoiceError, match="mute.txt is missing"):  # asked for by name: why not
         lib.get("mute")
+    lib.remove("mute")  # an unusable voice can be deleted, and its name used again
+    assert not (tmp_path / "mute.wav").exists() and "mute.wav" not in lib.skipped
+    lib.add("broken", "Fixed now.", speech_like(1.2).numpy(), 24_000)
+    assert "broken.wav" not in lib.skipped and lib.get("broken").text == "Fixed now."
     with pytest.raises(VoiceError, match="does not exist"):
         VoiceLibrary.load(tmp_path / "nowhere", must_exist=True)
     assert VoiceLibrary.load(tmp_path / "nowhere").names() == []  # the default folder may be absent

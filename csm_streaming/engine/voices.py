@@ -136,12 +136,14 @@ class VoiceLibrary:
             _write(self.folder / f"{name}.json", json.dumps({"speaker": speaker}).encode())
             _write(self.folder / f"{name}.wav", wav_bytes(clip))  # last: it makes the voice
             self._voices = {**self._voices, name: voice}
+            self.skipped.pop(f"{name}.wav", None)  # a bad file of that name is replaced
         return voice
 
     def remove(self, name: str) -> None:
-        """Forget a voice and delete its files."""
+        """Forget a voice and delete its files (an unusable one's too: that is how it goes)."""
         with self._lock:
-            self.get(name)
+            if self.skipped.pop(f"{name}.wav", None) is None:
+                self.get(name)  # UnknownVoice when there is none
             self._voices = {k: v for k, v in self._voices.items() if k != name}
             for ext in (".wav", ".txt", ".json"):  # the clip first: a half-deleted voice is none
                 (self.folder / f"{name}{ext}").unlink(missing_ok=True)
