@@ -179,7 +179,8 @@ def load_local(args):
     sg = load_streaming_csm_1b(config=config, allow_cpu_fallback=not args.no_cpu_fallback,
                                normalize=not args.no_normalize, **load)
     warm = f" (of which warm-up, compile, CUDA graphs: {sg.warmup_s:.1f} s)" if sg.warmup_s else ""
-    print(f"loaded {model} on {sg.device} in {time.perf_counter() - t:.1f} s{warm}",
+    dtype = str(next(sg.generator.model.parameters()).dtype).removeprefix("torch.")
+    print(f"loaded {model} on {sg.device} ({dtype}) in {time.perf_counter() - t:.1f} s{warm}",
           file=sys.stderr)
     voice = None
     if args.voice is not None:

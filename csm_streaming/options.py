@@ -13,8 +13,11 @@ def add_model_arguments(p):
                         "(None: the ungated CSM-1B copy)")
     p.add_argument("--mimi", default=None, help="Mimi weights: a file, a repo, or 'random'")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default=None,
+                   help="weights' dtype (None: bf16 on CUDA, fp32 elsewhere; auto: on a CPU the "
+                        "faster of fp32 and bf16, measured at start)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
-                   help="weight-only quantization (int4: CPU only); see the README")
+                   help="int8 / int4 weights (int4: CPU only); see the README")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the frame step (None: on CUDA only; minutes on a CPU)")
     p.add_argument("--no-cuda-graphs", action="store_true",
@@ -31,7 +34,7 @@ def load_arguments(args) -> dict:
 
     return {"device": args.device, "model": args.model or DEFAULT_REPO, "mimi": args.mimi,
             "watermark": not args.no_watermark, "watermark_key": args.watermark_key,
-            "quantize": args.quantize}
+            "quantize": args.quantize, "dtype": args.dtype}
 
 
 def config_arguments(args) -> dict:

@@ -128,5 +128,29 @@ def test_the_loader_takes_quantize_or_a_dtype_name():
 
     gen = load_csm_1b(device="cpu", model="random:tiny", dtype="int8", watermark=False)
     assert any(isinstance(m, Int8Linear) for m in gen.model.modules())
-    with pytest.raises(ValueError, match="a torch.dtype, or one of int8, int4"):
-        load_csm_1b(device="cpu", model="random:tiny", dtype="bf16", watermark=False)
+    with pytest.raises(ValueError, match="a torch.dtype, or one of fp32, bf16, auto, int8, int4"):
+        load_csm_1b(device="cpu", model="random:tiny", dtype="fp16", watermark=False)
+
+
+def test_dtype_auto_loads_what_it_measured_faster_and_says_why(caplog):
+    import logging
+
+    from csm_streaming.engine.generator import load_csm_1b
+    from csm_streaming.engine.streaming import StreamingGenerator
+
+    with caplog.at_level(logging.INFO, logger="csm"):
+        gen = load_csm_1b(device="cpu", model="random:tiny", dtype="auto", watermark=False)
+    dtype = next(gen.model.parameters()).dtype
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dtype auto: ")]
+    # the pick is the machine's; what it guarantees: the model is in the dtype it names, both
+    # were measured, and the model speaks in it (stream == plain loop)
+    assert len(said) == 1 and said[0].startswith(
+        f"dtype auto: {'bf16' if dtype == torch.bfloat16 else 'fp32'} on this CPU")
+    assert "fp32 " in said[0] and "bf16 " in said[0]
+    ref = gen.generate("Auto.", 0, max_audio_length_ms=320, topk=1, seed=2)
+    out = torch.cat(list(StreamingGenerator(gen).generate_streaming(
+        "Auto.", 0, max_audio_length_ms=320, topk=1, seed=2)))
+    assert out.shape == ref.shape == (4 * 1920,)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    named = load_csm_1b(device="cpu", model="random:tiny", dtype="bf16", watermark=False)
+    assert next(named.model.parameters()).dtype == torch.bfloat16

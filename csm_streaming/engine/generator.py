@@ -319,20 +319,28 @@ def load_csm_1b(device: str = "auto", model: str = DEFAULT_REPO, mimi: str | Non
     is small, as its model is) and a short
     default length (RANDOM_MODEL_MAX_AUDIO_MS): they never emit the end frame.
     quantize: None, 'int8' (CPU, MPS, CUDA) or 'int4' (CPU) weight-only quantization, see
-    model/quantize.py; dtype='int8' / 'int4' says the same.
+    model/quantize.py; dtype='int8' / 'int4' says the same. dtype: a torch.dtype, 'fp32',
+    'bf16', or 'auto' (on a CPU the faster of the two, measured: see pick_dtype); None: bf16
+    on CUDA, fp32 elsewhere.
     """
     from csm_streaming.model.quantize import MODES, check_mode, quantize_model
     from csm_streaming.model.watermark import load_watermark_stage
 
     if isinstance(dtype, str):
-        if dtype not in MODES:
-            raise ValueError(f"dtype: a torch.dtype, or one of {', '.join(MODES)} (got {dtype!r})")
-        dtype, quantize = None, dtype
+        if dtype not in (*MODES, *DTYPE_NAMES, "auto"):
+            raise ValueError(f"dtype: a torch.dtype, or one of {', '.join(DTYPE_NAMES)}, auto, "
+                             f"{', '.join(MODES)} (got {dtype!r})")
+        if dtype in MODES:
+            dtype, quantize = None, dtype
+        else:
+            dtype = DTYPE_NAMES.get(dtype, dtype)
 
     random_model = is_random_model(model)
     events = []
     try:
         dev = pick_device(device)
+        if dtype == "auto":
+            dtype = pick_dtype(dev)
         check_mode(quantize, dev)  # before the weights load: int4 on a GPU says so now
         csm, tok, _ = load_model_and_tokenizer(model, dev, dtype)
     except (RuntimeError, torch.OutOfMemoryError) as e:
@@ -355,6 +363,33 @@ def load_csm_1b(device: str = "auto", model: str = DEFAULT_REPO, mimi: str | Non
                     default_max_audio_ms=RANDOM_MODEL_MAX_AUDIO_MS if random_model else None)
     gen.events.extend(events)
     return gen
+
+
+DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    """dtype="auto": bf16 on CUDA; on a CPU the faster of fp32 and bf16 for CSM-1B's largest
+    product (8192x2048 at batch 1), measured here: bf16 reads half the bytes but is slower
+    than fp32 on CPUs without AVX-512 BF16 or AMX. Says what it picked and why."""
+    if device.type != "cpu":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    import time
+
+    w32 = torch.randn(8192, 2048) * 0.02
+    x = torch.randn(1, 2048)
+    times = {}
+    for name, dtype in DTYPE_NAMES.items():
+        w, xi = w32.to(dtype), x.to(dtype)
+        torch.nn.functional.linear(xi, w)
+        t = time.perf_counter()
+        for _ in range(5):
+            torch.nn.functional.linear(xi, w)
+        times[name] = (time.perf_counter() - t) / 5 * 1000
+    best = min(times, key=times.get)
+    log.info("dtype auto: %s on this CPU (%s for an 8192x2048 product)", best,
+             ", ".join(f"{k} {v:.2f} ms" for k, v in times.items()))
+    return DTYPE_NAMES[best]
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
