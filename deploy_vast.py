@@ -1,6 +1,7 @@
 """A rented GPU box (vast.ai and alike) from bare to benchmarked in one command.
 
-    python deploy_vast.py --all              # setup, download, benchmark
+    python deploy_vast.py --all              # setup, download, benchmark, acceptance
+    python deploy_vast.py --all --local --model random:tiny   # the same on this machine, fast
     python deploy_vast.py --info         # GPU, driver, CUDA, torch, memory, disk: can it run?
     python deploy_vast.py --setup        # system packages + the Python environment (the README's)
     python deploy_vast.py --download     # CSM-1B, tokenizer, Mimi, watermark (HF_TOKEN if set)
@@ -417,6 +418,109 @@ def write_report(out: Path, info: dict, model: str) -> Path:
     return path
 
 
+# ---------------------------------------------------------------------------------------------
+# Acceptance: the GPU tests, quantization and a server load test, then goal vs measured
+# ---------------------------------------------------------------------------------------------
+
+# (goal, how it is measured): the speed claims of the README, on the GPU they were made for
+GOALS = {
+    "step_over_floor": ("one stream's frame step <= 1.5x the bandwidth floor", 1.5, "max"),
+    "first_audio_ms": ("first audio <= 100 ms after warm-up (one stream)", 100.0, "max"),
+    "realtime_streams": (">= 128 streams each faster than real time (an H100)", 128, "min"),
+    "int8_vs_bf16": ("int8 faster than bf16 per frame", 1.0, "min"),
+}
+
+
+def step_acceptance(r: Runner, out: Path, model: str, device: str, quick: bool) -> Path | None:
+    """After --benchmark: the GPU test subset, bench_quantize, a server load test over HTTP,
+    then a table of each goal against what was measured (JSON, PNG, report.md)."""
+    r.say(f"== acceptance: {model} on {device}")
+    py = str(VENV_PY)
+    tests = r.run([py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/"],
+                  check=False)
+    r.run([py, "benchmarks/bench_quantize.py", "--model", model, "--device", device, "--modes",
+           "bf16,int8", "--frames", "2" if quick else "3", "--quality-frames",
+           "4" if quick else "50", "--out-dir", str(out)])
+    r.run([py, "benchmarks/bench_server.py", "--model", model, "--device", device, "--clients",
+           "1,4" if quick else "1,8,32,64,128", "--frames", "4" if quick else "12",
+           "--out-dir", str(out)])
+    if r.dry_run:
+        return None
+    rows = acceptance_rows(out, tests.stdout)
+    path = out / "acceptance.json"
+    path.write_text(json.dumps({"device": _device(out), "model": model, "quick": quick,
+                                "date": time.strftime("%Y-%m-%d %H:%M:%S"), "goals": rows},
+                               indent=2))
+    plot_acceptance(rows, out / "acceptance.png", _device(out))
+    report = out / "report.md"
+    lines = ["## Acceptance", "",
+             *_table(["goal", "measured", "met"],
+                     [[g["goal"], g.get("summary") or ("-" if g["measured"] is None
+                                                       else f"{g['measured']:.3g}"),
+                       {True: "yes", False: "**no**", None: "not measured"}[g["met"]]]
+                      for g in rows]),
+             "![acceptance](acceptance.png)", ""]
+    report.write_text(report.read_text() + "\n".join(lines) + "\n")
+    for g in rows:
+        value = g.get("summary") or ("-" if g["measured"] is None else f"{g['measured']:.3g}")
+        r.say(f"  {g['goal']}: {value}: "
+              + {True: "met", False: "NOT MET", None: "not measured"}[g["met"]])
+    r.say(f"acceptance: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    return path
+
+
+def acceptance_rows(out: Path, gpu_tests_output: str) -> list[dict]:
+    """Each goal with what the benchmarks in `out` measured (None where nothing did)."""
+    frame, streaming = _load(out, "frame_") or {}, _load(out, "streaming_") or {}
+    quant = _load(out, "quantize_") or {}
+    measured = {"step_over_floor": None, "first_audio_ms": None, "realtime_streams": None,
+                "int8_vs_bf16": None}
+    if frame.get("rows"):
+        measured["step_over_floor"] = min(r["ours_over_floor"] for r in frame["rows"])
+    runs = [r for r in streaming.get("rows", []) if r.get("kind") == "streams"]
+    one = [r for r in runs if r["streams"] == 1]
+    if one:
+        measured["first_audio_ms"] = one[0]["ttfa_ms"]
+    if runs:
+        measured["realtime_streams"] = max([r["streams"] for r in runs
+                                            if r["rtf_per_stream"] < 1] or [0])
+    steps = {r["dtype"]: r["ours_ms"] for r in quant.get("rows", [])}
+    if "int8" in steps and "bf16" in steps:
+        measured["int8_vs_bf16"] = steps["bf16"] / steps["int8"]
+    rows = []
+    for key, (goal, bound, kind) in GOALS.items():
+        m = measured[key]
+        met = None if m is None else (m <= bound if kind == "max" else m >= bound)
+        rows.append({"key": key, "goal": goal, "bound": bound, "measured": m, "met": met})
+    ran = [line for line in gpu_tests_output.splitlines() if " passed" in line
+           or " skipped" in line or " failed" in line or "no tests ran" in line]
+    summary = ran[-1].strip("= ") if ran else "no summary"
+    failed = " failed" in summary or " error" in summary
+    rows.append({"key": "gpu_tests", "goal": "the equality tests on this device (pytest -m gpu)",
+                 "bound": None, "measured": None, "summary": summary,
+                 "met": False if failed else (True if " passed" in summary else None)})
+    return rows
+
+
+def plot_acceptance(rows: list[dict], path: Path, device: str):
+    """Measured over goal, per goal (1 is the goal; which side is good is in the label)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [g for g in rows if g["measured"] is not None and g["bound"]]
+    fig, ax = plt.subplots(figsize=(8, 0.6 + 0.6 * max(1, len(shown))))
+    ratios = [g["measured"] / g["bound"] for g in shown]
+    ax.barh([g["goal"] for g in shown], ratios,
+            color=["tab:green" if g["met"] else "tab:red" for g in shown])
+    ax.axvline(1.0, c="k", ls=":")
+    ax.set(xscale="log", xlabel="measured / goal (log)", title=f"Acceptance on {device}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _load(out: Path, prefix: str) -> dict | None:
     files = sorted(out.glob(f"{prefix}*.json"))
     return json.loads(files[0].read_text()) if files else None
@@ -486,7 +590,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--serve", action="store_true", help="the server, slots fitted to the GPU memory"
     )
-    p.add_argument("--all", action="store_true", help="info, setup, download, benchmark")
+    p.add_argument("--all", action="store_true",
+                   help="info, setup, download, benchmark, acceptance (goal vs measured)")
+    p.add_argument("--local", action="store_true",
+                   help="with --all: this machine as it is (no setup, no download), e.g. "
+                        "--all --local --model random:tiny checks the script on a CPU")
     p.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
     p.add_argument(
         "--model", default=DEFAULT_MODEL, help="repo, folder or random:tiny / random:csm-1b"
@@ -511,7 +619,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     steps = [s for s in ("info", "setup", "download", "benchmark", "serve") if getattr(args, s)]
     if args.all:
-        steps = ["info", "setup", "download", "benchmark"]
+        steps = ["info", "benchmark", "acceptance"] if args.local else [
+            "info", "setup", "download", "benchmark", "acceptance"]
     if not steps:
         p.print_help()
         return 2
@@ -533,9 +642,10 @@ def main(argv=None) -> int:
             benchmark_model = "random:csm-1b"  # speed does not depend on the weights
         if device == "cpu" and not info["gpus"]:
             r.say("no GPU: benchmarking on the CPU")
-        step_benchmark(
-            r, benchmark_model, device, quick=args.quick or benchmark_model == "random:tiny"
-        )
+        quick = args.quick or benchmark_model == "random:tiny"
+        out = step_benchmark(r, benchmark_model, device, quick=quick)
+        if "acceptance" in steps:
+            step_acceptance(r, out, benchmark_model, device, quick)
     if "serve" in steps:
         step_serve(r, args.model, args.host, args.port, args.token, args.replicas)
     return 0

@@ -64,9 +64,11 @@ def test_no_step_is_an_error():
     assert r.returncode == 2
 
 
-def test_benchmark_with_the_tiny_random_model_writes_a_results_folder():
+def test_the_acceptance_runs_here_on_the_tiny_model_and_writes_its_results():
+    """--all --local --model random:tiny: the whole acceptance (benchmarks, the GPU test
+    subset, quantization, a server load test, goal vs measured) on this CPU, as on a GPU."""
     before = set((ROOT / "results").glob("*")) if (ROOT / "results").exists() else set()
-    r = deploy("--benchmark", "--model", "random:tiny", "--device", "cpu")
+    r = deploy("--all", "--local", "--model", "random:tiny", "--device", "cpu")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     new = sorted(set((ROOT / "results").glob("*")) - before)
     assert len(new) == 1
@@ -85,6 +87,21 @@ def test_benchmark_with_the_tiny_random_model_writes_a_results_folder():
         # each figure with its spread and number of runs, right plurals, then the checks
         assert "| 1 stream | 1 |" in report and "1 streams" not in report
         assert ", 2 runs)" in report and "## Checks" in report
+        # goal vs measured, each goal with a verdict that follows from its number
+        acceptance = json.loads((out / "acceptance.json").read_text())
+        goals = {g["key"]: g for g in acceptance["goals"]}
+        assert set(goals) == {"step_over_floor", "first_audio_ms", "realtime_streams",
+                              "int8_vs_bf16", "gpu_tests"}
+        for g in goals.values():
+            if g["measured"] is not None:
+                within = (g["measured"] <= g["bound"] if g["key"] in ("step_over_floor",
+                                                                       "first_audio_ms")
+                          else g["measured"] >= g["bound"])
+                assert g["met"] == within, g
+        assert goals["realtime_streams"]["measured"] in (0, 1, 2)  # the streams swept here
+        assert "skipped" in goals["gpu_tests"]["summary"] and goals["gpu_tests"]["met"] is None
+        assert "## Acceptance" in report and "acceptance.png" in names
+        assert {f"quantize_{cpu}.json", f"server_{cpu}.json"} <= names
     finally:
         shutil.rmtree(out)
         if not before:
