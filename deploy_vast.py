@@ -285,7 +285,7 @@ def step_benchmark(r: Runner, model: str, device: str, quick: bool) -> Path:
             "--frames",
             frames,
             "--streams",
-            "1,2" if quick else "1,4,8,16",
+            "1,2" if quick else "1,4,8,16" if device == "cpu" else "1,8,32,64,128",
             "--chunks",
             "320" if quick else "160,320,640",
             "--frame-batches",
@@ -431,9 +431,11 @@ GOALS = {
 }
 
 
-def step_acceptance(r: Runner, out: Path, model: str, device: str, quick: bool) -> Path | None:
+def step_acceptance(r: Runner, out: Path, model: str, device: str, quick: bool,
+                    real_model: str | None = None) -> Path | None:
     """After --benchmark: the GPU test subset, bench_quantize, a server load test over HTTP,
-    then a table of each goal against what was measured (JSON, PNG, report.md)."""
+    with real weights (`real_model`) the quality check, then a table of each goal against what
+    was measured (JSON, PNG, report.md)."""
     r.say(f"== acceptance: {model} on {device}")
     py = str(VENV_PY)
     tests = r.run([py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/"],
@@ -444,6 +446,9 @@ def step_acceptance(r: Runner, out: Path, model: str, device: str, quick: bool) 
     r.run([py, "benchmarks/bench_server.py", "--model", model, "--device", device, "--clients",
            "1,4" if quick else "1,8,32,64,128", "--frames", "4" if quick else "12",
            "--out-dir", str(out)])
+    if real_model is not None:  # word error rate (Whisper) and clips that never end
+        r.run([py, "benchmarks/bench_quality.py", "--model", real_model, "--device", device,
+               "--out-dir", str(out)], check=False)
     if r.dry_run:
         return None
     rows = acceptance_rows(out, tests.stdout)
@@ -492,6 +497,16 @@ def acceptance_rows(out: Path, gpu_tests_output: str) -> list[dict]:
         m = measured[key]
         met = None if m is None else (m <= bound if kind == "max" else m >= bound)
         rows.append({"key": key, "goal": goal, "bound": bound, "measured": m, "met": met})
+    quality = _load(out, "quality_")
+    if quality is not None:
+        for key, goal, field in (("wer", "word error rate of Whisper on fixed sentences",
+                                  "mean_wer"),
+                                 ("at_cap", "share of clips that run to the length cap",
+                                  "share_at_cap")):
+            why = quality.get("skipped") or (quality.get("recogniser_unavailable")
+                                             if key == "wer" else None)
+            rows.append({"key": key, "goal": goal, "bound": None, "measured": quality.get(field),
+                         "met": None, **({"summary": f"not measured: {why}"} if why else {})})
     ran = [line for line in gpu_tests_output.splitlines() if " passed" in line
            or " skipped" in line or " failed" in line or "no tests ran" in line]
     summary = ran[-1].strip("= ") if ran else "no summary"
@@ -645,7 +660,8 @@ def main(argv=None) -> int:
         quick = args.quick or benchmark_model == "random:tiny"
         out = step_benchmark(r, benchmark_model, device, quick=quick)
         if "acceptance" in steps:
-            step_acceptance(r, out, benchmark_model, device, quick)
+            real = None if args.model.startswith("random:") else args.model
+            step_acceptance(r, out, benchmark_model, device, quick, real_model=real)
     if "serve" in steps:
         step_serve(r, args.model, args.host, args.port, args.token, args.replicas)
     return 0

@@ -132,3 +132,35 @@ def test_the_report_names_figures_that_contradict_each_other():
     noisy = {"rows": [streams(1, 10, runs=(0.5, 1.2))]}
     assert any("varies 2.4x over 3 runs" in w
                for w in contradictions(None, noisy, None, on_cpu=True))
+
+
+def test_word_error_rate_counts_edits_per_reference_word():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_quality import word_error_rate
+
+    assert word_error_rate("The cat sat.", "the cat sat") == 0.0  # case and punctuation
+    assert word_error_rate("the cat sat", "the cat sat down") == 1 / 3  # an insertion
+    assert word_error_rate("the cat sat", "the dog sat") == 1 / 3  # a substitution
+    assert word_error_rate("the cat sat on it", "cat on") == 3 / 5  # deletions
+    assert word_error_rate("hello there", "") == 1.0
+
+
+def test_the_quality_check_says_what_it_cannot_measure_and_goes_on(hf_checkpoint, tmp_path):
+    """Real-format weights (tiny, random), offline: no Whisper can be fetched, so the word
+    error rate is said to be unmeasured, and the length caps are still counted; random:
+    weights are refused with the reason."""
+    _, folder = hf_checkpoint
+    bench = [sys.executable, str(ROOT / "benchmarks" / "bench_quality.py"), "--device", "cpu",
+             "--out-dir", str(tmp_path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run(bench + ["--model", str(folder), "--mimi", "random", "--no-watermark",
+                                "--sentences", "2", "--max-audio-ms", "240"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "could not be loaded" in r.stdout and "the length caps are" in r.stdout
+    result = json.loads(next(tmp_path.glob("quality_*.json")).read_text())
+    assert result["recogniser_unavailable"] and "mean_wer" not in result
+    assert len(result["rows"]) == 2 and result["share_at_cap"] == 1.0  # random never ends
+    r = subprocess.run(bench + ["--model", "random:tiny"], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=ROOT)
+    assert r.returncode == 0 and "needs real weights" in r.stdout

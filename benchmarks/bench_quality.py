@@ -1,0 +1,124 @@
+"""Quality of real weights: word error rate of a speech recogniser on fixed sentences, and the
+share of clips that run to the length cap (speech that never ends).
+
+Needs real weights (random ones speak noise: the check says so and stops) and, for the word
+error rate, a Whisper model from the hub (transformers' pipeline); where the recogniser cannot
+be fetched it says so and reports the length caps alone. deploy_vast.py's acceptance runs it
+when the model is a real checkpoint. Saves benchmarks/results/quality_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+
+import torch
+
+from common import device_name, save_json
+from csm_streaming.options import HelpFormatter
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Please call Stella and ask her to bring these things with her from the store.",
+    "It is a beautiful day to take a walk along the river.",
+    "The meeting has been moved to Thursday afternoon at three.",
+    "I would like a cup of coffee with a little milk, please.",
+    "Streaming speech starts to play before the whole sentence is ready.",
+    "She sells sea shells by the sea shore.",
+    "Turn left at the second light and the station is on your right.",
+    "We will need about twenty minutes to finish the last chapter.",
+    "Thank you for waiting, your order is ready now.",
+]
+MAX_MS = 10_000  # a sentence above takes 2-5 s: reaching this means the speech did not end
+
+
+def normalise(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """(substitutions + deletions + insertions) / reference words, by edit distance."""
+    ref, hyp = normalise(reference), normalise(hypothesis)
+    if not ref:
+        return float(bool(hyp))
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1] / len(ref)
+
+
+def load_recogniser(name: str, device):
+    """transformers' ASR pipeline, or (None, why) when it cannot be had here."""
+    try:
+        from transformers import pipeline
+
+        return pipeline("automatic-speech-recognition", model=name, device=device), None
+    except Exception as e:  # offline, gated, missing: the check goes on without it
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--model", default="unsloth/csm-1b", help="real weights: a repo or folder")
+    p.add_argument("--mimi", default=None, help="Mimi weights (None: Kyutai's release)")
+    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--recogniser", default="openai/whisper-small.en", help="a Whisper model")
+    p.add_argument("--sentences", type=int, default=len(SENTENCES), help="how many to speak")
+    p.add_argument("--max-audio-ms", type=int, default=MAX_MS,
+                   help="the length cap (a sentence here takes 2-5 s: reaching it means the "
+                        "speech did not end)")
+    p.add_argument("--no-watermark", action="store_true", help="skip the (inaudible) mark")
+    p.add_argument("--out-dir", default=None, help="where the JSON goes")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from csm_streaming.engine.generator import load_csm_1b, pick_device
+    from csm_streaming.model.hub import is_random_model
+
+    device = pick_device(args.device)
+    payload = {"model": args.model, "recogniser": args.recogniser,
+               "max_audio_ms": args.max_audio_ms}
+    if is_random_model(args.model):
+        payload["skipped"] = "random weights speak noise: the quality check needs real weights"
+        print(f"quality: {payload['skipped']}")
+        save_json("quality", device, payload, args.out_dir)
+        return 0
+    gen = load_csm_1b(device=str(device), model=args.model, mimi=args.mimi,
+                      watermark=not args.no_watermark)
+    asr, why = load_recogniser(args.recogniser, device)
+    if asr is None:
+        payload["recogniser_unavailable"] = why
+        print(f"quality: the recogniser {args.recogniser} could not be loaded ({why}): the word "
+              "error rate is not measured, the length caps are")
+    rows = []
+    for i, text in enumerate(SENTENCES[:args.sentences]):
+        t = time.perf_counter()
+        audio = gen.generate(text, 0, max_audio_length_ms=args.max_audio_ms, seed=i)
+        row = {"text": text, "audio_s": audio.numel() / 24_000,
+               "at_cap": audio.numel() >= args.max_audio_ms * 24, "gen_s": time.perf_counter() - t}
+        if asr is not None:
+            heard = asr({"raw": audio.float().cpu().numpy(), "sampling_rate": 24_000})["text"]
+            row.update(heard=heard, wer=word_error_rate(text, heard))
+        rows.append(row)
+        print(f"  {row['audio_s']:.1f} s{' (cap)' if row['at_cap'] else ''}"
+              + (f", WER {row['wer']:.2f}: {row['heard']!r}" if "wer" in row else ""))
+    payload["rows"] = rows
+    payload["share_at_cap"] = sum(r["at_cap"] for r in rows) / len(rows)
+    if asr is not None:
+        payload["mean_wer"] = sum(r["wer"] for r in rows) / len(rows)
+    print(f"quality on {device_name(device)}: {payload['share_at_cap']:.0%} of clips at the cap"
+          + (f", mean WER {payload['mean_wer']:.3f}" if "mean_wer" in payload else ""))
+    save_json("quality", device, payload, args.out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(main())
