@@ -90,8 +90,15 @@ def main(argv=None) -> int:
         print(f"quality: {payload['skipped']}")
         save_json("quality", device, payload, args.out_dir)
         return 0
-    gen = load_csm_1b(device=str(device), model=args.model, mimi=args.mimi,
-                      watermark=not args.no_watermark)
+    from csm_streaming.model.hub import CheckpointError
+    from csm_streaming.model.watermark import WatermarkError
+
+    try:
+        gen = load_csm_1b(device=str(device), model=args.model, mimi=args.mimi,
+                          watermark=not args.no_watermark)
+    except (CheckpointError, WatermarkError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     asr, why = load_recogniser(args.recogniser, device)
     if asr is None:
         payload["recogniser_unavailable"] = why
