@@ -140,6 +140,18 @@ def test_chat_speech_streams_text_and_audio_before_the_llm_is_done(live, stub, t
     assert "csm_chat_llm_wait_seconds_count" in metrics
 
 
+def test_speech_cut_at_its_cap_still_ends_with_the_whole_reply_text(live, stub):
+    # 160 ms of speech ends long before the LLM has written its last words (0.15 s apart):
+    # the done event and the text deltas still carry the whole reply, never a part
+    with httpx.stream("POST", f"{live.url}/v1/chat/speech", headers=AUTH, timeout=120, json={
+            "messages": [{"role": "user", "content": "Short?"}], "stream_format": "sse",
+            "seed": 1, "max_audio_length_ms": 160}) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    text = "".join(e["delta"] for e in events if e["type"] == "text.delta")
+    assert events[-1]["type"] == "speech.audio.done" and events[-1]["audio_ms"] == 160
+    assert text == events[-1]["text"] == " ".join(PIECES)
+
+
 def _anna(live) -> Segment:
     return live.app.state.ctx.voices.get("anna").segment
 

@@ -142,8 +142,16 @@ async def chat_speech(body: ChatBody, request: Request):
             turn.sync()
             return {"text": turn.reply.text, **turn.metrics.as_dict()}
 
+        async def then_whole_text():  # speech can end first (the cap): done has all the text
+            try:
+                async for chunk in agen:
+                    yield chunk
+                await turn.text_done()
+            finally:
+                await agen.aclose()
+
         async def events():
-            async for b in ctx.sse(request.scope, agen, first,
+            async for b in ctx.sse(request.scope, then_whole_text(), first,
                                    lambda: turn.pending_text("text.delta"), done_extra):
                 yield b
             turn.finished()
