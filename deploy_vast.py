@@ -445,7 +445,7 @@ def step_acceptance(r: Runner, out: Path, model: str, device: str, quick: bool,
            "4" if quick else "50", "--out-dir", str(out)])
     r.run([py, "benchmarks/bench_server.py", "--model", model, "--device", device, "--clients",
            "1,4" if quick else "1,8,32,64,128", "--frames", "4" if quick else "12",
-           "--out-dir", str(out)])
+           "--repeats", "1" if quick else "3", "--out-dir", str(out)])
     if real_model is not None:  # word error rate (Whisper) and clips that never end
         r.run([py, "benchmarks/bench_quality.py", "--model", real_model, "--device", device,
                "--out-dir", str(out)], check=False)

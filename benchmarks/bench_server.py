@@ -31,7 +31,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from common import add_model_argument, device_name, plural, print_table, save_json
+from common import add_model_argument, device_name, plural, print_table, save_json, spread
 from csm_streaming.options import HelpFormatter
 
 TOKEN = "bench"
@@ -79,19 +79,26 @@ def one_client(url: str, i: int, frames: int) -> dict:
     return {"ttfa_s": first, "wall_s": wall, "audio_s": n / 2 / 24_000}
 
 
-def load_run(url: str, counts: list[int], frames: int) -> list[dict]:
+def load_run(url: str, counts: list[int], frames: int, repeats: int = 1) -> list[dict]:
+    """Each client count `repeats` times: its figures are the medians, with their spread."""
     one_client(url, 999, 2)  # warm-up
     rows = []
+    figures = ("aggregate_audio_s_per_s", "mean_rtf", "mean_ttfa_ms", "max_ttfa_ms")
     for n in counts:
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(n) as pool:
-            res = list(pool.map(lambda i: one_client(url, i, frames), range(n)))
-        wall = time.perf_counter() - t0
-        audio = sum(r["audio_s"] for r in res)
-        rows.append({"clients": n, "aggregate_audio_s_per_s": audio / wall,
-                     "mean_rtf": sum(r["wall_s"] / r["audio_s"] for r in res) / n,
-                     "mean_ttfa_ms": sum(r["ttfa_s"] for r in res) / n * 1e3,
-                     "max_ttfa_ms": max(r["ttfa_s"] for r in res) * 1e3, "wall_s": wall})
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(n) as pool:
+                res = list(pool.map(lambda i: one_client(url, i, frames), range(n)))
+            wall = time.perf_counter() - t0
+            audio = sum(r["audio_s"] for r in res)
+            runs.append({"aggregate_audio_s_per_s": audio / wall,
+                         "mean_rtf": sum(r["wall_s"] / r["audio_s"] for r in res) / n,
+                         "mean_ttfa_ms": sum(r["ttfa_s"] for r in res) / n * 1e3,
+                         "max_ttfa_ms": max(r["ttfa_s"] for r in res) * 1e3, "wall_s": wall})
+        spreads = {k: spread([r[k] for r in runs]) for k in figures}
+        rows.append({"clients": n, **runs[0], **{k: v["median"] for k, v in spreads.items()},
+                     "spread": spreads})
         print(f"  {plural(n, 'client')}: {rows[-1]['aggregate_audio_s_per_s']:.3f} audio s/s")
     for r in rows:
         r["aggregate_vs_1_client"] = (
@@ -279,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--clients", default="1,2,4,8,16,32", help="client counts of the load run")
     p.add_argument("--frames", type=int, default=6, help="frames each load client asks for")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs of each client count (the median is the figure; min, max kept)")
     p.add_argument("--ray", action="store_true",
                    help="the load run on Ray Serve, with each of --replicas (default clients 8,16)")
     p.add_argument("--replicas", default="1,2", help="replica counts of the --ray run")
@@ -319,7 +328,7 @@ def main(argv=None):
         if args.isolation:
             rows = isolation_run(url, settings, sched.engine.window, args.normal, args.seconds)
         else:
-            rows = load_run(url, counts, args.frames)
+            rows = load_run(url, counts, args.frames, args.repeats)
     finally:
         server.should_exit = True
         sched.stop()
