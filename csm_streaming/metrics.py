@@ -54,7 +54,7 @@ class StreamMetrics:
         self.stage_s[stage] = self.stage_s.get(stage, 0.0) + seconds
 
     def stages_line(self) -> str:
-        """Each stage's cost per second of audio, e.g. 'model 0.45 s, mimi 0.50 s per audio s'."""
+        """Each stage's cost, e.g. 'model 0.45 s, mimi 0.50 s per second of audio'."""
         if not self.audio_s or not self.stage_s:
             return ""
         parts = [f"{k} {v / self.audio_s:.2f} s" for k, v in self.stage_s.items()]
