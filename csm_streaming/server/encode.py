@@ -48,12 +48,8 @@ class StreamEncoder:
             self._out.mux(packet)
 
     def feed(self, chunk) -> bytes:
-        import av
-
-        x = np.ascontiguousarray(np.asarray(chunk, dtype=np.float32).reshape(1, -1))
-        frame = av.AudioFrame.from_ndarray(x, format="flt", layout="mono")
-        frame.sample_rate, frame.pts = SAMPLE_RATE, self._pts
-        self._pts += x.shape[1]
+        frame = _audio_frame(chunk, self._pts)
+        self._pts += frame.samples
         for out in self._resampler.resample(frame):
             self._mux(out)
         return self._drain()
@@ -87,12 +83,8 @@ class Tempo:
         g.configure()
 
     def feed(self, chunk) -> np.ndarray:
-        import av
-
-        x = np.ascontiguousarray(np.asarray(chunk, dtype=np.float32).reshape(1, -1))
-        frame = av.AudioFrame.from_ndarray(x, format="flt", layout="mono")
-        frame.sample_rate, frame.pts = SAMPLE_RATE, self._pts
-        self._pts += x.shape[1]
+        frame = _audio_frame(chunk, self._pts)
+        self._pts += frame.samples
         self._graph.push(frame)
         return self._pull()
 
@@ -110,6 +102,16 @@ class Tempo:
             except (av.BlockingIOError, av.EOFError):
                 break
         return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def _audio_frame(chunk, pts: int):
+    """A 24 kHz mono float chunk (tensor or array) as a PyAV frame starting at sample `pts`."""
+    import av
+
+    x = np.ascontiguousarray(np.asarray(chunk, dtype=np.float32).reshape(1, -1))
+    frame = av.AudioFrame.from_ndarray(x, format="flt", layout="mono")
+    frame.sample_rate, frame.pts = SAMPLE_RATE, pts
+    return frame
 
 
 def _tempo_stages(speed: float) -> list[float]:
