@@ -13,7 +13,6 @@ mark means nothing), so they need no network.
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import os
 import sys
@@ -218,20 +217,18 @@ class Watermarker:
     def verify(self, audio: torch.Tensor) -> bool:
         return verify(self.model, audio, self.sample_rate, self.key)
 
-    def stream_marker(self, max_window_ms: int = 2000) -> StreamMarker:
+    def stream_marker(self, max_window_ms: int = 2000, on_mark=None) -> StreamMarker:
         """A marker for one stream's chunks (growing windows, see StreamMarker)."""
-        return StreamMarker(self.model, self.key, self.sample_rate, max_window_ms)
+        return StreamMarker(self.model, self.key, self.sample_rate, max_window_ms, on_mark)
 
     def mark_chunks(self, chunks, max_window_ms: int = 2000, on_mark=None):
         """Wrap an iterator of audio chunks: yield them marked, in StreamMarker's windows.
         on_mark(seconds): told the time each window took to mark."""
-        marker = self.stream_marker(max_window_ms)
+        marker = self.stream_marker(max_window_ms, on_mark)
         try:
-            for chunk in itertools.chain(chunks, [None]):
-                spent = marker.marked_s
-                yield from marker.feed(chunk) if chunk is not None else marker.flush()
-                if on_mark is not None and marker.marked_s > spent:
-                    on_mark(marker.marked_s - spent)
+            for chunk in chunks:
+                yield from marker.feed(chunk)
+            yield from marker.flush()
         finally:
             if hasattr(chunks, "close"):  # a consumer that stops early stops the generation too
                 chunks.close()
@@ -293,8 +290,9 @@ class StreamMarker:
     time of the first chunk to the first audio.
     """
 
-    def __init__(self, model, key=None, sample_rate: int = SAMPLE_RATE, max_window_ms: int = 2000):
-        self.model = model
+    def __init__(self, model, key=None, sample_rate: int = SAMPLE_RATE, max_window_ms: int = 2000,
+                 on_mark=None):
+        self.model, self.on_mark = model, on_mark  # on_mark(seconds): after each window
         self.key = resolve_key(key)
         self.sample_rate = sample_rate
         self.max_window = int(max_window_ms * sample_rate / 1000)
@@ -324,8 +322,11 @@ class StreamMarker:
         self._pending, self._pending_len = [], 0
         t = time.perf_counter()
         marked = watermark(self.model, audio, self.sample_rate, self.key)
-        self.marked_s += time.perf_counter() - t
+        spent = time.perf_counter() - t
+        self.marked_s += spent
         self.windows += 1
+        if self.on_mark is not None:
+            self.on_mark(spent)
         return marked
 
 
