@@ -19,7 +19,7 @@ from csm_streaming.audio import FRAME_SAMPLES, SAMPLE_RATE, to_mono_24k
 from csm_streaming.engine.normalize import normalize_text
 from csm_streaming.engine.runaway import TailConfig, TailGuard
 from csm_streaming.metrics import DEVICE_FALLBACK, EMPTY_RETRY, Event
-from csm_streaming.model.checkpoints import load_mimi, load_model_and_tokenizer
+from csm_streaming.model.checkpoints import default_dtype, load_mimi, load_model_and_tokenizer
 from csm_streaming.model.csm import CSM
 from csm_streaming.model.hub import DEFAULT_REPO, CheckpointError, is_random_model
 from csm_streaming.model.sampling import MIMI_CODES, SamplingState, is_eos
@@ -373,19 +373,14 @@ def pick_dtype(device: torch.device) -> torch.dtype:
     product (8192x2048 at batch 1), measured here: bf16 reads half the bytes but is slower
     than fp32 on CPUs without AVX-512 BF16 or AMX. Says what it picked and why."""
     if device.type != "cpu":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    import time
+        return default_dtype(device)
+    from csm_streaming.model.cpu_kernels import time_in_turns
 
-    w32 = torch.randn(8192, 2048) * 0.02
-    x = torch.randn(1, 2048)
-    times = {}
-    for name, dtype in DTYPE_NAMES.items():
-        w, xi = w32.to(dtype), x.to(dtype)
-        torch.nn.functional.linear(xi, w)
-        t = time.perf_counter()
-        for _ in range(5):
-            torch.nn.functional.linear(xi, w)
-        times[name] = (time.perf_counter() - t) / 5 * 1000
+    w32, x = torch.randn(8192, 2048) * 0.02, torch.randn(1, 2048)
+    pairs = {name: (w32.to(dtype), x.to(dtype)) for name, dtype in DTYPE_NAMES.items()}
+    times = {name: s * 1000 for name, s in time_in_turns(
+        {name: lambda w=w, xi=xi: torch.nn.functional.linear(xi, w)
+         for name, (w, xi) in pairs.items()}).items()}
     best = min(times, key=times.get)
     log.info("dtype auto: %s on this CPU (%s for an 8192x2048 product)", best,
              ", ".join(f"{k} {v:.2f} ms" for k, v in times.items()))

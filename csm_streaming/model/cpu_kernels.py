@@ -111,15 +111,28 @@ def measure_kernels(weights: list[torch.Tensor], batch: int, repeats: int = 5
         except (RuntimeError, AttributeError) as e:  # not in this build, or not on this CPU
             runs.pop(name)
             log.debug("%s kernels unavailable: %s", name, e)
-    best = dict.fromkeys(runs, float("inf"))
-    with torch.inference_mode():
-        for _ in range(repeats + 1):  # the first round warms up
-            for name, fns in runs.items():
-                t = time.perf_counter()
-                for i, (_, x) in enumerate(cases):
-                    fns[i // len(rows)](x)
-                best[name] = min(best[name], time.perf_counter() - t)
+    def over_cases(fns):
+        def run():
+            for i, (_, x) in enumerate(cases):
+                fns[i // len(rows)](x)
+        return run
+
+    best = time_in_turns({name: over_cases(fns) for name, fns in runs.items()}, repeats)
     return {name: t / len(cases) for name, t in best.items()}
+
+
+def time_in_turns(candidates: dict, repeats: int = 5) -> dict[str, float]:
+    """The best seconds of each `candidates[name]()` over `repeats` rounds (a first round
+    warms up). The candidates take turns in every round, so a noisy moment of the machine does
+    not fall on one of them. Every "the fastest here" choice of the project measures with it."""
+    best = dict.fromkeys(candidates, float("inf"))
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            for name, fn in candidates.items():
+                t = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - t)
+    return best
 
 
 def sample_weights(linears: list[nn.Linear], count: int = 4) -> list[torch.Tensor]:

@@ -197,7 +197,7 @@ def choose_cpu_kernel(model: nn.Module) -> str:
     (which has no fast AVX2 path: slower than fp32 there). Both multiply by the same int8
     weights; FBGEMM also rounds the activations to 8 bits. Says what it picked, and warns when
     int8 loses to the model's own dtype here."""
-    import time
+    from csm_streaming.model.cpu_kernels import time_in_turns
 
     w = max((m.weight for m in model.modules() if isinstance(m, nn.Linear)), key=torch.numel)
     x = torch.randn(1, w.shape[1], dtype=w.dtype)
@@ -205,13 +205,7 @@ def choose_cpu_kernel(model: nn.Module) -> str:
     candidates = {"fp": lambda: F.linear(x, w), "int8pack": lambda: layer.packed_mm(x)}
     if fbgemm_available():
         candidates["fbgemm"] = lambda: layer.fbgemm_mm(x)
-    times = {}
-    for name, fn in candidates.items():
-        fn()
-        t = time.perf_counter()
-        for _ in range(3):
-            fn()
-        times[name] = (time.perf_counter() - t) / 3 * 1000
+    times = {k: v * 1000 for k, v in time_in_turns(candidates, 3).items()}
     best = min((k for k in times if k != "fp"), key=times.get)
     said = ", ".join(f"{k} {v:.2f} ms" for k, v in times.items())
     log.info("int8 CPU kernel: %s (%s, on a %dx%d weight)", best, said, *w.shape)
