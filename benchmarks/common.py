@@ -123,19 +123,12 @@ def _fmt(v) -> str:
     return "-" if v is None else str(v)
 
 
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
-             "amx_bf16", "asimd", "sve")
+def cpu_flag_list() -> list[str]:
+    """The CPU's kernel-deciding instruction sets, in CPU_FLAGS' order: a CPU figure means little
+    without them."""
+    from csm_streaming.model.cpu_kernels import CPU_FLAGS, cpu_flags
 
-
-def cpu_flags() -> list[str]:
-    """The instruction sets that decide the CPU's kernels (int8, bf16), as the kernel lists
-    them: a CPU figure means little without them."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    words = set(text.split())
-    return [f for f in CPU_FLAGS if f in words]
+    return [f for f in CPU_FLAGS if f in cpu_flags()]
 
 
 def save_json(name: str, device: torch.device, payload: dict, out_dir: Path | None = None) -> Path:
@@ -145,7 +138,7 @@ def save_json(name: str, device: torch.device, payload: dict, out_dir: Path | No
     payload = {"device": device_name(device), "device_type": device.type,
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                "threads": torch.get_num_threads(),
-               **({"cpu_flags": cpu_flags()} if device.type == "cpu" else {}), **payload}
+               **({"cpu_flags": cpu_flag_list()} if device.type == "cpu" else {}), **payload}
     path.write_text(json.dumps(payload, indent=2))
     print(f"saved {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return path

@@ -138,14 +138,16 @@ def test_a_taken_name_is_a_409_and_voices_need_the_token(live):
     assert httpx.delete(f"{live.url}/v1/voices/twice", headers=AUTH, timeout=10).status_code == 200
 
 
-def test_one_bad_voice_file_is_skipped_by_name_and_the_others_work(tmp_path):
+def test_one_bad_voice_file_is_skipped_by_name_and_the_others_work(tmp_path, caplog):
     sf.write(tmp_path / "good.wav", speech_like(1.0).numpy(), 24_000)
     (tmp_path / "good.txt").write_text("Fine.")
     sf.write(tmp_path / "mute.wav", np.zeros(2400, dtype=np.float32), 24_000)  # no transcript
     (tmp_path / "broken.wav").write_bytes(b"RIFF nonsense")
     (tmp_path / "broken.txt").write_text("Broken.")
-    lib = VoiceLibrary.load(tmp_path)
+    with caplog.at_level("WARNING", logger="csm.voices"):
+        lib = VoiceLibrary.load(tmp_path)
     assert lib.names() == ["good"] and sorted(lib.skipped) == ["broken.wav", "mute.wav"]
+    assert "voice mute.wav skipped" in caplog.text and "voice broken.wav skipped" in caplog.text
     assert "mute.txt is missing" in lib.skipped["mute.wav"]
     with pytest.raises(VoiceError, match="mute.txt is missing"):  # asked for by name: why not
         lib.get("mute")

@@ -16,6 +16,7 @@ once (the server's voices API). No recordings ship with the project.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import threading
@@ -26,6 +27,8 @@ import numpy as np
 
 from csm_streaming.audio import SAMPLE_RATE, AudioLimits, read_audio, wav_bytes
 from csm_streaming.request import Segment
+
+log = logging.getLogger("csm.voices")
 
 DEFAULT_VOICES_DIR = "voices"
 MIN_VOICE_SECONDS, MAX_VOICE_SECONDS = 1.0, 60.0
@@ -84,6 +87,7 @@ class VoiceLibrary:
                 voices[wav.stem] = _encoded(read_voice(wav), generator)
             except (VoiceError, OSError, ValueError) as e:
                 skipped[wav.name] = str(e)
+                log.warning("voice %s skipped: %s", wav.name, e)  # server, replicas, CLI alike
         return cls(voices, folder, skipped)
 
     def names(self) -> list[str]:

@@ -18,8 +18,10 @@ engine measures the candidates on the model's largest weights at its own batch s
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -119,6 +121,21 @@ def measure_kernels(weights: list[torch.Tensor], batch: int, repeats: int = 5
 
     best = time_in_turns({name: over_cases(fns) for name, fns in runs.items()}, repeats)
     return {name: t / len(cases) for name, t in best.items()}
+
+
+# The instruction sets that decide which kernel wins (int8, bf16) and that a CPU figure needs
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
+             "amx_bf16", "asimd", "sve")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """Those of CPU_FLAGS this CPU has, as Linux lists them (empty elsewhere)."""
+    try:
+        words = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return frozenset()
+    return frozenset(f for f in CPU_FLAGS if f in words)
 
 
 def time_in_turns(candidates: dict, repeats: int = 5) -> dict[str, float]:

@@ -25,9 +25,7 @@ machines): benchmarks/bench_quantize.py compares logits against bf16 on random w
 
 from __future__ import annotations
 
-import functools
 import logging
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -171,15 +169,12 @@ def quantize_model(model: nn.Module, mode: str) -> int:
 FULL_PRECISION_ACTIVATIONS = ("projection", "codebook0_head")
 
 
-@functools.cache
 def cpu_has_vnni() -> bool:
     """VNNI (AVX-512 or AVX) multiplies 8-bit pairs into 32 bits: FBGEMM may then use all 8
     bits of the activations (half the error); without it, 7 (reduce_range: no int16 overflow)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    from csm_streaming.model.cpu_kernels import cpu_flags
+
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def fbgemm_available() -> bool:

@@ -261,8 +261,6 @@ def main(argv=None) -> int:
     except (CheckpointError, WatermarkError, LLMError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for file, why in voices.skipped.items():
-        log.warning("voice %s skipped: %s", file, why)
     log.info("voices: %s; chat: %s", ", ".join(voices.names()) or "none",
              chat.describe() if chat else "off (--llm)")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
