@@ -31,7 +31,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from common import add_model_argument, device_name, plural, print_table, save_json, spread
+from common import add_model_argument, device_name, plural, print_table, save_json, summarise
 from csm_streaming.options import HelpFormatter
 
 TOKEN = "bench"
@@ -96,9 +96,7 @@ def load_run(url: str, counts: list[int], frames: int, repeats: int = 1) -> list
                          "mean_rtf": sum(r["wall_s"] / r["audio_s"] for r in res) / n,
                          "mean_ttfa_ms": sum(r["ttfa_s"] for r in res) / n * 1e3,
                          "max_ttfa_ms": max(r["ttfa_s"] for r in res) * 1e3, "wall_s": wall})
-        spreads = {k: spread([r[k] for r in runs]) for k in figures}
-        rows.append({"clients": n, **runs[0], **{k: v["median"] for k, v in spreads.items()},
-                     "spread": spreads})
+        rows.append({"clients": n, **runs[0], **summarise(runs, figures)})
         print(f"  {plural(n, 'client')}: {rows[-1]['aggregate_audio_s_per_s']:.3f} audio s/s")
     for r in rows:
         r["aggregate_vs_1_client"] = (

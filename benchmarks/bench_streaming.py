@@ -25,6 +25,7 @@ from common import (
     print_table,
     save_json,
     spread,
+    summarise,
     sync,
     time_calls,
     weight_bytes_per_frame,
@@ -112,9 +113,7 @@ def engine_rows(gen, args, plain: dict) -> list[dict]:
 
     def record(name, sg, n, **info):
         runs = [run_streams(sg, n, args.frames) for _ in range(args.repeats)]
-        r = dict(runs[0])  # the medians, and each figure's spread over the runs
-        r["spread"] = {k: spread([x[k] for x in runs]) for k in FIGURES}
-        r.update({k: r["spread"][k]["median"] for k in FIGURES})
+        r = {**runs[0], **summarise(runs, FIGURES)}  # the medians, each with its spread
         r.update(name=name, **info)
         r["speedup_vs_plain"] = r["aggregate_frames_per_s"] / plain["aggregate_frames_per_s"]
         rows.append(r)

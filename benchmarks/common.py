@@ -103,6 +103,12 @@ def spread(values) -> dict:
     return {"min": v[0], "median": v[len(v) // 2], "max": v[-1], "n": len(v)}
 
 
+def summarise(runs: list[dict], figures) -> dict:
+    """Repeated runs -> each figure's median, with its spread under "spread"."""
+    spreads = {k: spread([r[k] for r in runs]) for k in figures}
+    return {**{k: v["median"] for k, v in spreads.items()}, "spread": spreads}
+
+
 def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
