@@ -460,26 +460,28 @@ def step_acceptance(r: Runner, out: Path, model: str, device: str, quick: bool,
     report = out / "report.md"
     lines = ["## Acceptance", "",
              *_table(["goal", "measured", "met"],
-                     [[g["goal"], g.get("summary") or ("-" if g["measured"] is None
-                                                       else f"{g['measured']:.3g}"),
-                       {True: "yes", False: "**no**", None: "not measured"}[g["met"]]]
-                      for g in rows]),
+                     [[g["goal"], _measured(g), {True: "yes", False: "**no**",
+                                                 None: "not measured"}[g["met"]]] for g in rows]),
              "![acceptance](acceptance.png)", ""]
     report.write_text(report.read_text() + "\n".join(lines) + "\n")
     for g in rows:
-        value = g.get("summary") or ("-" if g["measured"] is None else f"{g['measured']:.3g}")
-        r.say(f"  {g['goal']}: {value}: "
+        r.say(f"  {g['goal']}: {_measured(g)}: "
               + {True: "met", False: "NOT MET", None: "not measured"}[g["met"]])
     r.say(f"acceptance: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return path
+
+
+def _measured(goal: dict) -> str:
+    if goal.get("summary"):
+        return goal["summary"]
+    return "-" if goal["measured"] is None else f"{goal['measured']:.3g}"
 
 
 def acceptance_rows(out: Path, gpu_tests_output: str) -> list[dict]:
     """Each goal with what the benchmarks in `out` measured (None where nothing did)."""
     frame, streaming = _load(out, "frame_") or {}, _load(out, "streaming_") or {}
     quant = _load(out, "quantize_") or {}
-    measured = {"step_over_floor": None, "first_audio_ms": None, "realtime_streams": None,
-                "int8_vs_bf16": None}
+    measured = dict.fromkeys(GOALS)
     if frame.get("rows"):
         measured["step_over_floor"] = min(r["ours_over_floor"] for r in frame["rows"])
     runs = [r for r in streaming.get("rows", []) if r.get("kind") == "streams"]
