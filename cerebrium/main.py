@@ -86,12 +86,11 @@ def _prepare(text, speaker_id, voice, context):
 
 
 def _error(e: Exception) -> dict:
-    from csm_streaming.request import EmptyOutputError
-    from csm_streaming.server.api import ApiError
+    """The server's own mapping of a failure to a status (a wrong type is a wrong value)."""
+    from csm_streaming.server.api import shape_error
 
-    if isinstance(e, ApiError):
-        return {"error": e.message, "status_code": e.status}
-    return {"error": str(e), "status_code": 422 if isinstance(e, EmptyOutputError) else 400}
+    err = shape_error(ValueError(str(e)) if isinstance(e, TypeError) else e)
+    return {"error": err.message, "status_code": err.status}
 
 
 def generate(text: str, speaker_id: int = 0, voice: str | int | None = None,
