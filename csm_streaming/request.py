@@ -21,6 +21,7 @@ DEFAULT_TEMPERATURE = 0.9
 DEFAULT_TOPK = 50
 MAX_TEMPERATURE = 10.0  # past this the draw is uniform noise; larger values are surely mistakes
 MAX_EMPTY_RETRIES = 2
+MAX_SPEAKER = 63  # the speaker ids a server, a named voice and the page accept
 MIMI_CODE_LIMIT = 2048  # codes Mimi can decode: 0..2047
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from csm_streaming.audio import SAMPLE_RATE, AudioLimits, read_audio, wav_bytes
-from csm_streaming.request import Segment
+from csm_streaming.request import MAX_SPEAKER, Segment
 
 log = logging.getLogger("csm.voices")
 
@@ -117,8 +117,8 @@ class VoiceLibrary:
             raise VoiceError("text: the transcript of the clip is empty: send what it says")
         if len(text) > MAX_TRANSCRIPT_CHARS:
             raise VoiceError(f"text: {len(text)} characters; the limit is {MAX_TRANSCRIPT_CHARS}")
-        if isinstance(speaker, bool) or not isinstance(speaker, int) or not 0 <= speaker <= 63:
-            raise VoiceError("speaker: an integer 0..63")
+        if not is_speaker(speaker):
+            raise VoiceError(f"speaker: an integer 0..{MAX_SPEAKER}")
         from csm_streaming.audio import to_mono_24k
 
         clip = to_mono_24k(audio, sample_rate)
@@ -151,6 +151,10 @@ class VoiceLibrary:
             self._voices = {k: v for k, v in self._voices.items() if k != name}
             for ext in (".wav", ".txt", ".json"):  # the clip first: a half-deleted voice is none
                 (self.folder / f"{name}{ext}").unlink(missing_ok=True)
+
+
+def is_speaker(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and 0 <= value <= MAX_SPEAKER
 
 
 def check_folder(folder) -> Path:
@@ -199,8 +203,8 @@ def read_voice(wav: Path) -> Voice:
             speaker = json.loads(meta.read_text())["speaker"]
         except (ValueError, KeyError, TypeError) as e:
             raise VoiceError(f'{meta}: expected {{"speaker": N}} ({e})') from None
-        if isinstance(speaker, bool) or not isinstance(speaker, int) or not 0 <= speaker <= 63:
-            raise VoiceError(f"{meta}: speaker must be an integer 0..63")
+        if not is_speaker(speaker):
+            raise VoiceError(f"{meta}: speaker must be an integer 0..{MAX_SPEAKER}")
     audio, rate = read_audio(wav, mono=True, limits=AudioLimits(max_seconds=MAX_VOICE_SECONDS))
     if audio.size == 0:
         raise VoiceError(f"{wav}: the clip is empty")

@@ -25,6 +25,7 @@ from csm_streaming.chat.llm import LLMError
 from csm_streaming.request import (
     DEFAULT_TEMPERATURE,
     DEFAULT_TOPK,
+    MAX_SPEAKER,
     EmptyOutputError,
     GenerationRequest,
     Segment,
@@ -36,7 +37,6 @@ log = logging.getLogger("csm.server")
 # also work; named voices from the voices folder take precedence).
 OPENAI_VOICES = {"alloy": 0, "echo": 1, "fable": 2, "onyx": 3, "nova": 4, "shimmer": 5, "ash": 6,
                  "ballad": 7, "coral": 8, "sage": 9, "verse": 10}
-MAX_SPEAKER = 63
 MAX_TOPK = 2051  # the audio heads' width
 MAX_SEED = 2**63 - 1  # a seed is an int64 on the device
 # The model ids /v1/audio/speech answers to: ours, and OpenAI's, so an SDK left at its default

@@ -25,6 +25,7 @@ from csm_streaming.engine.voices import (
     VoiceError,
     VoiceExists,
     check_name,
+    is_speaker,
 )
 from csm_streaming.server.api import MAX_SPEAKER, OPENAI_VOICES, ApiError
 from csm_streaming.server.context import context_of
@@ -115,12 +116,9 @@ async def _fields(request: Request) -> tuple[str, str, int, bytes]:
     text = fields.get("text")
     if not isinstance(text, str) or not text.strip():
         raise ApiError(400, "text: the transcript of the clip is missing: send what it says")
-    return str(fields.get("name", "")), text, _speaker(fields.get("speaker", 0)), clip
-
-
-def _speaker(value) -> int:
-    if isinstance(value, str) and value.strip().isdecimal():  # form fields are text
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SPEAKER:
+    speaker = fields.get("speaker", 0)
+    if isinstance(speaker, str) and speaker.strip().isdecimal():  # form fields are text
+        speaker = int(speaker)
+    if not is_speaker(speaker):  # before the clip is read: a wrong speaker costs nothing
         raise ApiError(400, f"speaker: an integer 0..{MAX_SPEAKER}")
-    return value
+    return str(fields.get("name", "")), text, speaker, clip
