@@ -88,11 +88,13 @@ def make_tiny_generator(mimi, device="cpu", **kwargs):
 
 # Equality tests run on every device present: the CPU always, CUDA and MPS where there is one
 # (`pytest -m gpu` selects those; without the device they are skipped, saying so).
-DEVICES = ["cpu"] + [
-    pytest.param(name, marks=[pytest.mark.gpu,
-                              pytest.mark.skipif(not present, reason=f"no {name} device here")])
-    for name, present in (("cuda", torch.cuda.is_available()),
-                          ("mps", torch.backends.mps.is_available()))]
+def on_gpu(name: str) -> list:
+    """Marks of a test case that needs the accelerator `name` (cuda, mps)."""
+    present = (torch.cuda.is_available() if name == "cuda" else torch.backends.mps.is_available())
+    return [pytest.mark.gpu, pytest.mark.skipif(not present, reason=f"no {name} device here")]
+
+
+DEVICES = ["cpu"] + [pytest.param(name, marks=on_gpu(name)) for name in ("cuda", "mps")]
 
 
 @pytest.fixture(params=DEVICES)

@@ -184,3 +184,38 @@ def test_the_frame_step_traces_whole_once_and_keeps_its_buffers(own_generator, b
     assert len(graphs) == 1, f"{len(graphs)} compilations for bucket {bucket}"
     assert buffers(engine) == before  # same storage: a captured graph stays valid
     assert int(engine.state.pos[:bucket].min()) > 0
+
+
+def test_compile_is_bounded_three_small_graphs_per_bucket_and_none_fall_back(own_generator,
+                                                                             monkeypatch):
+    """torch.compile takes the modules, not the whole step: per batch bucket one backbone graph
+    and two depth-decoder graphs (2 positions, then 1), each the size of one module call (the
+    whole step traced as one graph unrolls the 31 depth steps: ~8400 nodes on random:tiny, which
+    inductor did not compile in 13 minutes on 2 cores). Both modules are one function to dynamo
+    (Transformer.forward): three buckets make 9 graphs of it, more than dynamo's default limit
+    of 8 per function; none may fall back to eager."""
+    import torch._dynamo
+
+    sizes = []
+
+    def counting_backend(gm, example_inputs):
+        sizes.append(len(gm.graph.nodes))
+        return gm.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, **kw: compile_(fn, backend=counting_backend, **kw))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # the default
+    torch._dynamo.reset()
+    sg = StreamingGenerator(own_generator, StreamingConfig(max_batch_size=4,
+                                                           enable_compilation=True))
+    assert sg.engine.buckets == [1, 2, 4]
+    sg.warmup(frames=2, all_buckets=True)
+    assert len(sizes) == 3 * 3, sizes
+    assert max(sizes) < 400, sizes  # one module call, not an unrolled frame
+    assert sorted(sg.warmup_buckets) == sg.engine.buckets  # compile time reported per bucket
+    eager = StreamingGenerator(own_generator, StreamingConfig(enable_compilation=False))
+    got, ref = (torch.cat(list(g.generate_streaming("Bounded.", 0, max_audio_length_ms=480,
+                                                    seed=2))) for g in (sg, eager))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    assert len(sizes) == 9  # the stream ran on the graphs compiled in warm-up

@@ -4,7 +4,7 @@ options refuse what cannot run. Speed and quality on full-size weights: bench_qu
 import pytest
 import torch
 
-from conftest import make_tiny_generator
+from conftest import make_tiny_generator, on_gpu
 from csm_streaming.engine.config import StreamingConfig
 from csm_streaming.engine.streaming import StreamingGenerator
 from csm_streaming.model.quantize import (
@@ -34,21 +34,57 @@ def test_int8_weights_are_within_half_a_step_and_both_paths_agree():
     torch.testing.assert_close(layer.cast_mm(x), ref, atol=1e-4, rtol=1e-4)  # the CUDA form
 
 
+def test_two_part_int8_weights_keep_16_bits_and_every_kernel_adds_the_parts():
+    torch.manual_seed(4)
+    w = torch.randn(48, 128) * 0.02
+    one, two = Int8Linear(w), Int8Linear(w, parts=2)
+    assert two.weight_int8.shape == (96, 128) and two.scale.shape == (96,)
+    err_one = (one.dequantized() - w).abs().max()
+    err_two = (two.dequantized() - w).abs().max()
+    assert err_two <= err_one / 200  # the second part stores the first's rounding at 1/254
+    x = torch.randn(3, 128)
+    ref = x @ two.dequantized().T
+    torch.testing.assert_close(two(x), ref, atol=1e-5, rtol=1e-5)  # int8pack, then the sum
+    torch.testing.assert_close(two.cast_mm(x).view(3, 2, 48).sum(1), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="parts must be 1 or 2"):
+        Int8Linear(w, parts=3)
+
+
+def test_activation_parts_are_on_one_power_of_two_grid_and_add_up_to_the_rows():
+    from csm_streaming.model.quantize import activation_parts
+
+    torch.manual_seed(5)
+    rows = torch.randn(2, 64) * 3
+    for narrow, levels in ((False, 256), (True, 128)):
+        parts, got = activation_parts(rows, narrow)
+        assert got == levels and parts.shape == (5, 64)
+        low, high = -(levels // 2), levels // 2 - 1
+        step = (parts[4, 1] / high).item()
+        assert step == 2.0 ** round(torch.log2(torch.tensor(step)).item())  # a power of two
+        assert (parts[4, 0] / step).item() == low  # the ends row spans the grid exactly
+        grid = parts / step
+        assert torch.equal(grid, grid.round()) and grid.min() >= low and grid.max() <= high
+        rebuilt = parts[:2] + parts[2:4] / levels
+        assert (rebuilt - rows).abs().max() <= step / levels  # ~2 x 8 bits of precision
+
+
 @pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,
                     reason="FBGEMM is x86 only")
-def test_fbgemm_multiplies_by_the_same_weights_and_keeps_streams_apart():
+@pytest.mark.parametrize("parts", [1, 2])
+def test_fbgemm_multiplies_by_the_same_weights_and_keeps_streams_apart(parts):
     torch.manual_seed(3)
-    layer = Int8Linear(torch.randn(96, 256) * 0.02)
+    layer = Int8Linear(torch.randn(96, 256) * 0.02, parts=parts)
+    layer.cpu_kernel = "fbgemm"
     x = torch.randn(3, 2, 256)  # 3 streams of 2 positions, as the depth decoder's first step
     x[1] *= 50  # a loud neighbour must not coarsen the others' activation steps
-    y = layer.fbgemm_mm(x)
+    y = layer(x)
     ref = x @ layer.dequantized().T
-    # the activations are rounded to 8 bits too: about 1-2% of the output's size
+    # the activations go in as two 8-bit parts: ~1e-4 of the output's size (one part: 1-2%)
     for b in range(3):
-        assert (y[b] - ref[b]).norm() / ref[b].norm() < 0.03
-        assert torch.equal(y[b:b + 1], layer.fbgemm_mm(x[b:b + 1]))  # alone, the same bits
+        assert (y[b] - ref[b]).norm() / ref[b].norm() < 1e-3
+        assert torch.equal(y[b:b + 1], layer(x[b:b + 1]))  # alone, the same bits
     rows = torch.randn(4, 256)  # [streams, features]: each row is a stream
-    assert torch.equal(layer.fbgemm_mm(rows)[2], layer.fbgemm_mm(rows[2:3])[0])
+    assert torch.equal(layer(rows)[2], layer(rows[2:3])[0])
 
 
 def test_int4_weights_are_within_half_a_step_of_their_group():
@@ -76,25 +112,25 @@ def test_compiled_quantized_layer_equals_eager(mode):
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode, kernel", [("int8", "int8pack"), ("int8", "fbgemm"),
-                                          ("int4", None)])
-def test_a_quantized_model_streams_what_it_generates(mimi, mode, kernel, monkeypatch):
+@pytest.mark.parametrize("mode, kernel, device", [
+    ("int8", "int8pack", "cpu"), ("int8", "fbgemm", "cpu"), ("int4", None, "cpu"),
+    pytest.param("int8", None, "cuda", marks=on_gpu("cuda")),  # the cast-in-the-product form
+    pytest.param("int8", None, "mps", marks=on_gpu("mps"))])
+def test_a_quantized_model_streams_what_it_generates(mimi, mode, kernel, device, monkeypatch):
     from csm_streaming.model import quantize
 
     if kernel == "fbgemm" and not quantize.fbgemm_available():
         pytest.skip("FBGEMM is x86 only")
     if kernel is not None:  # whichever the timing would pick, this one
         monkeypatch.setattr(quantize, "choose_cpu_kernel", lambda model: kernel)
-    gen = make_tiny_generator(mimi)
+    gen = make_tiny_generator(mimi, device)
     model = gen.model
     full = weight_bytes(model)
     assert quantize_model(model, mode) > 0
-    from csm_streaming.model.quantize import FULL_PRECISION_ACTIVATIONS
-
-    for name, m in model.named_modules():  # the chosen kernel, but where activations stay full
+    for name, m in model.named_modules():  # the chosen kernel; the backbone in two parts
         if isinstance(m, Int8Linear):
-            keep = kernel == "fbgemm" and name in FULL_PRECISION_ACTIVATIONS
-            assert m.cpu_kernel == ("int8pack" if keep else kernel), name
+            assert m.parts == (2 if name.startswith("backbone.") else 1)
+            assert kernel is None or m.cpu_kernel == kernel
     quantized = sum(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
     assert not any(isinstance(m, torch.nn.Linear) and m is not model.codebook0_head
                    for m in model.modules())

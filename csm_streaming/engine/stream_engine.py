@@ -82,6 +82,17 @@ class StreamEngine:
         self.chunk_slack_s = 0.0  # the last chunk's audio time minus the time it took
         if config.compile_enabled(dev):
             restore_linears(m)
+            # Compiled per module, not the whole step: a frame is the backbone step and 31 calls
+            # of one small depth-decoder graph, where the whole step traced as one graph unrolls
+            # the loop (~8400 nodes for random:tiny; inductor did not finish it in 13 minutes on
+            # 2 cores). The CUDA graph of the step (step_fn) still holds the whole loop. Per
+            # batch bucket: one backbone graph and two decoder graphs (2 positions, then 1),
+            # all of one function (Transformer.forward), whose graphs dynamo caps at 8 by
+            # default: past that, larger buckets would silently run eagerly.
+            import torch._dynamo
+
+            limit = torch._dynamo.config
+            limit.recompile_limit = max(limit.recompile_limit, 3 * len(self.buckets))
             self._backbone = torch.compile(m.backbone, dynamic=False)
             self._decoder = torch.compile(m.decoder, dynamic=False)
         elif config.cpu_weight_prepack:
@@ -110,6 +121,11 @@ class StreamEngine:
         """Sleep until `wake` (a text feed got a segment, a request came) or `timeout` seconds."""
         self._wake.wait(timeout)
         self._wake.clear()
+
+    @property
+    def buckets(self) -> list[int]:
+        """Every batch bucket a step may run (one compiled shape and CUDA graph each)."""
+        return sorted({self.bucket(top) for top in range(1, len(self.slots) + 1)})
 
     def bucket(self, top: int) -> int:
         """Rows a step runs for slots 0..top-1: the smallest power of two covering them, capped

@@ -63,8 +63,7 @@ class StreamingGenerator:
         """Run short throwaway streams so compilation and graph capture happen now, not in a
         request's latency: batch bucket 1, or every bucket (a server). Returns the seconds."""
         t = time.perf_counter()
-        slots = len(self.engine.slots) if all_buckets else 1
-        buckets = sorted({self.engine.bucket(top) for top in range(1, slots + 1)})
+        buckets = self.engine.buckets if all_buckets else [1]
         with self._lock, torch.inference_mode():
             for n in buckets:
                 t_bucket = time.perf_counter()

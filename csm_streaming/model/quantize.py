@@ -5,8 +5,8 @@ fp32. int8 weights halve the bf16 bytes, int4 quarter them. The matrix products 
 weight-only kernels where they exist:
 
 - int8, per output channel, symmetric. On a CPU the faster of two kernels, timed when the
-  model is quantized: FBGEMM's int8 x int8 product (`quantized.linear_dynamic`, x86: the
-  activations are rounded to 8 bits on the fly, per stream, so streams stay independent) or
+  model is quantized: FBGEMM's int8 x int8 product (`quantized.linear_dynamic`, x86: each stream's
+  activations go in as two 8-bit parts, ~16 bits together, `activation_parts`) or
   `aten._weight_int8pack_mm` (weight-only; no fast AVX2 path). MPS: `_weight_int8pack_mm`. On
   CUDA, `linear(x, w.to(x.dtype)) * scale`, the form gpt-fast uses so that torch.compile (on
   by default there) fuses the cast into the matrix product (not run here: no GPU was lent).
@@ -50,28 +50,49 @@ def int4_fits(layer: nn.Linear) -> bool:
 
 
 class Int8Linear(nn.Module):
-    """A Linear with int8 weights, one scale per output channel (symmetric)."""
+    """A Linear with int8 weights, one scale per output channel (symmetric).
 
-    def __init__(self, weight: torch.Tensor):
+    parts=2: each weight row is stored as two int8 rows, the rounded row and its rounding error
+    at 1/254 of the scale (~16 bits together, twice the bytes): for layers whose error every
+    later step inherits (the backbone). The kernels multiply by all parts' rows at once (2N
+    outputs, one weight read) and add the halves.
+    """
+
+    def __init__(self, weight: torch.Tensor, parts: int = 1):
         super().__init__()
+        if parts not in (1, 2):
+            raise ValueError(f"parts must be 1 or 2 (got {parts!r})")
         w = weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # [out]
-        q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-        self.out_features, self.in_features = w.shape
-        self.register_buffer("weight_int8", q.to(weight.device))
-        self.register_buffer("scale", scale.to(weight.device, weight.dtype))
+        rows, scales = [], []
+        for _ in range(parts):
+            scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # [out]
+            q = (w / scale[:, None]).round().clamp(-127, 127)
+            rows.append(q.to(torch.int8))
+            scales.append(scale)
+            w = w - q * scale[:, None]  # what the next part stores
+        self.out_features, self.in_features = weight.shape
+        self.parts = parts
+        self.register_buffer("weight_int8", torch.cat(rows).to(weight.device))  # [parts*N, K]
+        self.register_buffer("scale", torch.cat(scales).to(weight.device, weight.dtype))
 
     cpu_kernel = "int8pack"  # or "fbgemm": chosen for the model by choose_cpu_kernel
 
     def forward(self, x):
         if x.device.type == "cpu" and self.cpu_kernel == "fbgemm":
-            return self.fbgemm_mm(x)
-        return self.packed_mm(x) if x.device.type in ("cpu", "mps") else self.cast_mm(x)
+            y = self.fbgemm_mm(x)
+        else:
+            y = self.packed_mm(x) if x.device.type in ("cpu", "mps") else self.cast_mm(x)
+        if self.parts == 1:
+            return y
+        return y.unflatten(-1, (self.parts, self.out_features)).sum(-2)
 
     def fbgemm_mm(self, x):
-        """FBGEMM's int8 x int8 product (x86): the activations quantized to 8 bits on the fly,
-        per stream (each leading index: a stream's rows never share a scale with another
-        stream's, so a batched stream reproduces its solo run). The same int8 weights."""
+        """FBGEMM's int8 x int8 product (x86) with the same int8 weights -> [..., parts*N].
+        FBGEMM rounds the activations to 8 bits (7 without VNNI); alone that costs ~1-2% of
+        the output's size, so each stream's rows go in as two parts on one grid, the rounded
+        rows and their rounding error magnified (`activation_parts`): one call, ~16 bits of
+        activation precision; what is left is the weights' rounding. Per stream (each leading
+        index): a stream's rows never share a scale with another's, so batched equals solo."""
         if getattr(self, "_fbgemm", None) is None:
             import warnings
 
@@ -79,27 +100,33 @@ class Int8Linear(nn.Module):
                 warnings.simplefilter("ignore", UserWarning)  # packing still takes one)
                 qw = torch._make_per_channel_quantized_tensor(
                     self.weight_int8.cpu(), self.scale.double().cpu(),
-                    torch.zeros(self.out_features, dtype=torch.long), 0)
+                    torch.zeros(self.weight_int8.shape[0], dtype=torch.long), 0)
             self._fbgemm = torch.ops.quantized.linear_prepack(qw, None)
-        rows = x.float().reshape(x.shape[0], -1, self.in_features) if x.dim() > 2 else x.float()
-        y = torch.stack([torch.ops.quantized.linear_dynamic(r.reshape(-1, self.in_features),
-                                                            self._fbgemm, not cpu_has_vnni())
-                         for r in rows])
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        narrow = not cpu_has_vnni()
+        k = self.in_features
+        streams = x.float().reshape(x.shape[0], -1, k) if x.dim() > 2 else x.float()[:, None]
+        ys = []
+        for r in streams:  # one stream's rows [P, K]
+            parts, levels = activation_parts(r, narrow)
+            y = torch.ops.quantized.linear_dynamic(parts, self._fbgemm, narrow)
+            p = r.shape[0]
+            ys.append(y[:p] + y[p:2 * p] / levels)
+        return torch.stack(ys).to(x.dtype).view(*x.shape[:-1], -1)
 
     def packed_mm(self, x):
-        """torch's int8 weight kernel (CPU, MPS)."""
+        """torch's int8 weight kernel (CPU, MPS) -> [..., parts*N]."""
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight_int8,
                                                self.scale.to(x.dtype))
-        return y.view(*x.shape[:-1], self.out_features)
+        return y.view(*x.shape[:-1], -1)
 
     def cast_mm(self, x):
         """The weight cast in the product, the scale after (CUDA, where compile fuses it)."""
         return F.linear(x, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
 
     def dequantized(self) -> torch.Tensor:
-        """The weight this layer multiplies by, in float32."""
-        return self.weight_int8.float() * self.scale.float()[:, None]
+        """The weight this layer multiplies by, in float32 [N, K]."""
+        w = self.weight_int8.float() * self.scale.float()[:, None]
+        return w.view(self.parts, self.out_features, self.in_features).sum(0)
 
 
 class Int4Linear(nn.Module):
@@ -152,21 +179,44 @@ def quantize_model(model: nn.Module, mode: str) -> int:
     if mode == "int8":
         on_cpu = next(model.parameters()).device.type == "cpu"
         kernel = choose_cpu_kernel(model) if on_cpu else Int8Linear.cpu_kernel
-        n = swap_layers(model, lambda m: Int8Linear(m.weight) if isinstance(m, nn.Linear) else m)
-        for name, m in model.named_modules():
+        n = 0
+        for name in TWO_PART_INT8:
+            if isinstance(getattr(model, name, None), nn.Module):
+                n += swap_layers(getattr(model, name), lambda m: Int8Linear(m.weight, parts=2)
+                                 if isinstance(m, nn.Linear) else m)
+        n += swap_layers(model, lambda m: Int8Linear(m.weight) if isinstance(m, nn.Linear) else m)
+        for m in model.modules():
             if isinstance(m, Int8Linear):
-                # 8-bit activations there cost the most quality (random weights: top-1 against
-                # bf16 0.56 -> 0.76) and little time: the two keep full-precision activations
-                keep = name in FULL_PRECISION_ACTIVATIONS
-                m.cpu_kernel = "int8pack" if keep and kernel == "fbgemm" else kernel
+                m.cpu_kernel = kernel
         return n
     return swap_layers(model, lambda m: Int4Linear(m.weight) if isinstance(m, nn.Linear)
                        and int4_fits(m) else m)
 
 
-# Layers whose inputs stay unquantized under FBGEMM (weight-only int8 there): the depth
-# decoder's input projection (every depth step reads it) and the codebook-0 head (its logits)
-FULL_PRECISION_ACTIVATIONS = ("projection", "codebook0_head")
+# int8 in two parts (~16-bit weights) where the rounding of one part costs the most: the
+# backbone's error reaches every codebook of every later frame. Random full-size weights, top-1
+# against bf16: all one part 0.847; backbone unquantized 0.918 (the depth decoder is ~3/4 of
+# a frame's bytes, the backbone ~1/4: two parts there cost ~20% more bytes per frame).
+TWO_PART_INT8 = ("backbone",)
+
+
+def activation_parts(rows: torch.Tensor, narrow: bool) -> tuple[torch.Tensor, int]:
+    """Rows [P, K] -> ([2P + 1, K], L): the rows rounded to a grid of L levels, their rounding
+    error magnified L times and rounded to the same grid, and one row holding the grid's two
+    ends. FBGEMM's dynamic quantization picks its scale from the input's range: that last row
+    makes it exactly the grid's step (a power of two, so no rounding), and every value is on
+    the grid, so nothing is rounded again. rows ~= part 1 + part 2 / L, to ~1 / L^2 of their
+    range. narrow: 7-bit activations (CPUs without VNNI: FBGEMM's int16 sums must not
+    saturate)."""
+    levels = 128 if narrow else 256
+    low, high = -(levels // 2), levels // 2 - 1
+    step = torch.exp2(torch.ceil(torch.log2(rows.abs().amax().clamp(min=1e-30) / high)))
+    scaled = rows / step  # exact: a power of two
+    q = scaled.round().clamp_(low, high)
+    err = (scaled - q).mul_(levels).round_().clamp_(low, high)
+    ends = rows.new_zeros(1, rows.shape[1])
+    ends[0, :2] = torch.tensor([low, high])
+    return torch.cat([q, err, ends]).mul_(step), levels
 
 
 def cpu_has_vnni() -> bool:
@@ -190,7 +240,7 @@ def choose_cpu_kernel(model: nn.Module) -> str:
     """The faster int8 kernel on this CPU, timed on the model's largest weight at batch 1:
     FBGEMM's (x86; 4.7-12x fp32 on an AVX2 EPYC) or torch's weight-only `_weight_int8pack_mm`
     (which has no fast AVX2 path: slower than fp32 there). Both multiply by the same int8
-    weights; FBGEMM also rounds the activations to 8 bits. Says what it picked, and warns when
+    weights (FBGEMM's activations: two 8-bit parts, one call). Says what it picked, and warns when
     int8 loses to the model's own dtype here."""
     from csm_streaming.model.cpu_kernels import time_in_turns
 
