@@ -205,12 +205,12 @@ def test_compile_is_bounded_three_small_graphs_per_bucket_and_none_fall_back(own
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile",
                         lambda fn, **kw: compile_(fn, backend=counting_backend, **kw))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # the default
     torch._dynamo.reset()
-    sg = StreamingGenerator(own_generator, StreamingConfig(max_batch_size=4,
-                                                           enable_compilation=True))
-    assert sg.engine.buckets == [1, 2, 4]
-    sg.warmup(frames=2, all_buckets=True)
+    with torch._dynamo.config.patch(recompile_limit=8):  # the default
+        sg = StreamingGenerator(own_generator, StreamingConfig(max_batch_size=4,
+                                                               enable_compilation=True))
+        assert sg.engine.buckets == [1, 2, 4]
+        sg.warmup(frames=2, all_buckets=True)
     assert len(sizes) == 3 * 3, sizes
     assert max(sizes) < 400, sizes  # one module call, not an unrolled frame
     assert sorted(sg.warmup_buckets) == sg.engine.buckets  # compile time reported per bucket
