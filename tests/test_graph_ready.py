@@ -219,3 +219,34 @@ def test_compile_is_bounded_three_small_graphs_per_bucket_and_none_fall_back(own
                                                     seed=2))) for g in (sg, eager))
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
     assert len(sizes) == 9  # the stream ran on the graphs compiled in warm-up
+
+
+def test_mimi_takes_chunks_of_any_length_with_moshis_cuda_graphs_on(own_generator, monkeypatch):
+    """On CUDA, moshi graphs each Mimi part at its first call's shape and refuses any other
+    (a ValueError), but the engine's chunks vary (a first chunk, whole chunks, a stream's last
+    frames) and so do context slices (the last is shorter). Made to behave as on CUDA here
+    (moshi's graphs on: a second call would capture one, which a CPU cannot), a stream with
+    context audio and chunks of several lengths must still run, and equal its plain run."""
+    from moshi.utils import compile as moshi_compile
+
+    from conftest import speech_like
+    from csm_streaming.request import Segment
+
+    context = [Segment(speaker=1, text="Before.", audio=speech_like(1.1))]  # 14 frames: 4 slices
+    args = {"max_audio_length_ms": 1040, "seed": 1, "topk": 1}  # 13 frames: 2 + 4 + 4 + 3
+    ref = own_generator.generate("Go on.", 0, context=context, **args)  # frame by frame
+    init = moshi_compile.CUDAGraphed.__init__
+    made = []
+
+    def as_on_cuda(self, func, warmup_steps=1, disable=False):
+        if isinstance(func, torch.nn.Module):  # Mimi's parts (not the exec-mask setter, whose
+            disable = False                    # shape never changes)
+            made.append(self)
+        init(self, func, warmup_steps, disable)
+
+    monkeypatch.setattr(moshi_compile.CUDAGraphed, "__init__", as_on_cuda)
+    sg = StreamingGenerator(own_generator, StreamingConfig(chunk_size_ms=320))
+    chunks = list(sg.generate_streaming("Go on.", 0, context=context, **args))
+    assert made and all(g.disable for g in made)  # moshi's graphs were there, and turned off
+    assert len({c.numel() for c in chunks if c.numel()}) >= 2  # chunks of several lengths
+    torch.testing.assert_close(torch.cat(chunks), ref, atol=1e-4, rtol=0)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from csm_streaming.audio import FRAME_SAMPLES, SAMPLE_RATE, to_mono_24k
+from csm_streaming.engine.graphs import mimi_graphs_off
 from csm_streaming.engine.normalize import normalize_text
 from csm_streaming.engine.runaway import TailConfig, TailGuard
 from csm_streaming.metrics import DEVICE_FALLBACK, EMPTY_RETRY, Event
@@ -75,6 +76,7 @@ def encode_slices(mimi, audio: torch.Tensor, device) -> Iterator[torch.Tensor]:
     audio = F.pad(audio.float(), (0, n - audio.numel())).to(device)
     step = ENCODE_SLICE_FRAMES * FRAME_SAMPLES
     with mimi.streaming(1):
+        mimi_graphs_off(mimi)  # the last slice may be shorter than the others
         for start in range(0, n, step):
             yield mimi.encode(audio[None, None, start:start + step])[0].T.cpu()  # [k, 32]
 
