@@ -518,6 +518,53 @@ def test_out_of_memory_mid_chunk_loses_and_repeats_no_audio(tiny_generator):
         )
 
 
+def test_a_newcomer_cuts_the_running_chunk_and_joins_the_next_one(tiny_generator):
+    """A request that comes while a chunk is being made waits for one frame of the others, not
+    the whole chunk (once the chunk holds a first chunk's frames), and its prompt is prefilled
+    before the next chunk, which it joins: its first audio is one step away. Shown by the
+    engine's frames and events, not by timing. Nobody's audio changes."""
+    from csm_streaming.engine.config import StreamingConfig
+    from csm_streaming.engine.streaming import StreamingGenerator
+
+    sg = StreamingGenerator(tiny_generator, StreamingConfig(max_batch_size=2, chunk_size_ms=640,
+                                                            first_chunk_ms=160))
+    engine = sg.engine
+    frame_step, frames, arrive_at = engine._frame_step, [0], [None]
+
+    def counted(n):  # the scheduler's wake() when a request is queued, at a chosen frame
+        frames[0] += 1
+        if frames[0] == arrive_at[0]:
+            engine.wake()
+        return frame_step(n)
+
+    engine._frame_step = counted
+    engine._steps.clear()
+    args = {"max_audio_length_ms": 4000, "temperature": 0.9, "topk": 50}
+    talker = engine.submit(sg.request("I keep talking for a while.", 0, seed=1, **args))
+    audio = {"talker": []}
+    names = {talker.id: "talker"}
+
+    def step():
+        events = engine.step()
+        for e in events:
+            audio[names[e.stream.id]].append(e.audio)
+        return {names[e.stream.id]: e.audio.numel() // 1920 for e in events}
+
+    assert step() == {"talker": 2}  # prefill, then its first chunk (2 frames)
+    assert step() == {"talker": 8}  # a whole chunk when nobody comes
+    arrive_at[0] = frames[0] + 3
+    assert step() == {"talker": 3}  # cut at the third frame: somebody came
+    newcomer = engine.submit(sg.request("Me too.", 1, seed=2, **args))  # the scheduler admits
+    names[newcomer.id], audio["newcomer"] = "newcomer", []
+    assert step() == {"talker": 2, "newcomer": 2}  # prefilled first, then in the next chunk
+    while engine.active:
+        step()
+    for s, text, speaker, seed in (("talker", "I keep talking for a while.", 0, 1),
+                                   ("newcomer", "Me too.", 1, 2)):
+        ref = tiny_generator.generate(text, speaker, seed=seed, **args)
+        torch.testing.assert_close(torch.cat(audio[s]), ref, atol=1e-4, rtol=0)
+
+
 def test_two_engines_on_one_model_keep_their_own_caches(tiny_generator):
     from csm_streaming.engine.config import StreamingConfig
     from csm_streaming.engine.streaming import StreamingGenerator

@@ -271,7 +271,7 @@ def test_engine_steps_only_the_bucket_of_busy_slots(tiny_generator):
         tiny_generator, StreamingConfig(enable_compilation=False, max_batch_size=8)
     )
     eng = sg.engine
-    a = eng.submit(validate_request("One.", 0, max_audio_length_ms=800, seed=1))
+    a = eng.submit(validate_request("One.", 0, max_audio_length_ms=2400, seed=1))
     step_until_running(eng, a)
     eng.step()
     assert eng.last_bucket == 1
@@ -286,5 +286,5 @@ def test_engine_steps_only_the_bucket_of_busy_slots(tiny_generator):
     assert eng.last_bucket == 1
     while not a.finished:
         eng.step()
-    ref = tiny_generator.generate_codes("One.", 0, max_audio_length_ms=800, seed=1)
+    ref = tiny_generator.generate_codes("One.", 0, max_audio_length_ms=2400, seed=1)
     assert torch.equal(a.all_codes, ref)  # joins and leaves around it changed nothing

@@ -2,7 +2,7 @@
 
 Each job is a generator that does one unit of work per `next()`: resample one context turn,
 Mimi-encode a few frames of it (ENCODE_SLICE_FRAMES), or prefill one block of positions
-(prefill_block_size). The engine runs units for about one frame step after every chunk, so a
+(prefill_block_size). The engine runs units for about one frame step before every chunk, so a
 request with a long text or minutes of context audio delays the running streams by at most
 that much per chunk, and runs at full speed when nothing else does.
 """

@@ -24,7 +24,7 @@ import torch
 from csm_streaming.audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
 from csm_streaming.engine.config import StreamingConfig
 from csm_streaming.engine.generator import Generator, audio_rows
-from csm_streaming.engine.graphs import CUDAGraphed, shared_copy
+from csm_streaming.engine.graphs import CUDAGraphed, mimi_graphs_off, shared_copy
 from csm_streaming.engine.prompts import PromptWork
 from csm_streaming.engine.runaway import TailGuard
 from csm_streaming.engine.segmenting import split_sentences
@@ -67,12 +67,14 @@ class StreamEngine:
         self.state.pos.fill_(self.scratch_pos)
         self.mimi = shared_copy(generator.mimi)  # decoder: streaming, one row per slot
         self.mimi.streaming_forever(b)
+        mimi_graphs_off(self.mimi)
         self.encoder = shared_copy(generator.mimi)  # encodes context audio, one slice at a time
         self.slots: list[Stream | None] = [None] * b
         self.last_stream: Stream | None = None
         self._ids = itertools.count()
         self.prompts = PromptWork(generator, self.caches, self.encoder, self.state)
         self._wake = threading.Event()
+        self._arrived = threading.Event()  # set by wake() during a step: cut the chunk short
         self._backbone = self._decoder = None  # compiled wrappers, or None for eager
         self.cpu_kernel = "plain"  # the matrix kernel measured fastest here (CPU, fp32)
         self._graphs_off = not config.cuda_graphs_enabled(dev)
@@ -114,7 +116,10 @@ class StreamEngine:
         return not self.prompts.pending and not any(s.state == "running" for s in self.active)
 
     def wake(self):
-        """Cut a `wait` short (any thread): a request came, or text for a waiting stream."""
+        """Cut a `wait` short (any thread): a request came, or text for a waiting stream. A
+        chunk being made ends at its next frame (once it holds a first chunk's frames), so the
+        newcomer waits for one frame of the others, not a whole chunk."""
+        self._arrived.set()
         self._wake.set()
 
     def wait(self, timeout: float):
@@ -245,17 +250,24 @@ class StreamEngine:
 
     @torch.inference_mode()
     def step(self) -> list[ChunkEvent]:
-        """One chunk for every running stream (one host sync), then prompt work within budget."""
+        """Prompt work within budget, then one chunk for every running stream (one host sync).
+
+        Prompt work comes first so that a request whose prompt is ready (a new one after its
+        prefill, a playing one after its next segment's) joins this chunk instead of waiting
+        through one chunk of the others: its first audio is a prefill and a first chunk away.
+        """
+        self._arrived.clear()
         events = self._check_waiting()
-        running = [s for s in self.active if s.state == "running"]
-        if running:
-            events += self._chunk(running)
+        running = any(s.state == "running" for s in self.active)
         # Nothing runs: work in short slices anyway, so new requests are admitted in between.
         budget = self.prompt_budget_s() if running else IDLE_PROMPT_SLICE_S
-        return events + [self._fail(s, e) for s, e in self.prompts.run(budget)]
+        if self.prompts.pending:
+            events += [self._fail(s, e) for s, e in self.prompts.run(budget)]
+        ready = [s for s in self.active if s.state == "running"]
+        return events + (self._chunk(ready) if ready else [])
 
     def prompt_budget_s(self) -> float:
-        """Prompt work allowed after a chunk while streams run: the chunk's slack (its audio
+        """Prompt work allowed between two chunks while streams run: the chunk's slack (its audio
         time minus the time it took), so that every running stream stays ahead of real time,
         and at least `prep_budget_steps` frame steps, so that new requests always progress."""
         return max(self.frame_step_s * self.config.prep_budget_steps, self.chunk_slack_s)
@@ -293,6 +305,9 @@ class StreamEngine:
         try:
             for f in range(n):
                 st.codes[:rows, f].copy_(step())
+                if cfg.first_chunk_frames <= f + 1 < n and self._arrived.is_set():
+                    n = f + 1  # someone new waits (a host flag, no sync): end the chunk here
+                    break
             valid = st.valid.tolist()  # the one sync of the chunk
         except BaseException:
             st.restore(saved)  # e.g. out of memory at frame f: no stream loses frames 0..f-1
