@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/bench_streaming.py [--device auto] [--frames 12]
         [--streams 1,4,8,16]
 
-Sweeps chunk size, frame batch size (frames per Mimi call), compile on/off (--compile) and the
-number of streams advanced together per step, beside Generator.generate's plain loop measured in
+Sweeps chunk size, frame batch size (frames per Mimi call), compile on/off (--compile), the
+number of streams advanced together per step, and one stream alone in an engine of the widest
+batch (what idle slots cost it), beside Generator.generate's plain loop measured in
 the same run. Random weights never say "end", so every stream runs exactly --frames frames.
 Prints a table, saves benchmarks/results/streaming_<device>.json and a PNG plot beside it.
 """
@@ -142,9 +143,17 @@ def engine_rows(gen, args, plain: dict) -> list[dict]:
                warmup_buckets={str(k): v for k, v in sg.warmup_buckets.items()})
         del sg
         gc.collect()
+    widest = max(map(int, args.streams.split(",")))
+    if widest > 1:  # what idle slots cost a lone stream (Mimi decodes the rows that speak)
+        sg = build(gen, chunk_size_ms=320, max_batch_size=widest, **base)
+        run_streams(sg, 1, 2)
+        record(f"1 stream, {widest} slots", sg, 1, kind="wide", slots=widest, chunk_ms=320,
+               compiled=False)
+        del sg
+        gc.collect()
     one = next(r for r in rows if r.get("kind") == "streams" and r["streams"] == 1)
     for r in rows:
-        if r.get("kind") == "streams":
+        if r.get("kind") in ("streams", "wide"):
             r["aggregate_vs_1_stream"] = r["aggregate_frames_per_s"] / one["aggregate_frames_per_s"]
     return rows
 

@@ -491,7 +491,7 @@ def test_out_of_memory_mid_chunk_loses_and_repeats_no_audio(tiny_generator):
 
     engine.state.checkpoint = checkpoint
     engine._frame_step = oom_mid_chunk
-    bodies = [{"text": f"Stream {i} goes on.", "seed": 10 + i, "max_audio_length_ms": 2400,
+    bodies = [{"text": f"Stream {i} goes on.", "seed": 10 + i, "max_audio_length_ms": 6400,
                "top_k": 5} for i in range(4)]
     try:
         def post(body):
@@ -511,7 +511,7 @@ def test_out_of_memory_mid_chunk_loses_and_repeats_no_audio(tiny_generator):
         if r.status_code != 200:
             continue
         audio, _ = sf.read(io.BytesIO(base64.b64decode(r.json()["audio_data"])), dtype="float32")
-        solo = tiny_generator.generate(body["text"], 0, max_audio_length_ms=2400, seed=body["seed"],
+        solo = tiny_generator.generate(body["text"], 0, max_audio_length_ms=6400, seed=body["seed"],
                                        topk=5)
         torch.testing.assert_close(
             torch.from_numpy(audio), quantized(solo), atol=1.5 / 32767, rtol=0

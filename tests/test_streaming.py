@@ -288,3 +288,37 @@ def test_engine_steps_only_the_bucket_of_busy_slots(tiny_generator):
         eng.step()
     ref = tiny_generator.generate_codes("One.", 0, max_audio_length_ms=2400, seed=1)
     assert torch.equal(a.all_codes, ref)  # joins and leaves around it changed nothing
+
+
+def test_mimi_decodes_only_the_rows_that_speak_and_leaves_the_others_as_they_were(mimi):
+    """first_rows(mimi, n) narrows Mimi's streaming state to its first n rows: decoding there
+    gives what a full-width decode with the other rows masked gives, and rows n.. stay exactly
+    as the mask would leave them (later full decodes agree too)."""
+    from csm_streaming.engine.graphs import shared_copy
+    from csm_streaming.engine.mimi_state import first_rows
+
+    full, narrow = shared_copy(mimi), shared_copy(mimi)
+    for m in (full, narrow):
+        m.streaming_forever(4)
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for frames in (2, 4, 1, 3):  # chunks of several lengths, rows 0-1 speaking
+            codes = torch.randint(0, 2048, (4, 32, frames), generator=g)
+            full.set_exec_mask(torch.tensor([True, True, False, False]))
+            want = full.decode(codes)[:2]
+            with first_rows(narrow, 2):
+                got = narrow.decode(codes[:2])
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        for m in (full, narrow):  # all four rows again: the same state everywhere
+            m.set_exec_mask(torch.ones(4, dtype=torch.bool))
+        codes = torch.randint(0, 2048, (4, 32, 2), generator=g)
+        torch.testing.assert_close(narrow.decode(codes), full.decode(codes), atol=1e-5, rtol=0)
+
+
+def test_a_lone_stream_in_a_wide_engine_decodes_one_row(tiny_generator):
+    sg = StreamingGenerator(tiny_generator, StreamingConfig(max_batch_size=8))
+    out = torch.cat(list(sg.generate_streaming("Alone.", 0, max_audio_length_ms=800, seed=3)))
+    assert sg.engine.last_mimi_rows == 1  # not one per slot
+    ref = tiny_generator.generate("Alone.", 0, max_audio_length_ms=800, seed=3)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from csm_streaming.audio import FRAME_SAMPLES, SAMPLE_RATE, to_mono_24k
-from csm_streaming.engine.graphs import mimi_graphs_off
+from csm_streaming.engine.mimi_state import mimi_graphs_off
 from csm_streaming.engine.normalize import normalize_text
 from csm_streaming.engine.runaway import TailConfig, TailGuard
 from csm_streaming.metrics import DEVICE_FALLBACK, EMPTY_RETRY, Event

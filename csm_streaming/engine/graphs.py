@@ -52,18 +52,3 @@ def shared_copy(module: torch.nn.Module) -> torch.nn.Module:
     memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
     return copy.deepcopy(module, memo)
 
-
-MIMI_GRAPHS = ("graphed_tr_enc", "graphed_tr_dec", "graphed_encoder", "graphed_decoder")
-
-
-def mimi_graphs_off(mimi) -> None:
-    """Turn off moshi's own CUDA graphs in a streaming Mimi's state (call after entering
-    streaming). moshi captures each part at its first call's shape and raises a ValueError at
-    any other, but the engine decodes chunks of varying length (a first chunk, a chunk cut
-    short for a newcomer, a stream's last frames) and encodes context audio whose last slice is
-    shorter. Mimi then runs eagerly; the engine's own graph is the frame step's."""
-    state = mimi._streaming_state
-    for name in MIMI_GRAPHS:
-        graphed = getattr(state, name, None)
-        if graphed is not None:
-            graphed.disable = True

@@ -24,7 +24,8 @@ import torch
 from csm_streaming.audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
 from csm_streaming.engine.config import StreamingConfig
 from csm_streaming.engine.generator import Generator, audio_rows
-from csm_streaming.engine.graphs import CUDAGraphed, mimi_graphs_off, shared_copy
+from csm_streaming.engine.graphs import CUDAGraphed, shared_copy
+from csm_streaming.engine.mimi_state import first_rows, mimi_graphs_off
 from csm_streaming.engine.prompts import PromptWork
 from csm_streaming.engine.runaway import TailGuard
 from csm_streaming.engine.segmenting import split_sentences
@@ -80,6 +81,7 @@ class StreamEngine:
         self._graphs_off = not config.cuda_graphs_enabled(dev)
         self._steps: dict[int, CUDAGraphed] = {}  # batch bucket -> its (graphed) step
         self.last_bucket = 0
+        self.last_mimi_rows = 0  # rows the last chunk's Mimi decode ran
         self.frame_step_s = 0.0  # measured time of one frame step (EMA)
         self.chunk_slack_s = 0.0  # the last chunk's audio time minus the time it took
         if config.compile_enabled(dev):
@@ -409,24 +411,31 @@ class StreamEngine:
     def _decode(self, codes: torch.Tensor, kept: dict[int, int]) -> list[torch.Tensor]:
         """Mimi-decode the chunk in its streaming state -> per-slot CPU audio.
 
-        Frames every stream keeps are decoded in one call for the whole batch; frames past a
-        stream's end are decoded only for the streams that keep them (exec mask), so no stream's
-        codec state sees frames it will not play.
+        Only the rows up to the last slot that keeps frames are decoded (`first_rows`): one
+        stream in a wide engine costs one row, not one per slot. Frames every stream keeps are
+        decoded in one call; frames past a stream's end only for the streams that keep them
+        (exec mask), so no stream's codec state sees frames it will not play.
         """
         b = len(self.slots)
-        common = min(kept.values()) if kept else 0
-        fb = self.config.frame_batch_size or max(common, 1)
-        pieces: list[torch.Tensor] = []
-        self.mimi.set_exec_mask(self._rows_mask(kept, 0))
-        for start in range(0, common, fb):
-            pieces.append(self.mimi.decode(codes[:, start:min(start + fb, common)].transpose(1, 2)))
-        for f in range(common, max(kept.values(), default=0)):
-            self.mimi.set_exec_mask(self._rows_mask(kept, f))
-            pieces.append(self.mimi.decode(codes[:, f:f + 1].transpose(1, 2)))
-        self.mimi.set_exec_mask(torch.ones(b, dtype=torch.bool, device=self.device))
-        if not pieces:
+        speaking = [slot for slot, k in kept.items() if k > 0]
+        if not speaking:
             return [torch.zeros(0)] * b
-        return list(torch.cat(pieces, dim=-1)[:, 0].float().cpu())  # [B, samples]
+        rows = max(speaking) + 1
+        self.last_mimi_rows = rows
+        common = min(kept.values())
+        fb = self.config.frame_batch_size or max(common, 1)
+
+        def decode(frames: slice, mask_frame: int) -> torch.Tensor:  # [rows, 1, samples]
+            self.mimi.set_exec_mask(self._rows_mask(kept, mask_frame))  # the full state's
+            with first_rows(self.mimi, rows):
+                return self.mimi.decode(codes[:rows, frames].transpose(1, 2))
+
+        pieces = [decode(slice(start, min(start + fb, common)), 0)
+                  for start in range(0, common, fb)]
+        pieces += [decode(slice(f, f + 1), f) for f in range(common, max(kept.values()))]
+        self.mimi.set_exec_mask(torch.ones(b, dtype=torch.bool, device=self.device))
+        audio = list(torch.cat(pieces, dim=-1)[:, 0].float().cpu())  # [rows, samples]
+        return audio + [torch.zeros(0)] * (b - rows)
 
     def _rows_mask(self, kept: dict[int, int], frame: int) -> torch.Tensor:
         mask = torch.zeros(len(self.slots), dtype=torch.bool)
