@@ -51,21 +51,24 @@ def test_two_part_int8_weights_keep_16_bits_and_every_kernel_adds_the_parts():
 
 
 def test_activation_parts_are_on_one_power_of_two_grid_and_add_up_to_the_rows():
-    from csm_streaming.model.quantize import activation_parts
+    from csm_streaming.model.quantize import activation_parts, grid_ends
 
     torch.manual_seed(5)
     rows = torch.randn(2, 64) * 3
-    for narrow, levels in ((False, 256), (True, 128)):
-        parts, got = activation_parts(rows, narrow)
-        assert got == levels and parts.shape == (5, 64)
-        low, high = -(levels // 2), levels // 2 - 1
+    for narrow, low, high in ((False, -128, 127), (True, -64, 63)):
+        ends, top = grid_ends(64, narrow)
+        parts, gain = activation_parts(rows, ends, top)
+        assert top == high and gain == 2 * high and parts.shape == (5, 64)
         step = (parts[4, 1] / high).item()
         assert step == 2.0 ** round(torch.log2(torch.tensor(step)).item())  # a power of two
+        assert step / 2 < rows.abs().max() / high <= step  # the finest that holds every row
         assert (parts[4, 0] / step).item() == low  # the ends row spans the grid exactly
         grid = parts / step
         assert torch.equal(grid, grid.round()) and grid.min() >= low and grid.max() <= high
-        rebuilt = parts[:2] + parts[2:4] / levels
-        assert (rebuilt - rows).abs().max() <= step / levels  # ~2 x 8 bits of precision
+        rebuilt = parts[:2] + parts[2:4] / gain
+        assert (rebuilt - rows).abs().max() <= step / gain  # ~2 x 8 bits of precision
+    zeros, gain = activation_parts(torch.zeros(1, 64), *grid_ends(64, False))
+    assert torch.equal(zeros[:2], torch.zeros(2, 64))  # silence stays exact
 
 
 @pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,

@@ -240,7 +240,7 @@ def test_cpu_kernels_give_the_same_numbers_and_the_fastest_is_used(own_generator
     pos = torch.tensor([3, 7, 11, 2])
     caches = model.make_caches(4)
     plain = model.backbone_step(codes, pos, caches)
-    weight = model.backbone.layers[0].mlp.w1.weight.clone()
+    weight = model.backbone.layers[0].mlp.w13.weight.clone()
     times = measure_kernels([weight], 4)
     assert "plain" in times and all(t > 0 for t in times.values())
     for name in [k for k in KERNELS if k in times]:  # each kernel this CPU can run
@@ -251,7 +251,7 @@ def test_cpu_kernels_give_the_same_numbers_and_the_fastest_is_used(own_generator
         torch.testing.assert_close(model.backbone_step(codes, pos, caches), plain,
                                    atol=1e-5, rtol=1e-5)
         assert restore_linears(model) > 0
-        assert torch.equal(model.backbone.layers[0].mlp.w1.weight, weight)  # exactly back
+        assert torch.equal(model.backbone.layers[0].mlp.w13.weight, weight)  # exactly back
     monkeypatch.setattr(cpu_kernels, "measure_kernels", lambda w, b: {"plain": 1.0, "mkl": 0.97})
     assert speed_up_cpu_linears(model, 4) == "plain"  # 3% is not worth a swap
 

@@ -124,22 +124,46 @@ class ModelCaches:
     max_seq: int
 
 
+def stacked_linear(module: nn.Module, name: str, in_dim: int, parts: dict[str, int]) -> nn.Linear:
+    """One Linear named `name` for the checkpoint's Linears `parts` (name -> outputs), their rows
+    stacked in that order: one matrix product (one weight read, one kernel call) instead of
+    several that share their input. State dicts in and out keep the parts' names, so both
+    checkpoint formats and the transformers port see the model they know."""
+    keys = list(parts)
+
+    def load(mod, state, prefix, *_):
+        found = [f"{prefix}{k}.weight" for k in keys]
+        if all(k in state for k in found):
+            state[f"{prefix}{name}.weight"] = torch.cat([state.pop(k) for k in found])
+
+    def save(mod, state, prefix, _metadata):
+        weight = state.pop(f"{prefix}{name}.weight", None)
+        if weight is not None:  # a plain Linear (quantized layers keep their own names)
+            for k, piece in zip(keys, weight.split(list(parts.values()))):
+                state[f"{prefix}{k}.weight"] = piece
+
+    module.register_load_state_dict_pre_hook(load)
+    module.register_state_dict_post_hook(save)
+    return nn.Linear(in_dim, sum(parts.values()), bias=False)
+
+
 class Attention(nn.Module):
     def __init__(self, args: LlamaArgs):
         super().__init__()
         self.args = args
         hd = args.head_dim
-        self.q_proj = nn.Linear(args.dim, args.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(args.dim, args.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(args.dim, args.num_kv_heads * hd, bias=False)
+        self.sizes = [args.num_heads * hd, args.num_kv_heads * hd, args.num_kv_heads * hd]
+        self.qkv_proj = stacked_linear(self, "qkv_proj", args.dim, dict(
+            zip(("q_proj", "k_proj", "v_proj"), self.sizes)))
         self.output_proj = nn.Linear(args.num_heads * hd, args.dim, bias=False)
 
     def forward(self, x, cos, sin, input_pos, mask, cache: KVCache, slot):
         b, s, _ = x.shape
         a = self.args
-        q = apply_rope(self.q_proj(x).view(b, s, a.num_heads, a.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(b, s, a.num_kv_heads, a.head_dim), cos, sin)
-        v = self.v_proj(x).view(b, s, a.num_kv_heads, a.head_dim)
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = apply_rope(q.view(b, s, a.num_heads, a.head_dim), cos, sin)
+        k = apply_rope(k.view(b, s, a.num_kv_heads, a.head_dim), cos, sin)
+        v = v.view(b, s, a.num_kv_heads, a.head_dim)
         kc, vc = cache.update(input_pos, k, v, slot)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=mask,
                                            enable_gqa=a.num_heads != a.num_kv_heads)
@@ -149,12 +173,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: LlamaArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.intermediate_dim, bias=False)  # gate
-        self.w2 = nn.Linear(args.intermediate_dim, args.dim, bias=False)  # down
-        self.w3 = nn.Linear(args.dim, args.intermediate_dim, bias=False)  # up
+        inter = args.intermediate_dim
+        self.w13 = stacked_linear(self, "w13", args.dim, {"w1": inter, "w3": inter})  # gate, up
+        self.w2 = nn.Linear(inter, args.dim, bias=False)  # down
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):

@@ -103,15 +103,19 @@ class Int8Linear(nn.Module):
                     torch.zeros(self.weight_int8.shape[0], dtype=torch.long), 0)
             self._fbgemm = torch.ops.quantized.linear_prepack(qw, None)
         narrow = not cpu_has_vnni()
+        if getattr(self, "_ends", None) is None:
+            self._ends, self._high = grid_ends(self.in_features, narrow)
         k = self.in_features
         streams = x.float().reshape(x.shape[0], -1, k) if x.dim() > 2 else x.float()[:, None]
-        ys = []
-        for r in streams:  # one stream's rows [P, K]
-            parts, levels = activation_parts(r, narrow)
-            y = torch.ops.quantized.linear_dynamic(parts, self._fbgemm, narrow)
-            p = r.shape[0]
-            ys.append(y[:p] + y[p:2 * p] / levels)
-        return torch.stack(ys).to(x.dtype).view(*x.shape[:-1], -1)
+        ys = [self._fbgemm_rows(r, narrow) for r in streams]  # one stream's rows [P, K] each
+        y = ys[0][None] if len(ys) == 1 else torch.stack(ys)
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+    def _fbgemm_rows(self, rows: torch.Tensor, narrow: bool) -> torch.Tensor:
+        parts, gain = activation_parts(rows, self._ends, self._high)
+        y = torch.ops.quantized.linear_dynamic(parts, self._fbgemm, narrow)
+        p = rows.shape[0]
+        return y[:p].add_(y[p:2 * p], alpha=1 / gain)
 
     def packed_mm(self, x):
         """torch's int8 weight kernel (CPU, MPS) -> [..., parts*N]."""
@@ -200,23 +204,29 @@ def quantize_model(model: nn.Module, mode: str) -> int:
 TWO_PART_INT8 = ("backbone",)
 
 
-def activation_parts(rows: torch.Tensor, narrow: bool) -> tuple[torch.Tensor, int]:
-    """Rows [P, K] -> ([2P + 1, K], L): the rows rounded to a grid of L levels, their rounding
-    error magnified L times and rounded to the same grid, and one row holding the grid's two
-    ends. FBGEMM's dynamic quantization picks its scale from the input's range: that last row
-    makes it exactly the grid's step (a power of two, so no rounding), and every value is on
-    the grid, so nothing is rounded again. rows ~= part 1 + part 2 / L, to ~1 / L^2 of their
-    range. narrow: 7-bit activations (CPUs without VNNI: FBGEMM's int16 sums must not
-    saturate)."""
+def grid_ends(in_features: int, narrow: bool) -> tuple[torch.Tensor, int]:
+    """The row [1, K] holding the two ends of the activation grid (in steps), and its top:
+    8 bits, or 7 on CPUs without VNNI (FBGEMM's int16 sums must not saturate)."""
     levels = 128 if narrow else 256
-    low, high = -(levels // 2), levels // 2 - 1
-    step = torch.exp2(torch.ceil(torch.log2(rows.abs().amax().clamp(min=1e-30) / high)))
-    scaled = rows / step  # exact: a power of two
-    q = scaled.round().clamp_(low, high)
-    err = (scaled - q).mul_(levels).round_().clamp_(low, high)
-    ends = rows.new_zeros(1, rows.shape[1])
-    ends[0, :2] = torch.tensor([low, high])
-    return torch.cat([q, err, ends]).mul_(step), levels
+    ends = torch.zeros(1, in_features)
+    ends[0, 0], ends[0, 1] = -(levels // 2), levels // 2 - 1
+    return ends, levels // 2 - 1
+
+
+def activation_parts(rows: torch.Tensor, ends: torch.Tensor, high: int
+                     ) -> tuple[torch.Tensor, int]:
+    """Rows [P, K] -> ([2P + 1, K], G): the rows rounded to a grid, their rounding error
+    magnified G times and rounded to the same grid, and the grid's two ends (`grid_ends`).
+    FBGEMM's dynamic quantization picks its scale from the input's range: the ends make it
+    exactly the grid's step (a power of two, so no rounding), and every value is on the grid,
+    so nothing is rounded again. rows ~= part 1 + part 2 / G, to ~1 / G^2 of their range."""
+    gain = 2 * high  # the error is within half a step: times 2 * high, within the grid
+    _, exponent = torch.frexp(rows.abs().amax() / high)
+    step = torch.exp2(exponent)  # >= the largest |row| / high: a power of two
+    scaled = rows / step  # exact; |scaled| <= high
+    q = scaled.round()
+    err = (scaled - q).mul_(gain).round_()
+    return torch.cat([q, err, ends]).mul_(step), gain
 
 
 def cpu_has_vnni() -> bool:
