@@ -15,7 +15,8 @@ def add_model_arguments(p):
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default=None,
                    help="weights' dtype (None: bf16 on CUDA, fp32 elsewhere; auto: on a CPU the "
-                        "faster of fp32 and bf16, measured at start)")
+                        "fastest of fp32, bf16 and, with --quantize int8, int8, measured at "
+                        "start)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="int8 / int4 weights (int4: CPU only); see the README")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

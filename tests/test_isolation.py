@@ -491,7 +491,7 @@ def test_out_of_memory_mid_chunk_loses_and_repeats_no_audio(tiny_generator):
 
     engine.state.checkpoint = checkpoint
     engine._frame_step = oom_mid_chunk
-    bodies = [{"text": f"Stream {i} goes on.", "seed": 10 + i, "max_audio_length_ms": 6400,
+    bodies = [{"text": f"Stream {i} goes on.", "seed": 10 + i, "max_audio_length_ms": 4000,
                "top_k": 5} for i in range(4)]
     try:
         def post(body):
@@ -511,7 +511,7 @@ def test_out_of_memory_mid_chunk_loses_and_repeats_no_audio(tiny_generator):
         if r.status_code != 200:
             continue
         audio, _ = sf.read(io.BytesIO(base64.b64decode(r.json()["audio_data"])), dtype="float32")
-        solo = tiny_generator.generate(body["text"], 0, max_audio_length_ms=6400, seed=body["seed"],
+        solo = tiny_generator.generate(body["text"], 0, max_audio_length_ms=4000, seed=body["seed"],
                                        topk=5)
         torch.testing.assert_close(
             torch.from_numpy(audio), quantized(solo), atol=1.5 / 32767, rtol=0
@@ -539,7 +539,7 @@ def test_a_newcomer_cuts_the_running_chunk_and_joins_the_next_one(tiny_generator
 
     engine._frame_step = counted
     engine._steps.clear()
-    args = {"max_audio_length_ms": 4000, "temperature": 0.9, "topk": 50}
+    args = {"max_audio_length_ms": 2000, "temperature": 0.9, "topk": 50}
     talker = engine.submit(sg.request("I keep talking for a while.", 0, seed=1, **args))
     audio = {"talker": []}
     names = {talker.id: "talker"}

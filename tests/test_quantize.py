@@ -193,3 +193,24 @@ def test_dtype_auto_loads_what_it_measured_faster_and_says_why(caplog):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
     named = load_csm_1b(device="cpu", model="random:tiny", dtype="bf16", watermark=False)
     assert next(named.model.parameters()).dtype == torch.bfloat16
+
+
+def test_dtype_auto_weighs_int8_when_asked_and_keeps_what_it_says(caplog):
+    import logging
+
+    from csm_streaming.engine.generator import load_csm_1b
+
+    with caplog.at_level(logging.INFO, logger="csm"):
+        gen = load_csm_1b(device="cpu", model="random:tiny", dtype="auto", quantize="int8",
+                          watermark=False)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dtype auto: ")]
+    assert len(said) == 1 and all(f"{k} " in said[0] for k in ("fp32", "bf16", "int8"))
+    picked = said[0].removeprefix("dtype auto: ").split()[0].rstrip(";")
+    quantized = any(isinstance(m, Int8Linear) for m in gen.model.modules())
+    # the pick is the machine's; what it guarantees: the model is what the message names
+    assert quantized == (picked == "int8")
+    assert next(gen.model.parameters()).dtype == (torch.bfloat16 if picked == "bf16"
+                                                  else torch.float32)
+    if not quantized:
+        assert "int8 was asked for but is slower here" in said[0]
+

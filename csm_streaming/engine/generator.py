@@ -322,8 +322,8 @@ def load_csm_1b(device: str = "auto", model: str = DEFAULT_REPO, mimi: str | Non
     default length (RANDOM_MODEL_MAX_AUDIO_MS): they never emit the end frame.
     quantize: None, 'int8' (CPU, MPS, CUDA) or 'int4' (CPU) weight-only quantization, see
     model/quantize.py; dtype='int8' / 'int4' says the same. dtype: a torch.dtype, 'fp32',
-    'bf16', or 'auto' (on a CPU the faster of the two, measured: see pick_dtype); None: bf16
-    on CUDA, fp32 elsewhere.
+    'bf16', or 'auto' (on a CPU the fastest of the two, and of int8 when quantize='int8' was
+    asked for, measured: see pick_dtype); None: bf16 on CUDA, fp32 elsewhere.
     """
     from csm_streaming.model.quantize import MODES, check_mode, quantize_model
     from csm_streaming.model.watermark import load_watermark_stage
@@ -342,7 +342,7 @@ def load_csm_1b(device: str = "auto", model: str = DEFAULT_REPO, mimi: str | Non
     try:
         dev = pick_device(device)
         if dtype == "auto":
-            dtype = pick_dtype(dev)
+            dtype, quantize = pick_dtype(dev, quantize)
         check_mode(quantize, dev)  # before the weights load: int4 on a GPU says so now
         csm, tok, _ = load_model_and_tokenizer(model, dev, dtype)
     except (RuntimeError, torch.OutOfMemoryError) as e:
@@ -370,23 +370,35 @@ def load_csm_1b(device: str = "auto", model: str = DEFAULT_REPO, mimi: str | Non
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def pick_dtype(device: torch.device) -> torch.dtype:
-    """dtype="auto": bf16 on CUDA; on a CPU the faster of fp32 and bf16 for CSM-1B's largest
-    product (8192x2048 at batch 1), measured here: bf16 reads half the bytes but is slower
-    than fp32 on CPUs without AVX-512 BF16 or AMX. Says what it picked and why."""
+def pick_dtype(device: torch.device, quantize: str | None = None
+               ) -> tuple[torch.dtype, str | None]:
+    """dtype="auto" -> (dtype, quantize): bf16 on CUDA; on a CPU the fastest of fp32, bf16 and,
+    when int8 was asked for, int8 weights (with the faster int8 kernel), for CSM-1B's largest
+    product (8192x2048 at batch 1), measured here: bf16 reads half the bytes but is slower than
+    fp32 on CPUs without AVX-512 BF16 or AMX, and int8 has no fast kernel on some CPUs (ARM).
+    Says what it picked and why."""
     if device.type != "cpu":
-        return default_dtype(device)
+        return default_dtype(device), quantize
     from csm_streaming.model.cpu_kernels import time_in_turns
+    from csm_streaming.model.quantize import Int8Linear, fbgemm_available
 
-    w32, x = torch.randn(8192, 2048) * 0.02, torch.randn(1, 2048)
+    w32, x = torch.randn(8192, 2048) * 0.02, torch.randn(1, 1, 2048)
     pairs = {name: (w32.to(dtype), x.to(dtype)) for name, dtype in DTYPE_NAMES.items()}
-    times = {name: s * 1000 for name, s in time_in_turns(
-        {name: lambda w=w, xi=xi: torch.nn.functional.linear(xi, w)
-         for name, (w, xi) in pairs.items()}).items()}
+    candidates = {name: lambda w=w, xi=xi: torch.nn.functional.linear(xi, w)
+                  for name, (w, xi) in pairs.items()}
+    if quantize == "int8":
+        int8 = Int8Linear(w32)
+        int8.cpu_kernel = "fbgemm" if fbgemm_available() else "int8pack"
+        candidates["int8"] = lambda: int8(x)
+    times = {name: s * 1000 for name, s in time_in_turns(candidates).items()}
     best = min(times, key=times.get)
-    log.info("dtype auto: %s on this CPU (%s for an 8192x2048 product)", best,
-             ", ".join(f"{k} {v:.2f} ms" for k, v in times.items()))
-    return DTYPE_NAMES[best]
+    said = ", ".join(f"{k} {v:.2f} ms" for k, v in times.items())
+    if quantize == "int8" and best != "int8":
+        log.warning("dtype auto: %s on this CPU; int8 was asked for but is slower here (%s for "
+                    "an 8192x2048 product): the weights stay %s", best, said, best)
+        return DTYPE_NAMES[best], None
+    log.info("dtype auto: %s on this CPU (%s for an 8192x2048 product)", best, said)
+    return (torch.float32, "int8") if best == "int8" else (DTYPE_NAMES[best], quantize)
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:

@@ -25,6 +25,40 @@ def mimi_graphs_off(mimi) -> None:
             graphed.disable = True
 
 
+def decode_chunk(mimi, codes: torch.Tensor, kept: dict[int, int], slots: int,
+                 frame_batch: int | None) -> tuple[list[torch.Tensor], int]:
+    """A chunk's codes [slots, frames, 32] -> (per-slot CPU audio, rows decoded), in the
+    streaming state of `mimi` (one row per slot). kept: frames each running slot keeps.
+
+    Only the rows up to the last slot that keeps frames are decoded (`first_rows`): one stream
+    in a wide engine costs one row, not one per slot. Frames every stream keeps are decoded in
+    calls of `frame_batch` frames (None: all in one); frames past a stream's end only for the
+    streams that keep them (exec mask), so no stream's codec state sees frames it will not play.
+    """
+    speaking = [slot for slot, k in kept.items() if k > 0]
+    if not speaking:
+        return [torch.zeros(0)] * slots, 0
+    rows, common, device = max(speaking) + 1, min(kept.values()), codes.device
+
+    def rows_mask(frame: int) -> torch.Tensor:
+        mask = torch.zeros(slots, dtype=torch.bool)
+        for slot, k in kept.items():
+            mask[slot] = k > frame
+        return mask.to(device)
+
+    def decode(frames: slice, mask_frame: int) -> torch.Tensor:  # [rows, 1, samples]
+        mimi.set_exec_mask(rows_mask(mask_frame))  # set on the full state
+        with first_rows(mimi, rows):
+            return mimi.decode(codes[:rows, frames].transpose(1, 2))
+
+    fb = frame_batch or max(common, 1)
+    pieces = [decode(slice(start, min(start + fb, common)), 0) for start in range(0, common, fb)]
+    pieces += [decode(slice(f, f + 1), f) for f in range(common, max(kept.values()))]
+    mimi.set_exec_mask(torch.ones(slots, dtype=torch.bool, device=device))
+    audio = list(torch.cat(pieces, dim=-1)[:, 0].float().cpu())  # [rows, samples]
+    return audio + [torch.zeros(0)] * (slots - rows), rows
+
+
 @contextmanager
 def first_rows(mimi, n: int):
     """Inside, Mimi's streaming state is its first n rows (calls take [n, ...] inputs).

@@ -25,7 +25,7 @@ from csm_streaming.audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
 from csm_streaming.engine.config import StreamingConfig
 from csm_streaming.engine.generator import Generator, audio_rows
 from csm_streaming.engine.graphs import CUDAGraphed, shared_copy
-from csm_streaming.engine.mimi_state import first_rows, mimi_graphs_off
+from csm_streaming.engine.mimi_state import decode_chunk, mimi_graphs_off
 from csm_streaming.engine.prompts import PromptWork
 from csm_streaming.engine.runaway import TailGuard
 from csm_streaming.engine.segmenting import split_sentences
@@ -409,39 +409,10 @@ class StreamEngine:
         return ChunkEvent(s, out, True, s.error)
 
     def _decode(self, codes: torch.Tensor, kept: dict[int, int]) -> list[torch.Tensor]:
-        """Mimi-decode the chunk in its streaming state -> per-slot CPU audio.
-
-        Only the rows up to the last slot that keeps frames are decoded (`first_rows`): one
-        stream in a wide engine costs one row, not one per slot. Frames every stream keeps are
-        decoded in one call; frames past a stream's end only for the streams that keep them
-        (exec mask), so no stream's codec state sees frames it will not play.
-        """
-        b = len(self.slots)
-        speaking = [slot for slot, k in kept.items() if k > 0]
-        if not speaking:
-            return [torch.zeros(0)] * b
-        rows = max(speaking) + 1
-        self.last_mimi_rows = rows
-        common = min(kept.values())
-        fb = self.config.frame_batch_size or max(common, 1)
-
-        def decode(frames: slice, mask_frame: int) -> torch.Tensor:  # [rows, 1, samples]
-            self.mimi.set_exec_mask(self._rows_mask(kept, mask_frame))  # the full state's
-            with first_rows(self.mimi, rows):
-                return self.mimi.decode(codes[:rows, frames].transpose(1, 2))
-
-        pieces = [decode(slice(start, min(start + fb, common)), 0)
-                  for start in range(0, common, fb)]
-        pieces += [decode(slice(f, f + 1), f) for f in range(common, max(kept.values()))]
-        self.mimi.set_exec_mask(torch.ones(b, dtype=torch.bool, device=self.device))
-        audio = list(torch.cat(pieces, dim=-1)[:, 0].float().cpu())  # [rows, samples]
-        return audio + [torch.zeros(0)] * (b - rows)
-
-    def _rows_mask(self, kept: dict[int, int], frame: int) -> torch.Tensor:
-        mask = torch.zeros(len(self.slots), dtype=torch.bool)
-        for slot, k in kept.items():
-            mask[slot] = k > frame
-        return mask.to(self.device)
+        """Mimi-decode the chunk in its streaming state -> per-slot CPU audio (decode_chunk)."""
+        audio, self.last_mimi_rows = decode_chunk(self.mimi, codes, kept, len(self.slots),
+                                                  self.config.frame_batch_size)
+        return audio
 
 
 def _peak_memory_mb(device: torch.device) -> float:
