@@ -83,7 +83,7 @@ class StreamEngine:
         self.last_bucket = 0
         self.last_mimi_rows = 0  # rows the last chunk's Mimi decode ran
         self.frame_step_s = 0.0  # measured time of one frame step (EMA)
-        self.chunk_slack_s = 0.0  # the last chunk's audio time minus the time it took
+        self.chunk_slack_s = 0.0  # the last whole chunk's audio time minus the time it took
         if config.compile_enabled(dev):
             restore_linears(m)
             # Compiled per module, not the whole step: a frame is the backbone step and 31 calls
@@ -269,9 +269,10 @@ class StreamEngine:
         return events + (self._chunk(ready) if ready else [])
 
     def prompt_budget_s(self) -> float:
-        """Prompt work allowed between two chunks while streams run: the chunk's slack (its audio
-        time minus the time it took), so that every running stream stays ahead of real time,
-        and at least `prep_budget_steps` frame steps, so that new requests always progress."""
+        """Prompt work allowed between two chunks while streams run: the last whole chunk's
+        slack (its audio time minus the time it took), so that every running stream stays
+        ahead of real time, and at least `prep_budget_steps` frame steps, so that new requests
+        always progress."""
         return max(self.frame_step_s * self.config.prep_budget_steps, self.chunk_slack_s)
 
     def _check_waiting(self) -> list[ChunkEvent]:
@@ -337,7 +338,9 @@ class StreamEngine:
             except Exception as e:  # one stream's own trouble (its text, its guard): it alone ends
                 log.warning("stream %d failed: %s", s.id, e)
                 events.append(self._fail(s, e))
-        self.chunk_slack_s = n * FRAME_MS / 1000 - (time.perf_counter() - t0)
+        if n == cfg.chunk_frames:  # a first chunk or one cut for a newcomer is mostly Mimi's
+            # fixed cost per call: its slack would starve the very newcomers that shortened it
+            self.chunk_slack_s = n * FRAME_MS / 1000 - (time.perf_counter() - t0)
         return events
 
     def _record(self, s: Stream, codes: torch.Tensor, audio: torch.Tensor, gen_s: float,
