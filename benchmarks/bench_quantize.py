@@ -75,7 +75,7 @@ def frame_logits(model, tok, frames: int, codes: torch.Tensor | None = None, see
         pos = torch.arange(2, device=device)[None]
         for i in range(1, 32):
             d = model.decoder(model.projection(x), pos, caches.decoder, 0).to(h.dtype)[:, -1]
-            c = pick(f, i, d @ model.audio_head[i - 1])
+            c = pick(f, i, model.audio_logits(d, i))
             x, pos = model.embed_audio(i, c)[:, None], pos[:, -1:] + 1
         h = model.backbone_step(chosen[f:f + 1].to(device),
                                 torch.tensor([tokens.shape[0] + f], device=device), caches)
@@ -112,7 +112,7 @@ def main(argv=None):
     from bench_frame import bench_model
     from csm_streaming.engine.generator import pick_device
     from csm_streaming.model.checkpoints import load_model_and_tokenizer
-    from csm_streaming.model.quantize import check_mode
+    from csm_streaming.model.quantize import Int8Linear, check_mode
 
     device = pick_device(args.device)
     modes = [m for m in args.modes.split(",") if m in ("fp32", "bf16") or not check_mode(m, device)]
@@ -128,6 +128,9 @@ def main(argv=None):
     for mode in modes:
         model = variant(master, mode, device)
         row = bench_model(mode, model, tok, device, args.frames, bw, False, plain_loop=False)
+        kernels = {m.cpu_kernel for m in model.modules() if isinstance(m, Int8Linear)}
+        if kernels:  # the int8 kernel timed fastest at load (FBGEMM or the weight-only one)
+            row["int8_kernel"] = ",".join(sorted(kernels))
         row.update(compare(ref_logits, frame_logits(model, tok, args.quality_frames, codes)[0]))
         rows.append(row)
         print(f"{mode}: {row['ours_ms']:.0f} ms per frame, KL {row['kl_mean']:.2e}, "

@@ -81,7 +81,8 @@ def weight_bytes_per_frame(model) -> int:
 
     steps = model.args.audio_num_codebooks - 1
     return (nbytes(model.backbone) + nbytes(model.codebook0_head)
-            + steps * (nbytes(model.decoder) + nbytes(model.projection)) + nbytes(model.audio_head))
+            + steps * (nbytes(model.decoder) + nbytes(model.projection)) + nbytes(model.audio_head)
+            + (nbytes(model.audio_heads_int8) if model.audio_heads_int8 is not None else 0))
 
 
 def time_calls(fn, device, n: int, warmup: int = 1) -> list[float]:

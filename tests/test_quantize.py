@@ -130,10 +130,12 @@ def test_a_quantized_model_streams_what_it_generates(mimi, mode, kernel, device,
     model = gen.model
     full = weight_bytes(model)
     assert quantize_model(model, mode) > 0
-    for name, m in model.named_modules():  # the chosen kernel; the backbone in two parts
+    for name, m in model.named_modules():  # the chosen kernel; backbone, audio heads: 2 parts
         if isinstance(m, Int8Linear):
-            assert m.parts == (2 if name.startswith("backbone.") else 1)
+            assert m.parts == (2 if name.startswith(("backbone.", "audio_heads_int8.")) else 1)
             assert kernel is None or m.cpu_kernel == kernel
+    if mode == "int8":  # the 31 audio heads too, the fp32 tensor dropped
+        assert len(model.audio_heads_int8) == 31 and model.audio_head.numel() == 0
     quantized = sum(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
     assert not any(isinstance(m, torch.nn.Linear) and m is not model.codebook0_head
                    for m in model.modules())

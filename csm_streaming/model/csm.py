@@ -68,6 +68,7 @@ class CSM(nn.Module):
         self.projection = nn.Linear(bb.dim, dec.dim, bias=False)
         self.codebook0_head = nn.Linear(bb.dim, v, bias=False)
         self.audio_head = nn.Parameter(torch.empty(n - 1, dec.dim, v))
+        self.audio_heads_int8: nn.ModuleList | None = None  # quantize.py's, when int8
         self.register_buffer("codebook_offsets", torch.arange(n) * v, persistent=False)
 
     # -- caches -------------------------------------------------------------------------------
@@ -152,12 +153,18 @@ class CSM(nn.Module):
         pos = torch.arange(2, device=h.device)[None].expand(h.shape[0], 2)
         for i in range(1, n):
             out = decoder(self.projection(x), pos, caches.decoder, slot).to(dtype)[:, -1]  # [B, Dd]
-            c = sample_topk(out @ self.audio_head[i - 1], s.temperature, s.topk, s.seed,
+            c = sample_topk(self.audio_logits(out, i), s.temperature, s.topk, s.seed,
                             counter + i)
             codes.append(c)
             x = self.embed_audio(i, c)[:, None]
             pos = pos[:, -1:] + 1
         return torch.stack(codes, dim=1)
+
+    def audio_logits(self, out: torch.Tensor, i: int) -> torch.Tensor:
+        """The depth decoder's output [B, Dd] -> codebook i's logits [B, V] (i in 1..31)."""
+        if self.audio_heads_int8 is not None:
+            return self.audio_heads_int8[i - 1](out)
+        return out @ self.audio_head[i - 1]
 
     def generate_frame(self, tokens, mask, input_pos, sampling: SamplingState,
                        caches: ModelCaches, slot: int = 0) -> torch.Tensor:

@@ -18,7 +18,7 @@ TWO_PART_INT8), int4 2.7 GB. The matrix products use torch's own kernels where t
 
 Every Linear of the backbone, the depth decoder, the projection and the codebook-0 head is
 quantized (int4: but the codebook-0 head, 2051 outputs, which torch's int4 packing cannot take);
-embeddings and the 31 audio heads (1.4% of the bytes) stay as they are. Quality on
+int8 also takes the 31 audio heads (two parts each); embeddings stay as they are. Quality on
 the real weights is not measured here (no weights can be downloaded on this project's
 machines): benchmarks/bench_quantize.py compares logits against bf16 on random weights.
 """
@@ -189,12 +189,25 @@ def quantize_model(model: nn.Module, mode: str) -> int:
                 n += swap_layers(getattr(model, name), lambda m: Int8Linear(m.weight, parts=2)
                                  if isinstance(m, nn.Linear) else m)
         n += swap_layers(model, lambda m: Int8Linear(m.weight) if isinstance(m, nn.Linear) else m)
+        n += quantize_audio_heads(model)
         for m in model.modules():
             if isinstance(m, Int8Linear):
                 m.cpu_kernel = kernel
         return n
     return swap_layers(model, lambda m: Int4Linear(m.weight) if isinstance(m, nn.Linear)
                        and int4_fits(m) else m)
+
+
+def quantize_audio_heads(model: nn.Module) -> int:
+    """CSM's 31 audio heads ([31, Dd, V], one matrix each per depth step: 260 MB of an fp32
+    frame's reads) as two-part int8 layers (their rounding lands on the logits directly);
+    the fp32 tensor is dropped. Returns how many (0 for a model without them)."""
+    heads = getattr(model, "audio_head", None)
+    if not isinstance(heads, nn.Parameter) or heads.numel() == 0:
+        return 0
+    model.audio_heads_int8 = nn.ModuleList(Int8Linear(w.T, parts=2) for w in heads)
+    model.audio_head = nn.Parameter(heads.new_empty(0), requires_grad=False)
+    return len(model.audio_heads_int8)
 
 
 # int8 in two parts (~16-bit weights) where the rounding of one part costs the most: the
