@@ -10,7 +10,13 @@ from csm_streaming.audio import FRAME_SAMPLES, to_mono_24k
 from csm_streaming.engine.generator import audio_rows, load_csm_1b, pick_device
 from csm_streaming.model.checkpoints import load_mimi
 from csm_streaming.model.hub import CheckpointError
-from csm_streaming.model.sampling import MIMI_CODES, exponential_noise, is_eos, sample_topk
+from csm_streaming.model.sampling import (
+    MIMI_CODES,
+    candidates_for,
+    exponential_noise,
+    is_eos,
+    sample_topk,
+)
 from csm_streaming.request import Segment, validate_request
 
 
@@ -106,6 +112,27 @@ def test_sampler_is_a_real_top_k_draw():
     n1 = exponential_noise(torch.tensor([5, 9]), torch.tensor([3, 3]), 16)
     n2 = exponential_noise(torch.tensor([9]), torch.tensor([3]), 16)
     assert torch.equal(n1[1], n2[0]) and not torch.equal(n1[0], n1[1])
+
+
+def test_sampler_draws_the_same_among_candidates_as_among_all_logits():
+    """The step sorts only the largest `candidates` logits: for every row whose k fits, the
+    draw is the full sort's, token for token (k, temperature and seed differ per row)."""
+    g = torch.Generator().manual_seed(1)
+    b = 600
+    logits = torch.randn(b, 2051, generator=g) * 3
+    temp = torch.rand(b, generator=g) + 0.3
+    topk = torch.randint(1, 65, (b,), generator=g)
+    seed, counter = torch.arange(b), torch.full((b,), 7)
+    full = sample_topk(logits, temp, topk, seed, counter)
+    assert torch.equal(sample_topk(logits, temp, topk, seed, counter, candidates=64), full)
+    assert torch.equal(sample_topk(logits, temp, topk, seed, counter, candidates=256), full)
+    assert len(set(full.tolist())) > 100  # a real draw, not the top-1 each time
+    # a row whose k exceeds the candidates draws among the candidates only
+    wide = torch.full((b,), 300)
+    capped = sample_topk(logits, temp, wide, seed, counter, candidates=64)
+    top64 = (logits / temp[:, None])[:, :MIMI_CODES].topk(64).indices
+    assert (top64 == capped[:, None]).any(-1).all()
+    assert candidates_for(50) == 64 and candidates_for(65) == 256 and candidates_for(257) is None
 
 
 def test_context_too_long_drops_oldest_with_warning(tiny_generator):

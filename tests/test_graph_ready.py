@@ -88,11 +88,11 @@ def test_no_host_sync_inside_the_frame_step(own_generator, monkeypatch):
     inside, before_decode, steps, buckets = [], [], [0], set()
     frame_step, decode, chunk = engine._frame_step, engine._decode, engine._chunk
 
-    def traced_step(n):
+    def traced_step(n, *rest):
         buckets.add(n)
         steps[0] += 1
         mark = len(rec.events)
-        out = frame_step(n)
+        out = frame_step(n, *rest)
         inside.extend(rec.events[mark:])
         return out
 

@@ -437,10 +437,10 @@ def test_cpu_fallback_after_out_of_memory_does_not_deadlock(own_generator):
     sg.generator.fall_back_to_cpu = lambda: calls.append("moved")  # already on the CPU
     original = sg.engine._frame_step
 
-    def oom_first(n):
+    def oom_first(n, *rest):
         if not calls:
             raise torch.OutOfMemoryError("simulated")
-        return original(n)
+        return original(n, *rest)
 
     sg.engine._frame_step = oom_first
     out = {}
@@ -456,7 +456,7 @@ def test_cpu_fallback_after_out_of_memory_does_not_deadlock(own_generator):
 def test_a_lone_stream_out_of_memory_is_refused_not_retried_forever():
     live = LiveServer(max_streams=2)
     try:
-        def always_oom(n):
+        def always_oom(n, *rest):
             raise torch.OutOfMemoryError("simulated")
 
         live.scheduler.engine._frame_step = always_oom
@@ -481,13 +481,13 @@ def test_out_of_memory_mid_chunk_loses_and_repeats_no_audio(tiny_generator):
         chunk["frame"] = 0
         return original_checkpoint()
 
-    def oom_mid_chunk(n):
+    def oom_mid_chunk(n, *rest):
         everyone = sum(s.state == "running" for s in engine.active) == 4
         if everyone and chunk["frame"] == 2 and not chunk["raised"]:
             chunk["raised"] = True  # the third frame of a chunk of all four streams
             raise torch.OutOfMemoryError("simulated")
         chunk["frame"] += 1
-        return original_step(n)
+        return original_step(n, *rest)
 
     engine.state.checkpoint = checkpoint
     engine._frame_step = oom_mid_chunk
@@ -531,11 +531,11 @@ def test_a_newcomer_cuts_the_running_chunk_and_joins_the_next_one(tiny_generator
     engine = sg.engine
     frame_step, frames, arrive_at = engine._frame_step, [0], [None]
 
-    def counted(n):  # the scheduler's wake() when a request is queued, at a chosen frame
+    def counted(n, *rest):  # the scheduler's wake() when a request is queued, at a chosen frame
         frames[0] += 1
         if frames[0] == arrive_at[0]:
             engine.wake()
-        return frame_step(n)
+        return frame_step(n, *rest)
 
     engine._frame_step = counted
     engine._steps.clear()

@@ -185,11 +185,11 @@ def test_server_narrows_its_batch_when_the_device_runs_out_of_memory(tiny_genera
     original = engine._frame_step
     raised = []
 
-    def oom_once_when_wide(n):
+    def oom_once_when_wide(n, *rest):
         if n > 2 and not raised:
             raised.append(n)
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
-        return original(n)
+        return original(n, *rest)
 
     engine._frame_step = oom_once_when_wide
     sched = Scheduler(sg, max_queue=8).start()

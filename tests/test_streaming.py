@@ -93,8 +93,9 @@ def test_batched_streams_equal_their_solo_runs(device_generator):
             StreamRequest("A second, different one.", 1, max_audio_length_ms=2000, seed=2, topk=30,
                           temperature=0.7),
             StreamRequest("Third.", 2, max_audio_length_ms=800, seed=3, topk=5, temperature=1.2),
-            # more requests than the 3 slots: this one joins when a slot frees up
-            StreamRequest("Fourth joins late.", 0, max_audio_length_ms=960, seed=4, topk=50,
+            # more requests than the 3 slots: this one joins when a slot frees up; its k=200
+            # makes the shared step draw among 256 candidates, the others' solo runs among 64
+            StreamRequest("Fourth joins late.", 0, max_audio_length_ms=960, seed=4, topk=200,
                           context=(Segment(1, "Earlier.", speech_like(0.4)),))]
     force_end_at(own_generator.model, {2: 13})  # request 1 ends on its own, mid-chunk
     got = {i: [] for i in range(len(reqs))}
@@ -201,7 +202,9 @@ def test_warmup_runs_a_throwaway_stream_and_leaves_the_engine_free(tiny_generato
         tiny_generator, StreamingConfig(enable_compilation=False, max_batch_size=5)
     )
     wide.warmup(frames=2, all_buckets=True)
-    assert sorted(wide.engine._steps) == [1, 2, 4, 5] and wide.engine.free_slots == 5
+    # one step per bucket, each drawing among 64 candidates (top-k 50)
+    assert sorted(wide.engine._steps) == [(1, 64), (2, 64), (4, 64), (5, 64)]
+    assert wide.engine.free_slots == 5
     # each bucket's warm-up reported apart (no CUDA graph on a CPU: no capture time)
     assert sorted(wide.warmup_buckets) == [1, 2, 4, 5]
     assert all(b["seconds"] > 0 and b["graph_capture_s"] == 0

@@ -23,7 +23,7 @@ from csm_streaming.metrics import DEVICE_FALLBACK, EMPTY_RETRY, Event
 from csm_streaming.model.checkpoints import default_dtype, load_mimi, load_model_and_tokenizer
 from csm_streaming.model.csm import CSM
 from csm_streaming.model.hub import DEFAULT_REPO, CheckpointError, is_random_model
-from csm_streaming.model.sampling import MIMI_CODES, SamplingState, is_eos
+from csm_streaming.model.sampling import MIMI_CODES, SamplingState, candidates_for, is_eos
 from csm_streaming.request import (
     DEFAULT_MAX_AUDIO_MS,
     MAX_EMPTY_RETRIES,
@@ -108,6 +108,7 @@ def sampling_for(req: GenerationRequest, seed: int, device) -> SamplingState:
     s = SamplingState.empty(1, device)
     s.temperature.fill_(req.temperature)
     s.topk.fill_(min(req.topk, MIMI_CODES))
+    s.candidates = candidates_for(req.topk)
     s.seed.fill_(seed)
     return s
 

@@ -32,8 +32,9 @@ from csm_streaming.engine.segmenting import split_sentences
 from csm_streaming.engine.streams import ChunkEvent, SlotState, Stream, TextFeed
 from csm_streaming.metrics import EMPTY_RETRY, RUNAWAY_STOP, Event, StreamMetrics
 from csm_streaming.model.cpu_kernels import restore_linears, speed_up_cpu_linears
-from csm_streaming.model.sampling import MIMI_CODES, is_eos
+from csm_streaming.model.sampling import MIMI_CODES, candidates_for, is_eos
 from csm_streaming.request import (
+    DEFAULT_TOPK,
     MAX_EMPTY_RETRIES,
     EmptyOutputError,
     GenerationRequest,
@@ -79,7 +80,7 @@ class StreamEngine:
         self._backbone = self._decoder = None  # compiled wrappers, or None for eager
         self.cpu_kernel = "plain"  # the matrix kernel measured fastest here (CPU, fp32)
         self._graphs_off = not config.cuda_graphs_enabled(dev)
-        self._steps: dict[int, CUDAGraphed] = {}  # batch bucket -> its (graphed) step
+        self._steps: dict[tuple, CUDAGraphed] = {}  # (bucket, candidates) -> its step
         self.last_bucket = 0
         self.last_mimi_rows = 0  # rows the last chunk's Mimi decode ran
         self.frame_step_s = 0.0  # measured time of one frame step (EMA)
@@ -229,11 +230,12 @@ class StreamEngine:
 
     # -- the frame step (graphed) -----------------------------------------------------------------
 
-    def _frame_step(self, n: int) -> torch.Tensor:
-        """Advance the first n slots by one frame. No host sync: graph-capturable per n."""
+    def _frame_step(self, n: int, candidates: int | None = None) -> torch.Tensor:
+        """Advance the first n slots by one frame, drawing each code among `candidates` logits
+        (>= every running stream's top-k; None: all). No host sync: graph-capturable."""
         m, st = self.model, self.state
         last_h, pos, ended, valid = st.last_h[:n], st.pos[:n], st.ended[:n], st.valid[:n]
-        sampling = st.sampling.rows(n)
+        sampling = st.sampling.rows(n, candidates)
         codes = m.sample_frame(last_h, sampling, self.caches, decoder=self._decoder)  # [n, 32]
         sampling.frame.add_(1)
         ended.logical_or_(is_eos(codes))
@@ -242,11 +244,14 @@ class StreamEngine:
         pos.add_(1).clamp_(max=self.window - 1)
         return codes
 
-    def step_fn(self, n: int) -> CUDAGraphed:
-        """The (graphed) frame step of bucket n: benchmarks time it alone."""
-        if n not in self._steps:
-            self._steps[n] = CUDAGraphed(lambda: self._frame_step(n), disable=self._graphs_off)
-        return self._steps[n]
+    def step_fn(self, n: int, topk: int = DEFAULT_TOPK) -> CUDAGraphed:
+        """The (graphed) frame step of bucket n for streams of top-k <= topk: benchmarks time it
+        alone. One step per (bucket, candidate count)."""
+        key = (n, candidates_for(topk))
+        if key not in self._steps:
+            self._steps[key] = CUDAGraphed(lambda: self._frame_step(*key),
+                                           disable=self._graphs_off)
+        return self._steps[key]
 
     # -- one chunk for everyone -----------------------------------------------------------------
 
@@ -302,7 +307,7 @@ class StreamEngine:
         )
         n = max(1, min(n, max(s.segment_limit - s.segment_frames for s in streams)))
         rows = self.last_bucket = self.bucket(max(s.slot for s in streams) + 1)
-        step = self.step_fn(rows)
+        step = self.step_fn(rows, max(s.request.topk for s in streams))
         saved = st.checkpoint()
         st.valid.zero_()
         try:

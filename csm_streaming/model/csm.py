@@ -147,14 +147,15 @@ class CSM(nn.Module):
         decoder = self.decoder if decoder is None else decoder
         dtype = h.dtype
         counter = s.frame * n
-        c = sample_topk(self.codebook0_head(h), s.temperature, s.topk, s.seed, counter)
+        c = sample_topk(self.codebook0_head(h), s.temperature, s.topk, s.seed, counter,
+                        s.candidates)
         codes = [c]
         x = torch.stack([h, self.embed_audio(0, c)], dim=1)  # [B, 2, D]
         pos = torch.arange(2, device=h.device)[None].expand(h.shape[0], 2)
         for i in range(1, n):
             out = decoder(self.projection(x), pos, caches.decoder, slot).to(dtype)[:, -1]  # [B, Dd]
             c = sample_topk(self.audio_logits(out, i), s.temperature, s.topk, s.seed,
-                            counter + i)
+                            counter + i, s.candidates)
             codes.append(c)
             x = self.embed_audio(i, c)[:, None]
             pos = pos[:, -1:] + 1
