@@ -26,6 +26,7 @@ machines): benchmarks/bench_quantize.py compares logits against bf16 on random w
 from __future__ import annotations
 
 import logging
+from fnmatch import fnmatch
 
 import torch
 import torch.nn as nn
@@ -183,12 +184,10 @@ def quantize_model(model: nn.Module, mode: str) -> int:
     if mode == "int8":
         on_cpu = next(model.parameters()).device.type == "cpu"
         kernel = choose_cpu_kernel(model) if on_cpu else Int8Linear.cpu_kernel
-        n = 0
-        for name in TWO_PART_INT8:
-            if isinstance(getattr(model, name, None), nn.Module):
-                n += swap_layers(getattr(model, name), lambda m: Int8Linear(m.weight, parts=2)
-                                 if isinstance(m, nn.Linear) else m)
-        n += swap_layers(model, lambda m: Int8Linear(m.weight) if isinstance(m, nn.Linear) else m)
+        two_part = {id(m) for name, m in model.named_modules()
+                    if isinstance(m, nn.Linear) and any(fnmatch(name, p) for p in TWO_PART_INT8)}
+        n = swap_layers(model, lambda m: Int8Linear(m.weight, parts=2 if id(m) in two_part else 1)
+                        if isinstance(m, nn.Linear) else m)
         n += quantize_audio_heads(model)
         for m in model.modules():
             if isinstance(m, Int8Linear):
@@ -214,7 +213,7 @@ def quantize_audio_heads(model: nn.Module) -> int:
 # backbone's error reaches every codebook of every later frame. Random full-size weights, top-1
 # against bf16: all one part 0.847; backbone unquantized 0.918 (the depth decoder is ~3/4 of
 # a frame's bytes, the backbone ~1/4: two parts there cost ~20% more bytes per frame).
-TWO_PART_INT8 = ("backbone",)
+TWO_PART_INT8 = ("backbone.*",)
 
 
 def grid_ends(in_features: int, narrow: bool) -> tuple[torch.Tensor, int]:
