@@ -49,9 +49,7 @@ def test_random_model_runs_offline_watermarked_and_short_by_default(tmp_path):
     assert len(stages) == 1 and all(f"{k} " in stages[0] for k in ("model", "mimi", "watermark"))
     audio, sr = sf.read(out, dtype="float32")
     assert sr == SR and audio.shape == (37 * 1920,)
-    ref = load_csm_1b("cpu", "random:tiny").generate("Hello from the command line.", 0, seed=5)
-    assert ref.shape == audio.shape and not torch.equal(ref, torch.zeros_like(ref))
-    # the stream is marked in windows, the reference as a whole: the same plain audio below
+    # the stream is marked in windows, generate() as a whole: the same plain audio below
     plain = load_csm_1b("cpu", "random:tiny", watermark=False).generate(
         "Hello from the command line.", 0, seed=5)
     assert (torch.from_numpy(audio) - plain).abs().mean() < 0.05 * plain.abs().mean()
