@@ -325,3 +325,50 @@ def test_a_lone_stream_in_a_wide_engine_decodes_one_row(tiny_generator):
     assert sg.engine.last_mimi_rows == 1  # not one per slot
     ref = tiny_generator.generate("Alone.", 0, max_audio_length_ms=800, seed=3)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+def test_a_batched_prefill_writes_what_each_row_alone_writes(own_generator):
+    """Three prompt blocks of different lengths, at different starts and cache rows, in one
+    call: each row's last hidden state and its cache entries are those of its own call."""
+    model, gen = own_generator.model, own_generator
+    rows = [gen.tokenize_text(t, i) for i, t in enumerate(
+        ("Short.", "A somewhat longer prompt here.", "Mid length one."))]
+    slots, starts = [3, 0, 2], [0, 5, 11]
+    alone, together = model.make_caches(4, 64), model.make_caches(4, 64)
+    with torch.inference_mode():
+        solo = [model.prefill_chunk(t[None], m[None], alone, slot, start)[0]
+                for (t, m), slot, start in zip(rows, slots, starts)]
+        h = model.prefill_rows([(t, m, slot, start) for (t, m), slot, start
+                                in zip(rows, slots, starts)], together)
+    assert len({len(t) for t, _ in rows}) == 3 and h.shape == (3, model.args.backbone.dim)
+    for i, ((t, _), slot, start) in enumerate(zip(rows, slots, starts)):
+        torch.testing.assert_close(h[i], solo[i], atol=1e-5, rtol=1e-5)
+        for a, b in zip(alone.backbone, together.backbone):  # the row's own positions
+            end = start + len(t)
+            torch.testing.assert_close(b.k[slot, :, start:end], a.k[slot, :, start:end],
+                                       atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(b.v[slot, :, start:end], a.v[slot, :, start:end],
+                                       atol=1e-5, rtol=1e-5)
+    assert not torch.equal(h[0], h[1])
+
+
+def test_requests_that_come_together_are_prefilled_in_one_call(own_generator):
+    sg = StreamingGenerator(own_generator, StreamingConfig(max_batch_size=4))
+    model, calls = own_generator.model, []
+    original = model.prefill_rows
+
+    def counted(blocks, caches):
+        calls.append(len(blocks))
+        return original(blocks, caches)
+
+    model.prefill_rows = counted
+    reqs = [StreamRequest(text, i, max_audio_length_ms=480, seed=i + 1, topk=20)
+            for i, text in enumerate(("One.", "Number two is longer.", "Three here."))]
+    got = {i: [] for i in range(3)}
+    for i, chunk in sg.generate_streaming_batch(reqs):
+        got[i].append(chunk)
+    assert calls == [3]  # ~10 positions each: one call of three rows (<= 64 positions)
+    for i, r in enumerate(reqs):
+        solo = own_generator.generate(r.text, r.speaker, (), r.max_audio_length_ms,
+                                      r.temperature, r.topk, r.seed)
+        torch.testing.assert_close(torch.cat(got[i]), solo, atol=1e-4, rtol=0)

@@ -13,6 +13,7 @@ import collections
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +26,17 @@ from csm_streaming.model.llama import ModelCaches
 log = logging.getLogger("csm.engine")
 
 _WAITING = "waiting"  # what a job yields when it did no work (the encoder is busy)
+
+
+@dataclass
+class _Block:
+    """A prefill block a job waits to have run: rows [S, 33] at positions start.."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    start: int
+
+
 MIN_SEGMENT_FRAMES = 25  # a sentence may always take 2 s
 FRAMES_PER_CHAR = 2.0  # ... or twice a slow speaking rate (12.5 characters a second)
 
@@ -47,6 +59,7 @@ class PromptWork:
         self._light: collections.deque = collections.deque()  # new, no audio to encode
         self._heavy: collections.deque = collections.deque()  # new, with context audio
         self._encoder_owner: Stream | None = None
+        self._parked: dict = {}  # job -> the _Block it waits to have run
 
     @property
     def pending(self) -> bool:
@@ -65,6 +78,7 @@ class PromptWork:
         for queue in (self._urgent, self._light, self._heavy):
             for item in [j for j in queue if j[0] is s]:
                 queue.remove(item)
+                self._parked.pop(item[1], None)
                 item[1].close()  # a half-done encode leaves its streaming state cleanly
         if self._encoder_owner is s:
             self._encoder_owner = None
@@ -72,27 +86,85 @@ class PromptWork:
     def run(self, budget_s: float | None) -> list[tuple[Stream, Exception]]:
         """Do units of work for about `budget_s` seconds (at least one), or, with None, until a
         job finishes. Returns the streams whose prompt failed (their own fault: a text too long
-        for the window...) with the error; the others are unaffected."""
+        for the window...) with the error; the others are unaffected.
+
+        A job that reaches a prefill block parks it (no work yet) and the next job in line
+        goes on; when the turn comes back to a parked block, the blocks parked in its queue run
+        together, one backbone call for several streams (`_run_blocks`): requests that come
+        together are prefilled together."""
         failed, t0, units = [], time.perf_counter(), 0
         while self.pending:
             queue = self._urgent or self._light or self._heavy
             stream, job = queue[0]
-            try:
-                if next(job) is not _WAITING:
-                    units += 1
-                queue.rotate(-1)  # the next unit goes to the next job in line
-            except StopIteration:
-                queue.remove((stream, job))
-                if budget_s is None:
+            if job in self._parked:
+                finished = self._run_blocks(queue, failed)
+                units += 1
+                if finished and budget_s is None:
                     break
-            except Exception as e:
-                queue.remove((stream, job))
-                self.drop(stream)
-                log.warning("stream %d: prompt failed: %s", stream.id, e)
-                failed.append((stream, e))
+            else:
+                try:
+                    item = next(job)
+                    if isinstance(item, _Block):
+                        self._parked[job] = item
+                    elif item is not _WAITING:
+                        units += 1
+                    queue.rotate(-1)  # the next unit goes to the next job in line
+                except StopIteration:
+                    queue.remove((stream, job))
+                    if budget_s is None:
+                        break
+                except Exception as e:
+                    self._failed(queue, stream, job, e, failed)
             if budget_s is not None and units and time.perf_counter() - t0 >= budget_s:
                 break
         return failed
+
+    def _failed(self, queue, stream: Stream, job, error: Exception, failed: list):
+        queue.remove((stream, job))
+        self.drop(stream)
+        log.warning("stream %d: prompt failed: %s", stream.id, error)
+        failed.append((stream, error))
+
+    def _run_blocks(self, queue, failed: list) -> bool:
+        """Run the head's parked block with the others parked in its queue, in line order, as
+        many as fit in about one block's work (rows x longest block <= prefill_block_size) and
+        in the window; send each job its hidden state. Returns whether a job finished."""
+        cap = prefill_block_size(self.device)
+        group = []
+        for stream, job in list(queue):
+            block = self._parked.get(job)
+            if block is None:
+                continue
+            longest = max(len(block.tokens), *(len(b.tokens) for _, _, b in group), 0)
+            if group and (longest * (len(group) + 1) > cap
+                          or any(b.start + longest > self.window for _, _, b in (*group,
+                                 (stream, job, block)))):
+                continue
+            group.append((stream, job, block))
+        try:
+            h = self.model.prefill_rows([(b.tokens, b.mask, s.slot, b.start)
+                                         for s, _, b in group], self.caches)
+        except Exception as e:  # the call itself (out of memory...): every stream in it
+            for stream, job, _ in group:
+                del self._parked[job]
+                job.close()
+                self._failed(queue, stream, job, e, failed)
+            return False
+        finished = False
+        for (stream, job, _), row in zip(group, h):
+            del self._parked[job]
+            try:
+                item = job.send(row)
+                if isinstance(item, _Block):
+                    self._parked[job] = item
+            except StopIteration:
+                queue.remove((stream, job))
+                finished = True
+            except Exception as e:
+                self._failed(queue, stream, job, e, failed)
+        if queue and queue[0][1] is group[0][1]:
+            queue.rotate(-1)  # the head goes on: the next job in line goes next
+        return finished
 
     # -- the jobs ---------------------------------------------------------------------------------
 
@@ -179,18 +251,16 @@ class PromptWork:
         return min(s.frames_left, cap, self.window // 2)
 
     def _prefill(self, s: Stream, tokens: torch.Tensor, mask: torch.Tensor, start: int):
-        """Prompt rows at positions start.. of the stream's row, one block per unit; then the
-        stream runs. The block boundaries are those of CSM.prefill, so the result is the same."""
+        """Prompt rows at positions start.. of the stream's row, one block per unit (yielded as
+        a _Block; the runner sends back its last hidden state); then the stream runs. The block
+        boundaries are those of CSM.prefill, so the result is the same."""
         block = prefill_block_size(self.device)
-        tokens, mask = tokens.to(self.device)[None], mask.to(self.device)[None]
-        for b0 in range(0, tokens.shape[1], block):
-            if b0:
-                yield
-            h = self.model.prefill_chunk(tokens[:, b0:b0 + block], mask[:, b0:b0 + block],
-                                         self.caches, s.slot, start + b0)
+        tokens, mask = tokens.to(self.device), mask.to(self.device)
+        for b0 in range(0, tokens.shape[0], block):
+            h = yield _Block(tokens[b0:b0 + block], mask[b0:b0 + block], start + b0)
         st, slot = self.state, s.slot
-        s.prompt_end = start + tokens.shape[1]
-        st.last_h[slot] = h[0]
+        s.prompt_end = start + tokens.shape[0]
+        st.last_h[slot] = h
         st.pos[slot] = s.prompt_end
         st.ended[slot] = False
         # The draw counter of a segment depends only on what the stream said before it, never

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from csm_streaming.model.llama import KVCache, LlamaArgs, ModelCaches, Transformer
 from csm_streaming.model.sampling import SamplingState, sample_topk
@@ -115,6 +116,27 @@ class CSM(nn.Module):
         return the last hidden state [1, D]. Earlier positions must already be in the cache."""
         pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
         return self.backbone(self.embed_tokens(tokens, mask), pos, caches.backbone, slot)[:, -1]
+
+    def prefill_rows(self, blocks: list[tuple[torch.Tensor, torch.Tensor, int, int]],
+                     caches: ModelCaches) -> torch.Tensor:
+        """Prompt blocks of several streams in one backbone call: (tokens [S, 33], mask, slot,
+        start) each -> their last hidden states [B, D]. Shorter blocks are padded at their end
+        with empty rows: what the padding writes lies past the block's last position, which
+        its own queries cannot see and the stream's next positions overwrite before reading.
+        Each row must fit: start + the longest block <= the cache length."""
+        if len(blocks) == 1:
+            tokens, mask, slot, start = blocks[0]
+            return self.prefill_chunk(tokens[None], mask[None], caches, slot, start)
+        longest = max(len(b[0]) for b in blocks)
+        tokens = torch.stack([F.pad(b[0], (0, 0, 0, longest - len(b[0]))) for b in blocks])
+        mask = torch.stack([F.pad(b[1], (0, 0, 0, longest - len(b[1]))) for b in blocks])
+        device = tokens.device
+        starts = torch.tensor([b[3] for b in blocks], device=device)
+        pos = starts[:, None] + torch.arange(longest, device=device)[None]
+        slots = torch.tensor([b[2] for b in blocks], device=device)
+        h = self.backbone(self.embed_tokens(tokens, mask), pos, caches.backbone, slots)
+        last = torch.tensor([len(b[0]) - 1 for b in blocks], device=device)
+        return h[torch.arange(len(blocks), device=device), last]
 
     def prefill(self, tokens: torch.Tensor, mask: torch.Tensor, caches: ModelCaches,
                 slot: int) -> torch.Tensor:

@@ -102,8 +102,15 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_seq = max_seq
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot: int | None):
-        """Write k, v [B, S, Hkv, D] at input_pos [B, S]; return the caches the batch attends to."""
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               slot: int | torch.Tensor | None):
+        """Write k, v [B, S, Hkv, D] at input_pos [B, S]; return the caches the batch attends to.
+        slot: an int (one row), a tensor [B] of rows (prompts of several streams at once), or
+        None (the leading B rows)."""
+        if isinstance(slot, torch.Tensor):  # rows anywhere: written in place, read as a copy
+            self.k[slot[:, None], :, input_pos] = k
+            self.v[slot[:, None], :, input_pos] = v
+            return self.k[slot], self.v[slot]
         if slot is not None:  # one row: prefill and the plain loop
             kc, vc = self.k[slot:slot + 1], self.v[slot:slot + 1]
         else:  # the leading rows: the engine steps the smallest batch bucket holding its streams
@@ -212,7 +219,7 @@ class Transformer(nn.Module):
 
     def forward(self, h: torch.Tensor, input_pos: torch.Tensor, caches: list[KVCache],
                 slot: int | None = None):
-        """h [B, S, D], input_pos [B, S] int64 -> [B, S, D]. slot: run on one cache row only."""
+        """h [B, S, D], input_pos [B, S] int64 -> [B, S, D]. slot: the cache rows (KVCache)."""
         cos = self.rope_cos[input_pos].unsqueeze(2)  # [B, S, 1, D/2]
         sin = self.rope_sin[input_pos].unsqueeze(2)
         # Each query sees the cache positions at or before its own; stale entries further on
