@@ -21,6 +21,7 @@ import soundfile as sf
 import torch
 
 from conftest import AUTH, TOKEN, LiveServer, patch_sample_frame, speech_like
+from csm_streaming.request import Segment
 from csm_streaming.server.api import ServerSettings
 
 SR = 24_000
@@ -592,3 +593,48 @@ def test_the_scheduler_follows_a_replaced_engine(tiny_generator):
     sched = Scheduler(sg)
     sg.engine = StreamEngine(tiny_generator, sg.config)  # what a CPU fallback does
     assert sched.engine is sg.engine and sched.slots == 2
+
+
+def test_streams_far_ahead_lend_their_lead_to_newcomers_prompts(tiny_generator):
+    """Prompt work without audio to encode may take, beyond the chunk's slack, what every
+    running stream has sent beyond what has played, less the next chunk's time (capped); a
+    stream with no audio yet or one behind lends nothing."""
+    from csm_streaming.engine.config import StreamingConfig
+    from csm_streaming.engine.stream_engine import MAX_PROMPT_BUDGET_S
+    from csm_streaming.engine.streaming import StreamingGenerator
+
+    engine = StreamingGenerator(tiny_generator, StreamingConfig(max_batch_size=2)).engine
+    a, b = (engine.submit(tiny_generator.request(t, 0, (), 4000, seed=i))
+            for i, t in enumerate(("Ahead.", "Also ahead.")))
+    engine.prepare_all()
+    assert a.state == b.state == "running"
+    engine.chunk_s = 0.1
+    assert engine.lendable_lead_s() == 0.0  # no audio yet
+    now = time.perf_counter()
+    for s, audio_s in ((a, 3.0), (b, 1.6)):  # first audio 1 s ago: 2.0 s and 0.6 s ahead
+        s.metrics.started, s.metrics.first_audio_s, s.metrics.audio_s = now - 1.2, 0.2, audio_s
+    assert engine.lendable_lead_s() == pytest.approx(0.6 - 0.1, abs=0.05)  # the least lead
+    b.metrics.audio_s = 5.0
+    assert engine.lendable_lead_s() == MAX_PROMPT_BUDGET_S  # both far ahead: the cap
+    a.metrics.audio_s = 0.9  # behind real time: nothing to lend
+    assert engine.lendable_lead_s() == 0.0
+    for s in (a, b):
+        engine.cancel(s)
+
+
+def test_lent_time_goes_to_prompts_without_audio_to_encode_only(tiny_generator):
+    """With a budget of nothing and lent time, every light prompt is prefilled in one run; a
+    request with context audio to encode does one unit and waits for the next chunk."""
+    from csm_streaming.engine.config import StreamingConfig
+    from csm_streaming.engine.streaming import StreamingGenerator
+
+    engine = StreamingGenerator(tiny_generator, StreamingConfig(max_batch_size=4)).engine
+    light = [engine.submit(tiny_generator.request(f"Newcomer {i} is here.", 0, (), 800, seed=i))
+             for i in range(3)]
+    heavy = engine.submit(tiny_generator.request(
+        "With context.", 0, (Segment(1, "Earlier.", speech_like(3.0)),), 800, seed=9))
+    assert engine.prompts.run(0.0, lent_s=30.0) == []
+    assert [s.state for s in light] == ["running"] * 3 and heavy.state == "preparing"
+    assert engine.prompts.pending  # the heavy job: one unit of it at most
+    for s in (*light, heavy):
+        engine.cancel(s)

@@ -83,10 +83,11 @@ class PromptWork:
         if self._encoder_owner is s:
             self._encoder_owner = None
 
-    def run(self, budget_s: float | None) -> list[tuple[Stream, Exception]]:
-        """Do units of work for about `budget_s` seconds (at least one), or, with None, until a
-        job finishes. Returns the streams whose prompt failed (their own fault: a text too long
-        for the window...) with the error; the others are unaffected.
+    def run(self, budget_s: float | None, lent_s: float = 0.0) -> list[tuple[Stream, Exception]]:
+        """Do units of work for about `budget_s` seconds (at least one), `lent_s` more while
+        the work is a playing stream's or a new request's without audio to encode, or, with
+        None, until a job finishes. Returns the streams whose prompt failed (their own fault: a
+        text too long for the window...) with the error; the others are unaffected.
 
         A job that reaches a prefill block parks it (no work yet) and the next job in line
         goes on; when the turn comes back to a parked block, the blocks parked in its queue run
@@ -115,8 +116,10 @@ class PromptWork:
                         break
                 except Exception as e:
                     self._failed(queue, stream, job, e, failed)
-            if budget_s is not None and units and time.perf_counter() - t0 >= budget_s:
-                break
+            if budget_s is not None and units:
+                limit = budget_s + (lent_s if self._urgent or self._light else 0.0)
+                if time.perf_counter() - t0 >= limit:
+                    break
         return failed
 
     def _failed(self, queue, stream: Stream, job, error: Exception, failed: list):

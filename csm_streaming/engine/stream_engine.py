@@ -45,6 +45,7 @@ from csm_streaming.request import (
 log = logging.getLogger("csm.engine")
 
 IDLE_PROMPT_SLICE_S = 0.05  # prompt work between two looks for new requests when nothing runs
+MAX_PROMPT_BUDGET_S = 1.0  # prompt work lent from running streams' leads, at most, per chunk
 
 
 class EngineFull(RuntimeError):
@@ -85,6 +86,7 @@ class StreamEngine:
         self.last_mimi_rows = 0  # rows the last chunk's Mimi decode ran
         self.frame_step_s = 0.0  # measured time of one frame step (EMA)
         self.chunk_slack_s = 0.0  # the last whole chunk's audio time minus the time it took
+        self.chunk_s = 0.0  # the last whole chunk's time
         if config.compile_enabled(dev):
             restore_linears(m)
             # Compiled per module, not the whole step: a frame is the backbone step and 31 calls
@@ -269,7 +271,8 @@ class StreamEngine:
         # Nothing runs: work in short slices anyway, so new requests are admitted in between.
         budget = self.prompt_budget_s() if running else IDLE_PROMPT_SLICE_S
         if self.prompts.pending:
-            events += [self._fail(s, e) for s, e in self.prompts.run(budget)]
+            lent = self.lendable_lead_s() if running else 0.0
+            events += [self._fail(s, e) for s, e in self.prompts.run(budget, lent)]
         ready = [s for s in self.active if s.state == "running"]
         return events + (self._chunk(ready) if ready else [])
 
@@ -279,6 +282,19 @@ class StreamEngine:
         ahead of real time, and at least `prep_budget_steps` frame steps, so that new requests
         always progress."""
         return max(self.frame_step_s * self.config.prep_budget_steps, self.chunk_slack_s)
+
+    def lendable_lead_s(self) -> float:
+        """More prompt work the running streams can lend to newcomers without audio to encode
+        (and to playing streams' next segments): when every running stream has sent more audio
+        than has played since its first chunk, the least of those leads less the next chunk's
+        time, up to MAX_PROMPT_BUDGET_S. Requests that arrive together are then all prefilled
+        before the next chunk instead of one chunk of the others apart; a request with context
+        audio to encode gets the slack only."""
+        now = time.perf_counter()
+        leads = [s.metrics.audio_s - (now - s.metrics.started - s.metrics.first_audio_s)
+                 if s.metrics.first_audio_s is not None else 0.0
+                 for s in self.active if s.state == "running"]
+        return max(0.0, min(min(leads, default=0.0) - self.chunk_s, MAX_PROMPT_BUDGET_S))
 
     def _check_waiting(self) -> list[ChunkEvent]:
         """Streams waiting for an LLM's next words: go on when they come, end with the
@@ -345,7 +361,8 @@ class StreamEngine:
                 events.append(self._fail(s, e))
         if n == cfg.chunk_frames:  # a first chunk or one cut for a newcomer is mostly Mimi's
             # fixed cost per call: its slack would starve the very newcomers that shortened it
-            self.chunk_slack_s = n * FRAME_MS / 1000 - (time.perf_counter() - t0)
+            self.chunk_s = time.perf_counter() - t0
+            self.chunk_slack_s = n * FRAME_MS / 1000 - self.chunk_s
         return events
 
     def _record(self, s: Stream, codes: torch.Tensor, audio: torch.Tensor, gen_s: float,
