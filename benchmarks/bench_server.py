@@ -13,7 +13,8 @@ Starts the real server (uvicorn on 127.0.0.1, a free port) over a model with ran
   sends the longest text with the most and longest context turns (and reads its answer) and at
   the same time fires requests with big bodies and hangs up at once. Reported: the normal
   clients' worst gap between chunks and time to first audio, as ratios to the run alone and to
-  the run beside an ordinary stream (what any other running stream costs).
+  the run beside an ordinary stream (what any other running stream costs). The three runs are
+  one round; --repeats rounds, each figure and ratio the median over them (min, max kept).
 
 Table, JSON and PNG in benchmarks/results/.
 """
@@ -209,10 +210,27 @@ def abuse(url: str, body: dict, stop: threading.Event):
         stop.wait(0.5)
 
 
-def isolation_run(url: str, settings, window: int, normal: int, seconds: float) -> list[dict]:
-    rows = []
+ISOLATION_RUNS = ("alone", "beside a long stream", "beside an abuser")
+GAP_TTFA = ("worst_gap_ms", "median_gap_ms", "mean_ttfa_ms", "max_ttfa_ms")
+
+
+def isolation_run(url: str, settings, window: int, normal: int, seconds: float,
+                  repeats: int) -> list[dict]:
+    """`repeats` rounds of the three runs side by side; each figure and each ratio (taken within
+    its round) is the median over the rounds, with its spread."""
     ws_client(url, 99, 0.4)  # warm-up
-    for label in ("alone", "beside a long stream", "beside an abuser"):
+    rounds = [isolation_round(url, settings, window, normal, seconds) for _ in range(repeats)]
+    rows = []
+    for i, label in enumerate(ISOLATION_RUNS):
+        runs = [r[i] for r in rounds]
+        figures = [k for k in runs[0] if k not in ("run", "clients")]
+        rows.append({"run": label, "clients": normal, **summarise(runs, figures)})
+    return rows
+
+
+def isolation_round(url: str, settings, window: int, normal: int, seconds: float) -> list[dict]:
+    rows = []
+    for label in ISOLATION_RUNS:
         stop = threading.Event()
         if label == "beside a long stream":  # what any other stream costs, abusive or not
             threading.Thread(target=ordinary, args=(url, stop), daemon=True).start()
@@ -230,7 +248,7 @@ def isolation_run(url: str, settings, window: int, normal: int, seconds: float) 
                      "mean_ttfa_ms": statistics.mean(r["ttfa_s"] for r in res) * 1e3,
                      "max_ttfa_ms": max(r["ttfa_s"] for r in res) * 1e3})
         print(f"  {label}: worst gap {rows[-1]['worst_gap_ms']:.0f} ms, "
-              f"mean first audio {rows[-1]['mean_ttfa_ms']:.0f} ms")
+              f"mean first audio {rows[-1]['mean_ttfa_ms']:.0f} ms", flush=True)
         time.sleep(3.0)  # the abuser's requests drain
     for row in rows[1:]:
         for key in ("worst_gap_ms", "mean_ttfa_ms", "max_ttfa_ms"):
@@ -324,7 +342,8 @@ def main(argv=None):
     server, sched, url = start_server(args.model, device, slots, settings)
     try:
         if args.isolation:
-            rows = isolation_run(url, settings, sched.engine.window, args.normal, args.seconds)
+            rows = isolation_run(url, settings, sched.engine.window, args.normal, args.seconds,
+                                 args.repeats)
         else:
             rows = load_run(url, counts, args.frames, args.repeats)
     finally:
@@ -335,7 +354,8 @@ def main(argv=None):
                            "max_ttfa_ms", "worst_gap_ms_ratio", "mean_ttfa_ms_ratio",
                            "worst_gap_ms_vs_long_stream", "mean_ttfa_ms_vs_long_stream"])
         save_json("server_isolation", device, {"model": args.model, "seconds": args.seconds,
-                                               "rows": rows}, args.out_dir)
+                                               "repeats": args.repeats, "rows": rows},
+                  args.out_dir)
         return
     print_table(rows, ["clients", "aggregate_audio_s_per_s", "aggregate_vs_1_client", "mean_rtf",
                        "mean_ttfa_ms", "max_ttfa_ms"])
