@@ -183,7 +183,8 @@ def test_the_snapshot_says_when_it_buffers_for_a_slow_generator():
 TOOLS = ["csm_streaming.cli", "csm_streaming.server.app", "csm_streaming.server.ray_serve",
          "csm_streaming.model.watermark", "deploy_vast.py", "benchmarks/bench_frame.py",
          "benchmarks/bench_streaming.py", "benchmarks/bench_server.py",
-         "benchmarks/bench_watermark.py", "benchmarks/bench_quantize.py"]
+         "benchmarks/bench_watermark.py", "benchmarks/bench_quantize.py",
+         "benchmarks/profile_frame.py"]
 
 
 def _tool_module(tool: str):
@@ -221,6 +222,29 @@ def test_every_flag_has_help_and_a_shown_default(tool):
     flat = " ".join(r.stdout.split())
     options = re.split(r" (?=-{1,2}[a-z])", flat)
     assert not [o for o in options if o.count("(default") + o.count("(None:") > 1], tool
+
+
+def test_the_frame_profile_finds_every_product_of_every_part_and_undoes_its_labels(own_generator):
+    """profile_frame.py on the tiny model: each part's matrix products counted once a frame
+    (4 a layer: q/k/v, output, gate/up, down), every part timed, and the model left as it was."""
+    import csm_streaming.model.csm as csm_module
+
+    prof = _tool_module("benchmarks/profile_frame.py")
+    model, sampler = own_generator.model, csm_module.sample_topk
+    frame_bytes = importlib.import_module("common").weight_bytes_per_frame(model)  # bench_frame's
+    result = prof.profile(model, own_generator.text_tokenizer, torch.device("cpu"), streams=2,
+                          frames=2, bandwidth=40e9)
+    rows = {r["part"]: r for r in result["rows"]}
+    steps, args = model.args.audio_num_codebooks - 1, model.args
+    assert rows["backbone"]["product_calls"] == 4 * args.backbone.num_layers
+    assert rows["depth decoder"]["product_calls"] == 4 * args.decoder.num_layers * steps
+    assert rows["projection"]["product_calls"] == rows["audio heads"]["product_calls"] == steps
+    assert rows["codebook-0 head"]["product_calls"] == 1
+    assert all(rows[p]["ms"] > 0 for p in prof.PARTS)
+    assert rows["backbone"]["attention_ms"] > 0 and rows["sampler"]["products_ms"] == 0
+    assert rows["frame step"]["weight_gb"] * 1e9 == pytest.approx(frame_bytes)
+    assert "audio_logits" not in vars(model) and csm_module.sample_topk is sampler
+    assert not model.backbone._forward_hooks and not model.decoder._forward_pre_hooks
 
 
 def test_without_output_or_playback_the_audio_goes_to_a_default_file(tmp_path):
