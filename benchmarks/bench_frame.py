@@ -5,8 +5,9 @@
 For each dtype: (a) the floor, weight bytes read per frame over the memory bandwidth measured in
 the same run; (b) our engine's frame step (static caches, no host sync); (c) the plain per-frame
 loop of the reference Generator, which has the original release's structure (tokens grown with
-torch.cat, one backbone call over the new positions, 31 depth-decoder calls). Prints a table and
-saves benchmarks/results/frame_<device>.json.
+torch.cat, one backbone call over the new positions, 31 depth-decoder calls); (d) with
+--compile, our step compiled (on a CPU: inductor's own matrix kernels over frozen weights),
+beside the eager one. Prints a table and saves benchmarks/results/frame_<device>.json.
 """
 
 from __future__ import annotations
@@ -32,11 +33,20 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
 def bench_dtype(name: str, device: torch.device, frames: int, model_name: str, bandwidth: float,
-                compile_: bool) -> dict:
+                compile_: bool) -> list[dict]:
+    """The eager step's row and, with compile_, the compiled step's beside it (same weights,
+    same run; its speed as a ratio to the eager one)."""
     from csm_streaming.model.checkpoints import load_model_and_tokenizer
 
     model, tok, _ = load_model_and_tokenizer(model_name, device, DTYPES[name])
-    return bench_model(name, model, tok, device, frames, bandwidth, compile_)
+    rows = [bench_model(name, model, tok, device, frames, bandwidth, False)]
+    if compile_:
+        row = bench_model(name, model, tok, device, frames, bandwidth, True, plain_loop=False)
+        row["plain_ms"] = rows[0]["plain_ms"]
+        row["plain_over_ours"] = row["plain_ms"] / row["ours_ms"]
+        row["speed_vs_eager"] = rows[0]["ours_ms"] / row["ours_ms"]
+        rows.append(row)
+    return rows
 
 
 def bench_model(name: str, model, tok, device: torch.device, frames: int, bandwidth: float,
@@ -46,8 +56,10 @@ def bench_model(name: str, model, tok, device: torch.device, frames: int, bandwi
     from csm_streaming.engine.generator import Generator
     from csm_streaming.engine.stream_engine import StreamEngine
     from csm_streaming.model.checkpoints import load_mimi
+    from csm_streaming.model.cpu_kernels import restore_linears
     from csm_streaming.request import validate_request
 
+    restore_linears(model)  # plain weights again if an earlier engine swapped in CPU kernels
     gen = Generator(model, tok, load_mimi("random", device))
     bytes_per_frame = weight_bytes_per_frame(model)
     floor = bytes_per_frame / bandwidth
@@ -91,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=5, help="frame steps timed (the best is kept)")
     p.add_argument("--dtypes", default="bf16,fp32", help="weight types to compare")
     add_model_argument(p)
-    p.add_argument(
-        "--compile", action="store_true", help="also compile our step (slow to build on CPU)"
-    )
+    p.add_argument("--compile", action="store_true",
+                   help="also time our step compiled, beside the eager one (minutes to build "
+                        "on a CPU)")
     p.add_argument(
         "--out-dir", default=None, help="where the JSON goes (default benchmarks/results)"
     )
@@ -110,10 +122,11 @@ def main(argv=None):
     bw = probe["best"]
     print(f"device: {device_name(device)}; read bandwidth {bw / 1e9:.1f} GB/s "
           f"(probes: {', '.join(f'{k} {v:.1f}' for k, v in probe['probes_gb_s'].items())} GB/s)")
-    rows = [bench_dtype(d, device, args.frames, args.model, bw, args.compile)
-            for d in args.dtypes.split(",")]
-    print_table(rows, ["dtype", "weight_gb_per_frame", "floor_ms", "ours_ms", "plain_ms",
-                       "ours_over_floor", "plain_over_ours", "ours_rtf", "cpu_kernel"])
+    rows = [row for d in args.dtypes.split(",")
+            for row in bench_dtype(d, device, args.frames, args.model, bw, args.compile)]
+    print_table(rows, ["dtype", "compiled", "weight_gb_per_frame", "floor_ms", "ours_ms",
+                       "plain_ms", "ours_over_floor", "plain_over_ours", "speed_vs_eager",
+                       "ours_rtf", "cpu_kernel"])
     save_json("frame", device, {"model": args.model, "bandwidth_gb_s": bw / 1e9,
                                 "bandwidth_probes_gb_s": probe["probes_gb_s"],
                                 "frames": args.frames, "rows": rows}, args.out_dir)

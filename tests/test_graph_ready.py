@@ -18,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from csm_streaming.engine.config import StreamingConfig
+from csm_streaming.engine.stream_engine import CPU_COMPILE_OPTIONS
 from csm_streaming.engine.streaming import StreamingGenerator
 
 aten = torch.ops.aten
@@ -195,11 +196,13 @@ def test_compile_is_bounded_three_small_graphs_per_bucket_and_none_fall_back(own
     (Transformer.forward): three buckets make 9 graphs of it, more than dynamo's default limit
     of 8 per function; none may fall back to eager."""
     import torch._dynamo
+    import torch._inductor.config as inductor_config
 
-    sizes = []
+    sizes, settings = [], []  # each graph's size, and inductor's settings as it compiles
 
     def counting_backend(gm, example_inputs):
         sizes.append(len(gm.graph.nodes))
+        settings.append({k: getattr(inductor_config, k) for k in CPU_COMPILE_OPTIONS})
         return gm.forward
 
     compile_ = torch.compile
@@ -213,6 +216,9 @@ def test_compile_is_bounded_three_small_graphs_per_bucket_and_none_fall_back(own
         sg.warmup(frames=2, all_buckets=True)
     assert len(sizes) == 3 * 3, sizes
     assert max(sizes) < 400, sizes  # one module call, not an unrolled frame
+    # on a CPU, every graph compiles with inductor's own kernels over frozen weights
+    assert settings == [CPU_COMPILE_OPTIONS] * 9
+    assert not inductor_config.freezing  # and only then
     assert sorted(sg.warmup_buckets) == sg.engine.buckets  # compile time reported per bucket
     eager = StreamingGenerator(own_generator, StreamingConfig(enable_compilation=False))
     got, ref = (torch.cat(list(g.generate_streaming("Bounded.", 0, max_audio_length_ms=480,

@@ -153,6 +153,20 @@ def test_a_quantized_model_streams_what_it_generates(mimi, mode, kernel, device,
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
+def test_int8_on_a_cpu_is_not_compiled_and_says_why(mimi, caplog):
+    """--compile with int8 weights on a CPU runs eager (compiled it measured slower: FBGEMM's
+    products stay outside the graphs), with a warning; the CPU's kernel choice still runs."""
+    import logging
+
+    gen = make_tiny_generator(mimi)
+    quantize_model(gen.model, "int8")
+    with caplog.at_level(logging.WARNING, logger="csm"):
+        sg = StreamingGenerator(gen, StreamingConfig(enable_compilation=True))
+    assert sg.engine._backbone is None and sg.engine._decoder is None
+    assert sg.engine.cpu_kernel in ("plain", "onednn", "mkl")
+    assert any("not used for int8 weights on a CPU" in r.getMessage() for r in caplog.records)
+
+
 def test_modes_that_cannot_run_are_refused_with_what_can():
     check_mode(None, "cuda")
     check_mode("int8", "cuda")

@@ -32,6 +32,7 @@ from csm_streaming.engine.segmenting import split_sentences
 from csm_streaming.engine.streams import ChunkEvent, SlotState, Stream, TextFeed
 from csm_streaming.metrics import EMPTY_RETRY, RUNAWAY_STOP, Event, StreamMetrics
 from csm_streaming.model.cpu_kernels import restore_linears, speed_up_cpu_linears
+from csm_streaming.model.quantize import Int8Linear
 from csm_streaming.model.sampling import MIMI_CODES, candidates_for, is_eos
 from csm_streaming.request import (
     DEFAULT_TOPK,
@@ -44,7 +45,37 @@ from csm_streaming.request import (
 
 log = logging.getLogger("csm.engine")
 
-IDLE_PROMPT_SLICE_S = 0.05  # prompt work between two looks for new requests when nothing runs
+# Compiling on a CPU: inductor's own C++ matrix kernels, chosen by timing them against ATen's
+# (max-autotune), over weights frozen into the graph and packed for them. At one row they read
+# the weights 1.1-1.5x faster than oneDNN's prepacked kernel (benchmarks/bench_frame.py
+# --compile). Costs: a minute or two of compiling per batch bucket on 2 cores, and the packed
+# copies of the backbone's and depth decoder's weights beside the plain ones (the prefill and
+# the reference loop still use those).
+CPU_COMPILE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                       "freezing": True}
+IDLE_PROMPT_SLICE_S = 0.05
+
+
+def compiles_well(model: torch.nn.Module, device: torch.device) -> bool:
+    """False for int8 weights on a CPU: compiled, the full-size int8 step took 424 ms against
+    324-347 eager (FBGEMM's packed products are opaque to inductor; the graph breaks around
+    them cost more than the small ops it fuses)."""
+    return device.type != "cpu" or not any(isinstance(x, Int8Linear) for x in model.modules())
+
+
+def compile_module(module: torch.nn.Module, device: torch.device):
+    """torch.compile of one module, for fixed shapes. On a CPU each call runs with
+    CPU_COMPILE_OPTIONS set, since inductor reads them when a call compiles a new graph (given
+    as torch.compile's `options`, freezing was not applied and no kernel was tuned)."""
+    compiled = torch.compile(module, dynamic=False)
+    if device.type != "cpu":
+        return compiled
+    import torch._inductor.config as inductor_config
+
+    def run(*args, **kwargs):
+        with inductor_config.patch(CPU_COMPILE_OPTIONS):
+            return compiled(*args, **kwargs)
+    return run  # prompt work between two looks for new requests when nothing runs
 MAX_PROMPT_BUDGET_S = 1.0  # prompt work lent from running streams' leads, at most, per chunk
 
 
@@ -87,7 +118,13 @@ class StreamEngine:
         self.frame_step_s = 0.0  # measured time of one frame step (EMA)
         self.chunk_slack_s = 0.0  # the last whole chunk's audio time minus the time it took
         self.chunk_s = 0.0  # the last whole chunk's time
-        if config.compile_enabled(dev):
+        compile_ = config.compile_enabled(dev)
+        if compile_ and not compiles_well(m, dev):
+            log.warning("--compile is not used for int8 weights on a CPU: FBGEMM's products stay "
+                        "outside inductor's graphs, and compiled the int8 step measured 1.3x "
+                        "slower than eager; running eager int8")
+            compile_ = False
+        if compile_:
             restore_linears(m)
             # Compiled per module, not the whole step: a frame is the backbone step and 31 calls
             # of one small depth-decoder graph, where the whole step traced as one graph unrolls
@@ -100,8 +137,8 @@ class StreamEngine:
 
             limit = torch._dynamo.config
             limit.recompile_limit = max(limit.recompile_limit, 3 * len(self.buckets))
-            self._backbone = torch.compile(m.backbone, dynamic=False)
-            self._decoder = torch.compile(m.decoder, dynamic=False)
+            self._backbone = compile_module(m.backbone, dev)
+            self._decoder = compile_module(m.decoder, dev)
         elif config.cpu_weight_prepack:
             self.cpu_kernel = speed_up_cpu_linears(m, b)
 
