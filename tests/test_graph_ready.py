@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from csm_streaming.engine.config import StreamingConfig
-from csm_streaming.engine.stream_engine import CPU_COMPILE_OPTIONS
+from csm_streaming.engine.graphs import CPU_COMPILE_OPTIONS
 from csm_streaming.engine.streaming import StreamingGenerator
 
 aten = torch.ops.aten

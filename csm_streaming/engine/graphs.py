@@ -1,13 +1,29 @@
 """Capturing a step in a CUDA graph (moshi's pattern: the same Python runs eagerly where graphs
-are off or there is no CUDA), and copies of a module that share its weights but not its state."""
+are off or there is no CUDA), compiling a module (with a CPU's own settings), and copies of a
+module that share its weights but not its state."""
 
 from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import time
 
 import torch
+
+from csm_streaming.model.cpu_kernels import restore_linears
+from csm_streaming.model.quantize import Int8Linear
+
+log = logging.getLogger("csm.engine")
+
+# Compiling on a CPU: inductor's own C++ matrix kernels, chosen by timing them against ATen's
+# (max-autotune), over weights frozen into the graph and packed for them. At one row they read
+# the weights 1.1-1.5x faster than oneDNN's prepacked kernel (benchmarks/bench_frame.py
+# --compile). Costs: a minute or two of compiling per batch bucket on 2 cores, and the packed
+# copies of the backbone's and depth decoder's weights beside the plain ones (the prefill and
+# the reference loop still use those).
+CPU_COMPILE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                       "freezing": True}
 
 
 class CUDAGraphed:
@@ -52,3 +68,48 @@ def shared_copy(module: torch.nn.Module) -> torch.nn.Module:
     memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
     return copy.deepcopy(module, memo)
 
+
+def compiles_well(model: torch.nn.Module, device: torch.device) -> bool:
+    """False for int8 weights on a CPU: compiled, the full-size int8 step took 424 ms against
+    324-347 eager (FBGEMM's packed products are opaque to inductor; the graph breaks around
+    them cost more than the small ops it fuses)."""
+    return device.type != "cpu" or not any(isinstance(x, Int8Linear) for x in model.modules())
+
+
+def compile_module(module: torch.nn.Module, device: torch.device):
+    """torch.compile of one module, for fixed shapes. On a CPU each call runs with
+    CPU_COMPILE_OPTIONS set, since inductor reads them when a call compiles a new graph (given
+    as torch.compile's `options`, freezing was not applied and no kernel was tuned)."""
+    compiled = torch.compile(module, dynamic=False)
+    if device.type != "cpu":
+        return compiled
+    import torch._inductor.config as inductor_config
+
+    def run(*args, **kwargs):
+        with inductor_config.patch(CPU_COMPILE_OPTIONS):
+            return compiled(*args, **kwargs)
+    return run
+
+
+def compile_frame_parts(model: torch.nn.Module, device: torch.device, buckets: int):
+    """The backbone and the depth decoder compiled, or (None, None) where that does not pay
+    (int8 weights on a CPU, said in a warning).
+
+    Compiled per module, not the whole step: a frame is the backbone step and 31 calls of one
+    small depth-decoder graph, where the whole step traced as one graph unrolls the loop (~8400
+    nodes for random:tiny; inductor did not finish it in 13 minutes on 2 cores). The CUDA graph
+    of the step (step_fn) still holds the whole loop. Per batch bucket: one backbone graph and
+    two decoder graphs (2 positions, then 1), all of one function (Transformer.forward), whose
+    graphs dynamo caps at 8 by default: past that, larger buckets would silently run eagerly.
+    """
+    if not compiles_well(model, device):
+        log.warning("--compile is not used for int8 weights on a CPU: FBGEMM's products stay "
+                    "outside inductor's graphs, and compiled the int8 step measured 1.3x slower "
+                    "than eager; running eager int8")
+        return None, None
+    restore_linears(model)  # inductor traces plain layers
+    import torch._dynamo
+
+    limit = torch._dynamo.config
+    limit.recompile_limit = max(limit.recompile_limit, 3 * buckets)
+    return compile_module(model.backbone, device), compile_module(model.decoder, device)

@@ -24,15 +24,14 @@ import torch
 from csm_streaming.audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
 from csm_streaming.engine.config import StreamingConfig
 from csm_streaming.engine.generator import Generator, audio_rows
-from csm_streaming.engine.graphs import CUDAGraphed, shared_copy
+from csm_streaming.engine.graphs import CUDAGraphed, compile_frame_parts, shared_copy
 from csm_streaming.engine.mimi_state import decode_chunk, mimi_graphs_off
 from csm_streaming.engine.prompts import PromptWork
 from csm_streaming.engine.runaway import TailGuard
 from csm_streaming.engine.segmenting import split_sentences
 from csm_streaming.engine.streams import ChunkEvent, SlotState, Stream, TextFeed
 from csm_streaming.metrics import EMPTY_RETRY, RUNAWAY_STOP, Event, StreamMetrics
-from csm_streaming.model.cpu_kernels import restore_linears, speed_up_cpu_linears
-from csm_streaming.model.quantize import Int8Linear
+from csm_streaming.model.cpu_kernels import speed_up_cpu_linears
 from csm_streaming.model.sampling import MIMI_CODES, candidates_for, is_eos
 from csm_streaming.request import (
     DEFAULT_TOPK,
@@ -45,37 +44,7 @@ from csm_streaming.request import (
 
 log = logging.getLogger("csm.engine")
 
-# Compiling on a CPU: inductor's own C++ matrix kernels, chosen by timing them against ATen's
-# (max-autotune), over weights frozen into the graph and packed for them. At one row they read
-# the weights 1.1-1.5x faster than oneDNN's prepacked kernel (benchmarks/bench_frame.py
-# --compile). Costs: a minute or two of compiling per batch bucket on 2 cores, and the packed
-# copies of the backbone's and depth decoder's weights beside the plain ones (the prefill and
-# the reference loop still use those).
-CPU_COMPILE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                       "freezing": True}
-IDLE_PROMPT_SLICE_S = 0.05
-
-
-def compiles_well(model: torch.nn.Module, device: torch.device) -> bool:
-    """False for int8 weights on a CPU: compiled, the full-size int8 step took 424 ms against
-    324-347 eager (FBGEMM's packed products are opaque to inductor; the graph breaks around
-    them cost more than the small ops it fuses)."""
-    return device.type != "cpu" or not any(isinstance(x, Int8Linear) for x in model.modules())
-
-
-def compile_module(module: torch.nn.Module, device: torch.device):
-    """torch.compile of one module, for fixed shapes. On a CPU each call runs with
-    CPU_COMPILE_OPTIONS set, since inductor reads them when a call compiles a new graph (given
-    as torch.compile's `options`, freezing was not applied and no kernel was tuned)."""
-    compiled = torch.compile(module, dynamic=False)
-    if device.type != "cpu":
-        return compiled
-    import torch._inductor.config as inductor_config
-
-    def run(*args, **kwargs):
-        with inductor_config.patch(CPU_COMPILE_OPTIONS):
-            return compiled(*args, **kwargs)
-    return run  # prompt work between two looks for new requests when nothing runs
+IDLE_PROMPT_SLICE_S = 0.05  # prompt work between two looks for new requests when nothing runs
 MAX_PROMPT_BUDGET_S = 1.0  # prompt work lent from running streams' leads, at most, per chunk
 
 
@@ -118,28 +87,9 @@ class StreamEngine:
         self.frame_step_s = 0.0  # measured time of one frame step (EMA)
         self.chunk_slack_s = 0.0  # the last whole chunk's audio time minus the time it took
         self.chunk_s = 0.0  # the last whole chunk's time
-        compile_ = config.compile_enabled(dev)
-        if compile_ and not compiles_well(m, dev):
-            log.warning("--compile is not used for int8 weights on a CPU: FBGEMM's products stay "
-                        "outside inductor's graphs, and compiled the int8 step measured 1.3x "
-                        "slower than eager; running eager int8")
-            compile_ = False
-        if compile_:
-            restore_linears(m)
-            # Compiled per module, not the whole step: a frame is the backbone step and 31 calls
-            # of one small depth-decoder graph, where the whole step traced as one graph unrolls
-            # the loop (~8400 nodes for random:tiny; inductor did not finish it in 13 minutes on
-            # 2 cores). The CUDA graph of the step (step_fn) still holds the whole loop. Per
-            # batch bucket: one backbone graph and two decoder graphs (2 positions, then 1),
-            # all of one function (Transformer.forward), whose graphs dynamo caps at 8 by
-            # default: past that, larger buckets would silently run eagerly.
-            import torch._dynamo
-
-            limit = torch._dynamo.config
-            limit.recompile_limit = max(limit.recompile_limit, 3 * len(self.buckets))
-            self._backbone = compile_module(m.backbone, dev)
-            self._decoder = compile_module(m.decoder, dev)
-        elif config.cpu_weight_prepack:
+        if config.compile_enabled(dev):  # None, None where compiling does not pay
+            self._backbone, self._decoder = compile_frame_parts(m, dev, len(self.buckets))
+        if self._backbone is None and config.cpu_weight_prepack:
             self.cpu_kernel = speed_up_cpu_linears(m, b)
 
     # -- slots ----------------------------------------------------------------------------------
