@@ -179,7 +179,14 @@ def test_bad_input_fails_before_any_work(streamer, kwargs, name):
     assert streamer.engine.free_slots == 3
 
 
-def test_compiled_step_equals_eager(device_generator):
+def test_compiled_step_equals_eager(device_generator, monkeypatch):
+    """On a CPU with frozen weights but ATen's kernels: tuning inductor's own kernels for the
+    tiny model's shapes costs a minute of a cold start (test_graph_ready checks the settings,
+    and the next test their kernels)."""
+    from csm_streaming.engine import graphs
+
+    monkeypatch.setattr(graphs, "CPU_COMPILE_OPTIONS",
+                        {**graphs.CPU_COMPILE_OPTIONS, "max_autotune": False})
     own_generator = device_generator
     eager = StreamingGenerator(own_generator, StreamingConfig(enable_compilation=False))
     ref = torch.cat(
@@ -192,6 +199,19 @@ def test_compiled_step_equals_eager(device_generator):
     )
     assert torch.equal(compiled.engine.last_stream.all_codes, eager.engine.last_stream.all_codes)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+def test_a_layer_compiled_with_the_cpus_own_kernels_equals_eager():
+    """compile_module on a CPU: weights frozen and the product's kernel tuned (inductor's C++
+    template or ATen's, whichever timed faster); either gives the eager layer's numbers."""
+    from csm_streaming.engine.graphs import compile_module
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(256, 1024, bias=False)
+    x = torch.randn(1, 256)
+    with torch.inference_mode():
+        torch.testing.assert_close(compile_module(layer, torch.device("cpu"))(x), layer(x),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_warmup_runs_a_throwaway_stream_and_leaves_the_engine_free(tiny_generator):

@@ -23,7 +23,10 @@ log = logging.getLogger("csm.engine")
 # copies of the backbone's and depth decoder's weights beside the plain ones (the prefill and
 # the reference loop still use those).
 CPU_COMPILE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                       "freezing": True}
+                       "freezing": True,
+                       # the tuning's tables to stderr, a dozen lines a shape: not for users
+                       "autotune_num_choices_displayed": 0,
+                       "max_autotune_report_choices_stats": False}
 
 
 class CUDAGraphed:
