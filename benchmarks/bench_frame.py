@@ -22,6 +22,7 @@ from common import (
     device_name,
     memory_bandwidth,
     print_table,
+    running_engine,
     save_json,
     spread,
     time_calls,
@@ -52,12 +53,9 @@ def bench_dtype(name: str, device: torch.device, frames: int, model_name: str, b
 def bench_model(name: str, model, tok, device: torch.device, frames: int, bandwidth: float,
                 compile_: bool, plain_loop: bool = True) -> dict:
     """One model's frame step beside its floor (and the plain loop's, unless plain_loop=False)."""
-    from csm_streaming.engine.config import StreamingConfig
     from csm_streaming.engine.generator import Generator
-    from csm_streaming.engine.stream_engine import StreamEngine
     from csm_streaming.model.checkpoints import load_mimi
     from csm_streaming.model.cpu_kernels import restore_linears
-    from csm_streaming.request import validate_request
 
     restore_linears(model)  # plain weights again if an earlier engine swapped in CPU kernels
     gen = Generator(model, tok, load_mimi("random", device))
@@ -75,12 +73,7 @@ def bench_model(name: str, model, tok, device: torch.device, frames: int, bandwi
         many = min(time_calls(plain(frames + 1), device, 1, warmup=0))
         row["plain_ms"] = (many - one) / frames * 1e3
 
-    engine = StreamEngine(gen, StreamingConfig(enable_compilation=compile_, max_batch_size=1))
-    frames_fit = model.window - 64  # the prompt and every timed frame fit in the window
-    engine.submit(
-        validate_request("Benchmark sentence for timing.", 0, max_audio_length_ms=frames_fit * 80)
-    )
-    engine.prepare_all()
+    engine = running_engine(gen, 1, compile_)
     ours = time_calls(engine.step_fn(1), device, frames, warmup=2 if compile_ else 1)
     engine.cancel(engine.active[0])
     row["cpu_kernel"] = engine.cpu_kernel

@@ -211,7 +211,6 @@ def abuse(url: str, body: dict, stop: threading.Event):
 
 
 ISOLATION_RUNS = ("alone", "beside a long stream", "beside an abuser")
-GAP_TTFA = ("worst_gap_ms", "median_gap_ms", "mean_ttfa_ms", "max_ttfa_ms")
 
 
 def isolation_run(url: str, settings, window: int, normal: int, seconds: float,

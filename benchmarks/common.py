@@ -69,20 +69,42 @@ def memory_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 5) -
     return {"probes_gb_s": {k: b / 1e9 for k, b in probes.items()}, "best": max(probes.values())}
 
 
-def weight_bytes_per_frame(model) -> int:
-    """Weight bytes one frame must read: the backbone step, codebook-0 head, 31 depth-decoder
-    steps with the projection, and the audio heads. Embedding rows read are negligible."""
+def weight_bytes_by_part(model) -> dict[str, int]:
+    """Weight bytes each part of the model reads in one frame, as stored (int8 / int4 weights
+    one or half a byte each): the backbone step, the codebook-0 head, the depth decoder's and
+    the projection's 31 steps, and the audio heads. Embedding rows read are negligible."""
     from csm_streaming.model.quantize import weight_bytes
 
-    def nbytes(module_or_tensor):
-        if isinstance(module_or_tensor, torch.Tensor):
-            return module_or_tensor.numel() * module_or_tensor.element_size()
-        return weight_bytes(module_or_tensor)  # int8 / int4 weights counted as stored
-
     steps = model.args.audio_num_codebooks - 1
-    return (nbytes(model.backbone) + nbytes(model.codebook0_head)
-            + steps * (nbytes(model.decoder) + nbytes(model.projection)) + nbytes(model.audio_head)
-            + (nbytes(model.audio_heads_int8) if model.audio_heads_int8 is not None else 0))
+    heads = model.audio_head.numel() * model.audio_head.element_size()  # 0 once int8
+    if model.audio_heads_int8 is not None:
+        heads += weight_bytes(model.audio_heads_int8)
+    return {"backbone": weight_bytes(model.backbone),
+            "depth decoder": steps * weight_bytes(model.decoder),
+            "projection": steps * weight_bytes(model.projection),
+            "codebook-0 head": weight_bytes(model.codebook0_head),
+            "audio heads": heads}
+
+
+def weight_bytes_per_frame(model) -> int:
+    """Weight bytes one frame must read (the sum of `weight_bytes_by_part`)."""
+    return sum(weight_bytes_by_part(model).values())
+
+
+def running_engine(gen, streams: int, compile_: bool = False):
+    """A StreamEngine of `streams` slots over `gen`, each slot a running request long enough
+    for any timing (the prompt and every frame fit in the window); its step is `step_fn`."""
+    from csm_streaming.engine.config import StreamingConfig
+    from csm_streaming.engine.stream_engine import StreamEngine
+    from csm_streaming.request import validate_request
+
+    engine = StreamEngine(gen, StreamingConfig(enable_compilation=compile_,
+                                               max_batch_size=streams))
+    for i in range(streams):
+        engine.submit(validate_request(f"Benchmark sentence number {i}.", 0, seed=i,
+                                       max_audio_length_ms=(gen.model.window - 64) * 80))
+    engine.prepare_all()
+    return engine
 
 
 def time_calls(fn, device, n: int, warmup: int = 1) -> list[float]:

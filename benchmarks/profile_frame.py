@@ -28,8 +28,10 @@ from common import (
     device_name,
     memory_bandwidth,
     print_table,
+    running_engine,
     save_json,
     time_calls,
+    weight_bytes_by_part,
 )
 from csm_streaming.options import HelpFormatter
 
@@ -87,21 +89,6 @@ def labelled_parts(model):
         csm_module.sample_topk = sampler
 
 
-def part_bytes(model) -> dict[str, int]:
-    """Weight bytes each part reads in one frame (as stored: int8 counts one byte a weight)."""
-    from csm_streaming.model.quantize import weight_bytes
-
-    steps = model.args.audio_num_codebooks - 1
-    heads = model.audio_head.numel() * model.audio_head.element_size()
-    if model.audio_heads_int8 is not None:
-        heads = weight_bytes(model.audio_heads_int8)
-    return {"backbone": weight_bytes(model.backbone),
-            "depth decoder": steps * weight_bytes(model.decoder),
-            "projection": steps * weight_bytes(model.projection),
-            "codebook-0 head": weight_bytes(model.codebook0_head),
-            "audio heads": heads, "sampler": 0, OTHER: 0}
-
-
 def split_events(events, frames: int) -> dict[str, dict]:
     """Profiler events -> per part: self ms a frame in products, attention and other ops, and
     the product calls a frame (outermost product ops only)."""
@@ -135,19 +122,12 @@ def split_events(events, frames: int) -> dict[str, dict]:
 
 def profile(model, tok, device: torch.device, streams: int, frames: int,
             bandwidth: float) -> dict:
-    from csm_streaming.engine.config import StreamingConfig
     from csm_streaming.engine.generator import Generator
-    from csm_streaming.engine.stream_engine import StreamEngine
     from csm_streaming.model.checkpoints import load_mimi
-    from csm_streaming.request import validate_request
 
-    nbytes = part_bytes(model)  # before the engine swaps in CPU kernels (packed buffers)
-    gen = Generator(model, tok, load_mimi("random", device))
-    engine = StreamEngine(gen, StreamingConfig(enable_compilation=False, max_batch_size=streams))
-    for i in range(streams):
-        engine.submit(validate_request(f"Profiled sentence number {i}.", 0,
-                                       max_audio_length_ms=(model.window - 64) * 80, seed=i))
-    engine.prepare_all()
+    # before the engine swaps in CPU kernels (packed buffers), in PARTS' order, then the rest
+    nbytes = {**weight_bytes_by_part(model), "sampler": 0, OTHER: 0}
+    engine = running_engine(Generator(model, tok, load_mimi("random", device)), streams)
     step = engine.step_fn(streams)
     wall = time_calls(step, device, frames, warmup=1)
     with labelled_parts(model):
