@@ -313,6 +313,29 @@ def test_engine_steps_only_the_bucket_of_busy_slots(tiny_generator):
     assert torch.equal(a.all_codes, ref)  # joins and leaves around it changed nothing
 
 
+def test_a_cpu_frame_step_attends_up_to_its_running_streams_only(tiny_generator, monkeypatch):
+    """The backbone's frame step is told how far the running rows' positions go (their cache
+    is read that far, llama.ATTENTION_BLOCK), not the free slot's scratch position."""
+    from csm_streaming.request import validate_request
+
+    eng = StreamingGenerator(
+        tiny_generator, StreamingConfig(enable_compilation=False, max_batch_size=2)).engine
+    a = eng.submit(validate_request("Gone.", 0, max_audio_length_ms=800, seed=1))
+    b = eng.submit(validate_request("Kept.", 0, max_audio_length_ms=2400, seed=2))
+    step_until_running(eng, a, b)
+    eng.cancel(a)  # slot 0 free (at the scratch position), slot 1 running: bucket 2
+    backbone, seen = tiny_generator.model.backbone, []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("seen"))
+        return type(backbone).forward(backbone, *args, **kwargs)
+    monkeypatch.setattr(backbone, "forward", spy)
+    start = int(eng.state.pos[b.slot])
+    eng.step()
+    assert eng.last_bucket == 2 and int(eng.state.pos[0]) == eng.scratch_pos
+    assert len(seen) > 1 and seen == list(range(start + 1, start + 1 + len(seen)))
+
+
 def test_mimi_decodes_only_the_rows_that_speak_and_leaves_the_others_as_they_were(mimi):
     """first_rows(mimi, n) narrows Mimi's streaming state to its first n rows: decoding there
     gives what a full-width decode with the other rows masked gives, and rows n.. stay exactly

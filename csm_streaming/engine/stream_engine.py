@@ -229,9 +229,22 @@ class StreamEngine:
         sampling.frame.add_(1)
         ended.logical_or_(is_eos(codes))
         valid.add_((~ended).long())
-        last_h.copy_(m.backbone_step(codes, pos, self.caches, backbone=self._backbone))
+        last_h.copy_(m.backbone_step(codes, pos, self.caches, backbone=self._backbone,
+                                     seen=self._positions_seen(pos)))
         pos.add_(1).clamp_(max=self.window - 1)
         return codes
+
+    def _positions_seen(self, pos: torch.Tensor) -> int | None:
+        """On a CPU, eagerly: the cache positions the running rows' next step attends to (up to
+        the furthest one's), so that the backbone's attention reads that much of the window
+        instead of all of it (parked and free rows, at the scratch position, get garbage, as
+        always; a running row may be there too, at the window's last position). Reading it is
+        no sync there. None (the whole window) on a GPU, in a captured
+        graph or compiled: their shapes are fixed."""
+        if self.device.type != "cpu" or self._backbone is not None:
+            return None
+        rows = [i for i, s in enumerate(self.slots[:len(pos)]) if s and s.state == "running"]
+        return int(pos[rows].max()) + 1 if rows else None
 
     def step_fn(self, n: int, topk: int = DEFAULT_TOPK) -> CUDAGraphed:
         """The (graphed) frame step of bucket n for streams of top-k <= topk: benchmarks time it

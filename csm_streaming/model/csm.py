@@ -114,8 +114,10 @@ class CSM(nn.Module):
                       slot: int, start: int) -> torch.Tensor:
         """Run prompt rows [1, S, 33] at positions start..start+S-1 of cache row `slot`;
         return the last hidden state [1, D]. Earlier positions must already be in the cache."""
-        pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
-        return self.backbone(self.embed_tokens(tokens, mask), pos, caches.backbone, slot)[:, -1]
+        end = start + tokens.shape[1]
+        pos = torch.arange(start, end, device=tokens.device)[None]
+        return self.backbone(self.embed_tokens(tokens, mask), pos, caches.backbone, slot,
+                             seen=end)[:, -1]
 
     def prefill_rows(self, blocks: list[tuple[torch.Tensor, torch.Tensor, int, int]],
                      caches: ModelCaches) -> torch.Tensor:
@@ -134,7 +136,8 @@ class CSM(nn.Module):
         starts = torch.tensor([b[3] for b in blocks], device=device)
         pos = starts[:, None] + torch.arange(longest, device=device)[None]
         slots = torch.tensor([b[2] for b in blocks], device=device)
-        h = self.backbone(self.embed_tokens(tokens, mask), pos, caches.backbone, slots)
+        h = self.backbone(self.embed_tokens(tokens, mask), pos, caches.backbone, slots,
+                          seen=max(b[3] for b in blocks) + longest)
         last = torch.tensor([len(b[0]) - 1 for b in blocks], device=device)
         return h[torch.arange(len(blocks), device=device), last]
 
@@ -150,13 +153,16 @@ class CSM(nn.Module):
     # -- the frame ----------------------------------------------------------------------------
 
     def backbone_step(self, codes: torch.Tensor, pos: torch.Tensor, caches: ModelCaches,
-                      backbone=None) -> torch.Tensor:
+                      backbone=None, seen: int | None = None) -> torch.Tensor:
         """Feed one frame codes [B, 32] at positions pos [B]; return the next h [B, D].
 
         backbone: a compiled wrapper of self.backbone (the fast path), or None for eager.
+        seen: the cache positions the rows that matter attend to (Transformer.forward).
         """
-        backbone = self.backbone if backbone is None else backbone
-        return backbone(self.embed_frame(codes), pos[:, None], caches.backbone)[:, -1]
+        if backbone is not None:
+            return backbone(self.embed_frame(codes), pos[:, None], caches.backbone)[:, -1]
+        return self.backbone(self.embed_frame(codes), pos[:, None], caches.backbone,
+                             seen=seen)[:, -1]
 
     def sample_frame(self, h: torch.Tensor, s: SamplingState, caches: ModelCaches,
                      slot: int | None = None, decoder=None) -> torch.Tensor:

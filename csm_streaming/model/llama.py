@@ -44,6 +44,15 @@ class LlamaArgs:
 # ---------------------------------------------------------------------------------------------
 
 
+# A cut attention (Transformer.forward's `seen`) reads whole blocks of this many cache
+# positions: torch's CPU attention sums keys in blocks of 512 (fewer when the cache is shorter),
+# so a cache cut at a multiple of 512 adds up the seen positions in the same order as the whole
+# window, and a row attends the same way alone or beside further ones (what lies past its own
+# position is masked: a block of it adds exact zeros). Cut anywhere, bf16 sums came out
+# different from the whole window's by ~1e-3.
+ATTENTION_BLOCK = 512
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -172,7 +181,9 @@ class Attention(nn.Module):
         k = apply_rope(k.view(b, s, a.num_kv_heads, a.head_dim), cos, sin)
         v = v.view(b, s, a.num_kv_heads, a.head_dim)
         kc, vc = cache.update(input_pos, k, v, slot)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), kc, vc, attn_mask=mask,
+        seen = mask.shape[-1]  # the leading cache positions any query can see (see Transformer)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :, :seen], vc[:, :, :seen],
+                                           attn_mask=mask,
                                            enable_gqa=a.num_heads != a.num_kv_heads)
         return self.output_proj(y.transpose(1, 2).reshape(b, s, -1))
 
@@ -218,13 +229,23 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, h: torch.Tensor, input_pos: torch.Tensor, caches: list[KVCache],
-                slot: int | None = None):
-        """h [B, S, D], input_pos [B, S] int64 -> [B, S, D]. slot: the cache rows (KVCache)."""
+                slot: int | None = None, seen: int | None = None):
+        """h [B, S, D], input_pos [B, S] int64 -> [B, S, D]. slot: the cache rows (KVCache).
+
+        seen: attend to the leading `seen` cache positions only (all when None), for a caller
+        that knows on the host that the queries that matter lie before it: the attention reads
+        that much of the cache instead of the whole window (a frame early in a 2048-position
+        window read 8 MB per backbone layer for a few hundred positions). Rows whose queries
+        lie further on (parked streams) see a cut cache: their outputs must not be used.
+        Static shapes (compiled, CUDA graphs) pass None."""
         cos = self.rope_cos[input_pos].unsqueeze(2)  # [B, S, 1, D/2]
         sin = self.rope_sin[input_pos].unsqueeze(2)
         # Each query sees the cache positions at or before its own; stale entries further on
         # (from an earlier, longer request in the same slot) are masked, so no reset is needed.
-        keys = torch.arange(caches[0].max_seq, device=h.device)
+        length = caches[0].max_seq
+        if seen is not None:  # whole blocks: the same sums as the whole window (ATTENTION_BLOCK)
+            length = min(length, -(-seen // ATTENTION_BLOCK) * ATTENTION_BLOCK)
+        keys = torch.arange(length, device=h.device)
         mask = (keys[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, S, L]
         for layer, cache in zip(self.layers, caches):
             h = layer(h, cos, sin, input_pos, mask, cache, slot)
