@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype", default=None, help="bf16 or fp32 (None: bf16 on cuda, fp32 elsewhere)"
     )
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantized weights (quantize.py), as the server's --quantize")
     p.add_argument("--frames", type=int, default=12, help="frames per stream in each run")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs of each streams row (their median is the figure; min and max kept)")
@@ -193,6 +195,10 @@ def main(argv=None):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
     bw = memory_bandwidth(device)["best"]
     model, tok, _ = load_model_and_tokenizer(args.model, device, dtype)
+    if args.quantize:
+        from csm_streaming.model.quantize import quantize_model
+
+        quantize_model(model, args.quantize)
     gen = Generator(model, tok, load_mimi("random", device))
     floor_ms = weight_bytes_per_frame(model) / bw * 1e3
     print(f"device: {device_name(device)}; floor {floor_ms:.1f} ms/frame at {bw / 1e9:.1f} GB/s")
@@ -207,6 +213,7 @@ def main(argv=None):
     rows += steps
     path = save_json("streaming", device, {"model": args.model,
                                            "dtype": str(next(model.parameters()).dtype),
+                                           "quantize": args.quantize,
                                            "frames": args.frames, "floor_ms_per_frame": floor_ms,
                                            "rows": rows}, args.out_dir)
     plot(rows, floor_ms, device, path.with_suffix(".png"))

@@ -127,9 +127,30 @@ def test_no_host_sync_inside_the_frame_step(own_generator, monkeypatch):
             if not engine.active and not engine.prompts.pending:
                 break
     assert not engine.active and steps[0] > 10 and {1, 4} <= buckets
+    # on a CPU (no sync there) the step reads how far its running streams' positions go, to
+    # cut the attention (StreamEngine._positions_seen); on a GPU that reads nothing (below)
+    allowed = {"_positions_seen"} if engine.device.type == "cpu" else set()
+    inside = [e for e in inside if e[1] not in allowed]
     assert inside == [], f"host reads inside the frame step: {sorted(set(inside))}"
+    before_decode = [[e for e in events if e[1] not in allowed] for events in before_decode]
     assert before_decode and all(e == [(".tolist()", "_chunk")] for e in before_decode), \
         before_decode
+
+
+def test_the_attention_cut_reads_positions_on_a_cpu_only(own_generator, monkeypatch):
+    sg = StreamingGenerator(own_generator, StreamingConfig(max_batch_size=2))
+    engine = sg.engine
+    stream = engine.submit(sg.request("Cut.", 0, (), 800, 0.9, 50, 1))
+    while stream.state != "running":
+        engine.step()
+    pos = engine.state.pos[:1]
+    rec = SyncRecorder(monkeypatch)
+    with rec, torch.inference_mode():
+        rec.on = True
+        assert engine._positions_seen(pos) == int(pos[0]) + 1 and rec.events  # a CPU reads
+        rec.events.clear()
+        monkeypatch.setattr(engine, "device", torch.device("cuda"))  # as on a GPU
+        assert engine._positions_seen(pos) is None and rec.events == []
 
 
 # -- graph-ready: one trace per bucket, no recompile, fixed storage -------------------------------

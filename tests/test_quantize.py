@@ -50,24 +50,26 @@ def test_two_part_int8_weights_keep_16_bits_and_every_kernel_adds_the_parts():
         Int8Linear(w, parts=3)
 
 
-def test_activation_parts_are_on_one_power_of_two_grid_and_add_up_to_the_rows():
+def test_activation_parts_are_integers_each_stream_on_its_own_power_of_two_step():
     from csm_streaming.model.quantize import activation_parts, grid_ends
 
     torch.manual_seed(5)
-    rows = torch.randn(2, 64) * 3
+    streams = torch.randn(3, 2, 64) * 3  # 3 streams of 2 rows
+    streams[1] *= 50  # a loud one: the others keep their own steps
     for narrow, low, high in ((False, -128, 127), (True, -64, 63)):
         ends, top = grid_ends(64, narrow)
-        parts, gain = activation_parts(rows, ends, top)
-        assert top == high and gain == 2 * high and parts.shape == (5, 64)
-        step = (parts[4, 1] / high).item()
-        assert step == 2.0 ** round(torch.log2(torch.tensor(step)).item())  # a power of two
-        assert step / 2 < rows.abs().max() / high <= step  # the finest that holds every row
-        assert (parts[4, 0] / step).item() == low  # the ends row spans the grid exactly
-        grid = parts / step
-        assert torch.equal(grid, grid.round()) and grid.min() >= low and grid.max() <= high
-        rebuilt = parts[:2] + parts[2:4] / gain
-        assert (rebuilt - rows).abs().max() <= step / gain  # ~2 x 8 bits of precision
-    zeros, gain = activation_parts(torch.zeros(1, 64), *grid_ends(64, False))
+        parts, steps, gain = activation_parts(streams.clone(), ends, top)
+        assert top == high and gain == 2 * high and parts.shape == (13, 64)
+        assert steps.shape == (3, 1, 1)
+        for s, step in zip(streams, steps.flatten().tolist()):
+            assert step == 2.0 ** round(torch.log2(torch.tensor(step)).item())  # a power of 2
+            assert step / 2 < s.abs().max() / high <= step  # the finest that holds the stream
+        assert parts[12, 0].item() == low and parts[12, 1].item() == high  # the grid's ends
+        assert torch.equal(parts, parts.round()) and parts.min() >= low and parts.max() <= high
+        q, err = parts[:12].view(3, 4, 64).split(2, dim=1)
+        rebuilt = (q + err / gain) * steps
+        assert ((rebuilt - streams).abs() <= steps / gain).all()  # ~2 x 8 bits, per stream
+    zeros, steps, _ = activation_parts(torch.zeros(1, 1, 64), *grid_ends(64, False))
     assert torch.equal(zeros[:2], torch.zeros(2, 64))  # silence stays exact
 
 

@@ -236,12 +236,11 @@ class StreamEngine:
 
     def _positions_seen(self, pos: torch.Tensor) -> int | None:
         """On a CPU, eagerly: the cache positions the running rows' next step attends to (up to
-        the furthest one's), so that the backbone's attention reads that much of the window
-        instead of all of it (parked and free rows, at the scratch position, get garbage, as
-        always; a running row may be there too, at the window's last position). Reading it is
-        no sync there. None (the whole window) on a GPU, in a captured
-        graph or compiled: their shapes are fixed."""
-        if self.device.type != "cpu" or self._backbone is not None:
+        the furthest one's), so the backbone's attention reads no more of the window (parked
+        and free rows, at the scratch position, get garbage as always; a running row may be
+        there too, at the window's end). No sync there. None (the whole window) on a GPU, in a
+        captured graph, compiled or traced: their shapes are fixed."""
+        if self.device.type != "cpu" or self._backbone or torch.compiler.is_compiling():
             return None
         rows = [i for i, s in enumerate(self.slots[:len(pos)]) if s and s.state == "running"]
         return int(pos[rows].max()) + 1 if rows else None

@@ -90,10 +90,11 @@ class Int8Linear(nn.Module):
     def fbgemm_mm(self, x):
         """FBGEMM's int8 x int8 product (x86) with the same int8 weights -> [..., parts*N].
         FBGEMM rounds the activations to 8 bits (7 without VNNI); alone that costs ~1-2% of
-        the output's size, so each stream's rows go in as two parts on one grid, the rounded
-        rows and their rounding error magnified (`activation_parts`): one call, ~16 bits of
-        activation precision; what is left is the weights' rounding. Per stream (each leading
-        index): a stream's rows never share a scale with another's, so batched equals solo."""
+        the output's size, so each stream's rows go in as two parts, the rounded rows and their
+        rounding error magnified (`activation_parts`): ~16 bits of activation precision; what
+        is left is the weights' rounding. Each stream (leading index) is scaled by its own power
+        of two onto one integer grid, so all streams go in one call (one weight read), and a
+        stream's numbers never depend on another's: batched equals solo, bit for bit."""
         if getattr(self, "_fbgemm", None) is None:
             import warnings
 
@@ -108,15 +109,11 @@ class Int8Linear(nn.Module):
             self._ends, self._high = grid_ends(self.in_features, narrow)
         k = self.in_features
         streams = x.float().reshape(x.shape[0], -1, k) if x.dim() > 2 else x.float()[:, None]
-        ys = [self._fbgemm_rows(r, narrow) for r in streams]  # one stream's rows [P, K] each
-        y = ys[0][None] if len(ys) == 1 else torch.stack(ys)
+        s, p = streams.shape[:2]
+        parts, steps, gain = activation_parts(streams, self._ends, self._high)
+        y = torch.ops.quantized.linear_dynamic(parts, self._fbgemm, narrow)[:-1].view(s, 2 * p, -1)
+        y = y[:, :p].add_(y[:, p:], alpha=1 / gain).mul_(steps)  # [S, P, parts*N]
         return y.to(x.dtype).view(*x.shape[:-1], -1)
-
-    def _fbgemm_rows(self, rows: torch.Tensor, narrow: bool) -> torch.Tensor:
-        parts, gain = activation_parts(rows, self._ends, self._high)
-        y = torch.ops.quantized.linear_dynamic(parts, self._fbgemm, narrow)
-        p = rows.shape[0]
-        return y[:p].add_(y[p:2 * p], alpha=1 / gain)
 
     def packed_mm(self, x):
         """torch's int8 weight kernel (CPU, MPS) -> [..., parts*N]."""
@@ -217,28 +214,30 @@ TWO_PART_INT8 = ("backbone.*",)
 
 
 def grid_ends(in_features: int, narrow: bool) -> tuple[torch.Tensor, int]:
-    """The row [1, K] holding the two ends of the activation grid (in steps), and its top:
-    8 bits, or 7 on CPUs without VNNI (FBGEMM's int16 sums must not saturate)."""
+    """The row [1, K] holding the two ends of the activation grid, and its top: 8 bits, or 7
+    on CPUs without VNNI (FBGEMM's int16 sums must not saturate)."""
     levels = 128 if narrow else 256
     ends = torch.zeros(1, in_features)
     ends[0, 0], ends[0, 1] = -(levels // 2), levels // 2 - 1
     return ends, levels // 2 - 1
 
 
-def activation_parts(rows: torch.Tensor, ends: torch.Tensor, high: int
-                     ) -> tuple[torch.Tensor, int]:
-    """Rows [P, K] -> ([2P + 1, K], G): the rows rounded to a grid, their rounding error
-    magnified G times and rounded to the same grid, and the grid's two ends (`grid_ends`).
-    FBGEMM's dynamic quantization picks its scale from the input's range: the ends make it
-    exactly the grid's step (a power of two, so no rounding), and every value is on the grid,
-    so nothing is rounded again. rows ~= part 1 + part 2 / G, to ~1 / G^2 of their range."""
+def activation_parts(streams: torch.Tensor, ends: torch.Tensor, high: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Streams' rows [S, P, K] -> ([2SP + 1, K], steps [S, 1, 1], G). Each stream is divided by
+    its step, the power of two that brings its largest value within the grid's top (exact);
+    then come, stream by stream, its rows rounded to integers and their rounding error
+    magnified G times and rounded, and last the grid's two ends (`grid_ends`). Every value is
+    an integer within the ends: FBGEMM's dynamic quantization, which picks its scale from the
+    input's range, then scales by exactly 1 and rounds nothing. A stream's rows ~= (part 1 +
+    part 2 / G) * its step, to ~1 / G^2 of its range."""
     gain = 2 * high  # the error is within half a step: times 2 * high, within the grid
-    _, exponent = torch.frexp(rows.abs().amax() / high)
-    step = torch.exp2(exponent)  # >= the largest |row| / high: a power of two
-    scaled = rows / step  # exact; |scaled| <= high
+    _, exponent = torch.frexp(streams.abs().amax(dim=(1, 2), keepdim=True) / high)
+    steps = torch.exp2(exponent)  # >= a stream's largest |value| / high: a power of two
+    scaled = streams / steps  # exact; |scaled| <= high
     q = scaled.round()
-    err = (scaled - q).mul_(gain).round_()
-    return torch.cat([q, err, ends]).mul_(step), gain
+    err = scaled.sub_(q).mul_(gain).round_()
+    return torch.cat([torch.cat([q, err], 1).flatten(0, 1), ends]), steps, gain
 
 
 def cpu_has_vnni() -> bool:
