@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import time
 
 import torch
 
@@ -117,13 +116,13 @@ def timed_in_turns(models: dict, tok, device: torch.device, frames: int, bandwid
     """Each model's frame step (one stream, our engine) beside the floor of its own weight
     bytes. The models take turns frame by frame, so a slow moment of the machine falls on all
     of them alike: their ratios are read from the same minutes."""
-    from common import running_engine, spread, sync, weight_bytes_per_frame
+    from common import running_engine, spread, time_calls, weight_bytes_per_frame
     from csm_streaming.engine.generator import Generator
     from csm_streaming.model.checkpoints import load_mimi
 
     steps, times = {}, {}
-    floors = {mode: weight_bytes_per_frame(model) / bandwidth * 1e3  # plain layers (before an
-              for mode, model in models.items()}  # engine swaps in the CPU's packed ones)
+    # bytes of the plain layers, before an engine swaps in the CPU's packed ones
+    frame_bytes = {mode: weight_bytes_per_frame(model) for mode, model in models.items()}
     for mode, model in models.items():
         engine = running_engine(Generator(model, tok, load_mimi("random", device)), 1)
         steps[mode] = (engine, engine.step_fn(1))
@@ -131,16 +130,12 @@ def timed_in_turns(models: dict, tok, device: torch.device, frames: int, bandwid
         times[mode] = []
     for _ in range(frames):
         for mode, (_, step) in steps.items():
-            sync(device)
-            t = time.perf_counter()
-            step()
-            sync(device)
-            times[mode].append((time.perf_counter() - t) * 1e3)
+            times[mode] += [t * 1e3 for t in time_calls(step, device, 1, warmup=0)]
     rows = {}
     for mode, (engine, _) in steps.items():
-        floor = floors[mode]
+        floor = frame_bytes[mode] / bandwidth * 1e3
         best = min(times[mode])
-        rows[mode] = {"dtype": mode, "weight_gb_per_frame": floor * bandwidth / 1e12,
+        rows[mode] = {"dtype": mode, "weight_gb_per_frame": frame_bytes[mode] / 1e9,
                       "floor_ms": floor, "cpu_kernel": engine.cpu_kernel, "ours_ms": best,
                       "ours_median_ms": spread(times[mode])["median"],
                       "ours_spread_ms": spread(times[mode]), "ours_over_floor": best / floor,

@@ -159,10 +159,8 @@ class CSM(nn.Module):
         backbone: a compiled wrapper of self.backbone (the fast path), or None for eager.
         seen: the cache positions the rows that matter attend to (Transformer.forward).
         """
-        if backbone is not None:
-            return backbone(self.embed_frame(codes), pos[:, None], caches.backbone)[:, -1]
-        return self.backbone(self.embed_frame(codes), pos[:, None], caches.backbone,
-                             seen=seen)[:, -1]
+        backbone = self.backbone if backbone is None else backbone
+        return backbone(self.embed_frame(codes), pos[:, None], caches.backbone, seen=seen)[:, -1]
 
     def sample_frame(self, h: torch.Tensor, s: SamplingState, caches: ModelCaches,
                      slot: int | None = None, decoder=None) -> torch.Tensor:
