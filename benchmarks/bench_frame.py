@@ -5,7 +5,8 @@
 For each dtype: (a) the floor, weight bytes read per frame over the memory bandwidth measured in
 the same run; (b) our engine's frame step (static caches, no host sync); (c) the plain per-frame
 loop of the reference Generator, which has the original release's structure (tokens grown with
-torch.cat, one backbone call over the new positions, 31 depth-decoder calls); (d) with
+torch.cat, one backbone call over the new positions, 31 depth-decoder calls), (b) and (c)
+taking turns so that their ratio comes from the same minutes; (d) with
 --compile, our step compiled (on a CPU: inductor's own matrix kernels over frozen weights),
 beside the eager one. Prints a table and saves benchmarks/results/frame_<device>.json.
 """

@@ -6,7 +6,9 @@
 Sweeps chunk size, frame batch size (frames per Mimi call), compile on/off (--compile), the
 number of streams advanced together per step, and one stream alone in an engine of the widest
 batch (what idle slots cost it), beside Generator.generate's plain loop measured in
-the same run. Random weights never say "end", so every stream runs exactly --frames frames.
+the same run; and the frame step alone per stream count, the counts taking turns step by step
+(--steps-only: just those). Random weights never say "end", so every stream runs exactly
+--frames frames.
 Prints a table, saves benchmarks/results/streaming_<device>.json and a PNG plot beside it.
 """
 
