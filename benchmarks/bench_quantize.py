@@ -116,21 +116,18 @@ def timed_in_turns(models: dict, tok, device: torch.device, frames: int, bandwid
     """Each model's frame step (one stream, our engine) beside the floor of its own weight
     bytes. The models take turns frame by frame, so a slow moment of the machine falls on all
     of them alike: their ratios are read from the same minutes."""
-    from common import running_engine, spread, time_calls, weight_bytes_per_frame
+    from common import running_engine, spread, time_in_turns, weight_bytes_per_frame
     from csm_streaming.engine.generator import Generator
     from csm_streaming.model.checkpoints import load_mimi
 
-    steps, times = {}, {}
+    steps = {}
     # bytes of the plain layers, before an engine swaps in the CPU's packed ones
     frame_bytes = {mode: weight_bytes_per_frame(model) for mode, model in models.items()}
     for mode, model in models.items():
         engine = running_engine(Generator(model, tok, load_mimi("random", device)), 1)
         steps[mode] = (engine, engine.step_fn(1))
         steps[mode][1]()  # warm-up
-        times[mode] = []
-    for _ in range(frames):
-        for mode, (_, step) in steps.items():
-            times[mode] += [t * 1e3 for t in time_calls(step, device, 1, warmup=0)]
+    times = time_in_turns({mode: step for mode, (_, step) in steps.items()}, device, frames)
     rows = {}
     for mode, (engine, _) in steps.items():
         floor = frame_bytes[mode] / bandwidth * 1e3

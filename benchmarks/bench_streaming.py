@@ -30,7 +30,7 @@ from common import (
     spread,
     summarise,
     sync,
-    time_calls,
+    time_in_turns,
     weight_bytes_per_frame,
 )
 from csm_streaming.options import HelpFormatter
@@ -186,10 +186,8 @@ def step_rows(gen, args, device) -> list[dict]:
         sg.engine.prepare_all()
         steps[n] = (sg, sg.engine.step_fn(n))
         steps[n][1]()  # warm-up
-    times = {n: [] for n in counts}
-    for _ in range(max(3, args.repeats)):
-        for n, (_, step) in steps.items():
-            times[n] += [t * 1e3 for t in time_calls(step, device, 1, warmup=0)]
+    times = time_in_turns({n: step for n, (_, step) in steps.items()}, device,
+                          max(3, args.repeats))
     rows = []
     for n in counts:
         best, median = min(times[n]), spread(times[n])["median"]

@@ -120,6 +120,17 @@ def time_calls(fn, device, n: int, warmup: int = 1) -> list[float]:
     return times
 
 
+def time_in_turns(fns: dict, device, rounds: int) -> dict:
+    """Milliseconds of every call of each `fns[key]()`, the functions taking turns one call
+    each for `rounds` rounds (no warm-up): a slow moment of the machine falls on all of them
+    alike, so ratios between them come from the same minutes."""
+    times = {key: [] for key in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            times[key] += [t * 1e3 for t in time_calls(fn, device, 1, warmup=0)]
+    return times
+
+
 def spread(values) -> dict:
     """min, median, max and the number of runs of a measured figure."""
     v = sorted(values)
