@@ -116,7 +116,7 @@ def timed_in_turns(models: dict, tok, device: torch.device, frames: int, bandwid
     """Each model's frame step (one stream, our engine) beside the floor of its own weight
     bytes. The models take turns frame by frame, so a slow moment of the machine falls on all
     of them alike: their ratios are read from the same minutes."""
-    from common import running_engine, spread, time_in_turns, weight_bytes_per_frame
+    from common import ms_in_turns, running_engine, spread, weight_bytes_per_frame
     from csm_streaming.engine.generator import Generator
     from csm_streaming.model.checkpoints import load_mimi
 
@@ -127,7 +127,7 @@ def timed_in_turns(models: dict, tok, device: torch.device, frames: int, bandwid
         engine = running_engine(Generator(model, tok, load_mimi("random", device)), 1)
         steps[mode] = (engine, engine.step_fn(1))
         steps[mode][1]()  # warm-up
-    times = time_in_turns({mode: step for mode, (_, step) in steps.items()}, device, frames)
+    times = ms_in_turns({mode: step for mode, (_, step) in steps.items()}, device, frames)
     rows = {}
     for mode, (engine, _) in steps.items():
         floor = frame_bytes[mode] / bandwidth * 1e3

@@ -24,13 +24,13 @@ from common import (
     add_model_argument,
     device_name,
     memory_bandwidth,
+    ms_in_turns,
     plural,
     print_table,
     save_json,
     spread,
     summarise,
     sync,
-    time_in_turns,
     weight_bytes_per_frame,
 )
 from csm_streaming.options import HelpFormatter
@@ -186,7 +186,7 @@ def step_rows(gen, args, device) -> list[dict]:
         sg.engine.prepare_all()
         steps[n] = (sg, sg.engine.step_fn(n))
         steps[n][1]()  # warm-up
-    times = time_in_turns({n: step for n, (_, step) in steps.items()}, device,
+    times = ms_in_turns({n: step for n, (_, step) in steps.items()}, device,
                           max(3, args.repeats))
     rows = []
     for n in counts:

@@ -120,10 +120,11 @@ def time_calls(fn, device, n: int, warmup: int = 1) -> list[float]:
     return times
 
 
-def time_in_turns(fns: dict, device, rounds: int) -> dict:
+def ms_in_turns(fns: dict, device, rounds: int) -> dict:
     """Milliseconds of every call of each `fns[key]()`, the functions taking turns one call
     each for `rounds` rounds (no warm-up): a slow moment of the machine falls on all of them
-    alike, so ratios between them come from the same minutes."""
+    alike, so ratios between them come from the same minutes. (The engine's own choices use
+    cpu_kernels.time_in_turns: best seconds only, with a warm-up round.)"""
     times = {key: [] for key in fns}
     for _ in range(rounds):
         for key, fn in fns.items():
