@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_quantize.py [--device auto] [--modes fp32,bf16,int8,int4]
         [--quality-frames 50] [--frames 5]
+    .venv/bin/python benchmarks/bench_quantize.py --modes fp32,int8,int8+compile --frames 9
 
 One fp32 model with random weights; every variant is made from it, so all share the same
 weights. For each: (a) the frame step of our engine beside the floor of its own weight bytes
@@ -34,13 +35,16 @@ from common import (
 from csm_streaming.options import HelpFormatter
 
 TEXT = "Benchmark sentence for the quality of quantized weights."
+COMPILED = "+compile"  # a mode's suffix: its engine compiled (CUDA; int8 with oneDNN on a CPU)
 
 
 def variant(master, mode: str, device: torch.device):
     """The fp32 master as `mode`: fp32 / bf16 copies, or int8 / int4 weights (quantize.py) with
-    the device's usual activations (fp32 on a CPU, bf16 on a GPU)."""
+    the device's usual activations (fp32 on a CPU, bf16 on a GPU). A "+compile" suffix is the
+    same variant (its engine is compiled when timed)."""
     from csm_streaming.model.quantize import quantize_model
 
+    mode = mode.removesuffix(COMPILED)
     if mode in ("fp32", "bf16"):
         dtype = torch.float32 if mode == "fp32" else torch.bfloat16
         return copy.deepcopy(master).to(device=device, dtype=dtype)
@@ -100,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--modes", default="fp32,bf16,int8,int4",
-                   help="variants (int4 runs on the CPU only)")
+                   help="variants (int4 runs on the CPU only); with +compile (int8+compile) "
+                        "the variant's engine is compiled, its quality the eager one's "
+                        "(the compiled products are the same, tests/test_quantize.py)")
     p.add_argument("--frames", type=int, default=5,
                    help="frame steps timed per variant, the variants taking turns (best and "
                         "median kept)")
@@ -124,7 +130,8 @@ def timed_in_turns(models: dict, tok, device: torch.device, frames: int, bandwid
     # bytes of the plain layers, before an engine swaps in the CPU's packed ones
     frame_bytes = {mode: weight_bytes_per_frame(model) for mode, model in models.items()}
     for mode, model in models.items():
-        engine = running_engine(Generator(model, tok, load_mimi("random", device)), 1)
+        engine = running_engine(Generator(model, tok, load_mimi("random", device)), 1,
+                                compile_=mode.endswith(COMPILED))
         steps[mode] = (engine, engine.step_fn(1))
         steps[mode][1]()  # warm-up
     times = ms_in_turns({mode: step for mode, (_, step) in steps.items()}, device, frames)
@@ -132,7 +139,8 @@ def timed_in_turns(models: dict, tok, device: torch.device, frames: int, bandwid
     for mode, (engine, _) in steps.items():
         floor = frame_bytes[mode] / bandwidth * 1e3
         best = min(times[mode])
-        rows[mode] = {"dtype": mode, "weight_gb_per_frame": frame_bytes[mode] / 1e9,
+        rows[mode] = {"dtype": mode, "compiled": engine._decoder is not None,
+                      "weight_gb_per_frame": frame_bytes[mode] / 1e9,
                       "floor_ms": floor, "cpu_kernel": engine.cpu_kernel, "ours_ms": best,
                       "ours_median_ms": spread(times[mode])["median"],
                       "ours_spread_ms": spread(times[mode]), "ours_over_floor": best / floor,
@@ -148,7 +156,8 @@ def main(argv=None):
     from csm_streaming.model.quantize import Int8Linear, check_mode
 
     device = pick_device(args.device)
-    modes = [m for m in args.modes.split(",") if m in ("fp32", "bf16") or not check_mode(m, device)]
+    modes = [m for m in args.modes.split(",")
+             if m in ("fp32", "bf16") or not check_mode(m.removesuffix(COMPILED), device)]
     torch.set_grad_enabled(False)
     probe = memory_bandwidth(device)
     bw = probe["best"]
@@ -162,8 +171,11 @@ def main(argv=None):
     for mode in sorted(modes, key=lambda m: m == "fp32" and device.type == "cpu"):
         last = mode == "fp32" and device.type == "cpu"
         models[mode] = master if last else variant(master, mode, device)
-        quality[mode] = compare(ref_logits, frame_logits(models[mode], tok, args.quality_frames,
-                                                         codes)[0])
+        if mode.removesuffix(COMPILED) in quality:  # the same weights, the same products
+            quality[mode] = quality[mode.removesuffix(COMPILED)]
+        else:
+            quality[mode] = compare(ref_logits, frame_logits(models[mode], tok,
+                                                             args.quality_frames, codes)[0])
         print(f"{mode}: KL {quality[mode]['kl_mean']:.2e}, top-1 {quality[mode]['top1_mean']:.3f}",
               flush=True)
     del master
@@ -180,8 +192,8 @@ def main(argv=None):
     for r in rows:
         r["speed_vs_" + base["dtype"]] = base["ours_ms"] / r["ours_ms"]
         r["median_speed_vs_" + base["dtype"]] = base["ours_median_ms"] / r["ours_median_ms"]
-    print_table(rows, ["dtype", "weight_gb_per_frame", "floor_ms", "ours_ms", "ours_median_ms",
-                       "ours_over_floor", "speed_vs_" + base["dtype"],
+    print_table(rows, ["dtype", "compiled", "weight_gb_per_frame", "floor_ms", "ours_ms",
+                       "ours_median_ms", "ours_over_floor", "speed_vs_" + base["dtype"],
                        "median_speed_vs_" + base["dtype"], "kl_mean", "kl_max_codebook",
                        "top1_mean", "top1_min_codebook"])
     save_json("quantize", device, {"model": args.model, "bandwidth_gb_s": bw / 1e9,

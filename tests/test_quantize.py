@@ -7,6 +7,7 @@ import torch
 from conftest import make_tiny_generator, on_gpu
 from csm_streaming.engine.config import StreamingConfig
 from csm_streaming.engine.streaming import StreamingGenerator
+from csm_streaming.model import quantize as quantize_module
 from csm_streaming.model.quantize import (
     Int4Linear,
     Int8Linear,
@@ -73,13 +74,21 @@ def test_activation_parts_are_integers_each_stream_on_its_own_power_of_two_step(
     assert torch.equal(zeros[:2], torch.zeros(2, 64))  # silence stays exact
 
 
-@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines,
-                    reason="FBGEMM is x86 only")
+def int8_kernel(name: str):
+    """The pytest param of an int8 x int8 CPU kernel, skipped where this torch lacks it."""
+    from csm_streaming.model.quantize import fbgemm_available, onednn_int8_available
+
+    there = fbgemm_available() if name == "fbgemm" else onednn_int8_available()
+    return pytest.param(name, marks=pytest.mark.skipif(not there, reason=f"no {name} here"),
+                        id=name)
+
+
+@pytest.mark.parametrize("kernel", [int8_kernel("fbgemm"), int8_kernel("onednn")])
 @pytest.mark.parametrize("parts", [1, 2])
-def test_fbgemm_multiplies_by_the_same_weights_and_keeps_streams_apart(parts):
+def test_int8_products_multiply_by_the_same_weights_and_keep_streams_apart(parts, kernel):
     torch.manual_seed(3)
     layer = Int8Linear(torch.randn(96, 256) * 0.02, parts=parts)
-    layer.cpu_kernel = "fbgemm"
+    layer.use_cpu_kernel(kernel)
     x = torch.randn(3, 2, 256)  # 3 streams of 2 positions, as the depth decoder's first step
     x[1] *= 50  # a loud neighbour must not coarsen the others' activation steps
     y = layer(x)
@@ -90,6 +99,22 @@ def test_fbgemm_multiplies_by_the_same_weights_and_keeps_streams_apart(parts):
         assert torch.equal(y[b:b + 1], layer(x[b:b + 1]))  # alone, the same bits
     rows = torch.randn(4, 256)  # [streams, features]: each row is a stream
     assert torch.equal(layer(rows)[2], layer(rows[2:3])[0])
+
+
+@pytest.mark.skipif(not (quantize_module.fbgemm_available()
+                         and quantize_module.onednn_int8_available()),
+                    reason="needs both FBGEMM and oneDNN")
+def test_both_int8_kernels_sum_the_same_integers():
+    """FBGEMM and oneDNN take the same integer activations (one by its range, one by the zero
+    point given) and sum in int32: the same numbers, up to float rounding after the sums."""
+    torch.manual_seed(6)
+    layer = Int8Linear(torch.randn(64, 512) * 0.02, parts=2)
+    x = torch.randn(2, 3, 512)
+    out = {}
+    for kernel in ("fbgemm", "onednn"):
+        layer.use_cpu_kernel(kernel)
+        out[kernel] = layer(x)
+    torch.testing.assert_close(out["fbgemm"], out["onednn"], atol=1e-6, rtol=1e-6)
 
 
 def test_int4_weights_are_within_half_a_step_of_their_group():
@@ -108,33 +133,43 @@ def test_int4_weights_are_within_half_a_step_of_their_group():
     torch.testing.assert_close(y, x @ layer.dequantized().T, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", int8_kernel("onednn")])
 def test_compiled_quantized_layer_equals_eager(mode):
+    """A layer compiled as the engine compiles (on a CPU: frozen weights, which oneDNN's int8
+    product needs, its packed weight a constant of the graph) computes what it does eagerly
+    (int4 to bf16's precision: inside the layer the activations are bf16, and compiled,
+    inductor may choose its own int4 kernel, which sums in another order)."""
+    from csm_streaming.engine.graphs import compile_module
+
     torch.manual_seed(2)
-    layer = (Int8Linear if mode == "int8" else Int4Linear)(torch.randn(64, 128) * 0.02)
+    layer = (Int4Linear if mode == "int4" else Int8Linear)(torch.randn(64, 128) * 0.02)
+    if mode == "onednn":
+        layer.use_cpu_kernel("onednn")
     x = torch.randn(4, 128)
-    torch.testing.assert_close(torch.compile(layer, dynamic=False)(x), layer(x), atol=1e-5,
-                               rtol=1e-5)
+    tol = 1e-2 if mode == "int4" else 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(compile_module(layer, torch.device("cpu"))(x), layer(x),
+                                   atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("mode, kernel, device", [
-    ("int8", "int8pack", "cpu"), ("int8", "fbgemm", "cpu"), ("int4", None, "cpu"),
+    ("int8", "int8pack", "cpu"), ("int8", int8_kernel("fbgemm"), "cpu"),
+    ("int8", int8_kernel("onednn"), "cpu"), ("int4", None, "cpu"),
     pytest.param("int8", None, "cuda", marks=on_gpu("cuda")),  # the cast-in-the-product form
     pytest.param("int8", None, "mps", marks=on_gpu("mps"))])
 def test_a_quantized_model_streams_what_it_generates(mimi, mode, kernel, device, monkeypatch):
     from csm_streaming.model import quantize
 
-    if kernel == "fbgemm" and not quantize.fbgemm_available():
-        pytest.skip("FBGEMM is x86 only")
     if kernel is not None:  # whichever the timing would pick, this one
         monkeypatch.setattr(quantize, "choose_cpu_kernel", lambda model: kernel)
     gen = make_tiny_generator(mimi, device)
     model = gen.model
     full = weight_bytes(model)
     assert quantize_model(model, mode) > 0
-    for name, m in model.named_modules():  # the chosen kernel; backbone, audio heads: 2 parts
-        if isinstance(m, Int8Linear):
-            assert m.parts == (2 if name.startswith(("backbone.", "audio_heads_int8.")) else 1)
+    for name, m in model.named_modules():  # the chosen kernel; 2 parts: the backbone's first 8
+        if isinstance(m, Int8Linear):  # layers (both of random:tiny's) and the audio heads
+            assert m.parts == (2 if name.startswith(("backbone.layers.", "audio_heads_int8."))
+                               else 1)
             assert kernel is None or m.cpu_kernel == kernel
     if mode == "int8":  # the 31 audio heads too, the fp32 tensor dropped
         assert len(model.audio_heads_int8) == 31 and model.audio_head.numel() == 0
@@ -155,18 +190,44 @@ def test_a_quantized_model_streams_what_it_generates(mimi, mode, kernel, device,
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
-def test_int8_on_a_cpu_is_not_compiled_and_says_why(mimi, caplog):
-    """--compile with int8 weights on a CPU runs eager (compiled it measured slower: FBGEMM's
-    products stay outside the graphs), with a warning; the CPU's kernel choice still runs."""
+def test_int8_with_fbgemm_is_not_compiled_and_says_why(mimi, caplog, monkeypatch):
+    """--compile with FBGEMM's int8 products on a CPU runs eager (its packed weights break the
+    graphs: compiled it measured slower), with a warning; the CPU's kernel choice still runs."""
     import logging
 
+    from csm_streaming.model import quantize
+
+    if not quantize.fbgemm_available():
+        pytest.skip("FBGEMM is x86 only")
+    monkeypatch.setattr(quantize, "choose_cpu_kernel", lambda model: "fbgemm")
     gen = make_tiny_generator(mimi)
     quantize_model(gen.model, "int8")
     with caplog.at_level(logging.WARNING, logger="csm"):
         sg = StreamingGenerator(gen, StreamingConfig(enable_compilation=True))
     assert sg.engine._backbone is None and sg.engine._decoder is None
     assert sg.engine.cpu_kernel in ("plain", "onednn", "mkl")
-    assert any("not used for int8 weights on a CPU" in r.getMessage() for r in caplog.records)
+    assert any("not used for int8 weights on this CPU: its int8 kernel (fbgemm)" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.skipif(not quantize_module.onednn_int8_available(), reason="no oneDNN int8 here")
+def test_int8_with_onednn_compiles_and_streams_what_eager_does(mimi, monkeypatch):
+    """oneDNN's int8 product is an operator inductor's graphs call: with it --compile takes
+    the backbone and the depth decoder (their packed weights constants of the graphs), and the
+    stream is the eager stream's."""
+    import torch._dynamo
+
+    monkeypatch.setattr(quantize_module, "choose_cpu_kernel", lambda model: "onednn")
+    gen = make_tiny_generator(mimi)
+    quantize_model(gen.model, "int8")
+    torch._dynamo.reset()
+    compiled = StreamingGenerator(gen, StreamingConfig(enable_compilation=True))
+    assert compiled.engine._backbone is not None and compiled.engine._decoder is not None
+    eager = StreamingGenerator(gen, StreamingConfig(enable_compilation=False))
+    got, ref = (torch.cat(list(g.generate_streaming("Compiled int8.", 0, max_audio_length_ms=480,
+                                                    topk=1, seed=4))) for g in (compiled, eager))
+    assert got.shape == ref.shape == (6 * 1920,)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
 
 
 def test_modes_that_cannot_run_are_refused_with_what_can():
@@ -178,6 +239,27 @@ def test_modes_that_cannot_run_are_refused_with_what_can():
         check_mode("int4", "cuda")
     with pytest.raises(ValueError, match="one of int8, int4"):
         check_mode("int3", "cpu")
+
+
+def test_int8_keeps_two_parts_for_the_backbones_first_eight_layers_only(monkeypatch):
+    """Two-part weights cost twice the bytes: they go where one part's rounding costs the most
+    (the backbone's first layers, whose error every later layer inherits; bench_quantize.py),
+    and the audio heads; the later backbone layers and the depth decoder keep one part."""
+    import dataclasses
+
+    from csm_streaming.model.csm import CSM, FLAVORS
+
+    tiny = FLAVORS["tiny"]
+    model = CSM(dataclasses.replace(tiny, backbone=dataclasses.replace(tiny.backbone,
+                                                                       num_layers=10)))
+    monkeypatch.setattr(quantize_module, "choose_cpu_kernel", lambda model: "int8pack")
+    quantize_model(model, "int8")
+    for i, layer in enumerate(model.backbone.layers):
+        for m in (layer.attn.qkv_proj, layer.attn.output_proj, layer.mlp.w13, layer.mlp.w2):
+            assert m.parts == (2 if i < 8 else 1), (i, m)
+    assert {m.parts for m in model.decoder.modules() if isinstance(m, Int8Linear)} == {1}
+    assert model.projection.parts == 1 and model.codebook0_head.parts == 1
+    assert {m.parts for m in model.audio_heads_int8} == {2}
 
 
 def test_the_loader_takes_quantize_or_a_dtype_name():

@@ -381,7 +381,7 @@ def pick_dtype(device: torch.device, quantize: str | None = None
     if device.type != "cpu":
         return default_dtype(device), quantize
     from csm_streaming.model.cpu_kernels import time_in_turns
-    from csm_streaming.model.quantize import Int8Linear, fbgemm_available
+    from csm_streaming.model.quantize import Int8Linear, default_cpu_kernel
 
     w32, x = torch.randn(8192, 2048) * 0.02, torch.randn(1, 1, 2048)
     pairs = {name: (w32.to(dtype), x.to(dtype)) for name, dtype in DTYPE_NAMES.items()}
@@ -389,7 +389,7 @@ def pick_dtype(device: torch.device, quantize: str | None = None
                   for name, (w, xi) in pairs.items()}
     if quantize == "int8":
         int8 = Int8Linear(w32)
-        int8.cpu_kernel = "fbgemm" if fbgemm_available() else "int8pack"
+        int8.use_cpu_kernel(default_cpu_kernel())
         candidates["int8"] = lambda: int8(x)
     times = {name: s * 1000 for name, s in time_in_turns(candidates).items()}
     best = min(times, key=times.get)

@@ -73,10 +73,15 @@ def shared_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def compiles_well(model: torch.nn.Module, device: torch.device) -> bool:
-    """False for int8 weights on a CPU: compiled, the full-size int8 step took 424 ms against
-    324-347 eager (FBGEMM's packed products are opaque to inductor; the graph breaks around
-    them cost more than the small ops it fuses)."""
-    return device.type != "cpu" or not any(isinstance(x, Int8Linear) for x in model.modules())
+    """False for int8 weights on a CPU multiplied by FBGEMM or torch's weight-only kernel:
+    FBGEMM's packed weights are objects a graph cannot hold, so its products break the graph,
+    and compiled that way the int8 step took 424 ms against 324-347 eager. oneDNN's int8 product
+    (`Int8Linear.onednn_mm`) is an operator inductor's graphs call: with it the whole backbone
+    and depth decoder compile, the activations' split fused with the small ops around it."""
+    if device.type != "cpu":
+        return True
+    kernels = {m.cpu_kernel for m in model.modules() if isinstance(m, Int8Linear)}
+    return kernels <= {"onednn"}
 
 
 def compile_module(module: torch.nn.Module, device: torch.device):
@@ -96,7 +101,7 @@ def compile_module(module: torch.nn.Module, device: torch.device):
 
 def compile_frame_parts(model: torch.nn.Module, device: torch.device, buckets: int):
     """The backbone and the depth decoder compiled, or (None, None) where that does not pay
-    (int8 weights on a CPU, said in a warning).
+    (int8 weights on a CPU without oneDNN's int8 product, said in a warning).
 
     Compiled per module, not the whole step: a frame is the backbone step and 31 calls of one
     small depth-decoder graph, where the whole step traced as one graph unrolls the loop (~8400
@@ -106,11 +111,15 @@ def compile_frame_parts(model: torch.nn.Module, device: torch.device, buckets: i
     graphs dynamo caps at 8 by default: past that, larger buckets would silently run eagerly.
     """
     if not compiles_well(model, device):
-        log.warning("--compile is not used for int8 weights on a CPU: FBGEMM's products stay "
-                    "outside inductor's graphs, and compiled the int8 step measured 1.3x slower "
-                    "than eager; running eager int8")
+        kernel = next(m.cpu_kernel for m in model.modules() if isinstance(m, Int8Linear))
+        log.warning("--compile is not used for int8 weights on this CPU: its int8 kernel (%s) "
+                    "stays outside inductor's graphs, and compiled that way the int8 step "
+                    "measured 1.3x slower than eager; running eager int8", kernel)
         return None, None
     restore_linears(model)  # inductor traces plain layers
+    for m in model.modules():  # int8 (oneDNN): the graphs hold the packed weights as constants
+        if isinstance(m, Int8Linear):
+            m.use_cpu_kernel(m.cpu_kernel)
     import torch._dynamo
 
     limit = torch._dynamo.config

@@ -1,17 +1,21 @@
 """Weight-only quantization: int8 or int4 weights, the activations stay in their dtype.
 
 A frame reads the backbone once and the depth decoder 31 times: ~9.1 GB in bf16, ~18.2 GB in
-fp32. int8 weights read 5.7 GB (0.63x of bf16: the backbone's are kept in two parts, see
-TWO_PART_INT8), int4 2.7 GB. The matrix products use torch's own kernels where they exist:
+fp32. int8 weights read 5.1 GB (0.56x of bf16: the backbone's first 8 layers are kept in two
+parts, see TWO_PART_INT8), int4 2.7 GB. The matrix products use torch's own kernels where they
+exist:
 
-- int8, per output channel, symmetric. On a CPU the faster of two kernels, timed when the
-  model is quantized: FBGEMM's int8 x int8 product (`quantized.linear_dynamic`, x86: each stream's
-  activations go in as two 8-bit parts, ~16 bits together, `activation_parts`) or
+- int8, per output channel, symmetric. On a CPU the fastest of three kernels, timed when the
+  model is quantized (`choose_cpu_kernel`): oneDNN's int8 x int8 product
+  (`onednn::qlinear_pointwise`, kept unless another is clearly faster: it is an operator
+  inductor's graphs call, so `--compile` takes the whole int8 step), FBGEMM's
+  (`quantized.linear_dynamic`; its packed weights break a compiled graph), both with each
+  stream's activations in two 8-bit parts, ~16 bits together (`split_product`), or
   `aten._weight_int8pack_mm` (weight-only; no fast AVX2 path). MPS: `_weight_int8pack_mm`. On
   CUDA, `linear(x, w.to(x.dtype)) * scale`, the form gpt-fast uses so that torch.compile (on
   by default there) fuses the cast into the matrix product (not run here: no GPU was lent).
-  torch 2.13 deprecates the quantized tensor FBGEMM's packing takes; where the ops are gone,
-  `_weight_int8pack_mm` is used.
+  torch 2.13 deprecates the quantized tensor FBGEMM's packing takes; oneDNN's packing takes a
+  plain int8 tensor.
 - int4, groups of 128 (fewer in tiny test models), asymmetric:
   `aten._weight_int4pack_mm_for_cpu` (CPU; bf16 inside the layer, the model's dtype outside).
   Not offered on CUDA or MPS in this version.
@@ -25,6 +29,7 @@ machines): benchmarks/bench_quantize.py compares logits against bf16 on random w
 
 from __future__ import annotations
 
+import functools
 import logging
 from fnmatch import fnmatch
 
@@ -55,8 +60,8 @@ class Int8Linear(nn.Module):
 
     parts=2: each weight row is stored as two int8 rows, the rounded row and its rounding error
     at 1/254 of the scale (~16 bits together, twice the bytes): for layers whose error every
-    later step inherits (the backbone). The kernels multiply by all parts' rows at once (2N
-    outputs, one weight read) and add the halves.
+    later step inherits (the backbone's first layers, TWO_PART_INT8). The kernels multiply by
+    all parts' rows at once (2N outputs, one weight read) and add the halves.
     """
 
     def __init__(self, weight: torch.Tensor, parts: int = 1):
@@ -76,11 +81,47 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", torch.cat(rows).to(weight.device))  # [parts*N, K]
         self.register_buffer("scale", torch.cat(scales).to(weight.device, weight.dtype))
 
-    cpu_kernel = "int8pack"  # or "fbgemm": chosen for the model by choose_cpu_kernel
+    cpu_kernel = "int8pack"  # or "fbgemm", "onednn": chosen for the model by choose_cpu_kernel
+
+    def __getstate__(self):
+        # Copies and pickles pack again when first used: packed weights are opaque tensors
+        # (oneDNN's cannot be copied).
+        state = self.__dict__.copy()
+        state.pop("_packs", None)
+        return state
+
+    def use_cpu_kernel(self, kernel: str):
+        """Multiply with `kernel` from now on, its weights packed now (eagerly: a compiled graph
+        must find them packed, not trace the packing)."""
+        self.cpu_kernel = kernel
+        if kernel in ("fbgemm", "onednn"):
+            self.packed(kernel)
+
+    def packed(self, kernel: str):
+        """The weights packed for FBGEMM or oneDNN, made once."""
+        packs = self.__dict__.setdefault("_packs", {})
+        if kernel not in packs and torch.compiler.is_compiling():
+            raise RuntimeError(f"an int8 layer is compiled before its weights were packed for "
+                               f"{kernel}: call use_cpu_kernel({kernel!r}) first")
+        if kernel not in packs:
+            w = self.weight_int8.cpu()
+            if kernel == "fbgemm":
+                import warnings
+
+                with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors (its
+                    warnings.simplefilter("ignore", UserWarning)  # packing still takes one)
+                    qw = torch._make_per_channel_quantized_tensor(
+                        w, self.scale.double().cpu(), torch.zeros(w.shape[0], dtype=torch.long), 0)
+                packs[kernel] = torch.ops.quantized.linear_prepack(qw, None)
+            else:
+                packs[kernel] = torch.ops.onednn.qlinear_prepack(w, None)
+        return packs[kernel]
 
     def forward(self, x):
         if x.device.type == "cpu" and self.cpu_kernel == "fbgemm":
             y = self.fbgemm_mm(x)
+        elif x.device.type == "cpu" and self.cpu_kernel == "onednn":
+            y = self.onednn_mm(x)
         else:
             y = self.packed_mm(x) if x.device.type in ("cpu", "mps") else self.cast_mm(x)
         if self.parts == 1:
@@ -89,31 +130,29 @@ class Int8Linear(nn.Module):
 
     def fbgemm_mm(self, x):
         """FBGEMM's int8 x int8 product (x86) with the same int8 weights -> [..., parts*N].
-        FBGEMM rounds the activations to 8 bits (7 without VNNI); alone that costs ~1-2% of
-        the output's size, so each stream's rows go in as two parts, the rounded rows and their
-        rounding error magnified (`activation_parts`): ~16 bits of activation precision; what
-        is left is the weights' rounding. Each stream (leading index) is scaled by its own power
-        of two onto one integer grid, so all streams go in one call (one weight read), and a
-        stream's numbers never depend on another's: batched equals solo, bit for bit."""
-        if getattr(self, "_fbgemm", None) is None:
-            import warnings
+        FBGEMM quantizes its input itself, with the scale of the input's range: the grid's two
+        ends go in as a last row (`grid_ends`), so that scale is exactly 1 (`split_product`).
+        Without VNNI the grid is 7 bits (FBGEMM's reduce_range: no int16 overflow)."""
+        packed, narrow = self.packed("fbgemm"), not VNNI
+        ends, high = grid_ends(self.in_features, narrow)
+        return split_product(x, self.in_features, high, ends, lambda parts: torch.ops
+                             .quantized.linear_dynamic(parts, packed, narrow)[:-1])
 
-            with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors (its
-                warnings.simplefilter("ignore", UserWarning)  # packing still takes one)
-                qw = torch._make_per_channel_quantized_tensor(
-                    self.weight_int8.cpu(), self.scale.double().cpu(),
-                    torch.zeros(self.weight_int8.shape[0], dtype=torch.long), 0)
-            self._fbgemm = torch.ops.quantized.linear_prepack(qw, None)
-        narrow = not cpu_has_vnni()
-        if getattr(self, "_ends", None) is None:
-            self._ends, self._high = grid_ends(self.in_features, narrow)
-        k = self.in_features
-        streams = x.float().reshape(x.shape[0], -1, k) if x.dim() > 2 else x.float()[:, None]
-        s, p = streams.shape[:2]
-        parts, steps, gain = activation_parts(streams, self._ends, self._high)
-        y = torch.ops.quantized.linear_dynamic(parts, self._fbgemm, narrow)[:-1].view(s, 2 * p, -1)
-        y = y[:, :p].add_(y[:, p:], alpha=1 / gain).mul_(steps)  # [S, P, parts*N]
-        return y.to(x.dtype).view(*x.shape[:-1], -1)
+    def onednn_mm(self, x):
+        """oneDNN's int8 x int8 product (`onednn::qlinear_pointwise`, the op inductor's own int8
+        graphs call: it can be compiled) with the same int8 weights -> [..., parts*N]. It takes
+        the activations already quantized, with a scale and zero point given: the integer parts
+        of `split_product` go in as uint8 around a zero point, scale 1, and the int32 sums come
+        out in float32 times the weight's scales. Without VNNI the parts stay within 7 bits
+        (1..127 around 64): the pairwise int16 sums of AVX2's 8-bit products cannot saturate."""
+        packed, high = self.packed("onednn"), 127 if VNNI else 63
+        scale, zeros = self.scale.float(), torch.zeros_like(self.scale, dtype=torch.long)
+
+        def product(parts):
+            return torch.ops.onednn.qlinear_pointwise(
+                parts.add_(high + 1).to(torch.uint8), 1.0, high + 1, packed, scale, zeros, None,
+                1.0, 0, torch.float32, "none", [], "")
+        return split_product(x, self.in_features, high, None, product)
 
     def packed_mm(self, x):
         """torch's int8 weight kernel (CPU, MPS) -> [..., parts*N]."""
@@ -188,7 +227,7 @@ def quantize_model(model: nn.Module, mode: str) -> int:
         n += quantize_audio_heads(model)
         for m in model.modules():
             if isinstance(m, Int8Linear):
-                m.cpu_kernel = kernel
+                m.use_cpu_kernel(kernel)
         return n
     return swap_layers(model, lambda m: Int4Linear(m.weight) if isinstance(m, nn.Linear)
                        and int4_fits(m) else m)
@@ -207,12 +246,16 @@ def quantize_audio_heads(model: nn.Module) -> int:
 
 
 # int8 in two parts (~16-bit weights) where the rounding of one part costs the most: the
-# backbone's error reaches every codebook of every later frame. Random full-size weights, top-1
-# against bf16: all one part 0.847; backbone unquantized 0.918 (the depth decoder is ~3/4 of
-# a frame's bytes, the backbone ~1/4: two parts there cost ~20% more bytes per frame).
-TWO_PART_INT8 = ("backbone.*",)
+# backbone's first layers, whose error every later layer, codebook and frame inherits. Random
+# full-size weights, 50 frames, against bf16 (top-1, mean KL): every layer one part 0.878 /
+# 1.10e-3; the first 1, 2, 4, 6, 8 layers in two parts 0.896, 0.902, 0.910, 0.908, 0.914 /
+# 6.8, 6.0, 5.4, 5.1, 5.0e-4; the last 8 0.877 / 1.08e-3; all 16 0.912 / 4.7e-4; the
+# attention and down products of all 16 (1.41 GB) 0.903 / 6.7e-4. The first 8 read 1.46 GB a
+# frame where all 16 read 1.95 (a frame reads 5.1 GB instead of 5.6) at the same quality.
+TWO_PART_INT8 = ("backbone.layers.[0-7].*",)
 
 
+@functools.lru_cache(maxsize=64)
 def grid_ends(in_features: int, narrow: bool) -> tuple[torch.Tensor, int]:
     """The row [1, K] holding the two ends of the activation grid, and its top: 8 bits, or 7
     on CPUs without VNNI (FBGEMM's int16 sums must not saturate)."""
@@ -222,22 +265,41 @@ def grid_ends(in_features: int, narrow: bool) -> tuple[torch.Tensor, int]:
     return ends, levels // 2 - 1
 
 
-def activation_parts(streams: torch.Tensor, ends: torch.Tensor, high: int
+def activation_parts(streams: torch.Tensor, ends: torch.Tensor | None, high: int
                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Streams' rows [S, P, K] -> ([2SP + 1, K], steps [S, 1, 1], G). Each stream is divided by
     its step, the power of two that brings its largest value within the grid's top (exact);
     then come, stream by stream, its rows rounded to integers and their rounding error
-    magnified G times and rounded, and last the grid's two ends (`grid_ends`). Every value is
-    an integer within the ends: FBGEMM's dynamic quantization, which picks its scale from the
-    input's range, then scales by exactly 1 and rounds nothing. A stream's rows ~= (part 1 +
-    part 2 / G) * its step, to ~1 / G^2 of its range."""
+    magnified G times and rounded, and last the grid's two ends (`grid_ends`) unless `ends` is
+    None. Every value is an integer within the ends: FBGEMM's dynamic quantization, which picks
+    its scale from the input's range, then scales by exactly 1 and rounds nothing. A stream's
+    rows ~= (part 1 + part 2 / G) * its step, to ~1 / G^2 of its range."""
     gain = 2 * high  # the error is within half a step: times 2 * high, within the grid
     _, exponent = torch.frexp(streams.abs().amax(dim=(1, 2), keepdim=True) / high)
     steps = torch.exp2(exponent)  # >= a stream's largest |value| / high: a power of two
     scaled = streams / steps  # exact; |scaled| <= high
     q = scaled.round()
     err = scaled.sub_(q).mul_(gain).round_()
-    return torch.cat([torch.cat([q, err], 1).flatten(0, 1), ends]), steps, gain
+    parts = torch.cat([q, err], 1).flatten(0, 1)
+    return (parts if ends is None else torch.cat([parts, ends])), steps, gain
+
+
+def split_product(x: torch.Tensor, in_features: int, high: int, ends: torch.Tensor | None,
+                  product) -> torch.Tensor:
+    """An int8 x int8 kernel's product of float activations x [..., K], exact to ~16 bits: the
+    kernels round activations to 8 bits (7 without VNNI), which alone costs ~1-2% of the
+    output's size, so each stream's rows go in as two parts, the rounded rows and their
+    rounding error magnified (`activation_parts`). Each stream (leading index) is scaled by its
+    own power of two onto one integer grid, so all streams go in one call (one weight read),
+    and a stream's numbers never depend on another's: batched equals solo, bit for bit.
+    product: the integer rows [2SP (+ ends), K] -> their sums [2SP, N'] in float32."""
+    streams = (x.float().reshape(x.shape[0], -1, in_features) if x.dim() > 2
+               else x.float()[:, None])
+    s, p = streams.shape[:2]
+    parts, steps, gain = activation_parts(streams, ends, high)
+    y = product(parts).view(s, 2 * p, -1)
+    y = y[:, :p].add_(y[:, p:], alpha=1 / gain).mul_(steps)  # [S, P, N']
+    return y.to(x.dtype).view(*x.shape[:-1], -1)
 
 
 def cpu_has_vnni() -> bool:
@@ -257,12 +319,36 @@ def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
+def onednn_int8_available() -> bool:
+    """oneDNN's int8 product is there and runs (torch built with oneDNN: x86, most ARM)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        layer = Int8Linear(torch.ones(16, 32))
+        return bool(torch.allclose(layer.onednn_mm(torch.ones(1, 32)), torch.full((1, 16), 32.)))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# oneDNN's product is kept unless another measures this much faster: it is the one that also
+# compiles (graphs.compiles_well), and at one row the two int8 x int8 kernels time alike.
+ONEDNN_MARGIN = 0.10
+
+
+def default_cpu_kernel() -> str:
+    """The int8 kernel a CPU uses without timing: oneDNN's, else FBGEMM's, else weight-only."""
+    if onednn_int8_available():
+        return "onednn"
+    return "fbgemm" if fbgemm_available() else "int8pack"
+
+
 def choose_cpu_kernel(model: nn.Module) -> str:
-    """The faster int8 kernel on this CPU, timed on the model's largest weight at batch 1:
-    FBGEMM's (x86; 4.7-12x fp32 on an AVX2 EPYC) or torch's weight-only `_weight_int8pack_mm`
-    (which has no fast AVX2 path: slower than fp32 there). Both multiply by the same int8
-    weights (FBGEMM's activations: two 8-bit parts, one call). Says what it picked, and warns when
-    int8 loses to the model's own dtype here."""
+    """The fastest int8 kernel on this CPU, timed on the model's largest weight at batch 1:
+    oneDNN's or FBGEMM's int8 x int8 product (x86; activations in two 8-bit parts, one call;
+    4.7-12x fp32 on an AVX2 EPYC) or torch's weight-only `_weight_int8pack_mm` (no fast AVX2
+    path: slower than fp32 there). All multiply by the same int8 weights. oneDNN's is kept
+    within ONEDNN_MARGIN of the fastest. Says what it picked, and warns when int8 loses to the
+    model's own dtype here."""
     from csm_streaming.model.cpu_kernels import time_in_turns
 
     w = max((m.weight for m in model.modules() if isinstance(m, nn.Linear)), key=torch.numel)
@@ -271,8 +357,12 @@ def choose_cpu_kernel(model: nn.Module) -> str:
     candidates = {"fp": lambda: F.linear(x, w), "int8pack": lambda: layer.packed_mm(x)}
     if fbgemm_available():
         candidates["fbgemm"] = lambda: layer.fbgemm_mm(x)
+    if onednn_int8_available():
+        candidates["onednn"] = lambda: layer.onednn_mm(x)
     times = {k: v * 1000 for k, v in time_in_turns(candidates, 3).items()}
     best = min((k for k in times if k != "fp"), key=times.get)
+    if "onednn" in times and times["onednn"] <= (1 + ONEDNN_MARGIN) * times[best]:
+        best = "onednn"
     said = ", ".join(f"{k} {v:.2f} ms" for k, v in times.items())
     log.info("int8 CPU kernel: %s (%s, on a %dx%d weight)", best, said, *w.shape)
     if times[best] > times["fp"]:
@@ -290,3 +380,6 @@ def weight_bytes(module: nn.Module) -> int:
         elif isinstance(m, Int4Linear):
             total += m.packed.numel() + m.scale_zero.numel() * 2
     return total
+
+
+VNNI = cpu_has_vnni()  # read once: the products consult it on every call
