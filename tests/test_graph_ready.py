@@ -248,6 +248,49 @@ def test_compile_is_bounded_three_small_graphs_per_bucket_and_none_fall_back(own
     assert len(sizes) == 9  # the stream ran on the graphs compiled in warm-up
 
 
+def test_a_compiled_backbone_cuts_its_attention_with_one_graph_for_every_cut():
+    """On a CPU a compiled backbone attends to the positions its streams can see, not the
+    whole window: the cut (whole blocks of 512) goes in as a tensor of positions whose length
+    dynamo takes as a dynamic size, so a stream growing through the window runs one graph.
+    Cut or not, the sums are the whole window's (what lies past a query is masked: exact
+    zeros, added in the same blocks)."""
+    import dataclasses
+
+    import torch._dynamo
+    from torch._dynamo.backends.debugging import aot_eager
+
+    from csm_streaming.model.csm import CSM, FLAVORS
+    from csm_streaming.model.llama import attended_keys
+
+    tiny = FLAVORS["tiny"]
+    window = 1536  # three blocks
+    model = CSM(dataclasses.replace(tiny, backbone=dataclasses.replace(tiny.backbone,
+                                                                       max_seq_len=window)))
+    caches = model.make_caches(1)
+    for c in caches.backbone:  # stale entries everywhere: the mask must hide them
+        c.k.normal_()
+        c.v.normal_()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):  # through AOTAutograd, as inductor traces: its
+        graphs.append(example_inputs)  # contiguity guards must not split the whole window off
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model.backbone, dynamic=False, backend=counting_backend)
+    h = torch.randn(1, 1, tiny.backbone.dim)
+    with torch.inference_mode():
+        for seen in (10, 600, 1100, window):
+            pos = torch.tensor([[seen - 1]])
+            keys = attended_keys(window, seen)
+            assert len(keys) == min(window, 512 * -(-seen // 512))
+            whole = model.backbone(h, pos, caches.backbone)
+            assert torch.equal(model.backbone(h, pos, caches.backbone, seen=seen), whole)
+            assert torch.equal(compiled(h, pos, caches.backbone, keys=keys), whole)
+    assert len(graphs) == 1, f"{len(graphs)} graphs for three cuts"
+    assert any(isinstance(x, torch.SymInt) for x in graphs[0])  # the cut's length, dynamic
+
+
 def test_mimi_takes_chunks_of_any_length_with_moshis_cuda_graphs_on(own_generator, monkeypatch):
     """On CUDA, moshi graphs each Mimi part at its first call's shape and refuses any other
     (a ValueError), but the engine's chunks vary (a first chunk, whole chunks, a stream's last

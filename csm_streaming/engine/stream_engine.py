@@ -32,6 +32,7 @@ from csm_streaming.engine.segmenting import split_sentences
 from csm_streaming.engine.streams import ChunkEvent, SlotState, Stream, TextFeed
 from csm_streaming.metrics import EMPTY_RETRY, RUNAWAY_STOP, Event, StreamMetrics
 from csm_streaming.model.cpu_kernels import speed_up_cpu_linears
+from csm_streaming.model.llama import attended_keys
 from csm_streaming.model.sampling import MIMI_CODES, candidates_for, is_eos
 from csm_streaming.request import (
     DEFAULT_TOPK,
@@ -229,18 +230,20 @@ class StreamEngine:
         sampling.frame.add_(1)
         ended.logical_or_(is_eos(codes))
         valid.add_((~ended).long())
-        last_h.copy_(m.backbone_step(codes, pos, self.caches, backbone=self._backbone,
-                                     seen=self._positions_seen(pos)))
+        seen = self._positions_seen(pos)  # compiled, the cut is a length the graph takes
+        cut = ({"keys": attended_keys(self.window, seen, pos.device)}  # as dynamic
+               if seen is not None and self._backbone is not None else {"seen": seen})
+        last_h.copy_(m.backbone_step(codes, pos, self.caches, backbone=self._backbone, **cut))
         pos.add_(1).clamp_(max=self.window - 1)
         return codes
 
     def _positions_seen(self, pos: torch.Tensor) -> int | None:
-        """On a CPU, eagerly: the cache positions the running rows' next step attends to (up to
-        the furthest one's), so the backbone's attention reads no more of the window (parked
-        and free rows, at the scratch position, get garbage as always; a running row may be
-        there too, at the window's end). No sync there. None (the whole window) on a GPU, in a
-        captured graph, compiled or traced: their shapes are fixed."""
-        if self.device.type != "cpu" or self._backbone or torch.compiler.is_compiling():
+        """On a CPU: the cache positions the running rows' next step attends to (up to the
+        furthest one's), so the backbone's attention reads no more of the window (parked and
+        free rows, at the scratch position, get garbage as always; a running row may be there
+        too, at the window's end). No sync there. None (the whole window) on a GPU, in a
+        captured graph, or with the whole step traced: their shapes are fixed."""
+        if self.device.type != "cpu" or torch.compiler.is_compiling():
             return None
         rows = [i for i, s in enumerate(self.slots[:len(pos)]) if s and s.state == "running"]
         return int(pos[rows].max()) + 1 if rows else None
@@ -315,11 +318,8 @@ class StreamEngine:
     def _chunk(self, streams: list[Stream]) -> list[ChunkEvent]:
         t0 = time.perf_counter()
         cfg, st = self.config, self.state
-        n = (
-            cfg.first_chunk_frames
-            if any(s.metrics.chunks == 0 for s in streams)
-            else cfg.chunk_frames
-        )
+        n = (cfg.first_chunk_frames if any(s.metrics.chunks == 0 for s in streams)
+             else cfg.chunk_frames)
         n = max(1, min(n, max(s.segment_limit - s.segment_frames for s in streams)))
         rows = self.last_bucket = self.bucket(max(s.slot for s in streams) + 1)
         step = self.step_fn(rows, max(s.request.topk for s in streams))

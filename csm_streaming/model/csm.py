@@ -153,14 +153,16 @@ class CSM(nn.Module):
     # -- the frame ----------------------------------------------------------------------------
 
     def backbone_step(self, codes: torch.Tensor, pos: torch.Tensor, caches: ModelCaches,
-                      backbone=None, seen: int | None = None) -> torch.Tensor:
+                      backbone=None, seen: int | None = None,
+                      keys: torch.Tensor | None = None) -> torch.Tensor:
         """Feed one frame codes [B, 32] at positions pos [B]; return the next h [B, D].
 
         backbone: a compiled wrapper of self.backbone (the fast path), or None for eager.
-        seen: the cache positions the rows that matter attend to (Transformer.forward).
+        seen, keys: the cache positions the rows that matter attend to (Transformer.forward).
         """
         backbone = self.backbone if backbone is None else backbone
-        return backbone(self.embed_frame(codes), pos[:, None], caches.backbone, seen=seen)[:, -1]
+        return backbone(self.embed_frame(codes), pos[:, None], caches.backbone, seen=seen,
+                        keys=keys)[:, -1]
 
     def sample_frame(self, h: torch.Tensor, s: SamplingState, caches: ModelCaches,
                      slot: int | None = None, decoder=None) -> torch.Tensor:

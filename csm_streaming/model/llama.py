@@ -53,6 +53,23 @@ class LlamaArgs:
 ATTENTION_BLOCK = 512
 
 
+def attended_length(window: int, seen: int | None) -> int:
+    """Cache positions an attention reads to see the first `seen` (all when None): whole
+    blocks, the same sums as over the whole window (ATTENTION_BLOCK)."""
+    if seen is None:
+        return window
+    return min(window, -(-seen // ATTENTION_BLOCK) * ATTENTION_BLOCK)
+
+
+def attended_keys(window: int, seen: int, device=None) -> torch.Tensor:
+    """The positions a cut attention reads (Transformer.forward's `keys`), their length marked
+    dynamic for torch.compile where it can change: every cut runs one compiled graph."""
+    keys = torch.arange(attended_length(window, seen), device=device)
+    if window > ATTENTION_BLOCK:
+        torch._dynamo.mark_dynamic(keys, 0, min=ATTENTION_BLOCK, max=window)
+    return keys
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -103,10 +120,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """One layer's static cache [batch, kv_heads, max_seq, head_dim], written at positions."""
+    """One layer's static cache [batch, kv_heads, max_seq, head_dim], written at positions.
+
+    Its storage holds one position more than max_seq, never written or read: the attention
+    reads a slice of the positions (Transformer.forward), and with the spare one even the whole
+    window is a strict slice. A compiled graph whose cut length is dynamic (`attended_keys`)
+    then serves every cut; where a cut could equal the storage, dynamo's contiguity guard on it
+    split the whole window into a graph of its own (compiled mid-stream)."""
 
     def __init__(self, batch: int, args: LlamaArgs, max_seq: int, dtype, device):
-        shape = (batch, args.num_kv_heads, max_seq, args.head_dim)
+        shape = (batch, args.num_kv_heads, max_seq + 1, args.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_seq = max_seq
@@ -229,7 +252,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def forward(self, h: torch.Tensor, input_pos: torch.Tensor, caches: list[KVCache],
-                slot: int | None = None, seen: int | None = None):
+                slot: int | None = None, seen: int | None = None,
+                keys: torch.Tensor | None = None):
         """h [B, S, D], input_pos [B, S] int64 -> [B, S, D]. slot: the cache rows (KVCache).
 
         seen: attend to the leading `seen` cache positions only (all when None), for a caller
@@ -237,15 +261,15 @@ class Transformer(nn.Module):
         that much of the cache instead of the whole window (a frame early in a 2048-position
         window read 8 MB per backbone layer for a few hundred positions). Rows whose queries
         lie further on (parked streams) see a cut cache: their outputs must not be used.
-        Static shapes (compiled, CUDA graphs) pass None."""
+        keys: the same cut for a compiled caller, as the positions attended
+        (`attended_keys`), whose length a graph takes as a dynamic size: one graph for every
+        cut. CUDA graphs pass neither: the whole window."""
         cos = self.rope_cos[input_pos].unsqueeze(2)  # [B, S, 1, D/2]
         sin = self.rope_sin[input_pos].unsqueeze(2)
         # Each query sees the cache positions at or before its own; stale entries further on
         # (from an earlier, longer request in the same slot) are masked, so no reset is needed.
-        length = caches[0].max_seq
-        if seen is not None:  # whole blocks: the same sums as the whole window (ATTENTION_BLOCK)
-            length = min(length, -(-seen // ATTENTION_BLOCK) * ATTENTION_BLOCK)
-        keys = torch.arange(length, device=h.device)
+        if keys is None:
+            keys = torch.arange(attended_length(caches[0].max_seq, seen), device=h.device)
         mask = (keys[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, S, L]
         for layer, cache in zip(self.layers, caches):
             h = layer(h, cos, sin, input_pos, mask, cache, slot)
