@@ -98,7 +98,7 @@ class Int8Linear(nn.Module):
             self.packed(kernel)
 
     def packed(self, kernel: str):
-        """The weights packed for FBGEMM or oneDNN, made once."""
+        """The weights packed for FBGEMM or oneDNN, made once (oneDNN's: with its scales)."""
         packs = self.__dict__.setdefault("_packs", {})
         if kernel not in packs and torch.compiler.is_compiling():
             raise RuntimeError(f"an int8 layer is compiled before its weights were packed for "
@@ -113,8 +113,9 @@ class Int8Linear(nn.Module):
                     qw = torch._make_per_channel_quantized_tensor(
                         w, self.scale.double().cpu(), torch.zeros(w.shape[0], dtype=torch.long), 0)
                 packs[kernel] = torch.ops.quantized.linear_prepack(qw, None)
-            else:
-                packs[kernel] = torch.ops.onednn.qlinear_prepack(w, None)
+            else:  # with the scales and (zero) zero points its product takes
+                packs[kernel] = (torch.ops.onednn.qlinear_prepack(w, None), self.scale.float(),
+                                 torch.zeros(w.shape[0], dtype=torch.long))
         return packs[kernel]
 
     def forward(self, x):
@@ -145,8 +146,7 @@ class Int8Linear(nn.Module):
         of `split_product` go in as uint8 around a zero point, scale 1, and the int32 sums come
         out in float32 times the weight's scales. Without VNNI the parts stay within 7 bits
         (1..127 around 64): the pairwise int16 sums of AVX2's 8-bit products cannot saturate."""
-        packed, high = self.packed("onednn"), 127 if VNNI else 63
-        scale, zeros = self.scale.float(), torch.zeros_like(self.scale, dtype=torch.long)
+        (packed, scale, zeros), high = self.packed("onednn"), 127 if VNNI else 63
 
         def product(parts):
             return torch.ops.onednn.qlinear_pointwise(
