@@ -267,7 +267,7 @@ def grid_ends(in_features: int, narrow: bool) -> tuple[torch.Tensor, int]:
 
 def activation_parts(streams: torch.Tensor, ends: torch.Tensor | None, high: int
                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Streams' rows [S, P, K] -> ([2SP + 1, K], steps [S, 1, 1], G). Each stream is divided by
+    """Streams' rows [S, P, K] -> ([2SP (+ 1), K], steps [S, 1, 1], G). Each stream is divided by
     its step, the power of two that brings its largest value within the grid's top (exact);
     then come, stream by stream, its rows rounded to integers and their rounding error
     magnified G times and rounded, and last the grid's two ends (`grid_ends`) unless `ends` is
@@ -319,8 +319,10 @@ def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
+@functools.cache
 def onednn_int8_available() -> bool:
-    """oneDNN's int8 product is there and runs (torch built with oneDNN: x86, most ARM)."""
+    """oneDNN's int8 product is there and runs (torch built with oneDNN: x86, most ARM). Tried
+    once: the kernel choice, `--dtype auto` and the tests ask again."""
     if not torch.backends.mkldnn.is_available():
         return False
     try:
