@@ -19,7 +19,9 @@ import gc
 import torch
 
 from common import (
+    add_isa_argument,
     add_model_argument,
+    apply_isa,
     device_name,
     memory_bandwidth,
     print_table,
@@ -116,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=5, help="frame steps timed (the best is kept)")
     p.add_argument("--dtypes", default="bf16,fp32", help="weight types to compare")
     add_model_argument(p)
+    add_isa_argument(p)
     p.add_argument("--compile", action="store_true",
                    help="also time our step compiled, beside the eager one (minutes to build "
                         "on a CPU)")
@@ -127,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    apply_isa(args.isa)
     from csm_streaming.engine.generator import pick_device
 
     device = pick_device(args.device)

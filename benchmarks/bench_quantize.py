@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_quantize.py [--device auto] [--modes fp32,bf16,int8,int4]
         [--quality-frames 50] [--frames 5]
     .venv/bin/python benchmarks/bench_quantize.py --modes fp32,int8,int8+compile --frames 9
+    .venv/bin/python benchmarks/bench_quantize.py --modes fp32,int8+compile --isa avx2
 
 One fp32 model with random weights; every variant is made from it, so all share the same
 weights. For each: (a) the frame step of our engine beside the floor of its own weight bytes
@@ -26,7 +27,9 @@ import gc
 import torch
 
 from common import (
+    add_isa_argument,
     add_model_argument,
+    apply_isa,
     device_name,
     memory_bandwidth,
     print_table,
@@ -112,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "median kept)")
     p.add_argument("--quality-frames", type=int, default=50, help="frames compared for quality")
     add_model_argument(p)
+    add_isa_argument(p)
     p.add_argument("--out-dir", default=None,
                    help="where the JSON goes (default benchmarks/results)")
     return p
@@ -139,7 +143,7 @@ def timed_in_turns(models: dict, tok, device: torch.device, frames: int, bandwid
     for mode, (engine, _) in steps.items():
         floor = frame_bytes[mode] / bandwidth * 1e3
         best = min(times[mode])
-        rows[mode] = {"dtype": mode, "compiled": engine._decoder is not None,
+        rows[mode] = {"dtype": mode, "compiled": engine.compiled is not None,
                       "weight_gb_per_frame": frame_bytes[mode] / 1e9,
                       "floor_ms": floor, "cpu_kernel": engine.cpu_kernel, "ours_ms": best,
                       "ours_median_ms": spread(times[mode])["median"],
@@ -151,6 +155,7 @@ def timed_in_turns(models: dict, tok, device: torch.device, frames: int, bandwid
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    apply_isa(args.isa)
     from csm_streaming.engine.generator import pick_device
     from csm_streaming.model.checkpoints import load_model_and_tokenizer
     from csm_streaming.model.quantize import Int8Linear, check_mode

@@ -39,12 +39,48 @@ def device_name(device: torch.device) -> str:
 
 
 def slug(device: torch.device) -> str:
-    """A file name part: the GPU's name, or cpu-<vendor>-<family> (cpu-amd-epyc, cpu-intel-xeon):
-    results on different CPUs do not overwrite each other."""
-    name = re.sub(r"\(.*?\)|CPU|Processor", " ", device_name(device)) if device.type == "cpu" \
-        else device_name(device)
-    words = re.findall(r"[a-z0-9]+", name.lower())
-    return "-".join(["cpu", *words[:2]]) if device.type == "cpu" else "-".join(words)
+    """A file name part: the GPU's name, or cpu-<vendor>-<family>-<instruction sets>
+    (cpu-amd-epyc-avx2, cpu-amd-epyc-avx512-vnni, ...-as-avx2 when capped: `--isa`): results on
+    different CPUs do not overwrite each other."""
+    if device.type != "cpu":
+        return "-".join(re.findall(r"[a-z0-9]+", device_name(device).lower()))
+    name = re.sub(r"\(.*?\)|CPU|Processor", " ", device_name(device))
+    flags = set(cpu_flag_list())
+    isa = ("avx512-vnni" if {"avx512f", "avx512_vnni"} <= flags else "avx512" if "avx512f" in flags
+           else "avx2" if "avx2" in flags else "")
+    cap = isa_cap()
+    return "-".join(["cpu", *re.findall(r"[a-z0-9]+", name.lower())[:2],
+                     *([isa] if isa else []), *([f"as-{cap}"] if cap else [])])
+
+
+# Caps on this CPU's instruction sets for oneDNN, ATen (and inductor's C++) and MKL, read when
+# they load: `--isa avx2` measures how a CPU with AVX2 only (no AVX-512, no VNNI: the int8
+# activations go in at 7 bits, quantize.cpu_has_vnni) runs beside this machine's memory. FBGEMM
+# has no such cap (it keeps what the CPU has).
+ISA_CAPS = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                     "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+
+
+def isa_cap() -> str | None:
+    """The ISA_CAPS entry this process runs under, or None."""
+    return next((name for name, env in ISA_CAPS.items()
+                 if all(os.environ.get(k) == v for k, v in env.items())), None)
+
+
+def add_isa_argument(parser):
+    parser.add_argument("--isa", default="native", choices=("native", *ISA_CAPS),
+                        help="native, or avx2: cap oneDNN, ATen and MKL at AVX2 (the script runs "
+                             "again with the caps set) to measure an AVX2-only CPU with this "
+                             "machine's memory")
+
+
+def apply_isa(isa: str):
+    """Run this script again under ISA_CAPS[isa] unless it already runs so (the libraries read
+    the caps when they load: too late to set them now)."""
+    if isa == "native" or isa_cap() == isa:
+        return
+    print(f"running again with {isa} caps: {ISA_CAPS[isa]}", flush=True)
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ISA_CAPS[isa]})
 
 
 def memory_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 5) -> dict:
@@ -179,7 +215,8 @@ def save_json(name: str, device: torch.device, payload: dict, out_dir: Path | No
     payload = {"device": device_name(device), "device_type": device.type,
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                "threads": torch.get_num_threads(),
-               **({"cpu_flags": cpu_flag_list()} if device.type == "cpu" else {}), **payload}
+               **({"cpu_flags": cpu_flag_list(), "isa_cap": isa_cap()}
+                  if device.type == "cpu" else {}), **payload}
     path.write_text(json.dumps(payload, indent=2))
     print(f"saved {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return path

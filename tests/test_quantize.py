@@ -7,6 +7,7 @@ import torch
 from conftest import make_tiny_generator, on_gpu
 from csm_streaming.engine.config import StreamingConfig
 from csm_streaming.engine.streaming import StreamingGenerator
+from csm_streaming.model.cpu_kernels import cpu_flags
 from csm_streaming.model import quantize as quantize_module
 from csm_streaming.model.quantize import (
     Int4Linear,
@@ -117,6 +118,38 @@ def test_both_int8_kernels_sum_the_same_integers():
     torch.testing.assert_close(out["fbgemm"], out["onednn"], atol=1e-6, rtol=1e-6)
 
 
+AVX2_ONEDNN = """
+import torch
+from csm_streaming.model import quantize
+assert quantize.VNNI is False, "ONEDNN_MAX_CPU_ISA=AVX2 must count as a CPU without VNNI"
+torch.manual_seed(0)
+layer = quantize.Int8Linear(torch.randn(256, 1024))
+x = torch.randn(4, 1024) * 3
+ref = x @ layer.dequantized().T
+for vnni in (False, True):
+    quantize.VNNI = vnni
+    print(vnni, ((layer.onednn_mm(x) - ref).abs().max() / ref.abs().max()).item())
+"""
+
+
+@pytest.mark.skipif(not quantize_module.onednn_int8_available() or "avx2" not in cpu_flags(),
+                    reason="needs oneDNN's int8 on an x86 CPU")
+def test_onednn_capped_at_avx2_gets_7_bit_activations_that_cannot_saturate():
+    """A CPU without VNNI sums pairs of 8-bit products in saturating int16 (AVX2): 8-bit
+    activations overflow there, 7-bit ones cannot. oneDNN capped at AVX2 (a new process: the cap
+    is read when it loads) runs those kernels on any x86 CPU, so both are seen here."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", AVX2_ONEDNN], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    errors = dict(line.split() for line in out.stdout.splitlines())
+    assert float(errors["False"]) < 1e-3  # 7 bits, as cpu_has_vnni chose: exact sums
+    assert float(errors["True"]) > 1e-2  # 8 bits there: saturated
+
 def test_int4_weights_are_within_half_a_step_of_their_group():
     torch.manual_seed(1)
     w = torch.randn(64, 256) * 0.02
@@ -209,7 +242,7 @@ def test_int8_with_fbgemm_is_not_compiled_and_says_why(mimi, caplog, monkeypatch
     quantize_model(gen.model, "int8")
     with caplog.at_level(logging.WARNING, logger="csm"):
         sg = StreamingGenerator(gen, StreamingConfig(enable_compilation=True))
-    assert sg.engine._backbone is None and sg.engine._decoder is None
+    assert sg.engine.compiled is None
     assert sg.engine.cpu_kernel in ("plain", "onednn", "mkl")
     assert any("not used for int8 weights on this CPU: its int8 kernel (fbgemm)" in r.getMessage()
                for r in caplog.records)
@@ -227,7 +260,7 @@ def test_int8_with_onednn_compiles_and_streams_what_eager_does(mimi, monkeypatch
     quantize_model(gen.model, "int8")
     torch._dynamo.reset()
     compiled = StreamingGenerator(gen, StreamingConfig(enable_compilation=True))
-    assert compiled.engine._backbone is not None and compiled.engine._decoder is not None
+    assert compiled.engine.compiled is not None
     eager = StreamingGenerator(gen, StreamingConfig(enable_compilation=False))
     got, ref = (torch.cat(list(g.generate_streaming("Compiled int8.", 0, max_audio_length_ms=480,
                                                     topk=1, seed=4))) for g in (compiled, eager))
