@@ -142,8 +142,8 @@ def patch_sample_frame(model, fn):
     """
     original = model.sample_frame
 
-    def patched(h, s, caches, slot=None, decoder=None):
-        return fn(original(h, s, caches, slot, decoder), s)
+    def patched(h, s, caches, slot=None, **parts):
+        return fn(original(h, s, caches, slot, **parts), s)
 
     model.sample_frame = patched
     return lambda: model.__dict__.pop("sample_frame", None)

@@ -208,14 +208,14 @@ def test_the_frame_step_traces_whole_once_and_keeps_its_buffers(own_generator, b
     assert int(engine.state.pos[:bucket].min()) > 0
 
 
-def test_compile_is_bounded_three_small_graphs_per_bucket_and_none_fall_back(own_generator,
-                                                                             monkeypatch):
-    """torch.compile takes the modules, not the whole step: per batch bucket one backbone graph
-    and two depth-decoder graphs (2 positions, then 1), each the size of one module call (the
-    whole step traced as one graph unrolls the 31 depth steps: ~8400 nodes on random:tiny, which
-    inductor did not compile in 13 minutes on 2 cores). Both modules are one function to dynamo
-    (Transformer.forward): three buckets make 9 graphs of it, more than dynamo's default limit
-    of 8 per function; none may fall back to eager."""
+def test_compile_is_bounded_four_small_graphs_per_bucket_and_none_fall_back(own_generator,
+                                                                            monkeypatch):
+    """torch.compile takes the step's parts, not the whole step: per batch bucket one backbone
+    graph, two depth graphs (the projection and the depth decoder: 2 positions, then 1) and one
+    sampler graph, each the size of one part's call (the whole step traced as one graph unrolls
+    the 31 depth steps: ~8400 nodes on random:tiny, which inductor did not compile in 13
+    minutes on 2 cores). With dynamo's default limit of 8 graphs per function (more buckets or
+    candidate counts pass it) none may fall back to eager."""
     import torch._dynamo
     import torch._inductor.config as inductor_config
 
@@ -235,17 +235,17 @@ def test_compile_is_bounded_three_small_graphs_per_bucket_and_none_fall_back(own
                                                                enable_compilation=True))
         assert sg.engine.buckets == [1, 2, 4]
         sg.warmup(frames=2, all_buckets=True)
-    assert len(sizes) == 3 * 3, sizes
-    assert max(sizes) < 400, sizes  # one module call, not an unrolled frame
+    assert len(sizes) == 3 * 4, sizes
+    assert max(sizes) < 400, sizes  # one part's call, not an unrolled frame
     # on a CPU, every graph compiles with inductor's own kernels over frozen weights
-    assert settings == [CPU_COMPILE_OPTIONS] * 9
+    assert settings == [CPU_COMPILE_OPTIONS] * 12
     assert not inductor_config.freezing  # and only then
     assert sorted(sg.warmup_buckets) == sg.engine.buckets  # compile time reported per bucket
     eager = StreamingGenerator(own_generator, StreamingConfig(enable_compilation=False))
     got, ref = (torch.cat(list(g.generate_streaming("Bounded.", 0, max_audio_length_ms=480,
                                                     seed=2))) for g in (sg, eager))
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
-    assert len(sizes) == 9  # the stream ran on the graphs compiled in warm-up
+    assert len(sizes) == 12  # the stream ran on the graphs compiled in warm-up
 
 
 def test_a_compiled_backbone_cuts_its_attention_with_one_graph_for_every_cut():

@@ -193,7 +193,7 @@ def test_compiled_step_equals_eager(device_generator, monkeypatch):
         list(eager.generate_streaming("Compile me.", 0, max_audio_length_ms=480, seed=4))
     )
     compiled = StreamingGenerator(own_generator, StreamingConfig(enable_compilation=True))
-    assert compiled.engine._backbone is not None
+    assert compiled.engine.compiled is not None
     out = torch.cat(
         list(compiled.generate_streaming("Compile me.", 0, max_audio_length_ms=480, seed=4))
     )

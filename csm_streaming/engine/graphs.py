@@ -8,11 +8,14 @@ import copy
 import itertools
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from csm_streaming.model.cpu_kernels import restore_linears
 from csm_streaming.model.quantize import Int8Linear
+from csm_streaming.model.sampling import sample_topk
 
 log = logging.getLogger("csm.engine")
 
@@ -84,16 +87,16 @@ def compiles_well(model: torch.nn.Module, device: torch.device) -> bool:
     return kernels <= {"onednn"}
 
 
-def compile_module(module: torch.nn.Module, device: torch.device):
-    """torch.compile of one module, for fixed shapes. On a CPU each call runs with
+def compile_module(fn, device: torch.device):
+    """torch.compile of a module or function, for fixed shapes. On a CPU each call runs with
     CPU_COMPILE_OPTIONS set, since inductor reads them when a call compiles a new graph (given
     as torch.compile's `options`, freezing was not applied and no kernel was tuned). There the
     weights are frozen into the graphs as constants, so dynamo's guards on the modules'
     parameters check nothing a graph reads: they are left out (they cost ~0.2-0.4 ms a call at
     full size, 32 calls a frame)."""
     if device.type != "cpu":
-        return torch.compile(module, dynamic=False)
-    compiled = torch.compile(module, dynamic=False, options={
+        return torch.compile(fn, dynamic=False)
+    compiled = torch.compile(fn, dynamic=False, options={
         "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
     import torch._inductor.config as inductor_config
 
@@ -103,23 +106,40 @@ def compile_module(module: torch.nn.Module, device: torch.device):
     return run
 
 
-def compile_frame_parts(model: torch.nn.Module, device: torch.device, buckets: int):
-    """The backbone and the depth decoder compiled, or (None, None) where that does not pay
-    (int8 weights on a CPU without oneDNN's int8 product, said in a warning).
+@dataclass(frozen=True)
+class FrameParts:
+    """The compiled parts of a frame step: CSM.backbone_step's `backbone`, and sample_frame's
+    `depth` (CSM.depth_step: the projection and the depth decoder, one graph) and `sample`
+    (sample_topk: one graph instead of ~50 small ops, 32 calls a frame)."""
 
-    Compiled per module, not the whole step: a frame is the backbone step and 31 calls of one
-    small depth-decoder graph, where the whole step traced as one graph unrolls the loop (~8400
-    nodes for random:tiny; inductor did not finish it in 13 minutes on 2 cores). The CUDA graph
-    of the step (step_fn) still holds the whole loop. Per batch bucket: one backbone graph and
-    two decoder graphs (2 positions, then 1), all of one function (Transformer.forward), whose
-    graphs dynamo caps at 8 by default: past that, larger buckets would silently run eagerly.
+    backbone: Callable
+    depth: Callable
+    sample: Callable
+
+
+EAGER = FrameParts(None, None, None)  # every part eager (None: the model's own)
+
+
+def compile_frame_parts(model: torch.nn.Module, device: torch.device,
+                        buckets: int) -> FrameParts | None:
+    """The frame step's parts compiled, or None where that does not pay (int8 weights on a CPU
+    without oneDNN's int8 product, said in a warning).
+
+    Compiled per part, not the whole step: a frame is the backbone step and 31 calls of one
+    small depth graph, where the whole step traced as one graph unrolls the loop (~8400 nodes
+    for random:tiny; inductor did not finish it in 13 minutes on 2 cores). The CUDA graph of
+    the step (step_fn) still holds the whole loop. The 31 audio heads stay eager: one graph
+    each would take 31 compilations. Per batch bucket: one backbone graph and two depth graphs
+    (2 positions, then 1), the backbone's and the depth decoder's of one function
+    (Transformer.forward), and one sampler graph per candidate count (up to 3): dynamo caps a
+    function's graphs at 8 by default, past which larger buckets would silently run eagerly.
     """
     if not compiles_well(model, device):
         kernel = next(m.cpu_kernel for m in model.modules() if isinstance(m, Int8Linear))
         log.warning("--compile is not used for int8 weights on this CPU: its int8 kernel (%s) "
                     "stays outside inductor's graphs, and compiled that way the int8 step "
                     "measured 1.3x slower than eager; running eager int8", kernel)
-        return None, None
+        return None
     restore_linears(model)  # inductor traces plain layers
     for m in model.modules():  # int8 (oneDNN): the graphs hold the packed weights as constants
         if isinstance(m, Int8Linear):
@@ -128,4 +148,6 @@ def compile_frame_parts(model: torch.nn.Module, device: torch.device, buckets: i
 
     limit = torch._dynamo.config
     limit.recompile_limit = max(limit.recompile_limit, 3 * buckets)
-    return compile_module(model.backbone, device), compile_module(model.decoder, device)
+    return FrameParts(compile_module(model.backbone, device),
+                      compile_module(model.depth_step, device),
+                      compile_module(sample_topk, device))

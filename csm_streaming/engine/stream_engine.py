@@ -24,7 +24,7 @@ import torch
 from csm_streaming.audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
 from csm_streaming.engine.config import StreamingConfig
 from csm_streaming.engine.generator import Generator, audio_rows
-from csm_streaming.engine.graphs import CUDAGraphed, compile_frame_parts, shared_copy
+from csm_streaming.engine.graphs import EAGER, CUDAGraphed, compile_frame_parts, shared_copy
 from csm_streaming.engine.mimi_state import decode_chunk, mimi_graphs_off
 from csm_streaming.engine.prompts import PromptWork
 from csm_streaming.engine.runaway import TailGuard
@@ -57,8 +57,7 @@ class StreamEngine:
     """Static-slot batched CSM + streaming Mimi. Only one thread may call its methods."""
 
     def __init__(self, generator: Generator, config: StreamingConfig):
-        self.gen = generator
-        self.config = config
+        self.gen, self.config = generator, config
         self.model = m = generator.model
         self.device = dev = generator.device
         b = config.max_batch_size
@@ -79,7 +78,7 @@ class StreamEngine:
         self.prompts = PromptWork(generator, self.caches, self.encoder, self.state)
         self._wake = threading.Event()
         self._arrived = threading.Event()  # set by wake() during a step: cut the chunk short
-        self._backbone = self._decoder = None  # compiled wrappers, or None for eager
+        self.compiled = None  # the step's compiled parts (graphs.FrameParts), None: eager
         self.cpu_kernel = "plain"  # the matrix kernel measured fastest here (CPU, fp32)
         self._graphs_off = not config.cuda_graphs_enabled(dev)
         self._steps: dict[tuple, CUDAGraphed] = {}  # (bucket, candidates) -> its step
@@ -89,8 +88,8 @@ class StreamEngine:
         self.chunk_slack_s = 0.0  # the last whole chunk's audio time minus the time it took
         self.chunk_s = 0.0  # the last whole chunk's time
         if config.compile_enabled(dev):  # None, None where compiling does not pay
-            self._backbone, self._decoder = compile_frame_parts(m, dev, len(self.buckets))
-        if self._backbone is None and config.cpu_weight_prepack:
+            self.compiled = compile_frame_parts(m, dev, len(self.buckets))
+        if self.compiled is None and config.cpu_weight_prepack:
             self.cpu_kernel = speed_up_cpu_linears(m, b)
 
     # -- slots ----------------------------------------------------------------------------------
@@ -226,14 +225,15 @@ class StreamEngine:
         m, st = self.model, self.state
         last_h, pos, ended, valid = st.last_h[:n], st.pos[:n], st.ended[:n], st.valid[:n]
         sampling = st.sampling.rows(n, candidates)
-        codes = m.sample_frame(last_h, sampling, self.caches, decoder=self._decoder)  # [n, 32]
+        p = self.compiled or EAGER
+        codes = m.sample_frame(last_h, sampling, self.caches, depth=p.depth, sample=p.sample)
         sampling.frame.add_(1)
         ended.logical_or_(is_eos(codes))
         valid.add_((~ended).long())
         seen = self._positions_seen(pos)  # compiled, the cut is a length the graph takes
         cut = ({"keys": attended_keys(self.window, seen, pos.device)}  # as dynamic
-               if seen is not None and self._backbone is not None else {"seen": seen})
-        last_h.copy_(m.backbone_step(codes, pos, self.caches, backbone=self._backbone, **cut))
+               if seen is not None and p.backbone is not None else {"seen": seen})
+        last_h.copy_(m.backbone_step(codes, pos, self.caches, backbone=p.backbone, **cut))
         pos.add_(1).clamp_(max=self.window - 1)
         return codes
 

@@ -164,26 +164,34 @@ class CSM(nn.Module):
         return backbone(self.embed_frame(codes), pos[:, None], caches.backbone, seen=seen,
                         keys=keys)[:, -1]
 
+    def depth_step(self, x: torch.Tensor, pos: torch.Tensor, caches: ModelCaches,
+                   slot: int | None = None) -> torch.Tensor:
+        """Embeddings x [B, P, D] at depth positions pos [B, P] -> the depth decoder's output
+        at the last position [B, Dd]: the projection into it, then its layers."""
+        return self.decoder(self.projection(x), pos, caches.decoder, slot)[:, -1]
+
     def sample_frame(self, h: torch.Tensor, s: SamplingState, caches: ModelCaches,
-                     slot: int | None = None, decoder=None) -> torch.Tensor:
+                     slot: int | None = None, depth=None, sample=None) -> torch.Tensor:
         """Backbone hidden h [B, D] -> the frame's 32 codes [B, 32] (codebook 0 + depth loop).
 
         The depth decoder starts empty each frame: positions 0..31 are rewritten and the causal
         mask hides what the previous frame left further on.
+        depth, sample: compiled stand-ins for `depth_step` and `sample_topk` (the fast path), or
+        None for eager.
         """
         n = self.args.audio_num_codebooks
-        decoder = self.decoder if decoder is None else decoder
+        depth = self.depth_step if depth is None else depth
+        sample = sample_topk if sample is None else sample
         dtype = h.dtype
         counter = s.frame * n
-        c = sample_topk(self.codebook0_head(h), s.temperature, s.topk, s.seed, counter,
-                        s.candidates)
+        c = sample(self.codebook0_head(h), s.temperature, s.topk, s.seed, counter, s.candidates)
         codes = [c]
         x = torch.stack([h, self.embed_audio(0, c)], dim=1)  # [B, 2, D]
         pos = torch.arange(2, device=h.device)[None].expand(h.shape[0], 2)
         for i in range(1, n):
-            out = decoder(self.projection(x), pos, caches.decoder, slot).to(dtype)[:, -1]  # [B, Dd]
-            c = sample_topk(self.audio_logits(out, i), s.temperature, s.topk, s.seed,
-                            counter + i, s.candidates)
+            out = depth(x, pos, caches, slot).to(dtype)  # [B, Dd]
+            c = sample(self.audio_logits(out, i), s.temperature, s.topk, s.seed, counter + i,
+                       s.candidates)
             codes.append(c)
             x = self.embed_audio(i, c)[:, None]
             pos = pos[:, -1:] + 1
