@@ -53,12 +53,11 @@ def slug(device: torch.device) -> str:
                      *([isa] if isa else []), *([f"as-{cap}"] if cap else [])])
 
 
-# Caps on this CPU's instruction sets for oneDNN, ATen (and inductor's C++) and MKL, read when
-# they load: `--isa avx2` measures how a CPU with AVX2 only (no AVX-512, no VNNI: the int8
-# activations go in at 7 bits, quantize.cpu_has_vnni) runs beside this machine's memory. FBGEMM
-# has no such cap (it keeps what the CPU has).
-ISA_CAPS = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
-                     "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+# Caps on this CPU's instruction sets for oneDNN, FBGEMM, ATen (and inductor's C++) and MKL,
+# read when they load: `--isa avx2` measures how a CPU with AVX2 only (no AVX-512, no VNNI: the
+# int8 activations go in at 7 bits, quantize.cpu_has_vnni) runs beside this machine's memory.
+ISA_CAPS = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+                     "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 
 
 def isa_cap() -> str | None:
@@ -69,9 +68,9 @@ def isa_cap() -> str | None:
 
 def add_isa_argument(parser):
     parser.add_argument("--isa", default="native", choices=("native", *ISA_CAPS),
-                        help="native, or avx2: cap oneDNN, ATen and MKL at AVX2 (the script runs "
-                             "again with the caps set) to measure an AVX2-only CPU with this "
-                             "machine's memory")
+                        help="native, or avx2: cap oneDNN, FBGEMM, ATen and MKL at AVX2 (the "
+                             "script runs again with the caps set) to measure an AVX2-only CPU "
+                             "with this machine's memory")
 
 
 def apply_isa(isa: str):

@@ -7,8 +7,8 @@ import torch
 from conftest import make_tiny_generator, on_gpu
 from csm_streaming.engine.config import StreamingConfig
 from csm_streaming.engine.streaming import StreamingGenerator
-from csm_streaming.model.cpu_kernels import cpu_flags
 from csm_streaming.model import quantize as quantize_module
+from csm_streaming.model.cpu_kernels import cpu_flags
 from csm_streaming.model.quantize import (
     Int4Linear,
     Int8Linear,
@@ -59,20 +59,20 @@ def test_activation_parts_are_integers_each_stream_on_its_own_power_of_two_step(
     streams = torch.randn(3, 2, 64) * 3  # 3 streams of 2 rows
     streams[1] *= 50  # a loud one: the others keep their own steps
     for narrow, low, high in ((False, -128, 127), (True, -64, 63)):
-        ends, top = grid_ends(64, narrow)
+        ends, top = grid_ends(narrow)
         parts, steps, gain = activation_parts(streams.clone(), ends, top)
-        assert top == high and gain == 2 * high and parts.shape == (13, 64)
+        assert top == high and gain == 2 * high and parts.shape == (12, 64 + 2)
         assert steps.shape == (3, 1, 1)
         for s, step in zip(streams, steps.flatten().tolist()):
             assert step == 2.0 ** round(torch.log2(torch.tensor(step)).item())  # a power of 2
             assert step / 2 < s.abs().max() / high <= step  # the finest that holds the stream
-        assert parts[12, 0].item() == low and parts[12, 1].item() == high  # the grid's ends
+        assert (parts[:, 64] == low).all() and (parts[:, 65] == high).all()  # the grid's ends
         assert torch.equal(parts, parts.round()) and parts.min() >= low and parts.max() <= high
-        q, err = parts[:12].view(3, 4, 64).split(2, dim=1)
+        q, err = parts[:, :64].view(3, 4, 64).split(2, dim=1)
         rebuilt = (q + err / gain) * steps
         assert ((rebuilt - streams).abs() <= steps / gain).all()  # ~2 x 8 bits, per stream
-    zeros, steps, _ = activation_parts(torch.zeros(1, 1, 64), *grid_ends(64, False))
-    assert torch.equal(zeros[:2], torch.zeros(2, 64))  # silence stays exact
+    zeros, steps, _ = activation_parts(torch.zeros(1, 1, 64), *grid_ends(False))
+    assert torch.equal(zeros[:, :64], torch.zeros(2, 64))  # silence stays exact
 
 
 def int8_kernel(name: str):
@@ -118,37 +118,51 @@ def test_both_int8_kernels_sum_the_same_integers():
     torch.testing.assert_close(out["fbgemm"], out["onednn"], atol=1e-6, rtol=1e-6)
 
 
-AVX2_ONEDNN = """
+AVX2_INT8 = """
+import sys
 import torch
 from csm_streaming.model import quantize
-assert quantize.VNNI is False, "ONEDNN_MAX_CPU_ISA=AVX2 must count as a CPU without VNNI"
+assert quantize.VNNI is False, "a cap at AVX2 must count as a CPU without VNNI"
 torch.manual_seed(0)
 layer = quantize.Int8Linear(torch.randn(256, 1024))
 x = torch.randn(4, 1024) * 3
 ref = x @ layer.dequantized().T
 for vnni in (False, True):
     quantize.VNNI = vnni
-    print(vnni, ((layer.onednn_mm(x) - ref).abs().max() / ref.abs().max()).item())
+    for kernel in sys.argv[1:]:
+        y = getattr(layer, kernel + "_mm")(x)
+        print(kernel, vnni, ((y - ref).abs().max() / ref.abs().max()).item())
 """
 
 
-@pytest.mark.skipif(not quantize_module.onednn_int8_available() or "avx2" not in cpu_flags(),
-                    reason="needs oneDNN's int8 on an x86 CPU")
-def test_onednn_capped_at_avx2_gets_7_bit_activations_that_cannot_saturate():
+@pytest.mark.skipif("avx2" not in cpu_flags(), reason="needs an x86 CPU")
+@pytest.mark.parametrize("cap", ["ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS"])
+def test_int8_kernels_capped_at_avx2_get_7_bit_activations_that_cannot_saturate(cap):
     """A CPU without VNNI sums pairs of 8-bit products in saturating int16 (AVX2): 8-bit
-    activations overflow there, 7-bit ones cannot. oneDNN capped at AVX2 (a new process: the cap
-    is read when it loads) runs those kernels on any x86 CPU, so both are seen here."""
+    activations overflow there, 7-bit ones cannot. oneDNN and FBGEMM capped at AVX2 (in a new
+    process: they read the cap when they load) run those kernels on any x86 CPU, so both are
+    seen here; either cap makes cpu_has_vnni say no."""
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    out = subprocess.run([sys.executable, "-c", AVX2_ONEDNN], env=env, capture_output=True,
-                         text=True, timeout=120)
+    kernels = [k for k, there in (("onednn", quantize_module.onednn_int8_available()),
+                                  ("fbgemm", quantize_module.fbgemm_available())) if there]
+    if not kernels:
+        pytest.skip("no int8 x int8 kernel here")
+    env = {k: v for k, v in os.environ.items() if k not in quantize_module.NO_VNNI_CAPS}
+    env[cap] = "AVX2"  # this library capped, the other not
+    out = subprocess.run([sys.executable, "-c", AVX2_INT8, *kernels], env=env,
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    errors = dict(line.split() for line in out.stdout.splitlines())
-    assert float(errors["False"]) < 1e-3  # 7 bits, as cpu_has_vnni chose: exact sums
-    assert float(errors["True"]) > 1e-2  # 8 bits there: saturated
+    errors = {(k, v): float(e) for k, v, e in map(str.split, out.stdout.splitlines())}
+    assert len(errors) == 2 * len(kernels)
+    for kernel in kernels:
+        assert errors[kernel, "False"] < 1e-3  # 7 bits, as cpu_has_vnni chose: exact sums
+    capped = "onednn" if cap == "ONEDNN_MAX_CPU_ISA" else "fbgemm"
+    if capped in kernels:
+        assert errors[capped, "True"] > 1e-2  # 8 bits there: saturated
+
 
 def test_int4_weights_are_within_half_a_step_of_their_group():
     torch.manual_seed(1)

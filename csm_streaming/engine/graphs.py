@@ -8,6 +8,7 @@ import copy
 import itertools
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -96,6 +97,9 @@ def compile_module(fn, device: torch.device):
     full size, 32 calls a frame)."""
     if device.type != "cpu":
         return torch.compile(fn, dynamic=False)
+    # inductor's own deprecated calls (oneDNN int8 lowering, kernel tuning): nothing to act on
+    warnings.filterwarnings("ignore", category=UserWarning,
+                            module=r"torch\._inductor\.(mkldnn_lowerings|select_algorithm)")
     compiled = torch.compile(fn, dynamic=False, options={
         "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
     import torch._inductor.config as inductor_config

@@ -106,9 +106,10 @@ class Int8Linear(nn.Module):
                                f"{kernel}: call use_cpu_kernel({kernel!r}) first")
         if kernel not in packs:
             w = self.weight_int8.cpu()
-            if kernel == "fbgemm":
+            if kernel == "fbgemm":  # with zero columns under the grid's ends (grid_ends)
                 import warnings
 
+                w = torch.cat([w, w.new_zeros(w.shape[0], ENDS_COLUMNS)], 1)
                 with warnings.catch_warnings():  # torch 2.13 deprecates quantized tensors (its
                     warnings.simplefilter("ignore", UserWarning)  # packing still takes one)
                     qw = torch._make_per_channel_quantized_tensor(
@@ -133,12 +134,13 @@ class Int8Linear(nn.Module):
     def fbgemm_mm(self, x):
         """FBGEMM's int8 x int8 product (x86) with the same int8 weights -> [..., parts*N].
         FBGEMM quantizes its input itself, with the scale of the input's range: the grid's two
-        ends go in as a last row (`grid_ends`), so that scale is exactly 1 (`split_product`).
-        Without VNNI the grid is 7 bits (FBGEMM's reduce_range: no int16 overflow)."""
+        ends go in as two more columns (`grid_ends`, times zero weights), so that scale is
+        exactly 1 (`split_product`). Without VNNI the grid is 7 bits (FBGEMM's reduce_range: no
+        int16 overflow)."""
         packed, narrow = self.packed("fbgemm"), not VNNI
-        ends, high = grid_ends(self.in_features, narrow)
+        ends, high = grid_ends(narrow)
         return split_product(x, self.in_features, high, ends, lambda parts: torch.ops
-                             .quantized.linear_dynamic(parts, packed, narrow)[:-1])
+                             .quantized.linear_dynamic(parts, packed, narrow))
 
     def onednn_mm(self, x):
         """oneDNN's int8 x int8 product (`onednn::qlinear_pointwise`, the op inductor's own int8
@@ -256,25 +258,29 @@ def quantize_audio_heads(model: nn.Module) -> int:
 TWO_PART_INT8 = ("backbone.layers.[0-7].*",)
 
 
-@functools.lru_cache(maxsize=64)
-def grid_ends(in_features: int, narrow: bool) -> tuple[torch.Tensor, int]:
-    """The row [1, K] holding the two ends of the activation grid, and its top: 8 bits, or 7
-    on CPUs without VNNI (FBGEMM's int16 sums must not saturate)."""
+# FBGEMM's packed weights have this many zero columns more, under the activation grid's ends:
+# the ends go in every row at no cost (an extra row of them cost FBGEMM's AVX2 kernel ~1.3x the
+# time of a one-stream product: its time grows with the rows).
+ENDS_COLUMNS = 2
+
+
+@functools.cache
+def grid_ends(narrow: bool) -> tuple[torch.Tensor, int]:
+    """The two ends of the activation grid [1, ENDS_COLUMNS], and its top: 8 bits, or 7 on
+    CPUs without VNNI (the int16 sums of AVX2's kernels must not saturate)."""
     levels = 128 if narrow else 256
-    ends = torch.zeros(1, in_features)
-    ends[0, 0], ends[0, 1] = -(levels // 2), levels // 2 - 1
-    return ends, levels // 2 - 1
+    return torch.tensor([[-(levels // 2), levels // 2 - 1]], dtype=torch.float32), levels // 2 - 1
 
 
 def activation_parts(streams: torch.Tensor, ends: torch.Tensor | None, high: int
                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Streams' rows [S, P, K] -> ([2SP (+ 1), K], steps [S, 1, 1], G). Each stream is divided by
-    its step, the power of two that brings its largest value within the grid's top (exact);
+    """Streams' rows [S, P, K] -> ([2SP, K (+ 2)], steps [S, 1, 1], G). Each stream is divided
+    by its step, the power of two that brings its largest value within the grid's top (exact);
     then come, stream by stream, its rows rounded to integers and their rounding error
-    magnified G times and rounded, and last the grid's two ends (`grid_ends`) unless `ends` is
-    None. Every value is an integer within the ends: FBGEMM's dynamic quantization, which picks
-    its scale from the input's range, then scales by exactly 1 and rounds nothing. A stream's
-    rows ~= (part 1 + part 2 / G) * its step, to ~1 / G^2 of its range."""
+    magnified G times and rounded, each row ending in the grid's two ends (`grid_ends`) unless
+    `ends` is None. Every value is an integer within the ends: FBGEMM's dynamic quantization,
+    which picks its scale from the input's range, then scales by exactly 1 and rounds nothing.
+    A stream's rows ~= (part 1 + part 2 / G) * its step, to ~1 / G^2 of its range."""
     gain = 2 * high  # the error is within half a step: times 2 * high, within the grid
     _, exponent = torch.frexp(streams.abs().amax(dim=(1, 2), keepdim=True) / high)
     steps = torch.exp2(exponent)  # >= a stream's largest |value| / high: a power of two
@@ -282,7 +288,8 @@ def activation_parts(streams: torch.Tensor, ends: torch.Tensor | None, high: int
     q = scaled.round()
     err = scaled.sub_(q).mul_(gain).round_()
     parts = torch.cat([q, err], 1).flatten(0, 1)
-    return (parts if ends is None else torch.cat([parts, ends])), steps, gain
+    return (parts if ends is None else torch.cat([parts, ends.expand(len(parts), -1)], 1)), \
+        steps, gain
 
 
 def split_product(x: torch.Tensor, in_features: int, high: int, ends: torch.Tensor | None,
@@ -293,7 +300,7 @@ def split_product(x: torch.Tensor, in_features: int, high: int, ends: torch.Tens
     rounding error magnified (`activation_parts`). Each stream (leading index) is scaled by its
     own power of two onto one integer grid, so all streams go in one call (one weight read),
     and a stream's numbers never depend on another's: batched equals solo, bit for bit.
-    product: the integer rows [2SP (+ ends), K] -> their sums [2SP, N'] in float32."""
+    product: the integer rows [2SP, K (+ ends)] -> their sums [2SP, N'] in float32."""
     streams = (x.float().reshape(x.shape[0], -1, in_features) if x.dim() > 2
                else x.float()[:, None])
     s, p = streams.shape[:2]
@@ -303,19 +310,21 @@ def split_product(x: torch.Tensor, in_features: int, high: int, ends: torch.Tens
     return y.to(x.dtype).view(*x.shape[:-1], -1)
 
 
-# oneDNN's ISA caps (ONEDNN_MAX_CPU_ISA) below which its int8 kernels have no VNNI: they sum
-# 8-bit pairs in saturating int16 (AVX2's vpmaddubsw) like a CPU without it
-NO_VNNI_ISAS = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
+# Instruction-set caps of the int8 libraries below which they have no VNNI: they sum 8-bit
+# pairs in saturating int16 (AVX2's vpmaddubsw) like a CPU without it
+NO_VNNI_CAPS = {"ONEDNN_MAX_CPU_ISA": ("SSE41", "AVX", "AVX2", "AVX512_CORE"),
+                "FBGEMM_ENABLE_INSTRUCTIONS": ("AVX2", "AVX512", "AVX512_256")}
 
 
 def cpu_has_vnni() -> bool:
     """VNNI (AVX-512 or AVX) multiplies 8-bit pairs into 32 bits: the int8 kernels may then
     take all 8 bits of the activations (half the error); without it, 7 (no int16 overflow).
-    A oneDNN capped below VNNI (ONEDNN_MAX_CPU_ISA=AVX2, as to measure an AVX2 CPU here) counts
-    as without: its 8-bit sums saturate (5.6% error against 5e-5 at 7 bits, tests)."""
+    oneDNN or FBGEMM capped below VNNI (ONEDNN_MAX_CPU_ISA=AVX2, FBGEMM_ENABLE_INSTRUCTIONS=AVX2,
+    as to measure an AVX2 CPU here) count as without: their 8-bit sums saturate (5.6% error
+    against 2e-4 at 7 bits, tests)."""
     from csm_streaming.model.cpu_kernels import cpu_flags
 
-    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in NO_VNNI_ISAS:
+    if any(os.environ.get(k, "").upper() in caps for k, caps in NO_VNNI_CAPS.items()):
         return False
     return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
