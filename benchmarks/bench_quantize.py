@@ -175,9 +175,11 @@ def main(argv=None):
     # fp32 last, as the master itself: one full-size fp32 copy in memory, not two
     for mode in sorted(modes, key=lambda m: m == "fp32" and device.type == "cpu"):
         last = mode == "fp32" and device.type == "cpu"
-        models[mode] = master if last else variant(master, mode, device)
-        if mode.removesuffix(COMPILED) in quality:  # the same weights, the same products
-            quality[mode] = quality[mode.removesuffix(COMPILED)]
+        same = next((m for m in models if m.removesuffix(COMPILED) == mode.removesuffix(COMPILED)),
+                    None)  # int8 and int8+compile: one model (one copy in memory), two engines
+        models[mode] = master if last else models[same] if same else variant(master, mode, device)
+        if same:  # the same weights, the same products
+            quality[mode] = quality[same]
         else:
             quality[mode] = compare(ref_logits, frame_logits(models[mode], tok,
                                                              args.quality_frames, codes)[0])

@@ -180,26 +180,27 @@ def test_int4_weights_are_within_half_a_step_of_their_group():
     torch.testing.assert_close(y, x @ layer.dequantized().T, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4", int8_kernel("onednn")])
+@pytest.mark.parametrize("mode", ["int8", "int4", int8_kernel("onednn"), int8_kernel("fbgemm")])
 def test_compiled_quantized_layer_equals_eager(mode):
     """A layer compiled as the engine compiles (on a CPU: frozen weights, which oneDNN's int8
-    product needs, its packed weight a constant of the graph) computes what it does eagerly,
-    to the layer's own precision: int4 to bf16's (inside the layer the activations are bf16,
-    and compiled, inductor may choose its own int4 kernel, which sums in another order);
-    oneDNN's int8 to its ~16-bit activations (compiled, the activations' split may round a
+    product needs, its packed weight a constant of the graph; FBGEMM's product an operator
+    that finds its packed weights by the layer's number) computes what it does eagerly, to
+    the layer's own precision: int4 to bf16's (inside the layer the activations are bf16, and
+    compiled, inductor may choose its own int4 kernel, which sums in another order); the int8
+    x int8 kernels to their ~16-bit activations (compiled, the activations' split may round a
     rare value the other way), both within 1e-3 of the dequantized product."""
     from csm_streaming.engine.graphs import compile_module
 
     torch.manual_seed(2)
     layer = (Int4Linear if mode == "int4" else Int8Linear)(torch.randn(64, 128) * 0.02)
-    if mode == "onednn":
-        layer.use_cpu_kernel("onednn")
+    if mode in ("onednn", "fbgemm"):
+        layer.use_cpu_kernel(mode)
     x = torch.randn(4, 128)
-    tol = {"int4": 1e-2, "onednn": 1e-4}.get(mode, 1e-5)
+    tol = {"int4": 1e-2, "onednn": 1e-4, "fbgemm": 1e-4}.get(mode, 1e-5)
     with torch.no_grad():
         got, eager = compile_module(layer, torch.device("cpu"))(x), layer(x)
     torch.testing.assert_close(got, eager, atol=tol, rtol=tol)
-    if mode == "onednn":
+    if mode in ("onednn", "fbgemm"):
         ref = x @ layer.dequantized().T
         assert (got - ref).norm() / ref.norm() < 1e-3 and (eager - ref).norm() / ref.norm() < 1e-3
 
@@ -242,34 +243,49 @@ def test_a_quantized_model_streams_what_it_generates(mimi, mode, kernel, device,
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
-def test_int8_with_fbgemm_is_not_compiled_and_says_why(mimi, caplog, monkeypatch):
-    """--compile with FBGEMM's int8 products on a CPU runs eager (its packed weights break the
-    graphs: compiled it measured slower), with a warning; the CPU's kernel choice still runs."""
+def test_weight_only_int8_is_not_compiled_and_says_why(mimi, caplog, monkeypatch):
+    """--compile where the CPU has no int8 x int8 product (the weight-only kernel) runs eager,
+    with a warning; the CPU's kernel choice still runs."""
     import logging
 
-    from csm_streaming.model import quantize
-
-    if not quantize.fbgemm_available():
-        pytest.skip("FBGEMM is x86 only")
-    monkeypatch.setattr(quantize, "choose_cpu_kernel", lambda model: "fbgemm")
+    monkeypatch.setattr(quantize_module, "choose_cpu_kernel", lambda model: "int8pack")
     gen = make_tiny_generator(mimi)
     quantize_model(gen.model, "int8")
     with caplog.at_level(logging.WARNING, logger="csm"):
         sg = StreamingGenerator(gen, StreamingConfig(enable_compilation=True))
     assert sg.engine.compiled is None
     assert sg.engine.cpu_kernel in ("plain", "onednn", "mkl")
-    assert any("not used for int8 weights on this CPU: its int8 kernel (fbgemm)" in r.getMessage()
-               for r in caplog.records)
+    assert any("not used for int8 weights on this CPU: its int8 kernel (int8pack)" in
+               r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.skipif(not quantize_module.onednn_int8_available(), reason="no oneDNN int8 here")
-def test_int8_with_onednn_compiles_and_streams_what_eager_does(mimi, monkeypatch):
-    """oneDNN's int8 product is an operator inductor's graphs call: with it --compile takes
-    the backbone and the depth decoder (their packed weights constants of the graphs), and the
-    stream is the eager stream's."""
+def test_a_copied_fbgemm_layer_multiplies_by_its_own_packed_weights():
+    """Compiled graphs find FBGEMM's packed weights by the layer's number: a copy (a model
+    deep-copied, pickled) packs again under a number of its own, never the original's."""
+    import copy
+
+    if not quantize_module.fbgemm_available():
+        pytest.skip("FBGEMM is x86 only")
+    layer = Int8Linear(torch.randn(32, 64))
+    layer.use_cpu_kernel("fbgemm")
+    twin = copy.deepcopy(layer)
+    twin.weight_int8.neg_()  # another layer now: its own weights
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(twin(x), -layer(x), atol=1e-5, rtol=1e-5)
+    assert twin._number != layer._number
+    assert quantize_module.FBGEMM_LAYERS[twin._number] is twin
+    assert quantize_module.FBGEMM_LAYERS[layer._number] is layer
+
+
+@pytest.mark.parametrize("kernel", [int8_kernel("onednn"), int8_kernel("fbgemm")])
+def test_int8_with_onednn_or_fbgemm_compiles_and_streams_what_eager_does(mimi, monkeypatch,
+                                                                          kernel):
+    """With an int8 x int8 product --compile takes the backbone and the depth decoder (oneDNN:
+    its packed weights constants of the graphs; FBGEMM: an operator the graphs call), the
+    activations' split fused around each product, and the stream is the eager stream's."""
     import torch._dynamo
 
-    monkeypatch.setattr(quantize_module, "choose_cpu_kernel", lambda model: "onednn")
+    monkeypatch.setattr(quantize_module, "choose_cpu_kernel", lambda model: kernel)
     gen = make_tiny_generator(mimi)
     quantize_model(gen.model, "int8")
     torch._dynamo.reset()

@@ -77,15 +77,16 @@ def shared_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def compiles_well(model: torch.nn.Module, device: torch.device) -> bool:
-    """False for int8 weights on a CPU multiplied by FBGEMM or torch's weight-only kernel:
-    FBGEMM's packed weights are objects a graph cannot hold, so its products break the graph,
-    and compiled that way the int8 step took 424 ms against 324-347 eager. oneDNN's int8 product
-    (`Int8Linear.onednn_mm`) is an operator inductor's graphs call: with it the whole backbone
-    and depth decoder compile, the activations' split fused with the small ops around it."""
+    """False for int8 weights on a CPU multiplied by torch's weight-only kernel (no int8 x int8
+    product there). oneDNN's int8 product (`Int8Linear.onednn_mm`) is an operator inductor's
+    graphs call over packed weights frozen in them; FBGEMM's (`Int8Linear.fbgemm_mm`) goes in
+    as an operator of ours that finds its packed weights by the layer's number: with either,
+    the whole backbone and depth decoder compile, the activations' split fused with the small
+    ops around it."""
     if device.type != "cpu":
         return True
     kernels = {m.cpu_kernel for m in model.modules() if isinstance(m, Int8Linear)}
-    return kernels <= {"onednn"}
+    return kernels <= {"onednn", "fbgemm"}
 
 
 def compile_module(fn, device: torch.device):
@@ -127,7 +128,7 @@ EAGER = FrameParts(None, None, None)  # every part eager (None: the model's own)
 def compile_frame_parts(model: torch.nn.Module, device: torch.device,
                         buckets: int) -> FrameParts | None:
     """The frame step's parts compiled, or None where that does not pay (int8 weights on a CPU
-    without oneDNN's int8 product, said in a warning).
+    without an int8 x int8 product, said in a warning).
 
     Compiled per part, not the whole step: a frame is the backbone step and 31 calls of one
     small depth graph, where the whole step traced as one graph unrolls the loop (~8400 nodes
@@ -141,8 +142,8 @@ def compile_frame_parts(model: torch.nn.Module, device: torch.device,
     if not compiles_well(model, device):
         kernel = next(m.cpu_kernel for m in model.modules() if isinstance(m, Int8Linear))
         log.warning("--compile is not used for int8 weights on this CPU: its int8 kernel (%s) "
-                    "stays outside inductor's graphs, and compiled that way the int8 step "
-                    "measured 1.3x slower than eager; running eager int8", kernel)
+                    "is torch's weight-only one (no oneDNN or FBGEMM int8 x int8 product "
+                    "here: compiling is kept for those); running eager int8", kernel)
         return None
     restore_linears(model)  # inductor traces plain layers
     for m in model.modules():  # int8 (oneDNN): the graphs hold the packed weights as constants

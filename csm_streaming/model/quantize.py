@@ -30,8 +30,10 @@ machines): benchmarks/bench_quantize.py compares logits against bf16 on random w
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
+import weakref
 from fnmatch import fnmatch
 
 import torch
@@ -89,6 +91,7 @@ class Int8Linear(nn.Module):
         # (oneDNN's cannot be copied).
         state = self.__dict__.copy()
         state.pop("_packs", None)
+        state.pop("_number", None)  # the copy is another layer (FBGEMM_LAYERS)
         return state
 
     def use_cpu_kernel(self, kernel: str):
@@ -115,6 +118,8 @@ class Int8Linear(nn.Module):
                     qw = torch._make_per_channel_quantized_tensor(
                         w, self.scale.double().cpu(), torch.zeros(w.shape[0], dtype=torch.long), 0)
                 packs[kernel] = torch.ops.quantized.linear_prepack(qw, None)
+                self.__dict__["_number"] = number = next(_numbers)
+                FBGEMM_LAYERS[number] = self
             else:  # with the scales and (zero) zero points its product takes
                 packs[kernel] = (torch.ops.onednn.qlinear_prepack(w, None), self.scale.float(),
                                  torch.zeros(w.shape[0], dtype=torch.long))
@@ -139,6 +144,9 @@ class Int8Linear(nn.Module):
         int16 overflow)."""
         packed, narrow = self.packed("fbgemm"), not VNNI
         ends, high = grid_ends(narrow)
+        if torch.compiler.is_compiling():  # the packed weights cannot be in a graph
+            return split_product(x, self.in_features, high, ends, lambda parts: torch.ops
+                                 .csm.fbgemm_int8_mm(parts, self._number, narrow))
         return split_product(x, self.in_features, high, ends, lambda parts: torch.ops
                              .quantized.linear_dynamic(parts, packed, narrow))
 
@@ -171,6 +179,25 @@ class Int8Linear(nn.Module):
         """The weight this layer multiplies by, in float32 [N, K]."""
         w = self.weight_int8.float() * self.scale.float()[:, None]
         return w.view(self.parts, self.out_features, self.in_features).sum(0)
+
+
+# FBGEMM's layers by number, for the operator below: compiled graphs call it with a number
+FBGEMM_LAYERS: weakref.WeakValueDictionary[int, Int8Linear] = weakref.WeakValueDictionary()
+_numbers = itertools.count()
+
+
+@torch.library.custom_op("csm::fbgemm_int8_mm", mutates_args=())
+def fbgemm_int8_mm(parts: torch.Tensor, layer: int, narrow: bool) -> torch.Tensor:
+    """FBGEMM's product of integer rows by the packed weights of FBGEMM_LAYERS[layer]: an
+    operator a compiled graph can call (FBGEMM's packed weights are objects a graph cannot
+    hold), the activations' split fused around it."""
+    return torch.ops.quantized.linear_dynamic(parts, FBGEMM_LAYERS[layer].packed("fbgemm"),
+                                              narrow)
+
+
+@fbgemm_int8_mm.register_fake
+def _(parts, layer, narrow):
+    return parts.new_empty(parts.shape[0], FBGEMM_LAYERS[layer].weight_int8.shape[0])
 
 
 class Int4Linear(nn.Module):
@@ -264,12 +291,14 @@ TWO_PART_INT8 = ("backbone.layers.[0-7].*",)
 ENDS_COLUMNS = 2
 
 
-@functools.cache
 def grid_ends(narrow: bool) -> tuple[torch.Tensor, int]:
     """The two ends of the activation grid [1, ENDS_COLUMNS], and its top: 8 bits, or 7 on
     CPUs without VNNI (the int16 sums of AVX2's kernels must not saturate)."""
-    levels = 128 if narrow else 256
-    return torch.tensor([[-(levels // 2), levels // 2 - 1]], dtype=torch.float32), levels // 2 - 1
+    return _GRID_ENDS[narrow]
+
+
+_GRID_ENDS = {narrow: (torch.tensor([[-levels // 2, levels // 2 - 1]], dtype=torch.float32),
+                       levels // 2 - 1) for narrow, levels in ((True, 128), (False, 256))}
 
 
 def activation_parts(streams: torch.Tensor, ends: torch.Tensor | None, high: int
