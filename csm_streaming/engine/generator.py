@@ -374,25 +374,26 @@ DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def pick_dtype(device: torch.device, quantize: str | None = None
                ) -> tuple[torch.dtype, str | None]:
     """dtype="auto" -> (dtype, quantize): bf16 on CUDA; on a CPU the fastest of fp32, bf16 and,
-    when int8 was asked for, int8 weights (with the faster int8 kernel), for CSM-1B's largest
-    product (8192x2048 at batch 1), measured here: bf16 reads half the bytes but is slower than
-    fp32 on CPUs without AVX-512 BF16 or AMX, and int8 has no fast kernel on some CPUs (ARM).
-    Says what it picked and why."""
+    when int8 was asked for, int8 weights (with each int8 kernel this CPU has: capped at AVX2,
+    oneDNN's ran 8x slower than FBGEMM's), for CSM-1B's largest product (8192x2048 at batch 1),
+    measured here: bf16 reads half the bytes but is slower than fp32 on CPUs without AVX-512
+    BF16 or AMX, and int8 has no fast kernel on some CPUs (ARM). Says what it picked and why."""
     if device.type != "cpu":
         return default_dtype(device), quantize
     from csm_streaming.model.cpu_kernels import time_in_turns
-    from csm_streaming.model.quantize import Int8Linear, default_cpu_kernel
+    from csm_streaming.model.quantize import Int8Linear, int8_cpu_kernels
 
     w32, x = torch.randn(8192, 2048) * 0.02, torch.randn(1, 1, 2048)
     pairs = {name: (w32.to(dtype), x.to(dtype)) for name, dtype in DTYPE_NAMES.items()}
     candidates = {name: lambda w=w, xi=xi: torch.nn.functional.linear(xi, w)
                   for name, (w, xi) in pairs.items()}
     if quantize == "int8":
-        int8 = Int8Linear(w32)
-        int8.use_cpu_kernel(default_cpu_kernel())
-        candidates["int8"] = lambda: int8(x)
+        for kernel in int8_cpu_kernels():
+            layer = Int8Linear(w32)
+            layer.use_cpu_kernel(kernel)
+            candidates[f"int8 ({kernel})"] = lambda layer=layer: layer(x)
     times = {name: s * 1000 for name, s in time_in_turns(candidates).items()}
-    best = min(times, key=times.get)
+    best = min(times, key=times.get).split(" ")[0]  # int8 with whichever kernel was faster
     said = ", ".join(f"{k} {v:.2f} ms" for k, v in times.items())
     if quantize == "int8" and best != "int8":
         log.warning("dtype auto: %s on this CPU; int8 was asked for but is slower here (%s for "

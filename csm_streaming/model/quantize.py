@@ -7,11 +7,12 @@ exist:
 
 - int8, per output channel, symmetric. On a CPU the fastest of three kernels, timed when the
   model is quantized (`choose_cpu_kernel`): oneDNN's int8 x int8 product
-  (`onednn::qlinear_pointwise`, kept unless another is clearly faster: it is an operator
-  inductor's graphs call, so `--compile` takes the whole int8 step), FBGEMM's
-  (`quantized.linear_dynamic`; its packed weights break a compiled graph), both with each
-  stream's activations in two 8-bit parts, ~16 bits together (`split_product`), or
-  `aten._weight_int8pack_mm` (weight-only; no fast AVX2 path). MPS: `_weight_int8pack_mm`. On
+  (`onednn::qlinear_pointwise`, kept unless another is clearly faster: inductor's graphs call
+  it directly), FBGEMM's (`quantized.linear_dynamic`, in a compiled graph through our operator
+  `fbgemm_int8_mm`; the kernel for AVX2-only CPUs: capped at AVX2, oneDNN's ran 8x slower),
+  both with each stream's activations in two 8-bit parts, ~16 bits together (`split_product`), or
+  `aten._weight_int8pack_mm` (weight-only; no fast AVX2 path). `--compile` takes the whole
+  int8 step with either int8 x int8 kernel. MPS: `_weight_int8pack_mm`. On
   CUDA, `linear(x, w.to(x.dtype)) * scale`, the form gpt-fast uses so that torch.compile (on
   by default there) fuses the cast into the matrix product (not run here: no GPU was lent).
   torch 2.13 deprecates the quantized tensor FBGEMM's packing takes; oneDNN's packing takes a
@@ -380,16 +381,17 @@ def onednn_int8_available() -> bool:
         return False
 
 
-# oneDNN's product is kept unless another measures this much faster: it is the one that also
-# compiles (graphs.compiles_well), and at one row the two int8 x int8 kernels time alike.
+# oneDNN's product is kept unless another measures this much faster: compiled, a graph calls it
+# directly, where FBGEMM's goes through our operator (fbgemm_int8_mm: ~9 us more a call, 623
+# calls a frame), and at one row the two int8 x int8 kernels time alike where both have VNNI.
 ONEDNN_MARGIN = 0.10
 
 
-def default_cpu_kernel() -> str:
-    """The int8 kernel a CPU uses without timing: oneDNN's, else FBGEMM's, else weight-only."""
-    if onednn_int8_available():
-        return "onednn"
-    return "fbgemm" if fbgemm_available() else "int8pack"
+def int8_cpu_kernels() -> list[str]:
+    """The int8 x int8 kernels this CPU has (oneDNN's, FBGEMM's), else the weight-only one."""
+    kernels = [k for k, there in (("onednn", onednn_int8_available()),
+                                  ("fbgemm", fbgemm_available())) if there]
+    return kernels or ["int8pack"]
 
 
 def choose_cpu_kernel(model: nn.Module) -> str:
