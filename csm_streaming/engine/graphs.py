@@ -146,7 +146,7 @@ def compile_frame_parts(model: torch.nn.Module, device: torch.device,
                     "here: compiling is kept for those); running eager int8", kernel)
         return None
     restore_linears(model)  # inductor traces plain layers
-    for m in model.modules():  # int8 (oneDNN): the graphs hold the packed weights as constants
+    for m in model.modules():  # int8: packed before tracing (oneDNN's: the graphs' constants)
         if isinstance(m, Int8Linear):
             m.use_cpu_kernel(m.cpu_kernel)
     import torch._dynamo

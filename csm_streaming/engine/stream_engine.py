@@ -87,7 +87,7 @@ class StreamEngine:
         self.frame_step_s = 0.0  # measured time of one frame step (EMA)
         self.chunk_slack_s = 0.0  # the last whole chunk's audio time minus the time it took
         self.chunk_s = 0.0  # the last whole chunk's time
-        if config.compile_enabled(dev):  # None, None where compiling does not pay
+        if config.compile_enabled(dev):  # None where compiling does not pay
             self.compiled = compile_frame_parts(m, dev, len(self.buckets))
         if self.compiled is None and config.cpu_weight_prepack:
             self.cpu_kernel = speed_up_cpu_linears(m, b)

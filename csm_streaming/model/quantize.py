@@ -191,8 +191,8 @@ def fbgemm_int8_mm(parts: torch.Tensor, layer: int, narrow: bool) -> torch.Tenso
     """FBGEMM's product of integer rows by the packed weights of FBGEMM_LAYERS[layer]: the
     operator csm::fbgemm_int8_mm, which a compiled graph can call (FBGEMM's packed weights are
     objects a graph cannot hold), the activations' split fused around it. Registered as a
-    plain CPU kernel: ~5 us a call over FBGEMM's own, where torch.library.custom_op's wrapper
-    added ~16 (623 calls a frame)."""
+    plain CPU kernel: ~3 us a call over FBGEMM's own, where torch.library.custom_op's wrapper
+    added ~9 (623 calls a frame)."""
     return torch.ops.quantized.linear_dynamic(parts, FBGEMM_LAYERS[layer].packed("fbgemm"),
                                               narrow)
 
@@ -388,7 +388,7 @@ def onednn_int8_available() -> bool:
 
 
 # oneDNN's product is kept unless another measures this much faster: compiled, a graph calls it
-# directly, where FBGEMM's goes through our operator (fbgemm_int8_mm: ~9 us more a call, 623
+# directly, where FBGEMM's goes through our operator (fbgemm_int8_mm: ~3 us more a call, 623
 # calls a frame), and at one row the two int8 x int8 kernels time alike where both have VNNI.
 ONEDNN_MARGIN = 0.10
 
