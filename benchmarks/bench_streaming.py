@@ -168,17 +168,17 @@ def engine_rows(gen, args, plain: dict) -> list[dict]:
 def step_rows(gen, args, device) -> list[dict]:
     """The frame step alone (no prefill, no Mimi): what "n streams per step" costs the model.
 
-    One engine per stream count, each with the widest count's slots (a server's engine: the
-    matrix kernels packed for that batch, shared by all) and n of them running. The engines
-    take turns step by step, so the ratios between stream counts come from the same minutes of
-    a noisy machine (best against best, and median against median)."""
+    One engine per stream count (compiled with --compile), each with the widest count's slots
+    (a server's engine: the matrix kernels packed for that batch, shared by all) and n of them
+    running. The engines take turns step by step, so the ratios between stream counts come
+    from the same minutes of a noisy machine (best against best, and median against median)."""
     from csm_streaming.request import validate_request
 
     counts = list(map(int, args.streams.split(",")))
     steps = {}
     for n in counts:
         sg = build(gen, chunk_size_ms=320, max_batch_size=max(counts),
-                   max_seq_len=args.max_seq_len, enable_compilation=False)
+                   max_seq_len=args.max_seq_len, enable_compilation=args.compile)
         for i in range(n):
             sg.engine.submit(
                 validate_request(TEXT, i % 2, max_audio_length_ms=args.max_seq_len * 40, seed=i)
@@ -196,6 +196,7 @@ def step_rows(gen, args, device) -> list[dict]:
                      "aggregate_frames_per_s": n / best * 1e3,
                      "median_frames_per_s": n / median * 1e3,
                      "timing": "in turns, step by step", "slots": max(counts),
+                     "compiled": steps[n][0].engine.compiled is not None,
                      "spread": {"step_ms": spread(times[n])}})
     del steps
     gc.collect()
