@@ -61,7 +61,7 @@ def variant(master, mode: str, device: torch.device):
 def frame_logits(model, tok, frames: int, codes: torch.Tensor | None = None, seed: int = 0):
     """Logits [frames, 32, vocab] (float32) of every codebook, each given the codes before it.
     codes None: sample them (top-k 50, temperature 0.9) as it goes; returns (logits, codes)."""
-    from csm_streaming.engine.generator import text_rows
+    from csm_streaming.engine.prompt_rows import text_rows
 
     device = next(model.parameters()).device
     tokens, mask = text_rows(tok, TEXT, 0)

@@ -40,9 +40,9 @@ FIGURES = ("ttfa_ms", "rtf_per_stream", "aggregate_frames_per_s", "aggregate_aud
 
 
 def run_streams(sg, n_streams: int, frames: int) -> dict:
-    from csm_streaming.engine.streaming import StreamRequest
+    from csm_streaming.request import GenerationRequest
 
-    reqs = [StreamRequest(TEXT, speaker=i % 2, max_audio_length_ms=frames * 80, seed=i)
+    reqs = [GenerationRequest.of(TEXT, i % 2, max_audio_length_ms=frames * 80, seed=i)
             for i in range(n_streams)]
     sync(sg.device)
     t0 = time.perf_counter()
@@ -172,7 +172,7 @@ def step_rows(gen, args, device) -> list[dict]:
     (a server's engine: the matrix kernels packed for that batch, shared by all) and n of them
     running. The engines take turns step by step, so the ratios between stream counts come
     from the same minutes of a noisy machine (best against best, and median against median)."""
-    from csm_streaming.request import validate_request
+    from csm_streaming.request import GenerationRequest
 
     counts = list(map(int, args.streams.split(",")))
     steps = {}
@@ -181,7 +181,8 @@ def step_rows(gen, args, device) -> list[dict]:
                    max_seq_len=args.max_seq_len, enable_compilation=args.compile)
         for i in range(n):
             sg.engine.submit(
-                validate_request(TEXT, i % 2, max_audio_length_ms=args.max_seq_len * 40, seed=i)
+                GenerationRequest.of(TEXT, i % 2, max_audio_length_ms=args.max_seq_len * 40,
+                                     seed=i)
             )
         sg.engine.prepare_all()
         steps[n] = (sg, sg.engine.step_fn(n))

@@ -131,13 +131,13 @@ def running_engine(gen, streams: int, compile_: bool = False):
     for any timing (the prompt and every frame fit in the window); its step is `step_fn`."""
     from csm_streaming.engine.config import StreamingConfig
     from csm_streaming.engine.stream_engine import StreamEngine
-    from csm_streaming.request import validate_request
+    from csm_streaming.request import GenerationRequest
 
     engine = StreamEngine(gen, StreamingConfig(enable_compilation=compile_,
                                                max_batch_size=streams))
     for i in range(streams):
-        engine.submit(validate_request(f"Benchmark sentence number {i}.", 0, seed=i,
-                                       max_audio_length_ms=(gen.model.window - 64) * 80))
+        engine.submit(GenerationRequest.of(f"Benchmark sentence number {i}.", 0, seed=i,
+                                           max_audio_length_ms=(gen.model.window - 64) * 80))
     engine.prepare_all()
     return engine
 

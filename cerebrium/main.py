@@ -132,15 +132,15 @@ def stream(text: str, speaker_id: int = 0, voice: str | int | None = None,
     """The same request, streamed: JSON events (Cerebrium sends each as a server-sent event)
     as the chunks are made; the first comes after the first chunk, not at the end."""
     from csm_streaming.audio import SAMPLE_RATE, pcm16
-    from csm_streaming.request import EmptyOutputError
+    from csm_streaming.request import EmptyOutputError, GenerationRequest, SamplingParams
     from csm_streaming.server.api import ApiError
 
     try:
         load_ms, speaker, segments = _prepare(text, speaker_id, voice, context)
         sg = streaming()
         t0, first_ms, samples = time.perf_counter(), None, 0
-        req = sg.request(text, speaker, tuple(segments), max_audio_length_ms, temperature, top_k,
-                         seed)
+        req = GenerationRequest(text, speaker, tuple(segments), SamplingParams(
+            temperature, top_k, seed, max_audio_length_ms))
         for chunk in sg.stream(req):
             first_ms = first_ms or (time.perf_counter() - t0) * 1000
             samples += chunk.numel()

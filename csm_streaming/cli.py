@@ -27,6 +27,12 @@ from csm_streaming.options import (
     config_arguments,
     load_arguments,
 )
+from csm_streaming.request import (
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    GenerationRequest,
+    SamplingParams,
+)
 
 DEFAULT_OUTPUT = "csm_output.wav"  # in the current folder, when neither --output nor --play-audio
 
@@ -69,10 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"write exactly the streamed samples to this file (default without --play-audio: "
              f"{DEFAULT_OUTPUT})"
     )
-    p.add_argument(
-        "--temperature", type=float, default=0.9, help="sampling temperature, in (0, 10]"
-    )
-    p.add_argument("--topk", type=int, default=50, help="sample among the k likeliest codes")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help="sampling temperature, in (0, 10]")
+    p.add_argument("--top-k", "--topk", dest="top_k", type=int, default=DEFAULT_TOP_K,
+                   help="sample among the k likeliest codes")
     p.add_argument("--seed", type=int, default=None, help="seed of the random draws (None: random)")
     p.add_argument("--max-audio-ms", type=float, default=None,
                    help="longest audio (None: 90 s; 3 s for random models, which never end)")
@@ -124,10 +130,9 @@ def add_local_arguments(p):
 def check_args(args) -> list[ContextTurn]:
     """Every argument and file, checked now; ValueError / FileNotFoundError say what is wrong."""
     from csm_streaming.audio import read_audio
-    from csm_streaming.request import validate_request
 
-    validate_request(args.text, args.speaker, (), args.max_audio_ms, args.temperature, args.topk,
-                     args.seed)
+    args.sampling = SamplingParams(args.temperature, args.top_k, args.seed, args.max_audio_ms)
+    GenerationRequest(args.text, args.speaker, (), args.sampling)
     if len(args.context_audio) != len(args.context_text):
         raise ValueError("--context-audio and --context-text come in pairs: "
                          f"got {len(args.context_audio)} audio and {len(args.context_text)} text")
@@ -198,8 +203,8 @@ def run_local(args, turns: list[ContextTurn]) -> int:
                                                      for t in turns]
     speaker = voice.speaker if voice else args.speaker
     try:
-        req = sg.request(args.text, speaker, context, args.max_audio_ms, args.temperature,
-                         args.topk, args.seed)
+        req = sg.generator.complete(GenerationRequest(args.text, speaker, context,
+                                                      args.sampling))
         player = open_player(sg.sample_rate) if args.play_audio else None
         stream = sg.stream(req, None)
     except ValueError as e:  # a text too long for the window is known once the model is there
@@ -207,8 +212,7 @@ def run_local(args, turns: list[ContextTurn]) -> int:
         return EXIT_BAD_INPUT
     expected = min(req.max_frames * 0.08, 0.08 * len(args.text))
     try:
-        chunks, interrupted = show_stream(stream, lambda: sg.metrics, args, player, expected,
-                                          sg.sample_rate)
+        chunks, interrupted = show_stream(stream, lambda: sg.metrics, args, player, expected)
     except (EmptyOutputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -234,13 +238,12 @@ def run_remote(args, turns: list[ContextTurn]) -> int:
     print(f"server {args.server}: {health.get('device')}, {health.get('slots')} stream slots",
           file=sys.stderr)
     metrics = StreamMetrics(device=f"{health.get('device')} (remote)")
-    message = request_message(args.text, args.speaker, args.voice, args.max_audio_ms,
-                              args.temperature, args.topk, args.seed,
+    message = request_message(args.text, args.speaker, args.voice, args.sampling,
                               [(t.speaker, t.text, t.raw) for t in turns])
     stream = stream_from_server(args.server, message, metrics, token=args.token)
     try:
         chunks, interrupted = show_stream(stream, lambda: metrics, args, player,
-                                          0.08 * len(args.text), SAMPLE_RATE)
+                                          0.08 * len(args.text))
     except RemoteError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

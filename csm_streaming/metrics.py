@@ -20,6 +20,17 @@ RUNAWAY_STOP = "runaway_stopped"  # silence or a stuck frame after speech: stopp
 OOM_NARROWED = "oom_narrowed_batch"  # the server kept fewer streams after running out of memory
 
 
+def peak_memory_mb(device) -> float:
+    """The process's peak memory: the device's on CUDA, else the resident set (Linux)."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource  # Linux: KiB
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 @dataclass(frozen=True)
 class Event:
     kind: str

@@ -1,14 +1,18 @@
 """A request for speech: what to say, who says it, the context, and how to sample.
 
-`GenerationRequest` is the one place the parameters and their defaults live; every front (the
-Python API, the batch API, the server, the CLI, the conversation) builds one and validates it
-with `validate_request` before any model work, so a bad argument is a ValueError that names it.
+`SamplingParams` (temperature, top-k, seed, length) and `GenerationRequest` (text, speaker,
+context, sampling) are the one place the parameters and their defaults live. Every front builds
+one (the Python API, the batch API, each server route from its body, the CLI from its flags, the
+conversation, the streaming-input contexts) and the same object travels to the engine and the
+sampler. Both check themselves when made: a bad argument is a ValueError that names it, before
+any model work. Upstream's `Generator.generate(..., topk=50)` keeps upstream's spelling; inside,
+the setting is `top_k` everywhere.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING
 
 from csm_streaming.audio import FRAME_MS, SAMPLE_RATE
@@ -18,8 +22,10 @@ if TYPE_CHECKING:  # torch is imported where tensors are checked: the CLI valida
 
 DEFAULT_MAX_AUDIO_MS = 90_000  # upstream's default length limit
 DEFAULT_TEMPERATURE = 0.9
-DEFAULT_TOPK = 50
+DEFAULT_TOP_K = 50
 MAX_TEMPERATURE = 10.0  # past this the draw is uniform noise; larger values are surely mistakes
+MAX_TOP_K = 2051  # the audio heads' width: the server's bound (the Python API takes any k)
+MAX_SEED = 2**63 - 1  # the server's bound (the Python API keeps a seed's low 32 bits)
 MAX_EMPTY_RETRIES = 2
 MAX_SPEAKER = 63  # the speaker ids a server, a named voice and the page accept
 MIMI_CODE_LIMIT = 2048  # codes Mimi can decode: 0..2047
@@ -43,53 +49,88 @@ class Segment:
 
 
 @dataclass(frozen=True)
-class GenerationRequest:
-    """The arguments of one generation. `max_audio_length_ms=None` means the generator's
-    default (90 s for real weights, a few seconds for random ones, which never end)."""
+class SamplingParams:
+    """How one request is sampled, and for how long. Checked when made.
 
-    text: str
-    speaker: int = 0
-    context: tuple[Segment, ...] = ()
-    max_audio_length_ms: float | None = None
+    max_audio_length_ms=None: the generator's default (90 s for real weights, a few seconds for
+    random ones, which never end); `GenerationRequest.with_default_length` fills it in.
+    """
+
     temperature: float = DEFAULT_TEMPERATURE
-    topk: int = DEFAULT_TOPK
+    top_k: int = DEFAULT_TOP_K
     seed: int | None = None
+    max_audio_length_ms: float | None = None
+
+    def __post_init__(self):
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) \
+                or not 0 < t <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be a number in (0, {MAX_TEMPERATURE:g}] "
+                             f"(got {t!r})")
+        k = self.top_k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:  # over 2048: all codes
+            raise ValueError(f"top_k must be an integer >= 1 (got {k!r})")
+        if self.seed is not None:
+            _check_int(self.seed, "seed")
+        ms = self.max_audio_length_ms
+        if ms is not None and (isinstance(ms, bool) or not isinstance(ms, (int, float))
+                               or not math.isfinite(ms) or ms < FRAME_MS):
+            raise ValueError(f"max_audio_length_ms must be at least {FRAME_MS} (one frame) "
+                             f"(got {ms!r})")
+        object.__setattr__(self, "temperature", float(t))
+        if ms is not None:
+            object.__setattr__(self, "max_audio_length_ms", float(ms))
 
     @property
     def max_frames(self) -> int:
         ms = DEFAULT_MAX_AUDIO_MS if self.max_audio_length_ms is None else self.max_audio_length_ms
         return max(1, int(ms // FRAME_MS))
 
-    def validated(self, default_max_ms: float = DEFAULT_MAX_AUDIO_MS) -> GenerationRequest:
-        return validate_request(**{f.name: getattr(self, f.name) for f in fields(self)},
-                                default_max_ms=default_max_ms)
+
+SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
 
 
-def validate_request(text, speaker=0, context=(), max_audio_length_ms=None,
-                     temperature=DEFAULT_TEMPERATURE, topk=DEFAULT_TOPK, seed=None, *,
-                     default_max_ms: float = DEFAULT_MAX_AUDIO_MS) -> GenerationRequest:
-    """Check every argument; raise a ValueError that names the bad one and says what is allowed."""
-    _check_text(text, "text", allow_empty=False)
-    _check_int(speaker, "speaker")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or not 0 < temperature <= MAX_TEMPERATURE:
-        raise ValueError(f"temperature must be a number in (0, {MAX_TEMPERATURE:g}] "
-                         f"(got {temperature!r})")
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
-        raise ValueError(f"topk must be an integer >= 1 (got {topk!r})")
-    if max_audio_length_ms is None:
-        max_audio_length_ms = default_max_ms
-    if isinstance(max_audio_length_ms, bool) or not isinstance(max_audio_length_ms, (int, float)) \
-            or not math.isfinite(max_audio_length_ms) or max_audio_length_ms < FRAME_MS:
-        raise ValueError(f"max_audio_length_ms must be at least {FRAME_MS} (one frame) "
-                         f"(got {max_audio_length_ms!r})")
-    if seed is not None:
-        _check_int(seed, "seed")
-    context = tuple(context or ())
-    for i, seg in enumerate(context):
-        _check_segment(seg, f"context[{i}]")
-    return GenerationRequest(text.strip(), speaker, context, float(max_audio_length_ms),
-                             float(temperature), int(topk), seed)
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation: text, speaker, context and its SamplingParams. Checked when made (the
+    text is stripped, the context becomes a tuple)."""
+
+    text: str
+    speaker: int = 0
+    context: tuple[Segment, ...] = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    def __post_init__(self):
+        _check_text(self.text, "text", allow_empty=False)
+        _check_int(self.speaker, "speaker")
+        if not isinstance(self.sampling, SamplingParams):
+            raise ValueError(f"sampling must be a SamplingParams (got "
+                             f"{type(self.sampling).__name__})")
+        context = tuple(self.context or ())
+        for i, seg in enumerate(context):
+            _check_segment(seg, f"context[{i}]")
+        object.__setattr__(self, "text", self.text.strip())
+        object.__setattr__(self, "context", context)
+
+    @classmethod
+    def of(cls, text, speaker=0, context=(), **sampling) -> GenerationRequest:
+        """From flat keywords (a dict request, a test): the sampling ones go to SamplingParams
+        (temperature, top_k, seed, max_audio_length_ms); any other is a ValueError naming it."""
+        unknown = sorted(set(sampling) - set(SAMPLING_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown request field(s) {', '.join(unknown)}: use text, speaker, "
+                             f"context, {', '.join(SAMPLING_FIELDS)}")
+        return cls(text, speaker, context, SamplingParams(**sampling))
+
+    @property
+    def max_frames(self) -> int:
+        return self.sampling.max_frames
+
+    def with_default_length(self, default_ms: float) -> GenerationRequest:
+        """The request with max_audio_length_ms filled in where it was left to the default."""
+        if self.sampling.max_audio_length_ms is not None:
+            return self
+        return replace(self, sampling=replace(self.sampling, max_audio_length_ms=default_ms))
 
 
 def _check_text(text, name: str, allow_empty: bool):
@@ -146,9 +187,10 @@ class EmptyOutputError(RuntimeError):
 
 def retry_request(req: GenerationRequest, attempt: int) -> tuple[GenerationRequest, str]:
     """The next try after an empty output, cooler and narrower, and the text that says so."""
-    req = replace(req, temperature=max(0.3, round(req.temperature * 0.7, 4)),
-                  topk=max(1, req.topk // 2))
-    return req, f"no audio: retry {attempt} with temperature {req.temperature:g}, top-k {req.topk}"
+    s = req.sampling
+    s = replace(s, temperature=max(0.3, round(s.temperature * 0.7, 4)), top_k=max(1, s.top_k // 2))
+    return (replace(req, sampling=s),
+            f"no audio: retry {attempt} with temperature {s.temperature:g}, top-k {s.top_k}")
 
 
 def draw_seed(seed: int | None) -> int:

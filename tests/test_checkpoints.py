@@ -16,7 +16,7 @@ from csm_streaming.engine.generator import Generator
 from csm_streaming.model.checkpoints import load_model_and_tokenizer, original_to_transformers
 from csm_streaming.model.csm import CSM
 from csm_streaming.model.hub import CheckpointError, pick_weight_files, resolve_checkpoint
-from csm_streaming.request import Segment, validate_request
+from csm_streaming.request import GenerationRequest, Segment
 
 CPU = torch.device("cpu")
 
@@ -80,7 +80,7 @@ def test_logits_equal_transformers(hf_checkpoint, mimi):
     assert "transformers format" in desc
     model: CSM = gen.model
     tokens, mask = gen.build_prompt(
-        validate_request("Hello there, how are you?", 1), reserve_frames=0
+        GenerationRequest.of("Hello there, how are you?", 1), reserve_frames=0
     )
     # backbone: hidden state after the prompt -> codebook-0 logits
     ours_h = model.prefill(tokens[None], mask[None], gen.caches, slot=0)
@@ -116,7 +116,7 @@ def test_greedy_codes_equal_transformers(hf_checkpoint, mimi, with_context):
         else []
     )
     ours = greedy(gen, "Say something nice.", context)
-    req = validate_request("Say something nice.", 0, context)
+    req = GenerationRequest.of("Say something nice.", 0, context)
     tokens, mask = gen.build_prompt(req, reserve_frames=20)
     theirs = hf_greedy_codes(hf, hf_embed(hf, tokens, mask), 20)
     assert ours.shape == (20, 32)
@@ -158,7 +158,7 @@ def test_rope_settings_come_from_config(tmp_path, mimi):
     hf = make_hf_checkpoint(tmp_path, rope=plain, seed=1)
     gen, _ = load_ours(tmp_path, mimi)
     assert gen.model.args.backbone.rope_scaling is None
-    req = validate_request("A fairly long sentence to reach far positions.", 0)
+    req = GenerationRequest.of("A fairly long sentence to reach far positions.", 0)
     tokens, mask = gen.build_prompt(req, reserve_frames=0)
     with torch.no_grad():
         ours = gen.model.prefill(tokens[None], mask[None], gen.caches, 0)

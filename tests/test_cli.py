@@ -75,7 +75,7 @@ def test_without_the_watermark_it_equals_generate(tmp_path):
     (["--text", " "], "text must be a non-empty string"),
     (["--speaker", "-1"], "speaker must be an integer >= 0"),
     (["--temperature", "0"], "temperature must be a number in (0, 10]"),
-    (["--topk", "0"], "topk must be an integer >= 1"),
+    (["--topk", "0"], "top_k must be an integer >= 1"),
     (["--max-audio-ms", "10"], "max_audio_length_ms must be at least 80"),
     (["--context-audio", "no-such.wav", "--context-text", "hi"], "no such file: no-such.wav"),
     (["--context-audio", str(ROOT / "README.md"), "--context-text", "hi"],
@@ -158,7 +158,7 @@ def test_the_remote_client_needs_no_torch():
     code = ("import sys; sys.modules['torch'] = None\n"  # importing torch would fail
             "from csm_streaming import request\n"
             "from csm_streaming.client import remote, playback, dashboard\n"
-            "request.validate_request('Hi.', 0)\n"
+            "request.GenerationRequest('Hi.', 0)\n"
             "print(remote.ws_url('https://box:8443/csm'))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -12,6 +12,7 @@ from csm_streaming.chat.llm import LLMConfig, LLMError, stream_reply
 from csm_streaming.engine.config import StreamingConfig
 from csm_streaming.engine.segmenting import TextChunker, clean_markdown
 from csm_streaming.engine.streaming import StreamingGenerator
+from csm_streaming.request import SamplingParams
 from llm_stubs import LLMStub
 
 REPLY = ["Hello", " there,", " friend.", " I am", " really glad", " that you", " asked me",
@@ -31,8 +32,9 @@ def speaking(own_generator):
 def test_audio_starts_before_the_llm_finishes_and_equals_the_same_sentences(speaking, kind):
     stub = LLMStub(kind, REPLY, delay=0.25)
     try:
-        conv = Conversation(speaking, stub.config(), speaker=1, seed=7)
-        context, seed = conv.context(), conv.turn_seed()
+        conv = Conversation(speaking, stub.config(), speaker=1,
+                            sampling=SamplingParams(seed=7))
+        context, seed = conv.context(), conv.turn_sampling().seed
         t0 = time.perf_counter()
         chunks, first_at = [], None
         for chunk in conv.speak_reply("Tell me about Mars."):
@@ -73,13 +75,14 @@ def test_the_next_turn_carries_the_previous_replys_audio(speaking, mimi):
     voice = Voice("anna", 2, text, Segment(2, text, codes=codes))
     stub = LLMStub("openai", ["First", " answer", " here."], delay=0.01)
     try:
-        conv = Conversation(speaking, stub.config(), voice=voice, seed=3)
+        conv = Conversation(speaking, stub.config(), voice=voice,
+                            sampling=SamplingParams(seed=3))
         list(conv.speak_reply("One?"))
         first = conv.turns[-1]
         assert (first.role, first.speaker, first.text) == ("assistant", 2, "First answer here.")
         assert torch.equal(first.codes, speaking.engine.last_stream.all_codes)
         stub.tokens = ["Second", " one", " now."]
-        context, seed = conv.context(), conv.turn_seed()
+        context, seed = conv.context(), conv.turn_sampling().seed
         assert [s.text for s in context] == ["This is how I sound.", "One?", "First answer here."]
         assert torch.equal(context[0].codes, codes) and torch.equal(context[2].codes, first.codes)
         second = torch.cat(list(conv.speak_reply("Two?")))
@@ -109,7 +112,7 @@ def test_a_provider_failure_is_clear_and_the_conversation_goes_on(speaking, kind
             config = replace(config, base_url=down)
         else:
             stub.fail = fail
-        conv = Conversation(speaking, config, seed=1)
+        conv = Conversation(speaking, config, sampling=SamplingParams(seed=1))
         with pytest.raises(LLMError, match=words.replace("(", r"\(").replace(")", r"\)")):
             list(conv.speak_reply("Hello?"))
         assert conv.turns == [] and speaking.engine.free_slots == 2  # nothing half-said is kept

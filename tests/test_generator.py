@@ -7,7 +7,8 @@ import torch
 
 from conftest import patch_sample_frame, speech_like
 from csm_streaming.audio import FRAME_SAMPLES, to_mono_24k
-from csm_streaming.engine.generator import audio_rows, load_csm_1b, pick_device
+from csm_streaming.engine.generator import load_csm_1b, pick_device
+from csm_streaming.engine.prompt_rows import audio_rows
 from csm_streaming.model.checkpoints import load_mimi
 from csm_streaming.model.hub import CheckpointError
 from csm_streaming.model.sampling import (
@@ -17,7 +18,7 @@ from csm_streaming.model.sampling import (
     is_eos,
     sample_topk,
 )
-from csm_streaming.request import Segment, validate_request
+from csm_streaming.request import GenerationRequest, Segment
 
 
 def test_text_segment_layout(tiny_generator):
@@ -139,13 +140,15 @@ def test_context_too_long_drops_oldest_with_warning(tiny_generator):
     window = tiny_generator.max_seq_len  # 512 on the tiny model
     old = Segment(0, "old turn " * 20, speech_like(8.0, seed=1))  # ~100 frames + text
     new = Segment(1, "newer turn", speech_like(4.0, seed=2))
-    req = validate_request("Now me.", 0, [old, new, new], max_audio_length_ms=16000)  # 200 frames
+    req = GenerationRequest.of("Now me.", 0, [old, new, new],
+                               max_audio_length_ms=16000)  # 200 frames
     with pytest.warns(UserWarning, match="dropped the 1 oldest of 3"):
         tokens, _ = tiny_generator.build_prompt(req)
     assert tokens.shape[0] + 200 <= window
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        tiny_generator.build_prompt(validate_request("Now me.", 0, [new], max_audio_length_ms=1600))
+        tiny_generator.build_prompt(GenerationRequest.of("Now me.", 0, [new],
+                                                         max_audio_length_ms=1600))
 
 
 def test_text_alone_too_long_is_a_clear_error(tiny_generator):
@@ -169,8 +172,8 @@ def test_text_alone_too_long_is_a_clear_error(tiny_generator):
         ({"temperature": float("inf")}, "temperature"),
         ({"temperature": 1e308}, "temperature"),
         ({"text": "bad \ud800 surrogate"}, "not valid Unicode"),
-        ({"topk": 0}, "topk"),
-        ({"topk": 2.5}, "topk"),
+        ({"topk": 0}, "top_k"),
+        ({"topk": 2.5}, "top_k"),
         ({"max_audio_length_ms": 0}, "max_audio_length_ms"),
         ({"max_audio_length_ms": -5}, "max_audio_length_ms"),
         ({"seed": -3}, "seed"),

@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from csm_streaming.engine.config import StreamingConfig
 from csm_streaming.engine.graphs import CPU_COMPILE_OPTIONS
 from csm_streaming.engine.streaming import StreamingGenerator
+from csm_streaming.request import GenerationRequest, SamplingParams
 
 aten = torch.ops.aten
 # Ops that need a tensor's value on the host (a device would have to finish first)
@@ -113,9 +114,9 @@ def test_no_host_sync_inside_the_frame_step(own_generator, monkeypatch):
     monkeypatch.setattr(engine, "_chunk", traced_chunk)
     monkeypatch.setattr(engine, "_decode", traced_decode)
     engine._steps.clear()  # the graphed wrappers call the traced step
-    reqs = [sg.request("First one.", 0, (), 1600, 0.9, 1, 1),
-            sg.request("The second, longer.", 1, (), 2400, 0.7, 50, 2),
-            sg.request("Third.", 0, (), 1200, 1.2, 50, 3)]
+    reqs = [GenerationRequest("First one.", 0, (), SamplingParams(0.9, 1, 1, 1600)),
+            GenerationRequest("The second, longer.", 1, (), SamplingParams(0.7, 50, 2, 2400)),
+            GenerationRequest("Third.", 0, (), SamplingParams(1.2, 50, 3, 1200))]
     streams = [engine.submit(reqs[0])]
     with rec, torch.inference_mode():
         for i in range(200):
@@ -140,7 +141,7 @@ def test_no_host_sync_inside_the_frame_step(own_generator, monkeypatch):
 def test_the_attention_cut_reads_positions_on_a_cpu_only(own_generator, monkeypatch):
     sg = StreamingGenerator(own_generator, StreamingConfig(max_batch_size=2))
     engine = sg.engine
-    stream = engine.submit(sg.request("Cut.", 0, (), 800, 0.9, 50, 1))
+    stream = engine.submit(GenerationRequest("Cut.", 0, (), SamplingParams(0.9, 50, 1, 800)))
     while stream.state != "running":
         engine.step()
     pos = engine.state.pos[:1]
@@ -176,8 +177,8 @@ def test_the_frame_step_traces_whole_once_and_keeps_its_buffers(own_generator, b
 
     sg = StreamingGenerator(own_generator, StreamingConfig(max_batch_size=4))
     engine = sg.engine
-    reqs = [sg.request(f"Stream number {i}.", i % 2, (), 4000, 0.6 + 0.2 * i, [1, 50, 7, 2051][i],
-                       i) for i in range(4)]
+    reqs = [GenerationRequest(f"Stream number {i}.", i % 2, (), SamplingParams(
+        0.6 + 0.2 * i, [1, 50, 7, 2051][i], i, 4000)) for i in range(4)]
     for r in reqs[:bucket]:
         engine.submit(r)
     with torch.inference_mode():
@@ -197,7 +198,7 @@ def test_the_frame_step_traces_whole_once_and_keeps_its_buffers(own_generator, b
             step()
             if i == 5:  # new sampling settings in place, as a joining stream writes them
                 engine.state.sampling.temperature[:bucket].mul_(0.5)
-                engine.state.sampling.topk[:bucket].copy_(
+                engine.state.sampling.top_k[:bucket].copy_(
                     torch.tensor([3, 2051, 1, 40][:bucket]))
             if i == 10:  # a slot changes hands: reset its row as admission does
                 engine.cancel(engine.active[0])

@@ -21,7 +21,7 @@ import soundfile as sf
 import torch
 
 from conftest import AUTH, TOKEN, LiveServer, patch_sample_frame, speech_like
-from csm_streaming.request import Segment
+from csm_streaming.request import GenerationRequest, Segment
 from csm_streaming.server.api import ServerSettings
 
 SR = 24_000
@@ -91,7 +91,7 @@ def test_a_stream_that_fails_ends_alone_and_visibly_on_every_transport(iso, tiny
     original = prompts._next
 
     def failing_next(s):
-        if s.request.seed == 666:
+        if s.request.sampling.seed == 666:
             raise RuntimeError("injected: the second sentence failed")
         yield from original(s)
 
@@ -540,8 +540,9 @@ def test_a_newcomer_cuts_the_running_chunk_and_joins_the_next_one(tiny_generator
 
     engine._frame_step = counted
     engine._steps.clear()
-    args = {"max_audio_length_ms": 2000, "temperature": 0.9, "topk": 50}
-    talker = engine.submit(sg.request("I keep talking for a while.", 0, seed=1, **args))
+    args = {"max_audio_length_ms": 2000, "temperature": 0.9, "top_k": 50}
+    talker = engine.submit(GenerationRequest.of("I keep talking for a while.", 0, seed=1,
+                                                **args))
     audio = {"talker": []}
     names = {talker.id: "talker"}
 
@@ -555,14 +556,15 @@ def test_a_newcomer_cuts_the_running_chunk_and_joins_the_next_one(tiny_generator
     assert step() == {"talker": 8}  # a whole chunk when nobody comes
     arrive_at[0] = frames[0] + 3
     assert step() == {"talker": 3}  # cut at the third frame: somebody came
-    newcomer = engine.submit(sg.request("Me too.", 1, seed=2, **args))  # the scheduler admits
+    # the scheduler admits
+    newcomer = engine.submit(GenerationRequest.of("Me too.", 1, seed=2, **args))
     names[newcomer.id], audio["newcomer"] = "newcomer", []
     assert step() == {"talker": 2, "newcomer": 2}  # prefilled first, then in the next chunk
     while engine.active:
         step()
     for s, text, speaker, seed in (("talker", "I keep talking for a while.", 0, 1),
                                    ("newcomer", "Me too.", 1, 2)):
-        ref = tiny_generator.generate(text, speaker, seed=seed, **args)
+        ref = tiny_generator.speak(GenerationRequest.of(text, speaker, seed=seed, **args))
         torch.testing.assert_close(torch.cat(audio[s]), ref, atol=1e-4, rtol=0)
 
 
@@ -604,7 +606,7 @@ def test_streams_far_ahead_lend_their_lead_to_newcomers_prompts(tiny_generator):
     from csm_streaming.engine.streaming import StreamingGenerator
 
     engine = StreamingGenerator(tiny_generator, StreamingConfig(max_batch_size=2)).engine
-    a, b = (engine.submit(tiny_generator.request(t, 0, (), 4000, seed=i))
+    a, b = (engine.submit(GenerationRequest.of(t, 0, (), max_audio_length_ms=4000, seed=i))
             for i, t in enumerate(("Ahead.", "Also ahead.")))
     engine.prepare_all()
     assert a.state == b.state == "running"
@@ -631,10 +633,12 @@ def test_lent_time_goes_to_prompts_without_audio_to_encode_only(tiny_generator):
     from csm_streaming.engine.streaming import StreamingGenerator
 
     engine = StreamingGenerator(tiny_generator, StreamingConfig(max_batch_size=4)).engine
-    light = [engine.submit(tiny_generator.request(f"Newcomer {i} is here.", 0, (), 800, seed=i))
+    light = [engine.submit(GenerationRequest.of(f"Newcomer {i} is here.", 0, (),
+                                                max_audio_length_ms=800, seed=i))
              for i in range(3)]
-    heavy = engine.submit(tiny_generator.request(
-        "With context.", 0, (Segment(1, "Earlier.", speech_like(3.0)),), 800, seed=9))
+    heavy = engine.submit(GenerationRequest.of(
+        "With context.", 0, (Segment(1, "Earlier.", speech_like(3.0)),), max_audio_length_ms=800,
+        seed=9))
     assert engine.prompts.run(0.0, lent_s=30.0) == []
     assert [s.state for s in light] == ["running"] * 3 and heavy.state == "preparing"
     assert engine.prompts.pending  # the heavy job: one unit of it at most

@@ -69,10 +69,12 @@ def test_import_graph_has_no_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # it finds one
 
 
+COMMANDS = ("csm_streaming.cli", "csm_streaming.verify_watermark", "csm_streaming.options")
 FORBIDDEN = {  # a layer and what it must never import
     "csm_streaming.model": ("csm_streaming.engine", "csm_streaming.chat", "csm_streaming.server",
-                            "csm_streaming.client", "csm_streaming.cli"),
-    "csm_streaming.engine": ("csm_streaming.chat", "csm_streaming.server", "csm_streaming.cli"),
+                            "csm_streaming.client", *COMMANDS),
+    "csm_streaming.engine": ("csm_streaming.chat", "csm_streaming.server", "csm_streaming.client",
+                             *COMMANDS),
     "csm_streaming.chat": ("csm_streaming.server", "csm_streaming.cli"),
     "csm_streaming.client": ("csm_streaming.model", "csm_streaming.engine", "csm_streaming.chat",
                              "csm_streaming.server", "csm_streaming.cli"),
@@ -93,6 +95,40 @@ def test_the_layers_import_one_way():
         wrong += [f"{name} imports the root face {m}" for m in imports_of(path)
                   if m.split(".")[0] in FACES]
     assert not wrong, wrong
+
+
+def test_the_model_imports_nothing_above_it():
+    """model/ is the bottom layer: besides itself, only the shared audio helpers."""
+    allowed = ("csm_streaming.model", "csm_streaming.audio")
+    wrong = [f"{name} imports {m}" for name, path in MODULES.items()
+             if within(name, "csm_streaming.model")
+             for m in package_imports(path) if not any(within(m, a) for a in allowed)]
+    assert not wrong, wrong
+
+
+# Upstream's signatures (text, speaker, context, max_audio_length_ms, temperature, topk) plus
+# seed: the upstream API stays, so these take more than 6 parameters; they build the request
+# object at once and nothing else takes the settings one by one.
+UPSTREAM_FACES = {"generate", "generate_codes", "generate_streaming", "upstream_request"}
+
+
+def parameters(node) -> list[str]:
+    a = node.args
+    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+    return names[1:] if names[:1] in (["self"], ["cls"]) else names
+
+
+def test_no_function_takes_more_than_six_parameters():
+    """Settings travel as one object (SamplingParams, LoadOptions...), not as long lists."""
+    wide = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) \
+                    and len(parameters(node)) > 6 and node.name not in UPSTREAM_FACES:
+                wide.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not wide, wide
+    seven = ast.parse("def f(a, b, c, d, e, f, g): pass").body[0]
+    assert len(parameters(seven)) == 7  # the count sees them all
 
 
 def test_names_do_not_repeat_their_folder():

@@ -175,7 +175,7 @@ def test_device_fallback_is_said_not_silent():
 
 
 def test_server_narrows_its_batch_when_the_device_runs_out_of_memory(tiny_generator):
-    from csm_streaming.request import validate_request
+    from csm_streaming.request import GenerationRequest
     from csm_streaming.server.scheduler import Scheduler
 
     sg = StreamingGenerator(
@@ -197,7 +197,8 @@ def test_server_narrows_its_batch_when_the_device_runs_out_of_memory(tiny_genera
     async def run_all():
         loop = asyncio.get_running_loop()
         tickets = [
-            sched.submit(validate_request(f"Stream {i}.", 0, max_audio_length_ms=480, seed=i), loop)
+            sched.submit(GenerationRequest.of(f"Stream {i}.", 0, max_audio_length_ms=480,
+                                              seed=i), loop)
             for i in range(4)
         ]
         results = []

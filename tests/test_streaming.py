@@ -8,8 +8,8 @@ from csm_streaming.audio import FRAME_SAMPLES
 from csm_streaming.engine.config import StreamingConfig
 from csm_streaming.engine.runaway import TailGuard
 from csm_streaming.engine.segmenting import split_sentences
-from csm_streaming.engine.streaming import StreamingGenerator, StreamRequest
-from csm_streaming.request import Segment
+from csm_streaming.engine.streaming import StreamingGenerator
+from csm_streaming.request import GenerationRequest, Segment
 
 
 @pytest.fixture(scope="module")
@@ -89,20 +89,22 @@ def test_end_of_speech_mid_chunk(device_generator):
 def test_batched_streams_equal_their_solo_runs(device_generator):
     own_generator = device_generator
     streamer = StreamingGenerator(own_generator, StreamingConfig(max_batch_size=3))
-    reqs = [StreamRequest("First voice here.", 0, max_audio_length_ms=1200, seed=1, topk=1),
-            StreamRequest("A second, different one.", 1, max_audio_length_ms=2000, seed=2, topk=30,
-                          temperature=0.7),
-            StreamRequest("Third.", 2, max_audio_length_ms=800, seed=3, topk=5, temperature=1.2),
+    req = GenerationRequest.of
+    reqs = [req("First voice here.", 0, max_audio_length_ms=1200, seed=1, top_k=1),
+            req("A second, different one.", 1, max_audio_length_ms=2000, seed=2, top_k=30,
+                temperature=0.7),
+            req("Third.", 2, max_audio_length_ms=800, seed=3, top_k=5, temperature=1.2),
             # more requests than the 3 slots: this one joins when a slot frees up; its k=200
             # makes the shared step draw among 256 candidates, the others' solo runs among 64
-            StreamRequest("Fourth joins late.", 0, max_audio_length_ms=960, seed=4, topk=200,
-                          context=(Segment(1, "Earlier.", speech_like(0.4)),))]
+            req("Fourth joins late.", 0, (Segment(1, "Earlier.", speech_like(0.4)),),
+                max_audio_length_ms=960, seed=4, top_k=200)]
     force_end_at(own_generator.model, {2: 13})  # request 1 ends on its own, mid-chunk
     got = {i: [] for i in range(len(reqs))}
     for i, chunk in streamer.generate_streaming_batch(reqs):
         got[i].append(chunk)
-    solo = [own_generator.generate(r.text, r.speaker, r.context, r.max_audio_length_ms,
-                                   r.temperature, r.topk, r.seed) for r in reqs]
+    solo = [own_generator.generate(r.text, r.speaker, r.context, r.sampling.max_audio_length_ms,
+                                   r.sampling.temperature, r.sampling.top_k, r.sampling.seed)
+            for r in reqs]
     assert solo[1].shape[0] == 13 * FRAME_SAMPLES
     for i, ref in enumerate(solo):
         torch.testing.assert_close(torch.cat(got[i]), ref, atol=1e-4, rtol=0)
@@ -167,7 +169,7 @@ def test_config_is_validated(kwargs, match):
 @pytest.mark.parametrize("kwargs, name", [
     ({"text": "  "}, "text"), ({"speaker": -1}, "speaker"), ({"speaker": "0"}, "speaker"),
     ({"temperature": float("nan")}, "temperature"), ({"temperature": 0}, "temperature"),
-    ({"topk": 0}, "topk"), ({"max_audio_length_ms": 0}, "max_audio_length_ms"),
+    ({"topk": 0}, "top_k"), ({"max_audio_length_ms": 0}, "max_audio_length_ms"),
     ({"context": [Segment(0, "x", torch.zeros(0))]}, r"context\[0\].audio"),
     ({"context": [Segment(0, "x", torch.tensor([0.0, float("nan")]))]}, r"context\[0\].audio")])
 def test_bad_input_fails_before_any_work(streamer, kwargs, name):
@@ -288,18 +290,17 @@ def step_until_running(eng, *streams):
 
 
 def test_engine_steps_only_the_bucket_of_busy_slots(tiny_generator):
-    from csm_streaming.request import validate_request
 
     sg = StreamingGenerator(
         tiny_generator, StreamingConfig(enable_compilation=False, max_batch_size=8)
     )
     eng = sg.engine
-    a = eng.submit(validate_request("One.", 0, max_audio_length_ms=2400, seed=1))
+    a = eng.submit(GenerationRequest.of("One.", 0, max_audio_length_ms=2400, seed=1))
     step_until_running(eng, a)
     eng.step()
     assert eng.last_bucket == 1
-    b = eng.submit(validate_request("Two.", 0, max_audio_length_ms=800, seed=2))
-    c = eng.submit(validate_request("Three.", 0, max_audio_length_ms=800, seed=3))
+    b = eng.submit(GenerationRequest.of("Two.", 0, max_audio_length_ms=800, seed=2))
+    c = eng.submit(GenerationRequest.of("Three.", 0, max_audio_length_ms=800, seed=3))
     step_until_running(eng, b, c)
     eng.step()
     assert (a.slot, b.slot, c.slot) == (0, 1, 2) and eng.last_bucket == 4
@@ -316,12 +317,11 @@ def test_engine_steps_only_the_bucket_of_busy_slots(tiny_generator):
 def test_a_cpu_frame_step_attends_up_to_its_running_streams_only(tiny_generator, monkeypatch):
     """The backbone's frame step is told how far the running rows' positions go (their cache
     is read that far, llama.ATTENTION_BLOCK), not the free slot's scratch position."""
-    from csm_streaming.request import validate_request
 
     eng = StreamingGenerator(
         tiny_generator, StreamingConfig(enable_compilation=False, max_batch_size=2)).engine
-    a = eng.submit(validate_request("Gone.", 0, max_audio_length_ms=800, seed=1))
-    b = eng.submit(validate_request("Kept.", 0, max_audio_length_ms=2400, seed=2))
+    a = eng.submit(GenerationRequest.of("Gone.", 0, max_audio_length_ms=800, seed=1))
+    b = eng.submit(GenerationRequest.of("Kept.", 0, max_audio_length_ms=2400, seed=2))
     step_until_running(eng, a, b)
     eng.cancel(a)  # slot 0 free (at the scratch position), slot 1 running: bucket 2
     backbone, seen = tiny_generator.model.backbone, []
@@ -405,13 +405,13 @@ def test_requests_that_come_together_are_prefilled_in_one_call(own_generator):
         return original(blocks, caches)
 
     model.prefill_rows = counted
-    reqs = [StreamRequest(text, i, max_audio_length_ms=480, seed=i + 1, topk=20)
+    reqs = [GenerationRequest.of(text, i, max_audio_length_ms=480, seed=i + 1, top_k=20)
             for i, text in enumerate(("One.", "Number two is longer.", "Three here."))]
     got = {i: [] for i in range(3)}
     for i, chunk in sg.generate_streaming_batch(reqs):
         got[i].append(chunk)
     assert calls == [3]  # ~10 positions each: one call of three rows (<= 64 positions)
     for i, r in enumerate(reqs):
-        solo = own_generator.generate(r.text, r.speaker, (), r.max_audio_length_ms,
-                                      r.temperature, r.topk, r.seed)
+        solo = own_generator.generate(r.text, r.speaker, (), r.sampling.max_audio_length_ms,
+                                      r.sampling.temperature, r.sampling.top_k, r.sampling.seed)
         torch.testing.assert_close(torch.cat(got[i]), solo, atol=1e-4, rtol=0)

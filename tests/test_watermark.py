@@ -13,7 +13,7 @@ from conftest import speech_like
 from csm_streaming.audio import FRAME_SAMPLES, save_audio
 from csm_streaming.engine.config import StreamingConfig
 from csm_streaming.engine.generator import Generator, load_csm_1b
-from csm_streaming.engine.streaming import StreamingGenerator, StreamRequest
+from csm_streaming.engine.streaming import StreamingGenerator
 from csm_streaming.model.watermark import (
     CSM_1B_GH_WATERMARK,
     StreamMarker,
@@ -27,6 +27,7 @@ from csm_streaming.model.watermark import (
     verify,
     watermark,
 )
+from csm_streaming.request import GenerationRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,14 +109,15 @@ def test_batch_streams_are_marked_each(marked_generator, tiny_generator):
     sg = StreamingGenerator(
         marked_generator, StreamingConfig(enable_compilation=False, max_batch_size=2)
     )
-    reqs = [StreamRequest("One.", 0, max_audio_length_ms=640, seed=1),
-            StreamRequest("Two.", 1, max_audio_length_ms=960, seed=2)]
+    reqs = [GenerationRequest.of("One.", 0, max_audio_length_ms=640, seed=1),
+            GenerationRequest.of("Two.", 1, max_audio_length_ms=960, seed=2)]
     got = {0: [], 1: []}
     for i, c in sg.generate_streaming_batch(reqs):
         got[i].append(c)
     for i, r in enumerate(reqs):
         plain = tiny_generator.generate(
-            r.text, r.speaker, max_audio_length_ms=r.max_audio_length_ms, seed=r.seed
+            r.text, r.speaker, max_audio_length_ms=r.sampling.max_audio_length_ms,
+            seed=r.sampling.seed
         )
         out = torch.cat(got[i])
         assert out.shape == plain.shape and not torch.equal(out, plain)
@@ -191,7 +193,7 @@ def run_watermark_cli(*args):
 
 def run_watermark_main(capsys, *args):
     """The same command's main in this process (a process start each costs seconds)."""
-    from csm_streaming.model.watermark import main
+    from csm_streaming.verify_watermark import main
 
     code = main(list(args))
     out = capsys.readouterr()

@@ -44,14 +44,12 @@ def run_chat(args, sg=None, voice=None) -> int:
         from csm_streaming.chat.conversation import Conversation
 
         conv = Conversation(sg, args.llm_config, voice=voice, speaker=args.speaker,
-                            temperature=args.temperature, topk=args.topk, seed=args.seed,
-                            max_reply_ms=args.max_audio_ms)
+                            sampling=args.sampling)
         print(f"talking with {args.llm_config.describe()}; an empty input or 'quit' ends",
               file=sys.stderr)
     else:
         session = ChatSession(args.server, args.token, args.voice, args.speaker, on_text=say,
-                              temperature=args.temperature, top_k=args.topk, seed=args.seed,
-                              max_audio_length_ms=args.max_audio_ms)
+                              sampling=args.sampling)
     everything, status, metrics = [], 0, None
     for message in read_messages():
         player = open_player(SAMPLE_RATE) if args.play_audio else None
@@ -63,8 +61,7 @@ def run_chat(args, sg=None, voice=None) -> int:
             chunks = session.reply(message, metrics)
             metrics_of, chat_of = (lambda m=metrics: m), (lambda: None)
         try:
-            out, interrupted = show_stream(chunks, metrics_of, args, player, 5.0, SAMPLE_RATE,
-                                           chat_of, file=sys.stderr)
+            out, interrupted = show_stream(chunks, metrics_of, args, player, 5.0, chat_of)
         except (LLMError, RemoteError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)  # the conversation goes on
             status = EXIT_BAD_INPUT

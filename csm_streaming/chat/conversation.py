@@ -14,14 +14,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from csm_streaming.chat.llm import LLMConfig, LLMError, stream_reply
 from csm_streaming.engine.segmenting import TextChunker
 from csm_streaming.engine.streams import TextFeed
-from csm_streaming.request import Segment
+from csm_streaming.request import GenerationRequest, SamplingParams, Segment
 
 CONTEXT_SHARE = 0.5  # of the window for the dialogue; the rest is for the reply being spoken
 REPLY_TEXT_WAIT_S = 30.0  # after the speech ends, for the rest of the reply's text
@@ -171,13 +171,10 @@ class Conversation:
     """A spoken dialogue with a StreamingGenerator (one reply at a time)."""
 
     def __init__(self, sg, llm: LLMConfig, voice=None, speaker: int = 0,
-                 user_speaker: int | None = None,
-                 temperature: float = 0.9, topk: int = 50, seed: int | None = None,
-                 max_reply_ms: float | None = None):
+                 user_speaker: int | None = None, sampling: SamplingParams | None = None):
         self.sg, self.llm = sg, llm
         self.dialogue = Dialogue(voice, speaker, user_speaker)
-        self.temperature, self.topk, self.seed = temperature, topk, seed
-        self.max_reply_ms = max_reply_ms
+        self.sampling = sampling or SamplingParams()  # max_audio_length_ms: a reply's longest
         self.metrics: ChatMetrics | None = None
         self.reply: ReplyText | None = None  # the last reply (its pieces and text)
 
@@ -188,9 +185,11 @@ class Conversation:
     def context(self) -> tuple[Segment, ...]:
         return self.dialogue.context_for(self.sg)
 
-    def turn_seed(self) -> int | None:
-        """The seed of the next reply: --seed plus the turn number (replies differ, runs repeat)."""
-        return None if self.seed is None else self.seed + len(self.turns) // 2
+    def turn_sampling(self) -> SamplingParams:
+        """The next reply's sampling: its seed is the seed plus the turn number (replies
+        differ, runs repeat)."""
+        seed = self.sampling.seed
+        return replace(self.sampling, seed=None if seed is None else seed + len(self.turns) // 2)
 
     def speak_reply(self, user_text: str, on_text=None) -> Iterator[torch.Tensor]:
         """Stream the spoken reply to `user_text`. The LLM's first clause is spoken while the
@@ -199,8 +198,8 @@ class Conversation:
         if not isinstance(user_text, str) or not user_text.strip():
             raise ValueError("say something: the message is empty")
         self.metrics = metrics = ChatMetrics()
-        req = self.sg.request(user_text.strip(), self.dialogue.speaker, self.context(),
-                              self.max_reply_ms, self.temperature, self.topk, self.turn_seed())
+        req = GenerationRequest(user_text.strip(), self.dialogue.speaker, self.context(),
+                                self.turn_sampling())
         feed = TextFeed(closed=False)
         self.reply = reply = ReplyText(self.llm, self.dialogue.messages(user_text.strip()), feed,
                                        metrics, on_text).start()

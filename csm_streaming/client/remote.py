@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from urllib.parse import urlparse, urlunparse
 
 import numpy as np
 
 from csm_streaming.audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE, pcm16_to_float
 from csm_streaming.metrics import StreamMetrics
+from csm_streaming.request import SamplingParams
 
 
 class RemoteError(RuntimeError):
@@ -109,14 +111,13 @@ def stream_from_server(server: str, message: dict, metrics: StreamMetrics,
         metrics.finished, metrics.stop_reason = True, "done"
 
 
-def request_message(text: str, speaker: int, voice: str | None, max_audio_ms: float | None,
-                    temperature: float, topk: int, seed: int | None, context=(),
-                    kind: str = "speech") -> dict:
-    """The first WebSocket message of a request. context: (speaker, text, audio file bytes)."""
+def request_message(text: str, speaker: int, voice: str | None, sampling: SamplingParams,
+                    context=(), kind: str = "speech") -> dict:
+    """The first WebSocket message of a request: the SamplingParams' fields are the wire's.
+    context: (speaker, text, audio file bytes)."""
     import base64
 
-    msg = {"type": kind, "text": text, "speaker": speaker, "temperature": temperature,
-           "top_k": topk, "seed": seed, "max_audio_length_ms": max_audio_ms,
+    msg = {"type": kind, "text": text, "speaker": speaker, **asdict(sampling),
            "context": [{"speaker": s, "text": t, "audio_base64": base64.b64encode(b).decode()}
                        for s, t, b in context]}
     if voice is not None:
@@ -134,10 +135,10 @@ class ChatSession:
     on_text(delta), when given, sees each piece of it as it arrives (before its audio)."""
 
     def __init__(self, server: str, token: str | None = None, voice: str | None = None,
-                 speaker: int = 0, timeout: float = 600.0, on_text=None, **sampling):
-        self.server, self.token, self.timeout = server, token, timeout
+                 speaker: int = 0, on_text=None, sampling: SamplingParams | None = None):
+        self.server, self.token, self.timeout = server, token, 600.0
         self.on_text = on_text
-        self.first = {"type": "chat", "speaker": speaker, **sampling}
+        self.first = {"type": "chat", "speaker": speaker, **asdict(sampling or SamplingParams())}
         if voice is not None:
             self.first["voice"] = voice
         self.ws = None

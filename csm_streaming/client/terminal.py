@@ -7,6 +7,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from csm_streaming.audio import SAMPLE_RATE
+
 EXIT_BAD_INPUT = 2
 
 
@@ -27,12 +29,14 @@ def open_player(sample_rate: int):
 # -- the shared part: play, show, save ------------------------------------------------------------
 
 
-def show_stream(chunks, metrics_of, args, player, expected_s: float, sample_rate: int,
-                chat_of=lambda: None, file=None):
-    """Consume chunks (tensors or arrays) with the dashboard (on `file`, stdout by default) and,
-    when playing, the sound card. Returns (list of chunks, interrupted)."""
+def show_stream(chunks, metrics_of, args, player, expected_s: float, chat_of=None):
+    """Consume 24 kHz chunks (tensors or arrays) with the dashboard and, when playing, the
+    sound card. chat_of: a chat's metrics (then the dashboard goes to stderr: stdout has the
+    reply's text). Returns (list of chunks, interrupted)."""
     from csm_streaming.client.dashboard import Dashboard
 
+    file = None if chat_of is None else sys.stderr
+    chat_of = chat_of or (lambda: None)
     out, interrupted = [], False
     with Dashboard(enabled=True, force_terminal=False if args.no_dashboard else None,
                    file=file) as dash:
@@ -44,7 +48,7 @@ def show_stream(chunks, metrics_of, args, player, expected_s: float, sample_rate
             if player is not None:
                 from csm_streaming.client.playback import play_stream
 
-                chunks = play_stream(chunks, sample_rate, rtf_hint=0.5, expected_total_s=expected_s,
+                chunks = play_stream(chunks, SAMPLE_RATE, rtf_hint=0.5, expected_total_s=expected_s,
                                      player=player, on_chunk=lambda _: show("generating"))
             for chunk in chunks:
                 out.append(chunk)

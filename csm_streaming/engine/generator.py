@@ -2,22 +2,20 @@
 
 `Generator` runs the plain eager loop, one frame at a time, like Sesame's release. It is also the
 reference the streaming engine is tested against, so it stays simple on purpose. The prompt
-pieces (text rows, encoded audio rows, fitting them into the window) are built by the functions
-here for both.
+pieces (text rows, encoded audio rows, fitting them into the window) are built by prompt_rows.py
+for both.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
-from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from csm_streaming.audio import FRAME_SAMPLES, SAMPLE_RATE, to_mono_24k
-from csm_streaming.engine.mimi_state import mimi_graphs_off
+from csm_streaming.audio import SAMPLE_RATE, to_mono_24k
 from csm_streaming.engine.normalize import normalize_text
+from csm_streaming.engine.prompt_rows import audio_rows, encode_slices, fit_prompt, text_rows
 from csm_streaming.engine.runaway import TailConfig, TailGuard
 from csm_streaming.metrics import DEVICE_FALLBACK, EMPTY_RETRY, Event
 from csm_streaming.model.checkpoints import default_dtype, load_mimi, load_model_and_tokenizer
@@ -26,91 +24,61 @@ from csm_streaming.model.hub import DEFAULT_REPO, CheckpointError, is_random_mod
 from csm_streaming.model.sampling import MIMI_CODES, SamplingState, candidates_for, is_eos
 from csm_streaming.request import (
     DEFAULT_MAX_AUDIO_MS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
     MAX_EMPTY_RETRIES,
     EmptyOutputError,
     GenerationRequest,
+    SamplingParams,
     Segment,
     draw_seed,
     retry_request,
-    validate_request,
 )
 
 log = logging.getLogger("csm")
 
 RANDOM_MODEL_MAX_AUDIO_MS = 3_000  # random weights never say "end": keep their default short
-ENCODE_SLICE_FRAMES = 4  # frames of context audio per Mimi encode call (one unit of prompt work)
 
 
-# ---------------------------------------------------------------------------------------------
-# Prompt pieces: rows of [positions, 33] tokens and their mask
-# ---------------------------------------------------------------------------------------------
-
-
-def text_rows(tokenizer, text: str, speaker: int):
-    """`[speaker]text` with BOS/EOS -> (tokens, mask) [n, 33]: only the text column is used."""
-    ids = tokenizer.encode(f"[{speaker}]{text}").ids
-    tokens = torch.zeros(len(ids), 33, dtype=torch.long)
-    mask = torch.zeros(len(ids), 33, dtype=torch.bool)
-    tokens[:, -1] = torch.tensor(ids)
-    mask[:, -1] = True
-    return tokens, mask
-
-
-def audio_rows(codes: torch.Tensor):
-    """Audio codes [n, 32] -> prompt rows ([n + 1, 33], mask): the codes, then the all-zero end
-    frame; the text column unused. Encoded context and already-spoken segments both use it."""
-    codes = torch.cat([codes.cpu(), torch.zeros(1, codes.shape[1], dtype=codes.dtype)])
-    tokens = torch.zeros(codes.shape[0], 33, dtype=torch.long)
-    mask = torch.zeros(codes.shape[0], 33, dtype=torch.bool)
-    tokens[:, :-1] = codes
-    mask[:, :-1] = True
-    return tokens, mask
-
-
-def encode_slices(mimi, audio: torch.Tensor, device) -> Iterator[torch.Tensor]:
-    """Mimi codes [k, 32] of 24 kHz mono audio, ENCODE_SLICE_FRAMES frames per call, in the
-    encoder's streaming state (the same codes as one call over all of it, in bounded pieces).
-    The audio is padded with silence to a whole number of frames, as a one-shot encode does.
-    Run it under torch.inference_mode(): a grad mode entered here would outlive each yield."""
-    n = -(-audio.numel() // FRAME_SAMPLES) * FRAME_SAMPLES
-    audio = F.pad(audio.float(), (0, n - audio.numel())).to(device)
-    step = ENCODE_SLICE_FRAMES * FRAME_SAMPLES
-    with mimi.streaming(1):
-        mimi_graphs_off(mimi)  # the last slice may be shorter than the others
-        for start in range(0, n, step):
-            yield mimi.encode(audio[None, None, start:start + step])[0].T.cpu()  # [k, 32]
-
-
-def fit_prompt(pieces: list, text: tuple, window: int, reserve: int):
-    """Context pieces (oldest first) + the text rows -> (tokens, mask) [S, 33] that leave
-    `reserve` positions for audio. Pieces that do not fit are dropped, oldest first, with a
-    warning; a text that alone does not fit is a ValueError."""
-    text_t, text_m = text
-    if len(text_t) + reserve > window:
-        raise ValueError(f"text is too long: {len(text_t)} tokens + {reserve} frames of audio "
-                         f"exceed the {window}-position window; split the text or lower "
-                         "max_audio_length_ms")
-    budget = window - reserve - len(text_t)
-    kept = []
-    for tokens, mask in reversed(pieces):  # newest first
-        if len(tokens) > budget:
-            break
-        kept.insert(0, (tokens, mask))
-        budget -= len(tokens)
-    if len(kept) < len(pieces):
-        warnings.warn(f"context too long for the {window}-position window: dropped the "
-                      f"{len(pieces) - len(kept)} oldest of {len(pieces)} segments", stacklevel=3)
-    kept.append((text_t, text_m))
-    return torch.cat([t for t, _ in kept]), torch.cat([m for _, m in kept])
-
-
-def sampling_for(req: GenerationRequest, seed: int, device) -> SamplingState:
+def sampling_for(params: SamplingParams, seed: int, device) -> SamplingState:
     s = SamplingState.empty(1, device)
-    s.temperature.fill_(req.temperature)
-    s.topk.fill_(min(req.topk, MIMI_CODES))
-    s.candidates = candidates_for(req.topk)
+    s.temperature.fill_(params.temperature)
+    s.top_k.fill_(min(params.top_k, MIMI_CODES))
+    s.candidates = candidates_for(params.top_k)
     s.seed.fill_(seed)
     return s
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How `load_csm_1b` loads CSM-1B, and what the Generator it returns does by default.
+
+    model: a hub repo id (default: the ungated copy; `sesame/csm-1b` for the official gated
+    one), a local folder or weight file (both checkpoint formats), or `random:csm-1b` /
+    `random:tiny` for random weights with no download. mimi: None (Kyutai's release), a local
+    file, a repo id, or 'random' (the default for random models). Random models also get a
+    watermark model with random weights (the stage runs, the mark means nothing; random:tiny's
+    is small, as its model is) and a short default length (RANDOM_MODEL_MAX_AUDIO_MS): they
+    never emit the end frame. quantize: None, 'int8' (CPU, MPS, CUDA) or 'int4' (CPU)
+    weight-only quantization, see model/quantize.py; dtype='int8' / 'int4' says the same.
+    dtype: a torch.dtype, 'fp32', 'bf16', or 'auto' (on a CPU the fastest of the two, and of
+    int8 when quantize='int8' was asked for, measured: see pick_dtype); None: bf16 on CUDA,
+    fp32 elsewhere.
+    """
+
+    model: str = DEFAULT_REPO
+    mimi: str | None = None
+    dtype: torch.dtype | str | None = None
+    quantize: str | None = None
+    watermark: bool = True
+    watermark_key: object = None
+    allow_cpu_fallback: bool = False
+    normalize: bool = True  # spell out numbers and symbols (normalize.py)
+
+    @property
+    def default_max_audio_ms(self) -> float:
+        """Random weights never say "end": their default length is short."""
+        return RANDOM_MODEL_MAX_AUDIO_MS if is_random_model(self.model) else DEFAULT_MAX_AUDIO_MS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,18 +93,18 @@ class Generator:
     """
 
     def __init__(self, model: CSM, text_tokenizer, audio_tokenizer, device=None, watermarker=None,
-                 tail: TailConfig | None = None, normalize: bool = True,
-                 allow_cpu_fallback: bool = False, default_max_audio_ms: float | None = None):
+                 options: LoadOptions | None = None):
+        options = options or LoadOptions()
         self._model = model
         self.text_tokenizer = text_tokenizer
         self.mimi = audio_tokenizer
         self.device = torch.device(device) if device else next(model.parameters()).device
         self.sample_rate = SAMPLE_RATE
         self.watermarker = watermarker  # watermarking.Watermarker, or None (explicitly off)
-        self.tail = tail or TailConfig()  # runaway-output guard (runaway.py)
-        self.normalize = normalize  # spell out numbers and symbols (normalize.py)
-        self.allow_cpu_fallback = allow_cpu_fallback
-        self.default_max_audio_ms = default_max_audio_ms or DEFAULT_MAX_AUDIO_MS
+        self.tail = TailConfig()  # runaway-output guard (runaway.py)
+        self.normalize = options.normalize
+        self.allow_cpu_fallback = options.allow_cpu_fallback
+        self.default_max_audio_ms = options.default_max_audio_ms
         self.events: list[Event] = []  # fallbacks and retries, as logged
         self.last_stop_reason = ""
         self.caches = model.make_caches(1)
@@ -156,11 +124,16 @@ class Generator:
         self.events.append(event)
         return event
 
-    def request(self, text, speaker=0, context=(), max_audio_length_ms=None, temperature=0.9,
-                topk=50, seed=None) -> GenerationRequest:
-        """Validate the arguments of a generation (ValueError names a bad one)."""
-        return validate_request(text, speaker, context, max_audio_length_ms, temperature, topk,
-                                seed, default_max_ms=self.default_max_audio_ms)
+    def complete(self, req: GenerationRequest) -> GenerationRequest:
+        """The request with this generator's default length where it left it to the default."""
+        return req.with_default_length(self.default_max_audio_ms)
+
+    def upstream_request(self, text, speaker, context, max_audio_length_ms, temperature, topk,
+                         seed) -> GenerationRequest:
+        """Upstream's positional arguments (topk spelled as upstream spells it) -> the request.
+        Only the upstream-compatible faces call it."""
+        return self.complete(GenerationRequest(text, speaker, context, SamplingParams(
+            temperature, topk, seed, max_audio_length_ms)))
 
     # -- prompt -------------------------------------------------------------------------------
 
@@ -205,18 +178,19 @@ class Generator:
 
     @torch.inference_mode()
     def generate_codes(self, text: str, speaker: int = 0, context=(),
-                       max_audio_length_ms: float | None = None, temperature: float = 0.9,
-                       topk: int = 50, seed: int | None = None,
-                       stop_at_eos: bool = True) -> torch.Tensor:
+                       max_audio_length_ms: float | None = None,
+                       temperature: float = DEFAULT_TEMPERATURE, topk: int = DEFAULT_TOP_K,
+                       seed: int | None = None, *, stop_at_eos: bool = True) -> torch.Tensor:
         """The generated Mimi codes [frames, 32] int64, before decoding (the end frame excluded)."""
-        req = self.request(text, speaker, context, max_audio_length_ms, temperature, topk, seed)
+        req = self.upstream_request(text, speaker, context, max_audio_length_ms, temperature,
+                                    topk, seed)
         frames = list(self._frames(req, stop_at_eos))
         return torch.cat(frames).cpu() if frames else torch.zeros(0, 32, dtype=torch.long)
 
     def _frames(self, req: GenerationRequest, stop_at_eos: bool = True, prompt=None):
         """The plain loop: yield each frame's codes [1, 32] (on device) until the end frame."""
         tokens, mask = prompt if prompt is not None else self.build_prompt(req)
-        sampling = sampling_for(req, draw_seed(req.seed), self.device)
+        sampling = sampling_for(req.sampling, draw_seed(req.sampling.seed), self.device)
         m, caches = self._model, self.caches
         h = m.prefill(tokens[None], mask[None], caches, slot=0)
         pos = torch.tensor([[tokens.shape[0]]], device=self.device)
@@ -242,15 +216,21 @@ class Generator:
         return audio[0, 0].float().cpu()
 
     def generate(self, text: str, speaker: int = 0, context=(),
-                 max_audio_length_ms: float | None = None, temperature: float = 0.9,
-                 topk: int = 50, seed: int | None = None) -> torch.Tensor:
+                 max_audio_length_ms: float | None = None,
+                 temperature: float = DEFAULT_TEMPERATURE, topk: int = DEFAULT_TOP_K,
+                 seed: int | None = None) -> torch.Tensor:
         """Text -> 1-D float32 audio at `self.sample_rate` (24 kHz), watermarked when enabled.
 
         A runaway tail (silence, a stuck frame) stops the loop early and is trimmed; an output
         with no audio is retried with cooler sampling; out of device memory falls back to the
         CPU when `allow_cpu_fallback` is set.
         """
-        req = self.request(text, speaker, context, max_audio_length_ms, temperature, topk, seed)
+        return self.speak(self.upstream_request(text, speaker, context, max_audio_length_ms,
+                                                temperature, topk, seed))
+
+    def speak(self, req: GenerationRequest) -> torch.Tensor:
+        """`generate` for a request object."""
+        req = self.complete(req)
         for attempt in range(MAX_EMPTY_RETRIES + 1):
             audio = self._with_cpu_fallback(self._speak, req)
             if audio.numel():
@@ -308,27 +288,18 @@ class Generator:
         self.device = device
 
 
-def load_csm_1b(device: str = "auto", model: str = DEFAULT_REPO, mimi: str | None = None,
-                dtype: torch.dtype | str | None = None, watermark: bool = True, watermark_key=None,
-                allow_cpu_fallback: bool = False, normalize: bool = True,
-                quantize: str | None = None) -> Generator:
-    """Load CSM-1B and Mimi and return a Generator.
+def load_csm_1b(device: str = "auto", model: str = DEFAULT_REPO, **options) -> Generator:
+    """Load CSM-1B and Mimi and return a Generator. options: the fields of LoadOptions (mimi,
+    dtype, quantize, watermark, watermark_key, allow_cpu_fallback, normalize)."""
+    return load_generator(device, LoadOptions(model=model, **options))
 
-    model: a hub repo id (default: the ungated copy; `sesame/csm-1b` for the official gated
-    one), a local folder or weight file (both checkpoint formats), or `random:csm-1b` /
-    `random:tiny` for random weights with no download. mimi: None (Kyutai's release), a local
-    file, a repo id, or 'random' (the default for random models). Random models also get a
-    watermark model with random weights (the stage runs, the mark means nothing; random:tiny's
-    is small, as its model is) and a short
-    default length (RANDOM_MODEL_MAX_AUDIO_MS): they never emit the end frame.
-    quantize: None, 'int8' (CPU, MPS, CUDA) or 'int4' (CPU) weight-only quantization, see
-    model/quantize.py; dtype='int8' / 'int4' says the same. dtype: a torch.dtype, 'fp32',
-    'bf16', or 'auto' (on a CPU the fastest of the two, and of int8 when quantize='int8' was
-    asked for, measured: see pick_dtype); None: bf16 on CUDA, fp32 elsewhere.
-    """
+
+def load_generator(device: str, opts: LoadOptions) -> Generator:
+    """load_csm_1b with its options as one object (see LoadOptions)."""
     from csm_streaming.model.quantize import MODES, check_mode, quantize_model
     from csm_streaming.model.watermark import load_watermark_stage
 
+    dtype, quantize = opts.dtype, opts.quantize
     if isinstance(dtype, str):
         if dtype not in (*MODES, *DTYPE_NAMES, "auto"):
             raise ValueError(f"dtype: a torch.dtype, or one of {', '.join(DTYPE_NAMES)}, auto, "
@@ -338,32 +309,29 @@ def load_csm_1b(device: str = "auto", model: str = DEFAULT_REPO, mimi: str | Non
         else:
             dtype = DTYPE_NAMES.get(dtype, dtype)
 
-    random_model = is_random_model(model)
+    random_model = is_random_model(opts.model)
     events = []
     try:
         dev = pick_device(device)
         if dtype == "auto":
             dtype, quantize = pick_dtype(dev, quantize)
         check_mode(quantize, dev)  # before the weights load: int4 on a GPU says so now
-        csm, tok, _ = load_model_and_tokenizer(model, dev, dtype)
+        csm, tok, _ = load_model_and_tokenizer(opts.model, dev, dtype)
     except (RuntimeError, torch.OutOfMemoryError) as e:
-        if isinstance(e, CheckpointError) or not allow_cpu_fallback or str(device) == "cpu":
+        if isinstance(e, CheckpointError) or not opts.allow_cpu_fallback or str(device) == "cpu":
             raise
         events.append(Event(DEVICE_FALLBACK, f"device '{device}' failed ({e}): falling back to "
                                              "the CPU"))
         log.warning(events[-1].text)
         dev = torch.device("cpu")
-        csm, tok, _ = load_model_and_tokenizer(model, dev, None)
+        csm, tok, _ = load_model_and_tokenizer(opts.model, dev, None)
     if quantize:
         log.info("%s weights: %d Linear layers quantized", quantize, quantize_model(csm, quantize))
-    if mimi is None and random_model:
-        mimi = "random"
+    mimi = "random" if opts.mimi is None and random_model else opts.mimi
     audio_tokenizer = load_mimi(mimi, dev)
-    wm = load_watermark_stage(watermark, dev, watermark_key, random_weights=random_model,
-                              small=model == "random:tiny")
-    gen = Generator(csm, tok, audio_tokenizer, dev, watermarker=wm, normalize=normalize,
-                    allow_cpu_fallback=allow_cpu_fallback,
-                    default_max_audio_ms=RANDOM_MODEL_MAX_AUDIO_MS if random_model else None)
+    wm = load_watermark_stage(opts.watermark, dev, opts.watermark_key,
+                              random_weights=random_model, small=opts.model == "random:tiny")
+    gen = Generator(csm, tok, audio_tokenizer, dev, watermarker=wm, options=opts)
     gen.events.extend(events)
     return gen
 

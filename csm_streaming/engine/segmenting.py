@@ -86,6 +86,11 @@ class TextChunker:
                 out.append(piece)
                 self.pieces += 1
 
+    @property
+    def pending(self) -> bool:
+        """Text is waiting for the end of its sentence or clause."""
+        return bool(self._buffer.strip())
+
     def flush(self) -> list[str]:
         piece, self._buffer = clean_markdown(self._buffer), ""
         if not piece:

@@ -23,19 +23,20 @@ import torch
 
 from csm_streaming.audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
 from csm_streaming.engine.config import StreamingConfig
-from csm_streaming.engine.generator import Generator, audio_rows
+from csm_streaming.engine.generator import Generator
 from csm_streaming.engine.graphs import EAGER, CUDAGraphed, compile_frame_parts, shared_copy
 from csm_streaming.engine.mimi_state import decode_chunk, mimi_graphs_off
+from csm_streaming.engine.prompt_rows import audio_rows
 from csm_streaming.engine.prompts import PromptWork
 from csm_streaming.engine.runaway import TailGuard
 from csm_streaming.engine.segmenting import split_sentences
 from csm_streaming.engine.streams import ChunkEvent, SlotState, Stream, TextFeed
-from csm_streaming.metrics import EMPTY_RETRY, RUNAWAY_STOP, Event, StreamMetrics
+from csm_streaming.metrics import EMPTY_RETRY, RUNAWAY_STOP, Event, StreamMetrics, peak_memory_mb
 from csm_streaming.model.cpu_kernels import speed_up_cpu_linears
 from csm_streaming.model.llama import attended_keys
 from csm_streaming.model.sampling import MIMI_CODES, candidates_for, is_eos
 from csm_streaming.request import (
-    DEFAULT_TOPK,
+    DEFAULT_TOP_K,
     MAX_EMPTY_RETRIES,
     EmptyOutputError,
     GenerationRequest,
@@ -136,7 +137,7 @@ class StreamEngine:
         rather than a failure mid-stream. Reads no engine state (any thread may call it)."""
         text = " ".join(self.gen.prepare_text(request.text).split())
         segments = split_sentences(text, self.config.max_segment_chars)
-        self.check_segment(segments, request)
+        self.check_segment(segments, self.gen.complete(request))
         return segments
 
     def check_segment(self, segments: list[str], request: GenerationRequest,
@@ -154,19 +155,21 @@ class StreamEngine:
                                  f"{self.window}-position window; use shorter sentences")
 
     def submit(self, request: GenerationRequest, feed: TextFeed | None = None) -> Stream:
-        """Admit a validated request into a free slot; its prompt work starts at the next step.
-        feed: its text (default: the request's text at sentence ends). Raises EngineFull."""
+        """Admit a request into a free slot; its prompt work starts at the next step. feed: its
+        text (default: the request's text at sentence ends). Raises EngineFull. The one way in
+        (the server's Scheduler and StreamingGenerator call it); `cancel` the one way out."""
         slot = next((i for i, s in enumerate(self.slots) if s is None), None)
         if slot is None:
             raise EngineFull(f"all {len(self.slots)} stream slots are busy")
+        request = self.gen.complete(request)
         if feed is None:
             feed = TextFeed(self.plan(request))
         feed.on_push = self.wake
         stream = Stream(id=next(self._ids), request=request, slot=slot, feed=feed,
                         metrics=StreamMetrics(device=str(self.device), events=[
                             e for e in self.gen.events if e.kind == "device_fallback"]),
-                        seed=draw_seed(request.seed), guard=TailGuard(self.gen.tail, SAMPLE_RATE),
-                        frames_left=request.max_frames)
+                        seed=draw_seed(request.sampling.seed),
+                        guard=TailGuard(self.gen.tail, SAMPLE_RATE), frames_left=request.max_frames)
         stream.metrics.segments = len(feed.known)
         self.slots[slot] = self.last_stream = stream
         feed.stream = stream  # the caller finds the stream (its codes) through its feed
@@ -176,7 +179,7 @@ class StreamEngine:
         return stream
 
     def cancel(self, stream: Stream):
-        """Free the stream's slot now (the caller stopped listening)."""
+        """Free the stream's slot now (the caller stopped listening, or cancelled)."""
         stream.cancelled = True
         stream.metrics.stop_reason = stream.metrics.stop_reason or "cancelled"
         self._release(stream)
@@ -199,9 +202,9 @@ class StreamEngine:
         return mask
 
     def _set_sampling(self, stream: Stream):
-        s, slot, req = self.state.sampling, stream.slot, stream.request
-        s.temperature[slot] = req.temperature
-        s.topk[slot] = min(req.topk, MIMI_CODES)
+        s, slot, params = self.state.sampling, stream.slot, stream.request.sampling
+        s.temperature[slot] = params.temperature
+        s.top_k[slot] = min(params.top_k, MIMI_CODES)
         s.seed[slot] = stream.seed
 
     def prepare_all(self) -> list[ChunkEvent]:
@@ -248,10 +251,10 @@ class StreamEngine:
         rows = [i for i, s in enumerate(self.slots[:len(pos)]) if s and s.state == "running"]
         return int(pos[rows].max()) + 1 if rows else None
 
-    def step_fn(self, n: int, topk: int = DEFAULT_TOPK) -> CUDAGraphed:
-        """The (graphed) frame step of bucket n for streams of top-k <= topk: benchmarks time it
-        alone. One step per (bucket, candidate count)."""
-        key = (n, candidates_for(topk))
+    def step_fn(self, n: int, top_k: int = DEFAULT_TOP_K) -> CUDAGraphed:
+        """The (graphed) frame step of bucket n for streams of top-k <= top_k: benchmarks time
+        it alone. One step per (bucket, candidate count)."""
+        key = (n, candidates_for(top_k))
         if key not in self._steps:
             self._steps[key] = CUDAGraphed(lambda: self._frame_step(*key),
                                            disable=self._graphs_off)
@@ -322,7 +325,7 @@ class StreamEngine:
              else cfg.chunk_frames)
         n = max(1, min(n, max(s.segment_limit - s.segment_frames for s in streams)))
         rows = self.last_bucket = self.bucket(max(s.slot for s in streams) + 1)
-        step = self.step_fn(rows, max(s.request.topk for s in streams))
+        step = self.step_fn(rows, max(s.request.sampling.top_k for s in streams))
         saved = st.checkpoint()
         st.valid.zero_()
         try:
@@ -375,7 +378,7 @@ class StreamEngine:
         s.kept_frames += k
         s.frames_left -= k
         s.metrics.record_chunk(k, FRAME_MS, gen_s, now)
-        s.metrics.peak_memory_mb = _peak_memory_mb(self.device)
+        s.metrics.peak_memory_mb = peak_memory_mb(self.device)
         return out, runaway
 
     def _advance(self, s: Stream, out: torch.Tensor, runaway: str | None,
@@ -392,6 +395,7 @@ class StreamEngine:
         s.end_reason = ("end of speech" if end_frame else "max_audio_length_ms reached"
                         if s.frames_left <= 0 else
                         "segment frame limit reached (a sentence that did not end)")
+        s.segment_ends.append(s.kept_frames)
         if s.frames_left > 0 and not s.feed.exhausted(s.segment_index + 1):
             seg = torch.cat(s.segment_codes)
             t, tm = self.gen.tokenize_text(s.segment_text, s.request.speaker)
@@ -420,6 +424,7 @@ class StreamEngine:
         s.request, text = retry_request(s.request, s.retries)
         s.frames_left = s.request.max_frames
         s.segment_index, s.history, s.kept_frames, s.prompt_end = 0, [], 0, 0
+        s.segment_ends.clear()
         log.warning(text)
         s.metrics.events.append(Event(EMPTY_RETRY, text))
         self._park(s.slot)
@@ -438,13 +443,3 @@ class StreamEngine:
                                                   self.config.frame_batch_size)
         return audio
 
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    except (ImportError, OSError):
-        return 0.0

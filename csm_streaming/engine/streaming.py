@@ -20,16 +20,14 @@ import torch
 
 from csm_streaming.audio import FRAME_MS, SAMPLE_RATE
 from csm_streaming.engine.config import StreamingConfig
-from csm_streaming.engine.generator import Generator, load_csm_1b
+from csm_streaming.engine.generator import Generator, LoadOptions, load_generator
 from csm_streaming.engine.stream_engine import StreamEngine
 from csm_streaming.engine.streams import ChunkEvent, Stream, TextFeed
 from csm_streaming.metrics import StreamMetrics
 from csm_streaming.model.hub import DEFAULT_REPO
-from csm_streaming.request import DEFAULT_TEMPERATURE, DEFAULT_TOPK, GenerationRequest
+from csm_streaming.request import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, GenerationRequest
 
 log = logging.getLogger("csm.streaming")
-
-StreamRequest = GenerationRequest  # one request of generate_streaming_batch (dicts work too)
 
 
 class StreamingGenerator:
@@ -67,8 +65,8 @@ class StreamingGenerator:
         with self._lock, torch.inference_mode():
             for n in buckets:
                 t_bucket = time.perf_counter()
-                streams = [self.engine.submit(self.request("Warm up.", 0, (), frames * FRAME_MS,
-                                                           seed=i)) for i in range(n)]
+                streams = [self.engine.submit(GenerationRequest.of(
+                    "Warm up.", max_audio_length_ms=frames * FRAME_MS, seed=i)) for i in range(n)]
                 while any(not s.finished for s in streams):
                     self.engine.step()
                 step = self.engine.step_fn(n)
@@ -79,12 +77,6 @@ class StreamingGenerator:
         self.warmup_s = time.perf_counter() - t
         log.info("warm-up (compile / CUDA graphs) took %.1f s", self.warmup_s)
         return self.warmup_s
-
-    def request(self, text, speaker=0, context=(), max_audio_length_ms=None,
-                temperature=DEFAULT_TEMPERATURE, topk=DEFAULT_TOPK, seed=None) -> GenerationRequest:
-        """Validate the arguments of a stream (a ValueError names a bad one)."""
-        return self.generator.request(text, speaker, context, max_audio_length_ms, temperature,
-                                      topk, seed)
 
     # upstream API, for convenience: the plain reference loop
     def generate(self, *args, **kwargs) -> torch.Tensor:
@@ -97,40 +89,38 @@ class StreamingGenerator:
         context=(),
         max_audio_length_ms: float | None = None,
         temperature: float = DEFAULT_TEMPERATURE,
-        topk: int = DEFAULT_TOPK,
+        topk: int = DEFAULT_TOP_K,
         seed: int | None = None,
-        play_audio: bool = False,
     ) -> Iterator[torch.Tensor]:
-        """Yield 1-D float32 audio chunks at 24 kHz while the speech is generated.
+        """Yield 1-D float32 audio chunks at 24 kHz while the speech is generated (upstream's
+        arguments, `topk` spelled as upstream spells it; `stream` takes a GenerationRequest).
 
         text: a string (long ones are cut at sentence ends) or a list of segments to speak in
         order, each conditioned on the ones before. Arguments are checked here, before anything
-        runs; a bad one raises ValueError. play_audio=True also plays the chunks on the default
-        output device as they come.
+        runs; a bad one raises ValueError. To hear it as it comes:
+        `csm_streaming.client.playback.play_stream(gen.generate_streaming(...))`.
         """
         segments = [text] if isinstance(text, str) else list(text)
         if not segments or not all(isinstance(t, str) and t.strip() for t in segments):
             raise ValueError("text must be a non-empty string or a list of non-empty strings")
-        req = self.request(" ".join(segments), speaker, context, max_audio_length_ms,
-                           temperature, topk, seed)
+        req = self.generator.upstream_request(" ".join(segments), speaker, context,
+                                              max_audio_length_ms, temperature, topk, seed)
         if isinstance(text, str):
-            feed = TextFeed(self.engine.plan(req))
-        else:
-            feed = TextFeed([" ".join(self.generator.prepare_text(t).split()) for t in segments],
-                            segmented=True)
-            self.engine.check_segment(feed.known, req, segmented=True)
-        chunks = self.stream(req, feed)
-        if not play_audio:
-            return chunks
-        from csm_streaming.client.playback import play_stream
-
-        return play_stream(chunks, self.sample_rate, rtf_hint=self.config.rtf_target)
+            return self.stream(req)
+        feed = TextFeed([" ".join(self.generator.prepare_text(t).split()) for t in segments],
+                        segmented=True)
+        self.engine.check_segment(feed.known, req, segmented=True)
+        return self.stream(req, feed)
 
     def stream(
         self, req: GenerationRequest, feed: TextFeed | None = None
     ) -> Iterator[torch.Tensor]:
-        """The chunks of one validated request, watermarked when enabled. feed: its text as it
-        comes (an open TextFeed for an LLM's reply); default: the request's text."""
+        """The chunks of one request, watermarked when enabled. feed: its text as it comes (an
+        open TextFeed for an LLM's reply); default: the request's text at sentence ends, each
+        segment checked to fit the window now (a ValueError before anything runs)."""
+        req = self.generator.complete(req)
+        if feed is None:
+            feed = TextFeed(self.engine.plan(req))
         chunks = self._chunks(req, feed)
         if not self.watermarked:
             return chunks
@@ -181,10 +171,8 @@ class StreamingGenerator:
         """Advance many requests together, one batched frame step for all; yield
         (request index, audio chunk) as chunks come. More requests than slots wait for a free
         slot and join at the next chunk."""
-        reqs = []
-        for r in requests:
-            r = GenerationRequest(**r) if isinstance(r, dict) else r
-            reqs.append(r.validated(self.generator.default_max_audio_ms))
+        reqs = [self.generator.complete(GenerationRequest.of(**r) if isinstance(r, dict) else r)
+                for r in requests]
         feeds = [TextFeed(self.engine.plan(r)) for r in reqs]
         markers = {}
         if self.watermarked:
@@ -218,15 +206,10 @@ class StreamingGenerator:
 
 
 def load_streaming_csm_1b(device: str = "auto", config: StreamingConfig | None = None,
-                          model: str = DEFAULT_REPO, mimi: str | None = None, dtype=None,
-                          watermark: bool = True, watermark_key=None,
-                          allow_cpu_fallback: bool = False, normalize: bool = True,
-                          quantize: str | None = None) -> StreamingGenerator:
-    """Load CSM-1B (same `model` values as `load_csm_1b`, `random:*` included) for streaming."""
-    gen = load_csm_1b(device=device, model=model, mimi=mimi, dtype=dtype, watermark=watermark,
-                      watermark_key=watermark_key, allow_cpu_fallback=allow_cpu_fallback,
-                      normalize=normalize, quantize=quantize)
-    sg = StreamingGenerator(gen, config or StreamingConfig())
+                          model: str = DEFAULT_REPO, **options) -> StreamingGenerator:
+    """Load CSM-1B for streaming: `model` and options as `load_csm_1b` (LoadOptions' fields)."""
+    sg = StreamingGenerator(load_generator(device, LoadOptions(model=model, **options)),
+                            config or StreamingConfig())
     if sg.needs_warmup:  # compiled / graphed: pay for it here, not in the first audio
         sg.warmup()
     return sg

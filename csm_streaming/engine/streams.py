@@ -131,6 +131,7 @@ class Stream:
     history: list = field(default_factory=list)  # rows of the segments spoken so far
     codes: list[torch.Tensor] = field(default_factory=list)  # all codes emitted
     kept_frames: int = 0
+    segment_ends: list[int] = field(default_factory=list)  # kept_frames as each segment ended
     end_reason: str = ""  # why the last segment ended
     retries: int = 0
     error: BaseException | None = None

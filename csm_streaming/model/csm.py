@@ -184,13 +184,13 @@ class CSM(nn.Module):
         sample = sample_topk if sample is None else sample
         dtype = h.dtype
         counter = s.frame * n
-        c = sample(self.codebook0_head(h), s.temperature, s.topk, s.seed, counter, s.candidates)
+        c = sample(self.codebook0_head(h), s.temperature, s.top_k, s.seed, counter, s.candidates)
         codes = [c]
         x = torch.stack([h, self.embed_audio(0, c)], dim=1)  # [B, 2, D]
         pos = torch.arange(2, device=h.device)[None].expand(h.shape[0], 2)
         for i in range(1, n):
             out = depth(x, pos, caches, slot).to(dtype)  # [B, Dd]
-            c = sample(self.audio_logits(out, i), s.temperature, s.topk, s.seed, counter + i,
+            c = sample(self.audio_logits(out, i), s.temperature, s.top_k, s.seed, counter + i,
                        s.candidates)
             codes.append(c)
             x = self.embed_audio(i, c)[:, None]

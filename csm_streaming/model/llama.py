@@ -196,9 +196,10 @@ class Attention(nn.Module):
             zip(("q_proj", "k_proj", "v_proj"), self.sizes)))
         self.output_proj = nn.Linear(args.num_heads * hd, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, input_pos, mask, cache: KVCache, slot):
+    def forward(self, x, rope, input_pos, mask, cache: KVCache, slot):
+        """rope: (cos, sin) [B, S, 1, D/2] at the queries' positions."""
         b, s, _ = x.shape
-        a = self.args
+        a, (cos, sin) = self.args, rope
         q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
         q = apply_rope(q.view(b, s, a.num_heads, a.head_dim), cos, sin)
         k = apply_rope(k.view(b, s, a.num_kv_heads, a.head_dim), cos, sin)
@@ -231,8 +232,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, input_pos, mask, cache, slot):
-        x = x + self.attn(self.sa_norm(x), cos, sin, input_pos, mask, cache, slot)
+    def forward(self, x, rope, input_pos, mask, cache, slot):
+        x = x + self.attn(self.sa_norm(x), rope, input_pos, mask, cache, slot)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -264,13 +265,13 @@ class Transformer(nn.Module):
         keys: the same cut for a compiled caller, as the positions attended
         (`attended_keys`), whose length a graph takes as a dynamic size: one graph for every
         cut. CUDA graphs pass neither: the whole window."""
-        cos = self.rope_cos[input_pos].unsqueeze(2)  # [B, S, 1, D/2]
-        sin = self.rope_sin[input_pos].unsqueeze(2)
+        rope = (self.rope_cos[input_pos].unsqueeze(2),  # [B, S, 1, D/2]
+                self.rope_sin[input_pos].unsqueeze(2))
         # Each query sees the cache positions at or before its own; stale entries further on
         # (from an earlier, longer request in the same slot) are masked, so no reset is needed.
         if keys is None:
             keys = torch.arange(attended_length(caches[0].max_seq, seen), device=h.device)
         mask = (keys[None, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # [B, 1, S, L]
         for layer, cache in zip(self.layers, caches):
-            h = layer(h, cos, sin, input_pos, mask, cache, slot)
+            h = layer(h, rope, input_pos, mask, cache, slot)
         return self.norm(h)

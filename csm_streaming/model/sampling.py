@@ -70,15 +70,15 @@ def is_eos(codes: torch.Tensor, min_zero_codes: int = EOS_MIN_ZERO_CODES) -> tor
 SAMPLE_CANDIDATES = (64, 256)
 
 
-def candidates_for(topk: int) -> int | None:
+def candidates_for(top_k: int) -> int | None:
     """The candidate count for a largest top-k (None: all logits)."""
-    return next((c for c in SAMPLE_CANDIDATES if topk <= c), None)
+    return next((c for c in SAMPLE_CANDIDATES if top_k <= c), None)
 
 
-def sample_topk(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Tensor,
+def sample_topk(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                 seed: torch.Tensor, counter: torch.Tensor,
                 candidates: int | None = None) -> torch.Tensor:
-    """logits [B, V]; temperature [B] float; topk [B] int64; seed, counter [B] -> [B] int64.
+    """logits [B, V]; temperature [B] float; top_k [B] int64; seed, counter [B] -> [B] int64.
 
     Multinomial draw over the top-k of softmax(logits / T) with the exponential trick
     (argmax(p / q), q ~ Exp(1)): no host sync, no generator state. Ids Mimi cannot decode
@@ -90,11 +90,11 @@ def sample_topk(logits: torch.Tensor, temperature: torch.Tensor, topk: torch.Ten
     logits[:, MIMI_CODES:] = float("-inf")
     if candidates is None or candidates >= logits.shape[-1]:
         values = logits.sort(dim=-1, descending=True).values
-        kth = values.gather(-1, topk[:, None] - 1)
+        kth = values.gather(-1, top_k[:, None] - 1)
         tokens = None
     else:
         values, tokens = logits.topk(candidates, dim=-1)  # sorted, largest first
-        kth = values.gather(-1, topk.clamp(max=candidates)[:, None] - 1)
+        kth = values.gather(-1, top_k.clamp(max=candidates)[:, None] - 1)
         logits = values
     weight = torch.exp(logits - values[:, :1]).masked_fill(logits < kth, 0.0)
     if tokens is None:
@@ -109,14 +109,14 @@ class SamplingState:
     """Per-stream sampling tensors [B]; fixed addresses so one captured step serves all."""
 
     temperature: torch.Tensor  # float32
-    topk: torch.Tensor  # int64
+    top_k: torch.Tensor  # int64
     seed: torch.Tensor  # int64 in [0, 2**32)
     frame: torch.Tensor  # int64, frames drawn so far (the counter of the random draw)
     candidates: int | None = None  # a host int >= every drawing row's k (candidates_for)
 
     def rows(self, n: int, candidates: int | None = None) -> SamplingState:
         """Views of the first n rows (in-place updates reach the full tensors)."""
-        return SamplingState(self.temperature[:n], self.topk[:n], self.seed[:n], self.frame[:n],
+        return SamplingState(self.temperature[:n], self.top_k[:n], self.seed[:n], self.frame[:n],
                              candidates)
 
     @classmethod

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -24,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from csm_streaming.audio import SAMPLE_RATE, AudioError, read_audio, resample
-from csm_streaming.options import HelpFormatter
+from csm_streaming.audio import SAMPLE_RATE, resample
 
 log = logging.getLogger("csm.watermark")
 
@@ -337,45 +335,3 @@ def verify(model, audio: torch.Tensor, sample_rate: int, key) -> bool:
     y44 = resample(audio.detach().float().cpu().numpy(), sample_rate, WATERMARK_SAMPLE_RATE)
     result = model.decode_wav(y44, WATERMARK_SAMPLE_RATE, phase_shift_decoding=False)
     return bool(result["status"]) and bool(result["messages"]) and result["messages"][0] == key
-
-
-# ---------------------------------------------------------------------------------------------
-# python watermarking.py --audio-path FILE
-# ---------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Check whether an audio file carries the CSM "
-                                "watermark (exit 0: it does, 1: it does not, 2: error).",
-                                formatter_class=HelpFormatter)
-    p.add_argument("--audio-path", "--audio_path", dest="audio_path", required=True,
-                   help="audio file to check (wav, flac, ogg; any rate, mono or stereo)")
-    p.add_argument("--watermark-key", "--key", dest="key", default=None,
-                   help=f"five integers 0..255, comma-separated (None: ${KEY_ENV} or the public "
-                        "CSM-1B key)")
-    p.add_argument("--device", default="cpu", help="where silentcipher runs: cpu or cuda")
-    p.add_argument("--model-dir", default=None,
-                   help=f"a local copy of silentcipher's {SILENTCIPHER_44K} folder (None: the "
-                        "Hugging Face cache, downloading it if the hub can be reached)")
-    return p
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from csm_streaming.audio import to_mono_24k
-
-    try:
-        key = resolve_key(args.key)
-        data, sr = read_audio(args.audio_path, mono=True)
-        audio = to_mono_24k(data, sr)
-        model = load_watermarker(args.device, args.model_dir)
-    except (FileNotFoundError, AudioError, ValueError, WatermarkError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    found = verify(model, audio, SAMPLE_RATE, key)
-    print(f"{args.audio_path}: {'watermarked' if found else 'no watermark found'}")
-    return 0 if found else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

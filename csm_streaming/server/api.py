@@ -16,7 +16,8 @@ import re
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -24,10 +25,14 @@ from csm_streaming.audio import AudioError, AudioLimits, read_audio, to_mono_24k
 from csm_streaming.chat.llm import LLMError
 from csm_streaming.request import (
     DEFAULT_TEMPERATURE,
-    DEFAULT_TOPK,
+    DEFAULT_TOP_K,
+    MAX_SEED,
     MAX_SPEAKER,
+    MAX_TEMPERATURE,
+    MAX_TOP_K,
     EmptyOutputError,
     GenerationRequest,
+    SamplingParams,
     Segment,
 )
 
@@ -37,8 +42,6 @@ log = logging.getLogger("csm.server")
 # also work; named voices from the voices folder take precedence).
 OPENAI_VOICES = {"alloy": 0, "echo": 1, "fable": 2, "onyx": 3, "nova": 4, "shimmer": 5, "ash": 6,
                  "ballad": 7, "coral": 8, "sage": 9, "verse": 10}
-MAX_TOPK = 2051  # the audio heads' width
-MAX_SEED = 2**63 - 1  # a seed is an int64 on the device
 # The model ids /v1/audio/speech answers to: ours, and OpenAI's, so an SDK left at its default
 # model works; any other is a 404, as OpenAI answers.
 MODEL_IDS = ("csm-1b", "sesame/csm-1b", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
@@ -58,6 +61,7 @@ class ServerSettings:
     first_message_timeout_s: float = 5.0  # a WebSocket must send its (authorising) request
     max_pending_sockets: int = 64  # WebSockets not yet authorised: a budget of their own
     max_connections: int = 512  # authorised requests and WebSockets at once
+    context_idle_timeout_s: float = 60.0  # a streaming-input context with no text, not ended
 
 
 class ApiError(Exception):
@@ -85,12 +89,30 @@ class ContextItem(BaseModel):
     audio_base64: str
 
 
+@dataclass(frozen=True)
+class RequestDraft:
+    """What a body asks for, before the server resolves its voice and decodes its context
+    audio (`build_request`): every route's body makes one with `.draft()`.
+
+    voice: a name or number (None: `speaker`); context: turns to decode (base64 files);
+    segments: turns already known (a dialogue's, a context's earlier phrases), after the voice's
+    clip and before the decoded turns; sampling: the body's SamplingParams, as they travel on.
+    """
+
+    text: str
+    voice: str | int | None = None
+    speaker: int = 0
+    context: tuple[ContextItem, ...] = ()
+    segments: tuple[Segment, ...] = ()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
 class Sampling(BaseModel):
     """The sampling fields every request body takes (on the OpenAI route, as extensions)."""
 
     # The one set of limits of every route (HTTP and WebSocket): the same checks, same words.
-    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, le=10, allow_inf_nan=False)
-    top_k: int = Field(DEFAULT_TOPK, ge=1, le=MAX_TOPK)
+    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     max_audio_length_ms: float | None = Field(None, ge=80, allow_inf_nan=False)
 
@@ -101,6 +123,10 @@ class Sampling(BaseModel):
             return _no_bool(value)
         return value
 
+    def params(self) -> SamplingParams:
+        """The body's sampling fields as the request's SamplingParams."""
+        return SamplingParams(self.temperature, self.top_k, self.seed, self.max_audio_length_ms)
+
 
 class GenerateBody(Sampling):
     model_config = ConfigDict(extra="forbid")
@@ -109,6 +135,13 @@ class GenerateBody(Sampling):
     voice: str | None = None
     context: list[ContextItem] = Field(default_factory=list)
 
+    def draft(self) -> RequestDraft:
+        return RequestDraft(self.text, self.voice, self.speaker_id, tuple(self.context),
+                            sampling=self.params())
+
+
+SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")  # OpenAI's six
+
 
 class SpeechBody(Sampling):
     model: str = "csm-1b"
@@ -116,20 +149,40 @@ class SpeechBody(Sampling):
     voice: str | int = "0"
     response_format: str = "mp3"  # OpenAI's default
     speed: float = Field(1.0, ge=0.25, le=4.0, allow_inf_nan=False)
-    stream_format: str = "audio"
+    stream_format: Literal["audio", "sse"] = "audio"
     instructions: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, model: str) -> str:
+        check_model(model)  # a 404, as OpenAI answers, not a 400
+        return model
+
+    @field_validator("response_format")
+    @classmethod
+    def _known_format(cls, fmt: str) -> str:
+        if fmt.lower() not in SPEECH_FORMATS:
+            raise ValueError(f"'{fmt}' is not supported: use one of {', '.join(SPEECH_FORMATS)}")
+        return fmt.lower()
+
+    def draft(self) -> RequestDraft:
+        return RequestDraft(self.input, self.voice, sampling=self.params())
 
 
 class StreamMessage(Sampling):
     """The first message on /v1/stream: speak `text`; or `type: chat` to answer `text`."""
 
     model_config = ConfigDict(extra="forbid")
-    type: str = "speech"
+    type: Literal["speech", "chat"] = "speech"
     token: str | None = None  # browsers cannot send headers on a WebSocket
     text: str
     speaker: int = Field(0, ge=0, le=MAX_SPEAKER)
     voice: str | None = None
     context: list[ContextItem] = Field(default_factory=list)
+
+    def draft(self) -> RequestDraft:
+        return RequestDraft(self.text, self.voice, self.speaker, tuple(self.context),
+                            sampling=self.params())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,37 +284,35 @@ async def _off_loop(pool, fn, *args):
     return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
 
-async def build_request(sg, settings: ServerSettings, text, speaker, context_items, max_ms,
-                        temperature, topk, seed, voice_context=(),
+async def build_request(sg, settings: ServerSettings, draft: RequestDraft, voices=None,
                         gone: threading.Event | None = None) -> GenerationRequest:
-    """A validated request whose every text segment fits the window: a 4xx now, never a
-    failure in the shared engine later. gone: set when the client leaves (ClientGone)."""
-    if isinstance(text, str) and len(text) > settings.max_text_chars:
-        raise ApiError(
-            413, f"text is {len(text)} characters; the limit is {settings.max_text_chars}"
-        )
-    if (
-        max_ms is not None
-        and isinstance(max_ms, (int, float))
-        and max_ms > settings.max_audio_length_ms
-    ):
-        raise ApiError(
-            400, f"max_audio_length_ms over the limit of {settings.max_audio_length_ms:g}"
-        )
+    """The GenerationRequest of a body's draft, every text segment checked to fit the window:
+    a 4xx now, never a failure in the shared engine later. The voice (a name or number) is
+    resolved against `voices`; context audio is decoded off the event loop. gone: set when the
+    client leaves (ClientGone)."""
+    if len(draft.text) > settings.max_text_chars:
+        raise ApiError(413, f"text is {len(draft.text)} characters; the limit is "
+                            f"{settings.max_text_chars}")
+    params = draft.sampling
+    if (params.max_audio_length_ms or 0) > settings.max_audio_length_ms:
+        raise ApiError(400, f"max_audio_length_ms over the limit of "
+                            f"{settings.max_audio_length_ms:g}")
+    speaker, voice_context = draft.speaker, ()
+    if draft.voice is not None:
+        speaker, voice_context = voice_to_speaker(draft.voice, voices)
     context = []
-    if context_items:
+    if draft.context:
         await asyncio.sleep(0)  # a client that sent its body and hung up is seen here
         if gone is not None and gone.is_set():
             raise ClientGone()
-        context = await _off_loop(_AUDIO_POOL, decode_context, list(context_items), settings, gone)
-    if max_ms is None:  # the longest the window allows (a real model ends speech by itself)
-        window_ms = (sg.engine.window - 256) * 80
-        max_ms = max(
-            80, min(settings.max_audio_length_ms, window_ms, sg.generator.default_max_audio_ms)
-        )
+        context = await _off_loop(_AUDIO_POOL, decode_context, list(draft.context), settings, gone)
+    if params.max_audio_length_ms is None:  # the longest the window allows (a real model ends
+        window_ms = (sg.engine.window - 256) * 80  # speech by itself)
+        params = replace(params, max_audio_length_ms=max(80, min(
+            settings.max_audio_length_ms, window_ms, sg.generator.default_max_audio_ms)))
     try:
-        req = sg.request(text, speaker, tuple(voice_context) + tuple(context), max_ms,
-                         temperature, topk, seed)
+        req = GenerationRequest(draft.text, speaker,
+                                (*voice_context, *draft.segments, *context), params)
         await _off_loop(_TEXT_POOL, sg.engine.plan, req)  # tokenises every segment
     except ValueError as e:
         raise ApiError(400, str(e)) from None

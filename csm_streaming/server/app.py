@@ -49,9 +49,9 @@ def create_app(scheduler, settings: ServerSettings, voices=None, chat=None):
     ctx = ServerContext(app, scheduler, settings, voices, chat)
     ctx.chat_session = chat_routes.chat_session
     app.state.ctx = ctx
-    routes.install(app)
-    app.include_router(chat_routes.router)
-    app.include_router(voice_routes.router)
+    for module in (routes, chat_routes, voice_routes):
+        app.include_router(module.router)
+    routes.add_limits_and_errors(app)
     return app
 
 

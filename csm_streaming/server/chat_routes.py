@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Literal
 
 from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from csm_streaming.audio import SAMPLE_RATE, pcm16, wav_header
 from csm_streaming.chat.conversation import (
@@ -31,6 +32,7 @@ from csm_streaming.engine.streams import TextFeed
 from csm_streaming.request import Segment
 from csm_streaming.server.api import (
     ApiError,
+    RequestDraft,
     Sampling,
     StreamMessage,
     build_request,
@@ -44,15 +46,27 @@ router = APIRouter()
 
 
 class ChatMessage(BaseModel):
-    role: str
+    role: Literal["user", "assistant"]
     content: str
 
 
 class ChatBody(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     voice: str | int | None = None
-    response_format: str = "wav"
-    stream_format: str = "audio"
+    response_format: Literal["wav", "pcm"] = "wav"  # the reply's audio as it is made
+    stream_format: Literal["audio", "sse"] = "audio"
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _lower(cls, fmt):
+        return fmt.lower() if isinstance(fmt, str) else fmt
+
+    @field_validator("messages")
+    @classmethod
+    def _ends_with_the_user(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if messages[-1].role != "user" or not messages[-1].content.strip():
+            raise ValueError("the last one must be the user's, and not empty")
+        return messages
 
 
 def _llm(ctx):
@@ -63,11 +77,7 @@ def _llm(ctx):
 
 
 def _check_messages(messages: list[ChatMessage], limit: int) -> list[dict]:
-    if messages[-1].role != "user" or not messages[-1].content.strip():
-        raise ApiError(400, "messages: the last one must be the user's, and not empty")
-    for i, m in enumerate(messages):
-        if m.role not in ("user", "assistant"):
-            raise ApiError(400, f"messages[{i}].role must be 'user' or 'assistant'")
+    """The server's size limit (a setting, so not in the body model), then plain dicts."""
     if sum(len(m.content) for m in messages) > limit:
         raise ApiError(413, f"the messages are over {limit} characters together")
     return [{"role": m.role, "content": m.content.strip()} for m in messages]
@@ -115,21 +125,18 @@ class ChatTurn:
             self.ctx.metrics.llm_wait.observe(self.metrics.llm_first_piece_s)
 
 
-async def _request(ctx, text: str, speaker: int, context: tuple, sampling: Sampling):
-    """A validated request for a reply to `text` (the feed brings what is spoken)."""
-    return await build_request(ctx.sg, ctx.settings, text[:ctx.settings.max_text_chars], speaker,
-                               [], sampling.max_audio_length_ms, sampling.temperature,
-                               sampling.top_k, sampling.seed, context)
+async def _request(ctx, text: str, speaker: int, context: tuple, body: Sampling):
+    """The request for a reply to `text` (the feed brings what is spoken)."""
+    draft = RequestDraft(text[:ctx.settings.max_text_chars], speaker=speaker, segments=context,
+                         sampling=body.params())
+    return await build_request(ctx.sg, ctx.settings, draft)
 
 
 @router.post("/v1/chat/speech")
 async def chat_speech(body: ChatBody, request: Request):
 
-    ctx = context_of(request)
+    ctx, fmt = context_of(request), body.response_format  # checked by ChatBody
     _llm(ctx)
-    fmt = body.response_format.lower()
-    if fmt not in ("wav", "pcm") or body.stream_format not in ("audio", "sse"):
-        raise ApiError(400, "response_format is 'wav' or 'pcm'; stream_format 'audio' or 'sse'")
     messages = _check_messages(body.messages, ctx.settings.max_text_chars * 4)
     spk, voice_ctx = voice_to_speaker(body.voice, ctx.voices) if body.voice is not None else (0, ())
     earlier = tuple(_segment(m, spk) for m in messages[:-1])

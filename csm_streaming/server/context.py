@@ -12,7 +12,7 @@ import logging
 from fastapi import WebSocketDisconnect
 
 from csm_streaming.audio import SAMPLE_RATE, pcm16
-from csm_streaming.server.api import ServerSettings, build_request, shape_error, voice_to_speaker
+from csm_streaming.server.api import ServerSettings, build_request, shape_error
 from csm_streaming.server.limits import CLEANUP_KEY, Budget, StreamAborted, route_template
 
 log = logging.getLogger("csm.server")
@@ -49,14 +49,10 @@ class ServerContext:
         scope.setdefault(CLEANUP_KEY, []).append(ticket.cancel)
         return ticket
 
-    async def request_from(self, text, voice, context, max_ms, temperature, top_k, seed,
-                           speaker=0, gone=None):
-        """A validated request; `voice` (a name or number) when given, else the bare speaker."""
-        speaker, voice_ctx = (
-            voice_to_speaker(voice, self.voices) if voice is not None else (speaker, ())
-        )
-        return await build_request(self.sg, self.settings, text, speaker, context, max_ms,
-                                   temperature, top_k, seed, voice_ctx, gone)
+    async def request_from(self, draft, gone=None):
+        """The GenerationRequest of a body's RequestDraft (api.build_request), its voice
+        resolved against this server's voices."""
+        return await build_request(self.sg, self.settings, draft, self.voices, gone)
 
     async def marked(self, ticket):
         """The ticket's chunks, watermarked in windows off the event loop, as they come."""

@@ -22,16 +22,20 @@ FORMATS = {
 class StreamEncoder:
     """24 kHz mono float chunks in, the container's bytes out, as they become ready."""
 
-    def __init__(self, fmt: str):
+    def __init__(self, fmt: str, rate: int | None = None, bit_rate: int | None = None):
+        """rate, bit_rate: the codec's (default: the format's rate, FFmpeg's bit rate)."""
         import av
 
-        container, codec, rate, self.content_type = FORMATS[fmt]
+        container, codec, default_rate, self.content_type = FORMATS[fmt]
+        rate = rate or default_rate
         self._buf = io.BytesIO()
         # Ogg holds a page up to a second by default: 20 ms pages let each chunk leave at once
         options = {"page_duration": "20000"} if container == "ogg" else {}
         self._out = av.open(self._buf, "w", format=container, options=options)
         self._stream = self._out.add_stream(codec, rate=rate)
         self._stream.layout = "mono"
+        if bit_rate:
+            self._stream.bit_rate = bit_rate
         ctx = self._stream.codec_context
         self._resampler = av.AudioResampler(format=ctx.format.name if ctx.format else "fltp",
                                             layout="mono", rate=rate)

@@ -27,7 +27,6 @@ from csm_streaming.server.api import (
     GenerateBody,
     SpeechBody,
     StreamMessage,
-    check_model,
     error_body,
     field_errors,
     shape_error,
@@ -140,9 +139,7 @@ async def api_generate(body: GenerateBody, request: Request):
     gone = asyncio.create_task(client_left())
     chunks = []
     try:
-        req = await ctx.request_from(body.text, body.voice, body.context, body.max_audio_length_ms,
-                                     body.temperature, body.top_k, body.seed,
-                                     speaker=body.speaker_id, gone=left)
+        req = await ctx.request_from(body.draft(), gone=left)
         ticket = ctx.submit(req, request.scope)
 
         async def collect():
@@ -187,16 +184,8 @@ async def models():
 async def speech(body: SpeechBody, request: Request):
     """OpenAI's speech API: mp3 (OpenAI's default), Ogg Opus, AAC, FLAC, WAV or raw PCM bytes
     as they are generated, or server-sent events; `speed` time-stretches them."""
-    ctx = context_of(request)
-    check_model(body.model)
-    fmt = body.response_format.lower()
-    if fmt not in ("wav", "pcm", *FORMATS):
-        raise ApiError(400, f"response_format '{body.response_format}' is not supported: use "
-                            f"one of {', '.join([*FORMATS, 'wav', 'pcm'])}")
-    if body.stream_format not in ("audio", "sse"):
-        raise ApiError(400, "stream_format must be 'audio' or 'sse'")
-    req = await ctx.request_from(body.input, body.voice, [], body.max_audio_length_ms,
-                                 body.temperature, body.top_k, body.seed)
+    ctx, fmt = context_of(request), body.response_format  # checked by SpeechBody
+    req = await ctx.request_from(body.draft())
     agen = ctx.marked(ctx.submit(req, request.scope))
     if body.speed != 1.0:  # OpenAI's 0.25..4 (checked by SpeechBody): faster, same pitch
         agen = ctx.stretched(agen, body.speed)
@@ -283,13 +272,10 @@ async def ws_stream(ws: WebSocket):
 
 
 async def ws_authorised(ws: WebSocket, ctx: ServerContext, msg: StreamMessage):
-    if msg.type == "chat" and ctx.chat_session is not None:
+    if msg.type == "chat":  # it answers 404 itself when no LLM is configured
         return await ctx.chat_session(ws, ctx, msg)
     try:
-        if msg.type != "speech":
-            raise ApiError(400, f"unknown message type {msg.type!r}: use 'speech' or 'chat'")
-        req = await ctx.request_from(msg.text, msg.voice, msg.context, msg.max_audio_length_ms,
-                                     msg.temperature, msg.top_k, msg.seed, speaker=msg.speaker)
+        req = await ctx.request_from(msg.draft())
         ticket = ctx.submit(req, ws.scope)
     except ApiError as e:
         ctx.count(ws.scope, e.status)
@@ -307,14 +293,13 @@ def describe_bad_json(e: Exception) -> str:
     what = (f"not valid JSON: {e.msg} at character {e.pos}" if isinstance(e, json.JSONDecodeError)
             else "the message must be a JSON object")
     return f'send one JSON request first, like {{"text": "Hello.", "speaker": 0}} ({what})'
-def install(app):
-    """The routes of this module, the limits middleware and the JSON error handlers, on an app
-    whose `state.ctx` is its ServerContext (server.create_app assembles it)."""
+def add_limits_and_errors(app):
+    """The limits middleware and the JSON error handlers, on an app whose `state.ctx` is its
+    ServerContext (server.create_app assembles it and mounts the routers)."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     ctx = app.state.ctx
-    app.include_router(router)
     app.add_middleware(LimitsMiddleware, settings=ctx.settings, metrics=ctx.metrics, routes_app=app)
     for exc, handler in ((ApiError, _api_error), (RequestValidationError, _validation_error),
                          (StarletteHTTPException, _http_error), (Exception, _unexpected_error)):
