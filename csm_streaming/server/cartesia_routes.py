@@ -1,0 +1,157 @@
+"""Cartesia's TTS WebSocket, spoken by our server: `GET /tts/websocket`.
+
+pipecat's `CartesiaTTSService(url="ws://HOST:PORT/tts/websocket")` and LiveKit's
+`cartesia.TTS(base_url="http://HOST:PORT")` work unchanged. The key may come as `X-API-Key`,
+`Authorization: Bearer` or the `api_key` query (`cartesia_version` is accepted and ignored);
+without `--token` any key, or none, is accepted.
+
+Client messages: `{context_id, transcript, continue, voice: {mode: "id", id}, output_format:
+{container: "raw", encoding, sample_rate}, add_timestamps, max_buffer_delay_ms, model_id,
+language}`, `{context_id, cancel: true}`; `continue: false` ends a context (its transcript may
+be empty). Server messages, each with `context_id`: `chunk` (base64 audio), `timestamps`
+(`word_timestamps: {words, start, end}`, seconds from the context's first sample, estimated
+inside each phrase: see speech_contexts.py), `flush_done`, `done`, `error`. Not supported:
+phoneme timestamps, voice embeddings and controls, other containers (accepted and ignored where
+harmless, an error where the audio would not be what was asked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from csm_streaming.server.api import ApiError
+from csm_streaming.server.context import context_of
+from csm_streaming.server.speech_contexts import (
+    DEFAULT_BUFFER_DELAY_MS,
+    AudioOut,
+    ContextSocket,
+    SpeechContext,
+    WordTimes,
+)
+from csm_streaming.server.stream_sockets import accept_streaming_socket
+
+log = logging.getLogger("csm.server")
+router = APIRouter()
+
+
+class CartesiaSink:
+    """Context events -> Cartesia's server messages."""
+
+    def __init__(self, ws: WebSocket):
+        self.ws = ws
+        self.timestamps: set[str] = set()  # contexts that asked for add_timestamps
+
+    async def send(self, message: dict):
+        await self.ws.send_text(json.dumps(message))
+
+    async def audio(self, ctx: SpeechContext, data: bytes):
+        if data:
+            await self.send({"type": "chunk", "context_id": ctx.id, "status_code": 206,
+                             "done": False, "data": base64.b64encode(data).decode()})
+
+    async def words(self, ctx: SpeechContext, times: WordTimes):
+        if ctx.id in self.timestamps:
+            await self.send({"type": "timestamps", "context_id": ctx.id, "status_code": 206,
+                             "done": False, "word_timestamps": {
+                                 "words": times.words, "start": times.start, "end": times.end}})
+
+    async def done(self, ctx: SpeechContext):
+        self.timestamps.discard(ctx.id)
+        await self.send({"type": "done", "context_id": ctx.id, "status_code": 206, "done": True})
+
+    async def error(self, ctx: SpeechContext | None, status: int, message: str):
+        await self.send({"type": "error", "context_id": ctx.id if ctx else None,
+                         "status_code": status, "done": True, "error": message})
+
+
+def output_of(msg: dict) -> AudioOut:
+    fmt = msg.get("output_format") or {}
+    if not isinstance(fmt, dict) or fmt.get("container", "raw") != "raw":
+        raise ApiError(400, "output_format: only container 'raw' is supported here")
+    rate = fmt.get("sample_rate", 24000)
+    if isinstance(rate, bool) or not isinstance(rate, int):
+        raise ApiError(400, "output_format.sample_rate must be an integer (8000..48000)")
+    return AudioOut(fmt.get("encoding", "pcm_s16le"), rate)
+
+
+def voice_of(msg: dict):
+    voice = msg.get("voice") or {}
+    if not isinstance(voice, dict) or voice.get("mode", "id") != "id" or "id" not in voice:
+        raise ApiError(400, 'voice: send {"mode": "id", "id": NAME} (a named voice, a speaker '
+                            "number or an OpenAI voice name); embeddings are not supported")
+    return voice["id"]
+
+
+async def handle(socket: ContextSocket, sink: CartesiaSink, msg: dict):
+    """One client message."""
+    cid = msg.get("context_id")
+    if not isinstance(cid, str) or not cid:
+        raise ApiError(400, "context_id: every message names its context (a string)")
+    ctx = socket.get(cid)
+    if msg.get("cancel"):
+        if ctx is not None:
+            ctx.cancel()
+        return
+    transcript = msg.get("transcript", "")
+    if not isinstance(transcript, str):
+        raise ApiError(400, "transcript must be a string")
+    if ctx is None:
+        delay = msg.get("max_buffer_delay_ms", DEFAULT_BUFFER_DELAY_MS)
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)):
+            raise ApiError(400, "max_buffer_delay_ms must be a number (0..5000)")
+        ctx = socket.open(cid, voice_of(msg), output_of(msg), delay)
+        if msg.get("add_timestamps"):
+            sink.timestamps.add(cid)
+    try:
+        if transcript:
+            await ctx.add_text(transcript)
+        if msg.get("continue", True) is False:
+            await ctx.end()
+        elif msg.get("flush"):
+            await ctx.flush()
+    except ApiError:  # this context's own trouble (its voice, its text): it alone ends
+        ctx.cancel()
+        raise
+    if msg.get("flush") and msg.get("continue", True) is not False:
+        await sink.send({"type": "flush_done", "context_id": cid, "flush_done": True,
+                         "flush_id": len(ctx.phrases), "status_code": 206, "done": False})
+
+
+@router.websocket("/tts/websocket")
+async def cartesia_socket(ws: WebSocket):
+    server = await accept_streaming_socket(ws, key_headers=(b"x-api-key",),
+                                           key_queries=("api_key",))
+    if server is None:
+        return
+    sink = CartesiaSink(ws)
+    socket = ContextSocket(server, ws.scope, sink)
+    try:
+        while True:
+            message, msg = await ws.receive(), None
+            if message["type"] == "websocket.disconnect":
+                break
+            try:
+                if message.get("text") is None:
+                    raise ApiError(400, "send JSON text frames, not binary ones")
+                try:
+                    msg = json.loads(message["text"])
+                except ValueError:
+                    raise ApiError(400, "a message is not valid JSON") from None
+                if not isinstance(msg, dict):
+                    raise ApiError(400, "a message must be a JSON object")
+                await handle(socket, sink, msg)
+            except ApiError as e:
+                server.count(ws.scope, e.status)
+                cid = msg.get("context_id") if isinstance(msg, dict) else None
+                await sink.send({"type": "error", "context_id": cid, "status_code": e.status,
+                                 "done": True, "error": e.message})
+    except (WebSocketDisconnect, RuntimeError, asyncio.CancelledError):
+        pass
+    finally:
+        socket.close()
+        server.clients.leave()

@@ -1,0 +1,254 @@
+"""Streaming-input contexts: a voice agent's LLM writes, CSM speaks, one socket for the call.
+
+The engine under the Cartesia- and ElevenLabs-compatible sockets (cartesia_routes.py,
+elevenlabs_routes.py translate messages; nothing here knows either protocol).
+
+A `SpeechContext` is one utterance whose text arrives in pieces. Its text is cut into phrases
+as soon as a sentence or clause is complete (engine/segmenting.TextChunker), at a flush, at the
+end, or when text has waited `max_buffer_delay_ms`. Its phrases are one engine stream with an
+open TextFeed, as a chat reply is: each phrase is conditioned on the context's earlier phrases
+(one voice, no gap between them), and the stream shares the batched engine, the queue, the
+limits and the metrics with every other client. `cancel` frees its slot at the next chunk and
+nothing more is sent for it.
+
+Word timings (`WordTimes`): each phrase's span in the audio is exact (the engine records the
+frame at which each phrase ended); inside a phrase its duration is shared over its words in
+proportion to their length (characters + 1). That is an estimate: a word's edges can be off by
+a few hundred milliseconds inside a long phrase, never across phrases. They are sent when the
+phrase's audio has been made (faster than real time: before it has been played).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from csm_streaming.audio import FRAME_MS, SAMPLE_RATE
+from csm_streaming.engine.segmenting import TextChunker
+from csm_streaming.engine.streams import TextFeed
+from csm_streaming.request import SamplingParams
+from csm_streaming.server.api import ApiError, RequestDraft, shape_error
+
+log = logging.getLogger("csm.server")
+
+MAX_CONTEXTS_PER_SOCKET = 8  # open contexts on one socket; one more is an error for it alone
+DEFAULT_BUFFER_DELAY_MS = 3000  # Cartesia's default max_buffer_delay_ms
+MAX_BUFFER_DELAY_MS = 5000
+
+
+@dataclass(frozen=True)
+class WordTimes:
+    """One phrase's words as the client sent them, with start and end in seconds from the
+    context's first sample."""
+
+    words: list[str]
+    start: list[float]
+    end: list[float]
+
+
+def word_times(text: str, start_s: float, end_s: float) -> WordTimes:
+    """A phrase's words over [start_s, end_s], each a share of it as long as the word (plus the
+    space after it): every word once, in order, start < end, within the span."""
+    words = text.split()
+    if not words or end_s <= start_s:
+        return WordTimes([], [], [])
+    weights = np.array([len(w) + 1 for w in words], dtype=np.float64)
+    edges = start_s + (end_s - start_s) * np.concatenate([[0], np.cumsum(weights)]) / weights.sum()
+    return WordTimes(words, [round(float(t), 4) for t in edges[:-1]],
+                     [round(float(t), 4) for t in edges[1:]])
+
+
+class AudioOut:
+    """A context's 24 kHz float chunks -> the client's format: raw PCM (s16le or f32le) at any
+    rate 8-48 kHz, resampled as a stream (no click between chunks), or compressed (mp3)."""
+
+    def __init__(self, encoding: str, rate: int, bit_rate: int | None = None):
+        if not 8000 <= rate <= 48000:
+            raise ApiError(400, f"sample rate {rate} is not supported: use 8000..48000 Hz")
+        if encoding not in ("pcm_s16le", "pcm_f32le", "mp3"):
+            raise ApiError(400, f"encoding {encoding!r} is not supported: use pcm_s16le, "
+                                "pcm_f32le or mp3")
+        self.encoding, self.rate = encoding, rate
+        self._resampler = self._encoder = None
+        if encoding == "mp3":
+            from csm_streaming.server.encode import StreamEncoder
+
+            self._encoder = StreamEncoder("mp3", rate=rate, bit_rate=bit_rate)
+        elif rate != SAMPLE_RATE:
+            import soxr
+
+            self._resampler = soxr.ResampleStream(SAMPLE_RATE, rate, 1, dtype="float32")
+
+    def feed(self, chunk, last: bool = False) -> bytes:
+        x = np.asarray(chunk, dtype=np.float32).reshape(-1)
+        if self._encoder is not None:
+            return self._encoder.feed(x) + (self._encoder.finish() if last else b"")
+        if self._resampler is not None:
+            x = self._resampler.resample_chunk(x, last=last)
+        if self.encoding == "pcm_f32le":
+            return x.astype("<f4").tobytes()
+        return (np.clip(x, -1, 1) * 32767).round().astype("<i2").tobytes()
+
+
+class SpeechContext:
+    """One context: text in pieces, phrases to the engine in order, audio and word times out
+    through its socket's sink (see ContextSocket)."""
+
+    def __init__(self, socket: ContextSocket, cid: str, voice, out: AudioOut,
+                 buffer_delay_ms: float = DEFAULT_BUFFER_DELAY_MS):
+        self.socket, self.id, self.voice, self.out = socket, cid, voice, out
+        self.buffer_delay_s = min(max(0.0, buffer_delay_ms), MAX_BUFFER_DELAY_MS) / 1000
+        self.chunker = TextChunker()
+        self.feed: TextFeed | None = None
+        self.ticket = None
+        self.phrases: list[str] = []
+        self.timed = 0  # phrases whose word times were sent
+        self.ended = self.cancelled = False
+        self.last_message = time.monotonic()
+        self._delay: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task | None = None
+
+    async def add_text(self, text: str, flush: bool = False):
+        """Text for the context; phrases go to the engine as soon as they are complete."""
+        if self.ended:
+            raise ApiError(400, f"context {self.id!r} has ended: open a new context_id")
+        self.last_message = time.monotonic()
+        for phrase in self.chunker.feed(text):
+            await self._speak(phrase)
+        if flush or self.buffer_delay_s == 0:
+            await self.flush()
+        elif self._delay is None and self.chunker.pending:
+            loop = asyncio.get_running_loop()
+            self._delay = loop.call_later(self.buffer_delay_s,
+                                          lambda: asyncio.ensure_future(self.flush()))
+
+    async def flush(self):
+        """Speak what is waiting now, however short."""
+        if self._delay is not None:
+            self._delay.cancel()
+            self._delay = None
+        for phrase in self.chunker.flush():
+            await self._speak(phrase)
+
+    async def end(self):
+        """No more text: the rest is spoken, then the context is done."""
+        await self.flush()
+        self.ended = True
+        if self.feed is not None:
+            self.feed.close()
+        else:  # nothing was ever said: done at once
+            await self.socket.sink.done(self)
+            self.socket.forget(self)
+
+    def cancel(self):
+        """Stop now: the slot is freed at the next chunk; nothing more is sent for it."""
+        self.cancelled = self.ended = True
+        if self._delay is not None:
+            self._delay.cancel()
+        if self.ticket is not None:
+            self.ticket.cancel()
+        if self._task is not None:
+            self._task.cancel()
+        self.socket.forget(self)
+
+    async def _speak(self, phrase: str):
+        if self.ticket is None:  # the first phrase: the request, its voice, its stream
+            s = self.socket
+            req = await s.server.request_from(RequestDraft(phrase, self.voice,
+                                                           sampling=s.sampling))
+            self.feed = TextFeed(closed=False)
+            self.ticket = s.server.submit(req, s.scope, self.feed)
+            self._task = asyncio.create_task(self._run())
+        self.phrases.append(phrase)
+        self.feed.push(phrase)
+
+    async def _run(self):
+        sink, samples = self.socket.sink, 0
+        try:
+            async for chunk in self.socket.server.marked(self.ticket):
+                if self.cancelled:
+                    return
+                samples += chunk.numel()
+                await sink.audio(self, self.out.feed(chunk.numpy()))
+                await self._send_word_times(samples)
+            if self.cancelled:
+                return
+            tail = self.out.feed(np.zeros(0, np.float32), last=True)
+            if tail:
+                await sink.audio(self, tail)
+            await self._send_word_times(samples, final=True)
+            await sink.done(self)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if not self.cancelled:
+                err = shape_error(e, self.socket.server.retry_after())
+                await sink.error(self, err.status, err.message)
+        finally:
+            self.socket.forget(self)
+
+    async def _send_word_times(self, samples: int, final: bool = False):
+        """The word times of each phrase whose audio has all been sent (the watermark holds
+        audio back in windows); at the end, of every phrase, within the audio sent (the
+        runaway guard may have trimmed a silent tail)."""
+        stream = self.ticket.stream
+        ends = list(stream.segment_ends) if stream is not None else []
+        audio_s = samples / SAMPLE_RATE
+        for i in range(self.timed, min(len(ends), len(self.phrases))):
+            end = ends[i] * FRAME_MS / 1000
+            if end > audio_s and not final:
+                return
+            start = ends[i - 1] * FRAME_MS / 1000 if i else 0.0
+            times = word_times(self.phrases[i], min(start, audio_s), min(end, audio_s))
+            if times.words:
+                await self.socket.sink.words(self, times)
+            self.timed = i + 1
+
+
+class ContextSocket:
+    """The contexts of one socket. sink: the adapter's async callbacks audio(context, bytes),
+    words(context, WordTimes), done(context), error(context or None, status, message)."""
+
+    def __init__(self, server, scope, sink, sampling: SamplingParams | None = None):
+        self.server, self.scope, self.sink = server, scope, sink
+        self.sampling = sampling or SamplingParams()
+        self.contexts: dict[str, SpeechContext] = {}
+        self._idle = asyncio.create_task(self._close_idle())
+
+    def get(self, cid: str) -> SpeechContext | None:
+        return self.contexts.get(cid)
+
+    def open(self, cid: str, voice, out: AudioOut, buffer_delay_ms=DEFAULT_BUFFER_DELAY_MS):
+        if len(self.contexts) >= MAX_CONTEXTS_PER_SOCKET:
+            raise ApiError(429, f"{MAX_CONTEXTS_PER_SOCKET} contexts are open on this socket: "
+                                "end or cancel one first")
+        ctx = SpeechContext(self, cid, voice, out, buffer_delay_ms)
+        self.contexts[cid] = ctx
+        return ctx
+
+    def forget(self, ctx: SpeechContext):
+        if self.contexts.get(ctx.id) is ctx:
+            del self.contexts[ctx.id]
+
+    def close(self):
+        """The socket closed: every context stops."""
+        self._idle.cancel()
+        for ctx in list(self.contexts.values()):
+            ctx.cancel()
+
+    async def _close_idle(self):
+        """A context that gets no message for the idle timeout and never ended is closed with
+        an error (a client that forgot `continue: false` holds no slot for ever)."""
+        timeout = self.server.settings.context_idle_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = time.monotonic()
+            for ctx in list(self.contexts.values()):
+                if not ctx.ended and now - ctx.last_message > timeout:
+                    ctx.cancel()
+                    await self.sink.error(ctx, 408, f"context {ctx.id!r} got no text for "
+                                                    f"{timeout:g} s and was not ended: closed")

@@ -1,0 +1,51 @@
+"""What the streaming-input sockets (Cartesia's, ElevenLabs') share before their protocol
+starts: the key is read from the handshake (headers or query), so an authorised client never
+waits behind strangers in the not-yet-authorised budget; a refusal is a real HTTP answer at the
+handshake (401, or 503 with Retry-After when the server is full), never an accepted socket."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs
+
+from fastapi import WebSocket
+from fastapi.responses import JSONResponse
+
+from csm_streaming.server.api import error_body
+from csm_streaming.server.context import ServerContext, context_of
+from csm_streaming.server.limits import bearer_ok, busy_error, token_matches
+
+
+def handshake_key_ok(ws: WebSocket, token: str | None, key_headers: tuple[bytes, ...],
+                     key_queries: tuple[str, ...]) -> bool:
+    """The token in `Authorization: Bearer`, one of `key_headers` or one of `key_queries`.
+    Without a token set, any key (or none) is accepted: clients that insist on sending one
+    (LiveKit's plugins refuse to start without) work as they are."""
+    if not token or bearer_ok(ws.scope["headers"], token):
+        return True
+    for name, value in ws.scope["headers"]:
+        if name.lower() in key_headers and token_matches(value.strip(), token):
+            return True
+    query = parse_qs(ws.scope.get("query_string", b"").decode("latin-1"))
+    return any(token_matches(v, token) for q in key_queries for v in query.get(q, ()))
+
+
+async def accept_streaming_socket(ws: WebSocket, key_headers: tuple[bytes, ...],
+                                  key_queries: tuple[str, ...]) -> ServerContext | None:
+    """Check the key and the connection budget, then accept. Returns the ServerContext (the
+    caller calls `clients.leave()` when the socket ends), or None after refusing."""
+    ctx = context_of(ws)
+    if not handshake_key_ok(ws, ctx.settings.token, key_headers, key_queries):
+        ctx.count(ws.scope, 401)
+        await ws.send_denial_response(JSONResponse(
+            error_body(401, "missing or wrong API key: send the server's token as the key"),
+            status_code=401))
+        return None
+    if not ctx.clients.enter():
+        busy = busy_error("connections")
+        ctx.count(ws.scope, busy.status)
+        await ws.send_denial_response(JSONResponse(error_body(busy.status, busy.message),
+                                                   status_code=busy.status,
+                                                   headers=busy.headers))
+        return None
+    await ws.accept()
+    return ctx
