@@ -181,7 +181,7 @@ def test_the_snapshot_says_when_it_buffers_for_a_slow_generator():
 
 # The package's commands by module; the clone's scripts by file
 TOOLS = ["csm_streaming.cli", "csm_streaming.server.app", "csm_streaming.server.ray_serve",
-         "csm_streaming.model.watermark", "deploy_vast.py", "benchmarks/bench_frame.py",
+         "csm_streaming.verify_watermark", "deploy_vast.py", "benchmarks/bench_frame.py",
          "benchmarks/bench_streaming.py", "benchmarks/bench_server.py",
          "benchmarks/bench_watermark.py", "benchmarks/bench_quantize.py",
          "benchmarks/profile_frame.py"]

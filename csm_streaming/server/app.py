@@ -28,7 +28,13 @@ from csm_streaming.options import (
     config_arguments,
     load_arguments,
 )
-from csm_streaming.server import cartesia_routes, chat_routes, routes, voice_routes
+from csm_streaming.server import (
+    cartesia_routes,
+    chat_routes,
+    elevenlabs_routes,
+    routes,
+    voice_routes,
+)
 from csm_streaming.server.api import SecretFilter, ServerSettings
 from csm_streaming.server.context import ServerContext
 
@@ -49,7 +55,7 @@ def create_app(scheduler, settings: ServerSettings, voices=None, chat=None):
     ctx = ServerContext(app, scheduler, settings, voices, chat)
     ctx.chat_session = chat_routes.chat_session
     app.state.ctx = ctx
-    for module in (routes, chat_routes, voice_routes, cartesia_routes):
+    for module in (routes, chat_routes, voice_routes, cartesia_routes, elevenlabs_routes):
         app.include_router(module.router)
     routes.add_limits_and_errors(app)
     return app

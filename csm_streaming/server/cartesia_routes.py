@@ -25,7 +25,6 @@ import logging
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from csm_streaming.server.api import ApiError
-from csm_streaming.server.context import context_of
 from csm_streaming.server.speech_contexts import (
     DEFAULT_BUFFER_DELAY_MS,
     AudioOut,
