@@ -17,12 +17,11 @@ harmless, an error where the audio would not be what was asked).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
 
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, WebSocket
 
 from csm_streaming.server.api import ApiError
 from csm_streaming.server.speech_contexts import (
@@ -32,7 +31,7 @@ from csm_streaming.server.speech_contexts import (
     SpeechContext,
     WordTimes,
 )
-from csm_streaming.server.stream_sockets import accept_streaming_socket
+from csm_streaming.server.stream_sockets import accept_streaming_socket, read_json_messages
 
 log = logging.getLogger("csm.server")
 router = APIRouter()
@@ -129,28 +128,14 @@ async def cartesia_socket(ws: WebSocket):
         return
     sink = CartesiaSink(ws)
     socket = ContextSocket(server, ws.scope, sink)
+
+    async def report(msg, e: ApiError):
+        cid = msg.get("context_id") if isinstance(msg, dict) else None
+        await sink.send({"type": "error", "context_id": cid, "status_code": e.status,
+                         "done": True, "error": e.message})
+
     try:
-        while True:
-            message, msg = await ws.receive(), None
-            if message["type"] == "websocket.disconnect":
-                break
-            try:
-                if message.get("text") is None:
-                    raise ApiError(400, "send JSON text frames, not binary ones")
-                try:
-                    msg = json.loads(message["text"])
-                except ValueError:
-                    raise ApiError(400, "a message is not valid JSON") from None
-                if not isinstance(msg, dict):
-                    raise ApiError(400, "a message must be a JSON object")
-                await handle(socket, sink, msg)
-            except ApiError as e:
-                server.count(ws.scope, e.status)
-                cid = msg.get("context_id") if isinstance(msg, dict) else None
-                await sink.send({"type": "error", "context_id": cid, "status_code": e.status,
-                                 "done": True, "error": e.message})
-    except (WebSocketDisconnect, RuntimeError, asyncio.CancelledError):
-        pass
+        await read_json_messages(ws, server, lambda msg: handle(socket, sink, msg), report)
     finally:
         socket.close()
         server.clients.leave()

@@ -22,7 +22,6 @@ config are accepted and ignored; ulaw and other codecs are not supported.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import re
@@ -33,7 +32,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from csm_streaming.server.api import ApiError
 from csm_streaming.server.speech_contexts import AudioOut, ContextSocket, SpeechContext, WordTimes
-from csm_streaming.server.stream_sockets import accept_streaming_socket
+from csm_streaming.server.stream_sockets import accept_streaming_socket, read_json_messages
 
 router = APIRouter()
 SINGLE = "single"  # the context id of a stream-input socket
@@ -132,27 +131,14 @@ async def run_socket(ws: WebSocket, voice_id: str, multi: bool):
     out_format = query.get("output_format", ["mp3_44100_128"])[0]
     sink = ElevenLabsSink(ws, query.get("sync_alignment", ["false"])[0] == "true", multi)
     socket = ContextSocket(server, ws.scope, sink)
+
+    async def report(msg, e: ApiError):
+        cid = msg.get("context_id") if isinstance(msg, dict) else None
+        await sink.error(socket.get(cid) if cid else None, e.status, e.message)
+
     try:
-        while True:
-            message, msg = await ws.receive(), None
-            if message["type"] == "websocket.disconnect":
-                break
-            try:
-                if message.get("text") is None:
-                    raise ApiError(400, "send JSON text frames, not binary ones")
-                try:
-                    msg = json.loads(message["text"])
-                except ValueError:
-                    raise ApiError(400, "a message is not valid JSON") from None
-                if not isinstance(msg, dict):
-                    raise ApiError(400, "a message must be a JSON object")
-                await handle(socket, msg, voice_id, out_format, multi)
-            except ApiError as e:
-                server.count(ws.scope, e.status)
-                cid = msg.get("context_id") if isinstance(msg, dict) else None
-                await sink.error(socket.get(cid) if cid else None, e.status, e.message)
-    except (WebSocketDisconnect, RuntimeError, asyncio.CancelledError):
-        pass
+        await read_json_messages(ws, server, lambda msg: handle(socket, msg, voice_id,
+                                                                out_format, multi), report)
     finally:
         socket.close()
         server.clients.leave()

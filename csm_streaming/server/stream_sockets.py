@@ -5,12 +5,14 @@ handshake (401, or 503 with Retry-After when the server is full), never an accep
 
 from __future__ import annotations
 
+import asyncio
+import json
 from urllib.parse import parse_qs
 
-from fastapi import WebSocket
+from fastapi import WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 
-from csm_streaming.server.api import error_body
+from csm_streaming.server.api import ApiError, error_body
 from csm_streaming.server.context import ServerContext, context_of
 from csm_streaming.server.limits import bearer_ok, busy_error, token_matches
 
@@ -49,3 +51,29 @@ async def accept_streaming_socket(ws: WebSocket, key_headers: tuple[bytes, ...],
         return None
     await ws.accept()
     return ctx
+
+
+async def read_json_messages(ws: WebSocket, server: ServerContext, handle, report):
+    """Each message of the socket, a JSON object, to `await handle(msg)` until the client
+    closes; a binary frame, text that is not a JSON object, or an ApiError of handle goes to
+    `await report(msg or None, error)` and the socket goes on."""
+    try:
+        while True:
+            message, msg = await ws.receive(), None
+            if message["type"] == "websocket.disconnect":
+                return
+            try:
+                if message.get("text") is None:
+                    raise ApiError(400, "send JSON text frames, not binary ones")
+                try:
+                    msg = json.loads(message["text"])
+                except ValueError:
+                    raise ApiError(400, "a message is not valid JSON") from None
+                if not isinstance(msg, dict):
+                    raise ApiError(400, "a message must be a JSON object")
+                await handle(msg)
+            except ApiError as e:
+                server.count(ws.scope, e.status)
+                await report(msg, e)
+    except (WebSocketDisconnect, RuntimeError, asyncio.CancelledError):
+        pass  # the client left (or closed the socket with a message)
