@@ -12,12 +12,15 @@ import pytest
 from websockets.sync.client import connect
 
 from conftest import AUTH, TOKEN, LiveServer
+from csm_streaming.server.api import ServerSettings
 from csm_streaming.server.speech_contexts import word_times
 
 
 @pytest.fixture(scope="module")
 def live(mimi):
-    server = LiveServer(max_streams=4)
+    # 8 s at most per request or context: random weights never end, the tests stay short
+    server = LiveServer(max_streams=4,
+                        settings=ServerSettings(token=TOKEN, max_audio_length_ms=8000))
     yield server
     server.close()
 
@@ -143,3 +146,20 @@ def test_word_times_share_a_phrase_by_word_length():
     assert t.words == ["a", "bbb", "cc"]
     assert t.start == [1.0, 1.2222, 1.6667] and t.end == [1.2222, 1.6667, 2.0]
     assert word_times("   ", 0.0, 1.0).words == [] and word_times("a", 1.0, 1.0).words == []
+
+
+def test_the_one_shot_bytes_endpoint_streams_the_asked_format(live):
+    """POST /tts/bytes, as LiveKit's synthesize() and pipecat's CartesiaHttpTTSService call it,
+    with the key in X-API-Key."""
+    body = {"model_id": "sonic-2", "transcript": "Bytes, please.", "language": "en",
+            "voice": {"mode": "id", "id": "alloy"},
+            "output_format": {"container": "raw", "encoding": "pcm_f32le", "sample_rate": 8000}}
+    r = httpx.post(f"{live.url}/tts/bytes", json=body, headers={"X-API-Key": TOKEN}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("audio/")
+    seconds = len(r.content) / 4 / 8000  # f32le at 8 kHz
+    longest = live.settings.max_audio_length_ms / 1000  # the server's default length
+    assert 0.5 < seconds <= longest + 1e-3
+    bad = httpx.post(f"{live.url}/tts/bytes", json={**body, "voice": {"mode": "id", "id": "?"}},
+                     headers={"X-API-Key": TOKEN}, timeout=60)
+    assert bad.status_code == 400 and "unknown voice" in bad.json()["error"]["message"]
+    assert httpx.post(f"{live.url}/tts/bytes", json=body, timeout=60).status_code == 401

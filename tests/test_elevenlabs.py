@@ -13,13 +13,16 @@ import soundfile as sf
 from websockets.sync.client import connect
 
 from conftest import TOKEN, LiveServer
+from csm_streaming.server.api import ServerSettings
 
 PATH = "/v1/text-to-speech/{voice}/multi-stream-input"
 
 
 @pytest.fixture(scope="module")
 def live(mimi):
-    server = LiveServer(max_streams=4)
+    # 8 s at most per request or context: random weights never end, the tests stay short
+    server = LiveServer(max_streams=4,
+                        settings=ServerSettings(token=TOKEN, max_audio_length_ms=8000))
     yield server
     server.close()
 
@@ -138,3 +141,20 @@ def test_bad_format_and_key(live):
     with pytest.raises(InvalidStatus) as refused:
         open_socket(live, key="wrong")
     assert refused.value.response.status_code == 401
+
+
+@pytest.mark.parametrize("path", ["/v1/text-to-speech/3/stream", "/v1/text-to-speech/3"])
+def test_the_one_shot_endpoints_answer_audio_in_the_asked_format(live, path):
+    """As LiveKit's synthesize() posts: xi-api-key, output_format in the query."""
+    import httpx
+
+    r = httpx.post(f"{live.url}{path}?output_format=pcm_16000&enable_logging=true",
+                   json={"text": "One shot.", "model_id": "eleven_flash_v2_5"},
+                   headers={"xi-api-key": TOKEN}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "audio/pcm"
+    longest = live.settings.max_audio_length_ms / 1000  # the server's default length
+    assert 0.5 < len(r.content) / 2 / 16000 <= longest + 1e-3
+    mp3 = httpx.post(f"{live.url}{path}", json={"text": "Default format."},
+                     headers={"xi-api-key": TOKEN}, timeout=60)  # ElevenLabs' mp3_44100_128
+    audio, rate = sf.read(io.BytesIO(mp3.content), dtype="float32")
+    assert mp3.headers["content-type"] == "audio/mpeg" and rate == 44100 and len(audio) > 0

@@ -230,14 +230,22 @@ def test_speech_route_errors(live):
     assert r.status_code == 400
 
 
-def test_sse_stream(live):
+def sse_audio(live, **extra) -> bytes:
     with httpx.stream("POST", f"{live.url}/v1/audio/speech", headers=AUTH, timeout=60,
                       json={"input": "Events please.", "voice": "0", "stream_format": "sse",
-                            "max_audio_length_ms": 480}) as r:
+                            "max_audio_length_ms": 480, **extra}) as r:
         events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
     deltas = [e for e in events if e["type"] == "speech.audio.delta"]
     assert deltas and events[-1]["type"] == "speech.audio.done"
-    assert sum(len(base64.b64decode(e["audio"])) for e in deltas) == 6 * 1920 * 2
+    return b"".join(base64.b64decode(e["audio"]) for e in deltas)
+
+
+def test_sse_deltas_carry_the_response_format(live):
+    """As OpenAI's: LiveKit's OpenAI plugin (gpt-4o-mini-tts asks for SSE) decodes the deltas
+    as the response_format, mp3 by default."""
+    assert len(sse_audio(live, response_format="pcm")) == 6 * 1920 * 2
+    audio, rate = sf.read(io.BytesIO(sse_audio(live)), dtype="float32")  # mp3, the default
+    assert rate == 24000 and abs(len(audio) - 6 * 1920) < 1920
 
 
 def test_websocket_stream_and_cancel_on_close(live):

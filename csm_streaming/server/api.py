@@ -96,7 +96,9 @@ class RequestDraft:
 
     voice: a name or number (None: `speaker`); context: turns to decode (base64 files);
     segments: turns already known (a dialogue's, a context's earlier phrases), after the voice's
-    clip and before the decoded turns; sampling: the body's SamplingParams, as they travel on.
+    clip and before the decoded turns; sampling: the body's SamplingParams, as they travel on;
+    phrases: each phrase has its own frame cap, so the default length is the window's, not a
+    random model's few seconds.
     """
 
     text: str
@@ -105,6 +107,7 @@ class RequestDraft:
     context: tuple[ContextItem, ...] = ()
     segments: tuple[Segment, ...] = ()
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    phrases: bool = False  # the text comes as phrases with a frame cap each (a context)
 
 
 class Sampling(BaseModel):
@@ -308,8 +311,9 @@ async def build_request(sg, settings: ServerSettings, draft: RequestDraft, voice
         context = await _off_loop(_AUDIO_POOL, decode_context, list(draft.context), settings, gone)
     if params.max_audio_length_ms is None:  # the longest the window allows (a real model ends
         window_ms = (sg.engine.window - 256) * 80  # speech by itself)
+        model_ms = window_ms if draft.phrases else sg.generator.default_max_audio_ms
         params = replace(params, max_audio_length_ms=max(80, min(
-            settings.max_audio_length_ms, window_ms, sg.generator.default_max_audio_ms)))
+            settings.max_audio_length_ms, window_ms, model_ms)))
     try:
         req = GenerationRequest(draft.text, speaker,
                                 (*voice_context, *draft.segments, *context), params)

@@ -18,10 +18,9 @@ harmless, an error where the audio would not be what was asked).
 from __future__ import annotations
 
 import base64
-import json
 import logging
 
-from fastapi import APIRouter, WebSocket
+from fastapi import APIRouter, Request, WebSocket
 
 from csm_streaming.server.api import ApiError
 from csm_streaming.server.speech_contexts import (
@@ -30,8 +29,14 @@ from csm_streaming.server.speech_contexts import (
     ContextSocket,
     SpeechContext,
     WordTimes,
+    json_body,
+    speak_over_http,
 )
-from csm_streaming.server.stream_sockets import accept_streaming_socket, read_json_messages
+from csm_streaming.server.stream_sockets import (
+    accept_streaming_socket,
+    read_json_messages,
+    send_json,
+)
 
 log = logging.getLogger("csm.server")
 router = APIRouter()
@@ -40,12 +45,12 @@ router = APIRouter()
 class CartesiaSink:
     """Context events -> Cartesia's server messages."""
 
-    def __init__(self, ws: WebSocket):
-        self.ws = ws
+    def __init__(self, ws: WebSocket, timeout_s: float):
+        self.ws, self.timeout_s = ws, timeout_s
         self.timestamps: set[str] = set()  # contexts that asked for add_timestamps
 
     async def send(self, message: dict):
-        await self.ws.send_text(json.dumps(message))
+        await send_json(self.ws, message, self.timeout_s)
 
     async def audio(self, ctx: SpeechContext, data: bytes):
         if data:
@@ -120,13 +125,21 @@ async def handle(socket: ContextSocket, sink: CartesiaSink, msg: dict):
                          "flush_id": len(ctx.phrases), "status_code": 206, "done": False})
 
 
+@router.post("/tts/bytes")
+async def cartesia_bytes(request: Request):
+    """Cartesia's one-shot endpoint (LiveKit's `synthesize`, pipecat's CartesiaHttpTTSService):
+    `{transcript, voice, output_format, model_id, language}` -> the audio as it is made."""
+    body = await json_body(request)
+    return await speak_over_http(request, body.get("transcript"), voice_of(body),
+                                 output_of(body))
+
+
 @router.websocket("/tts/websocket")
 async def cartesia_socket(ws: WebSocket):
-    server = await accept_streaming_socket(ws, key_headers=(b"x-api-key",),
-                                           key_queries=("api_key",))
+    server = await accept_streaming_socket(ws)
     if server is None:
         return
-    sink = CartesiaSink(ws)
+    sink = CartesiaSink(ws, server.settings.write_timeout_s)
     socket = ContextSocket(server, ws.scope, sink)
 
     async def report(msg, e: ApiError):

@@ -119,24 +119,31 @@ class ServerContext:
         finally:
             await agen.aclose()
 
-    async def sse(self, scope, agen, first, before=None, done_extra=None):
+    async def sse(self, scope, agen, first, before=None, done_extra=None, encoder=None):
         """Server-sent events: deltas, then done; a failure is an `error` event, never a done.
         before(): events (dicts) to send ahead of each audio delta and of done (chat text);
-        done_extra(): fields added to the done event."""
+        done_extra(): fields added to the done event; encoder: the deltas' format (an
+        encode.encoder_for; None: 16-bit PCM)."""
         n = 0
 
         def ahead() -> bytes:
             return b"".join(_sse(e) for e in (before() if before else ()))
 
+        def audio_event(data: bytes) -> bytes:
+            if not data:  # an encoder holding its first packet back
+                return b""
+            return _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+
         def delta(chunk):
             nonlocal n
             n += chunk.numel()
-            audio = base64.b64encode(pcm16(chunk)).decode()
-            return ahead() + _sse({"type": "speech.audio.delta", "audio": audio})
+            return ahead() + audio_event(encoder.feed(chunk) if encoder else pcm16(chunk))
 
         def done():
-            return ahead() + _sse({"type": "speech.audio.done", "audio_ms": n / SAMPLE_RATE * 1000,
-                                   **(done_extra() if done_extra else {})})
+            tail = audio_event(encoder.finish()) if encoder else b""
+            return tail + ahead() + _sse({"type": "speech.audio.done",
+                                          "audio_ms": n / SAMPLE_RATE * 1000,
+                                          **(done_extra() if done_extra else {})})
 
         try:
             async for b in self.body(scope, agen, first, delta, done):

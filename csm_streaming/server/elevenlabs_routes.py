@@ -23,16 +23,27 @@ config are accepted and ignored; ulaw and other codecs are not supported.
 from __future__ import annotations
 
 import base64
-import json
+import contextlib
 import re
 import time
 from urllib.parse import parse_qs
 
-from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 
 from csm_streaming.server.api import ApiError
-from csm_streaming.server.speech_contexts import AudioOut, ContextSocket, SpeechContext, WordTimes
-from csm_streaming.server.stream_sockets import accept_streaming_socket, read_json_messages
+from csm_streaming.server.speech_contexts import (
+    AudioOut,
+    ContextSocket,
+    SpeechContext,
+    WordTimes,
+    json_body,
+    speak_over_http,
+)
+from csm_streaming.server.stream_sockets import (
+    accept_streaming_socket,
+    read_json_messages,
+    send_json,
+)
 
 router = APIRouter()
 SINGLE = "single"  # the context id of a stream-input socket
@@ -51,13 +62,13 @@ def output_of(fmt: str) -> AudioOut:
 class ElevenLabsSink:
     """Context events -> ElevenLabs' server messages."""
 
-    def __init__(self, ws: WebSocket, sync_alignment: bool, multi: bool):
-        self.ws, self.sync, self.multi = ws, sync_alignment, multi
+    def __init__(self, ws: WebSocket, sync_alignment: bool, multi: bool, timeout_s: float):
+        self.ws, self.sync, self.multi, self.timeout_s = ws, sync_alignment, multi, timeout_s
 
     async def send(self, ctx_id: str | None, message: dict):
         if self.multi:
             message["contextId"] = ctx_id
-        await self.ws.send_text(json.dumps(message))
+        await send_json(self.ws, message, self.timeout_s)
 
     async def audio(self, ctx: SpeechContext, data: bytes):
         if data:
@@ -123,13 +134,13 @@ async def handle(socket: ContextSocket, msg: dict, voice: str, out_format: str, 
 
 
 async def run_socket(ws: WebSocket, voice_id: str, multi: bool):
-    server = await accept_streaming_socket(ws, key_headers=(b"xi-api-key",),
-                                           key_queries=("xi_api_key",))
+    server = await accept_streaming_socket(ws)
     if server is None:
         return
     query = parse_qs(ws.scope.get("query_string", b"").decode("latin-1"))
     out_format = query.get("output_format", ["mp3_44100_128"])[0]
-    sink = ElevenLabsSink(ws, query.get("sync_alignment", ["false"])[0] == "true", multi)
+    sink = ElevenLabsSink(ws, query.get("sync_alignment", ["false"])[0] == "true", multi,
+                          server.settings.write_timeout_s)
     socket = ContextSocket(server, ws.scope, sink)
 
     async def report(msg, e: ApiError):
@@ -142,10 +153,19 @@ async def run_socket(ws: WebSocket, voice_id: str, multi: bool):
     finally:
         socket.close()
         server.clients.leave()
-        try:
+        with contextlib.suppress(Exception):  # already closed by the client
             await ws.close()
-        except RuntimeError:
-            pass
+
+
+@router.post("/v1/text-to-speech/{voice_id}/stream")
+@router.post("/v1/text-to-speech/{voice_id}")
+async def text_to_speech(voice_id: str, request: Request):
+    """ElevenLabs' one-shot endpoints (LiveKit's `synthesize`, pipecat's
+    ElevenLabsHttpTTSService): `{text, model_id, voice_settings}` and the `output_format`
+    query -> the audio as it is made."""
+    body = await json_body(request)
+    out_format = request.query_params.get("output_format", "mp3_44100_128")
+    return await speak_over_http(request, body.get("text"), voice_id, output_of(out_format))
 
 
 @router.websocket("/v1/text-to-speech/{voice_id}/multi-stream-input")

@@ -8,7 +8,7 @@ import io
 
 import numpy as np
 
-from csm_streaming.audio import SAMPLE_RATE
+from csm_streaming.audio import SAMPLE_RATE, pcm16, wav_header
 
 # response_format -> (container, codec, codec sample rate, content type)
 FORMATS = {
@@ -64,6 +64,54 @@ class StreamEncoder:
         self._mux(None)  # flush the encoder
         self._out.close()  # the trailer (FLAC rewrites its header in place: sent as written)
         return self._drain()
+
+
+class WholeFile:
+    """A format sent whole, once the speech is done: FLAC, whose STREAMINFO must hold the
+    length for libsndfile (soundfile and everything built on it) to read it; a stream's header
+    cannot, as the length is not known when it is sent. Same interface as StreamEncoder."""
+
+    def __init__(self, fmt: str):
+        self.fmt, self.content_type = fmt, FORMATS[fmt][3]
+        self._chunks: list[np.ndarray] = []
+
+    def feed(self, chunk) -> bytes:
+        self._chunks.append(np.asarray(chunk, dtype=np.float32).reshape(-1))
+        return b""
+
+    def finish(self) -> bytes:
+        enc = StreamEncoder(self.fmt)
+        enc.feed(np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.float32))
+        enc.finish()
+        return enc._buf.getvalue()  # the header as rewritten at close, with the length
+
+
+WHOLE_FORMATS = {"flac"}
+
+
+class PcmEncoder:
+    """16-bit PCM (`pcm`), or the same after a WAV header of unknown length (`wav`); the same
+    interface as StreamEncoder."""
+
+    def __init__(self, wav: bool):
+        self._header = wav_header(None) if wav else b""
+        self.content_type = "audio/wav" if wav else "audio/pcm"
+
+    def feed(self, chunk) -> bytes:
+        out, self._header = self._header + pcm16(chunk), b""
+        return out
+
+    def finish(self) -> bytes:
+        out, self._header = self._header, b""  # a stream with no audio is still a WAV
+        return out
+
+
+def encoder_for(fmt: str):
+    """The encoder of one of OpenAI's six response formats: feed(chunk) -> bytes ready now,
+    finish() -> the rest, content_type."""
+    if fmt in ("pcm", "wav"):
+        return PcmEncoder(wav=fmt == "wav")
+    return WholeFile(fmt) if fmt in WHOLE_FORMATS else StreamEncoder(fmt)
 
 
 class Tempo:

@@ -22,6 +22,18 @@ def token_matches(given: str | bytes | None, token: str) -> bool:
     return hmac.compare_digest(given, token.encode("utf-8", "surrogatepass"))
 
 
+KEY_HEADERS = (b"x-api-key", b"xi-api-key")  # Cartesia's and ElevenLabs' key headers
+
+
+def key_ok(headers: list[tuple[bytes, bytes]], token: str | None) -> bool:
+    """`Authorization: Bearer <token>`, or the token as Cartesia's `X-API-Key` or ElevenLabs'
+    `xi-api-key` (their clients send only those). True when no token is set."""
+    if bearer_ok(headers, token):
+        return True
+    return any(name.lower() in KEY_HEADERS and token_matches(value.strip(), token)
+               for name, value in headers)
+
+
 def bearer_ok(headers: list[tuple[bytes, bytes]], token: str | None) -> bool:
     """Does an ASGI header list carry `Authorization: Bearer <token>`? True when no token is set."""
     if not token:
@@ -122,7 +134,7 @@ class LimitsMiddleware:
         route = route_template(self.routes_app, scope)
         if is_open_path(scope["path"]):
             return await self.app(scope, receive, send)
-        if not bearer_ok(scope["headers"], s.token):
+        if not key_ok(scope["headers"], s.token):
             self.metrics.count_request(route, 401)
             return await _send_json(send, 401, error_body(401, "missing or wrong bearer token: "
                                                           "send 'Authorization: Bearer <token>'"),

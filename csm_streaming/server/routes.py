@@ -19,7 +19,7 @@ from pathlib import Path
 from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import FileResponse, Response, StreamingResponse
 
-from csm_streaming.audio import SAMPLE_RATE, pcm16, wav_bytes, wav_header
+from csm_streaming.audio import SAMPLE_RATE, wav_bytes
 from csm_streaming.server.api import (
     MODEL_IDS,
     ApiError,
@@ -32,7 +32,7 @@ from csm_streaming.server.api import (
     shape_error,
 )
 from csm_streaming.server.context import ServerContext, context_of, ws_error
-from csm_streaming.server.encode import FORMATS, StreamEncoder
+from csm_streaming.server.encode import encoder_for
 from csm_streaming.server.limits import (
     BodyTooLarge,
     LimitsMiddleware,
@@ -190,26 +190,16 @@ async def speech(body: SpeechBody, request: Request):
     if body.speed != 1.0:  # OpenAI's 0.25..4 (checked by SpeechBody): faster, same pitch
         agen = ctx.stretched(agen, body.speed)
     first = await ctx.first_chunk(agen)
+    # The requested format in both: the body's bytes, or each SSE delta's (LiveKit's OpenAI
+    # plugin asks gpt-4o-mini-tts for SSE and decodes the deltas as the response_format)
+    enc = encoder_for(fmt)
     if body.stream_format == "sse":
         return StreamingResponse(
-            ctx.sse(request.scope, agen, first), media_type="text/event-stream"
+            ctx.sse(request.scope, agen, first, encoder=enc), media_type="text/event-stream"
         )
-    if fmt in FORMATS:  # compressed, encoded chunk by chunk as the speech is made
-        enc = StreamEncoder(fmt)
-        return StreamingResponse(ctx.body(request.scope, agen, first, enc.feed, enc.finish),
-                                 media_type=enc.content_type,
-                                 headers={"X-Sample-Rate": str(SAMPLE_RATE)})
-    return StreamingResponse(_with_header(wav_header(None) if fmt == "wav" else b"",
-                                          ctx.body(request.scope, agen, first, pcm16)),
-                             media_type="audio/wav" if fmt == "wav" else "audio/pcm",
+    return StreamingResponse(ctx.body(request.scope, agen, first, enc.feed, enc.finish),
+                             media_type=enc.content_type,
                              headers={"X-Sample-Rate": str(SAMPLE_RATE)})
-
-
-async def _with_header(header: bytes, body):
-    if header:
-        yield header
-    async for b in body:
-        yield b
 
 
 async def ws_first_message(ws: WebSocket, ctx: ServerContext) -> StreamMessage | None:

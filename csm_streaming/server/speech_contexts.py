@@ -21,6 +21,7 @@ phrase's audio has been made (faster than real time: before it has been played).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -85,13 +86,48 @@ class AudioOut:
 
     def feed(self, chunk, last: bool = False) -> bytes:
         x = np.asarray(chunk, dtype=np.float32).reshape(-1)
-        if self._encoder is not None:
-            return self._encoder.feed(x) + (self._encoder.finish() if last else b"")
+        if self._encoder is not None:  # (an empty frame makes FFmpeg's resampler fail: ENOMEM)
+            return (self._encoder.feed(x) if x.size else b"") + (
+                self._encoder.finish() if last else b"")
         if self._resampler is not None:
             x = self._resampler.resample_chunk(x, last=last)
         if self.encoding == "pcm_f32le":
             return x.astype("<f4").tobytes()
         return (np.clip(x, -1, 1) * 32767).round().astype("<i2").tobytes()
+
+
+MEDIA_TYPES = {"pcm_s16le": "audio/pcm", "pcm_f32le": "audio/pcm", "mp3": "audio/mpeg"}
+
+
+async def json_body(request) -> dict:
+    """The JSON object of an adapter's HTTP body (a 400 that says what to send otherwise)."""
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise ApiError(400, "send one JSON object, encoded as UTF-8")
+    return body
+
+
+async def speak_over_http(request, text, voice, out: AudioOut):
+    """A whole text in one request (Cartesia's /tts/bytes, ElevenLabs' /text-to-speech): the
+    same request, queue and limits as every route; the audio in the client's format as it is
+    made, and the stream cancelled when the client leaves."""
+    from fastapi.responses import StreamingResponse
+
+    from csm_streaming.server.context import context_of
+
+    if not isinstance(text, str) or not text.strip():
+        raise ApiError(400, "the text to speak is missing or empty")
+    server = context_of(request)
+    req = await server.request_from(RequestDraft(text, voice))
+    agen = server.marked(server.submit(req, request.scope))
+    first = await server.first_chunk(agen)
+    body = server.body(request.scope, agen, first, lambda c: out.feed(c.numpy()),
+                       lambda: out.feed(np.zeros(0, np.float32), last=True))
+    return StreamingResponse(body, media_type=MEDIA_TYPES[out.encoding],
+                             headers={"X-Sample-Rate": str(out.rate)})
 
 
 class SpeechContext:
@@ -159,7 +195,7 @@ class SpeechContext:
         if self.ticket is None:  # the first phrase: the request, its voice, its stream
             s = self.socket
             req = await s.server.request_from(RequestDraft(phrase, self.voice,
-                                                           sampling=s.sampling))
+                                                           sampling=s.sampling, phrases=True))
             self.feed = TextFeed(closed=False)
             self.ticket = s.server.submit(req, s.scope, self.feed)
             self._task = asyncio.create_task(self._run())

@@ -6,7 +6,9 @@ handshake (401, or 503 with Retry-After when the server is full), never an accep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 from urllib.parse import parse_qs
 
 from fastapi import WebSocket, WebSocketDisconnect
@@ -14,29 +16,29 @@ from fastapi.responses import JSONResponse
 
 from csm_streaming.server.api import ApiError, error_body
 from csm_streaming.server.context import ServerContext, context_of
-from csm_streaming.server.limits import bearer_ok, busy_error, token_matches
+from csm_streaming.server.limits import busy_error, key_ok, token_matches
+
+log = logging.getLogger("csm.server")
 
 
-def handshake_key_ok(ws: WebSocket, token: str | None, key_headers: tuple[bytes, ...],
-                     key_queries: tuple[str, ...]) -> bool:
-    """The token in `Authorization: Bearer`, one of `key_headers` or one of `key_queries`.
-    Without a token set, any key (or none) is accepted: clients that insist on sending one
-    (LiveKit's plugins refuse to start without) work as they are."""
-    if not token or bearer_ok(ws.scope["headers"], token):
+KEY_QUERIES = ("api_key", "xi_api_key")  # Cartesia's and ElevenLabs' query forms
+
+
+def handshake_key_ok(ws: WebSocket, token: str | None) -> bool:
+    """The token in a key header (limits.key_ok) or in one of the KEY_QUERIES. Without a
+    token set, any key (or none) is accepted: clients that insist on sending one (LiveKit's
+    plugins refuse to start without) work as they are."""
+    if key_ok(ws.scope["headers"], token):
         return True
-    for name, value in ws.scope["headers"]:
-        if name.lower() in key_headers and token_matches(value.strip(), token):
-            return True
     query = parse_qs(ws.scope.get("query_string", b"").decode("latin-1"))
-    return any(token_matches(v, token) for q in key_queries for v in query.get(q, ()))
+    return any(token_matches(v, token) for q in KEY_QUERIES for v in query.get(q, ()))
 
 
-async def accept_streaming_socket(ws: WebSocket, key_headers: tuple[bytes, ...],
-                                  key_queries: tuple[str, ...]) -> ServerContext | None:
+async def accept_streaming_socket(ws: WebSocket) -> ServerContext | None:
     """Check the key and the connection budget, then accept. Returns the ServerContext (the
     caller calls `clients.leave()` when the socket ends), or None after refusing."""
     ctx = context_of(ws)
-    if not handshake_key_ok(ws, ctx.settings.token, key_headers, key_queries):
+    if not handshake_key_ok(ws, ctx.settings.token):
         ctx.count(ws.scope, 401)
         await ws.send_denial_response(JSONResponse(
             error_body(401, "missing or wrong API key: send the server's token as the key"),
@@ -51,6 +53,19 @@ async def accept_streaming_socket(ws: WebSocket, key_headers: tuple[bytes, ...],
         return None
     await ws.accept()
     return ctx
+
+
+async def send_json(ws: WebSocket, message: dict, timeout_s: float):
+    """One JSON message. A client that left is not an error (its contexts stop when the read
+    loop sees it); one that reads nothing for timeout_s is dropped, as on every route."""
+    try:
+        await asyncio.wait_for(ws.send_text(json.dumps(message)), timeout_s)
+    except asyncio.TimeoutError:
+        log.warning("streaming socket: the client read nothing for %g s; dropped", timeout_s)
+        with contextlib.suppress(Exception):
+            await ws.close(code=1008)
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        pass
 
 
 async def read_json_messages(ws: WebSocket, server: ServerContext, handle, report):
