@@ -70,6 +70,8 @@ def test_text_in_pieces_is_spoken_with_word_timestamps(live):
     assert all(s < e for s, e in zip(starts, ends))
     assert all(e1 <= s2 + 1e-9 for e1, s2 in zip(ends, starts[1:]))  # across phrases too
     assert starts[0] >= 0 and ends[-1] <= seconds + 1e-3
+    metrics = httpx.get(f"{live.url}/metrics", headers=AUTH, timeout=10).text
+    assert 'csm_requests_total{route="/tts/websocket",status="200"}' in metrics  # a context
 
 
 def test_two_contexts_interleave_and_a_cancelled_one_stops_at_once(live):
@@ -163,3 +165,46 @@ def test_the_one_shot_bytes_endpoint_streams_the_asked_format(live):
                      headers={"X-API-Key": TOKEN}, timeout=60)
     assert bad.status_code == 400 and "unknown voice" in bad.json()["error"]["message"]
     assert httpx.post(f"{live.url}/tts/bytes", json=body, timeout=60).status_code == 401
+
+
+def test_limits_per_socket_and_text_for_an_ended_context(live):
+    from csm_streaming.server.speech_contexts import MAX_CONTEXTS_PER_SOCKET
+
+    with connect(url(live)) as ws:
+        for i in range(MAX_CONTEXTS_PER_SOCKET):  # open, never ended: they wait for text
+            ws.send(message(f"open-{i}", "Waiting here. "))
+        ws.send(message("one-too-many", "Refused. "))
+        err = None
+        while err is None:
+            m = json.loads(ws.recv(timeout=60))
+            if m["type"] == "error":
+                err = m
+        assert err["context_id"] == "one-too-many" and err["status_code"] == 429
+        assert str(MAX_CONTEXTS_PER_SOCKET) in err["error"]
+        for i in range(MAX_CONTEXTS_PER_SOCKET):
+            ws.send(json.dumps({"context_id": f"open-{i}", "cancel": True}))
+        ws.send(message("short", "Done soon. ", cont=False))
+        receive_until(ws, {"short"})
+        ws.send(message("short", "", cont=False))  # a late end packet: nothing to say
+        ws.send(message("short", "More text. "))  # text for it: an error
+        late = receive_until(ws, {"short"})
+    assert late[-1]["type"] == "error" and "has ended" in late[-1]["error"]
+
+
+def test_a_context_never_ended_is_closed_after_the_idle_timeout(mimi):
+    from csm_streaming.server.api import ServerSettings
+
+    server = LiveServer(max_streams=2, settings=ServerSettings(
+        token=TOKEN, max_audio_length_ms=4000, context_idle_timeout_s=1.0))
+    try:
+        with connect(url(server)) as ws:
+            ws.send(message("forgotten", "Nobody ends me. "))
+            got = receive_until(ws, {"forgotten"})
+        assert got[-1]["type"] == "error" and got[-1]["status_code"] == 408
+        assert "was not ended" in got[-1]["error"]
+        deadline = time.monotonic() + 10  # and its slot is free again
+        while server.scheduler.active and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.scheduler.active == 0
+    finally:
+        server.close()

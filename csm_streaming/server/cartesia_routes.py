@@ -103,6 +103,11 @@ async def handle(socket: ContextSocket, sink: CartesiaSink, msg: dict):
     transcript = msg.get("transcript", "")
     if not isinstance(transcript, str):
         raise ApiError(400, "transcript must be a string")
+    if ctx is None and cid in socket.ended:
+        if not transcript.strip():  # e.g. the end packet of a context that hit its length cap
+            return
+        raise ApiError(400, f"context {cid!r} has ended (done or cancelled): use a new "
+                            "context_id")
     if ctx is None:
         delay = msg.get("max_buffer_delay_ms", DEFAULT_BUFFER_DELAY_MS)
         if isinstance(delay, bool) or not isinstance(delay, (int, float)):

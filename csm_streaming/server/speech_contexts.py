@@ -203,9 +203,9 @@ class SpeechContext:
         self.feed.push(phrase)
 
     async def _run(self):
-        sink, samples = self.socket.sink, 0
+        sink, samples, server = self.socket.sink, 0, self.socket.server
         try:
-            async for chunk in self.socket.server.marked(self.ticket):
+            async for chunk in server.marked(self.ticket):
                 if self.cancelled:
                     return
                 samples += chunk.numel()
@@ -218,11 +218,14 @@ class SpeechContext:
                 await sink.audio(self, tail)
             await self._send_word_times(samples, final=True)
             await sink.done(self)
+            server.count(self.socket.scope, 200)  # a context is one request in the metrics
         except asyncio.CancelledError:
+            server.count(self.socket.scope, 499)  # cancelled, or the client left
             raise
         except Exception as e:
             if not self.cancelled:
-                err = shape_error(e, self.socket.server.retry_after())
+                err = shape_error(e, server.retry_after())
+                server.count(self.socket.scope, err.status)
                 await sink.error(self, err.status, err.message)
         finally:
             self.socket.forget(self)
@@ -253,6 +256,7 @@ class ContextSocket:
         self.server, self.scope, self.sink = server, scope, sink
         self.sampling = sampling or SamplingParams()
         self.contexts: dict[str, SpeechContext] = {}
+        self.ended: set[str] = set()  # ids of contexts that ended on this socket
         self._idle = asyncio.create_task(self._close_idle())
 
     def get(self, cid: str) -> SpeechContext | None:
@@ -269,6 +273,7 @@ class ContextSocket:
     def forget(self, ctx: SpeechContext):
         if self.contexts.get(ctx.id) is ctx:
             del self.contexts[ctx.id]
+            self.ended.add(ctx.id)
 
     def close(self):
         """The socket closed: every context stops."""
