@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from csm_streaming.engine.generator import pick_device
+    from csm_streaming.engine.loader import pick_device
 
     device = pick_device(args.device)
     counts = [int(c) for c in args.clients.split(",")]

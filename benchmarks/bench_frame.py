@@ -63,7 +63,7 @@ def bench_model(name: str, model, tok, device: torch.device, frames: int, bandwi
     plain layers, as the original release's torchtune layers are."""
     import copy
 
-    from csm_streaming.engine.generator import Generator
+    from csm_streaming.engine.reference import Generator
     from csm_streaming.model.checkpoints import load_mimi
     from csm_streaming.model.cpu_kernels import cpu_kernel_applies, restore_linears
 
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     apply_isa(args.isa)
-    from csm_streaming.engine.generator import pick_device
+    from csm_streaming.engine.loader import pick_device
 
     device = pick_device(args.device)
     torch.set_grad_enabled(False)

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from csm_streaming.engine.generator import load_csm_1b, pick_device
+    from csm_streaming.engine.loader import load_csm_1b, pick_device
     from csm_streaming.model.hub import is_random_model
 
     device = pick_device(args.device)

@@ -127,7 +127,7 @@ def timed_in_turns(models: dict, tok, device: torch.device, frames: int, bandwid
     bytes. The models take turns frame by frame, so a slow moment of the machine falls on all
     of them alike: their ratios are read from the same minutes."""
     from common import ms_in_turns, running_engine, spread, weight_bytes_per_frame
-    from csm_streaming.engine.generator import Generator
+    from csm_streaming.engine.reference import Generator
     from csm_streaming.model.checkpoints import load_mimi
 
     steps = {}
@@ -156,7 +156,7 @@ def timed_in_turns(models: dict, tok, device: torch.device, frames: int, bandwid
 def main(argv=None):
     args = build_parser().parse_args(argv)
     apply_isa(args.isa)
-    from csm_streaming.engine.generator import pick_device
+    from csm_streaming.engine.loader import pick_device
     from csm_streaming.model.checkpoints import load_model_and_tokenizer
     from csm_streaming.model.quantize import Int8Linear, check_mode
 

@@ -40,19 +40,19 @@ TOKEN = "bench"
 
 def start_server(model: str, device, max_streams: int, settings=None):
     from csm_streaming.engine.config import StreamingConfig
-    from csm_streaming.engine.generator import Generator
-    from csm_streaming.engine.streaming import StreamingGenerator
+    from csm_streaming.engine.frontend import StreamingGenerator
+    from csm_streaming.engine.reference import Generator
     from csm_streaming.model.checkpoints import load_mimi, load_model_and_tokenizer
     from csm_streaming.server.api import ServerSettings
     from csm_streaming.server.app import create_app, serve_in_thread
-    from csm_streaming.server.scheduler import Scheduler
+    from csm_streaming.server.engine_thread import EngineThread
 
     m, tok, _ = load_model_and_tokenizer(model, device)
     gen = Generator(m, tok, load_mimi("random", device))
     sg = StreamingGenerator(gen, StreamingConfig(max_batch_size=max_streams, max_seq_len=512))
     if sg.needs_warmup:
         sg.warmup(all_buckets=True)
-    sched = Scheduler(sg, max_queue=max_streams * 4).start()
+    sched = EngineThread(sg, max_queue=max_streams * 4).start()
     settings = settings or ServerSettings(token=TOKEN)
     server, _, url = serve_in_thread(create_app(sched, settings), settings=settings)
     return server, sched, url
@@ -329,7 +329,7 @@ def main_ray(args, device, counts):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from csm_streaming.engine.generator import pick_device
+    from csm_streaming.engine.loader import pick_device
     from csm_streaming.server.api import ServerSettings
 
     device = pick_device(args.device)

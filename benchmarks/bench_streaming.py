@@ -66,7 +66,7 @@ def run_streams(sg, n_streams: int, frames: int) -> dict:
 
 def build(gen, **cfg):
     from csm_streaming.engine.config import StreamingConfig
-    from csm_streaming.engine.streaming import StreamingGenerator
+    from csm_streaming.engine.frontend import StreamingGenerator
 
     return StreamingGenerator(gen, StreamingConfig(**cfg))
 
@@ -209,7 +209,8 @@ def step_rows(gen, args, device) -> list[dict]:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from csm_streaming.engine.generator import Generator, pick_device
+    from csm_streaming.engine.loader import pick_device
+    from csm_streaming.engine.reference import Generator
     from csm_streaming.model.checkpoints import load_mimi, load_model_and_tokenizer
 
     torch.set_grad_enabled(False)

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from csm_streaming.engine.generator import pick_device
+    from csm_streaming.engine.loader import pick_device
     from csm_streaming.model.watermark import build_random_watermarker, watermark
 
     device = pick_device(args.device)

@@ -130,7 +130,7 @@ def running_engine(gen, streams: int, compile_: bool = False):
     """A StreamEngine of `streams` slots over `gen`, each slot a running request long enough
     for any timing (the prompt and every frame fit in the window); its step is `step_fn`."""
     from csm_streaming.engine.config import StreamingConfig
-    from csm_streaming.engine.stream_engine import StreamEngine
+    from csm_streaming.engine.scheduler import StreamEngine
     from csm_streaming.request import GenerationRequest
 
     engine = StreamEngine(gen, StreamingConfig(enable_compilation=compile_,

@@ -122,7 +122,7 @@ def split_events(events, frames: int) -> dict[str, dict]:
 
 def profile(model, tok, device: torch.device, streams: int, frames: int,
             bandwidth: float) -> dict:
-    from csm_streaming.engine.generator import Generator
+    from csm_streaming.engine.reference import Generator
     from csm_streaming.model.checkpoints import load_mimi
 
     # before the engine swaps in CPU kernels (packed buffers), in PARTS' order, then the rest
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from bench_quantize import variant
-    from csm_streaming.engine.generator import pick_device
+    from csm_streaming.engine.loader import pick_device
     from csm_streaming.model.checkpoints import load_model_and_tokenizer
 
     device = pick_device(args.device)

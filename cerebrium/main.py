@@ -42,7 +42,7 @@ RETRIES = 2  # after the generator's own cooler retries: a new seed, then a warm
 def generator():
     """The model, loaded once per container (Cerebrium keeps module state between calls)."""
     if "generator" not in _LOADED:
-        from csm_streaming.engine.generator import load_csm_1b
+        from csm_streaming.engine.loader import load_csm_1b
         from csm_streaming.engine.voices import VoiceLibrary
         from csm_streaming.model.hub import DEFAULT_REPO
 
@@ -58,7 +58,7 @@ def generator():
 def streaming():
     """The streaming engine over the same model (its own caches), made once."""
     if "streaming" not in _LOADED:
-        from csm_streaming.engine.streaming import StreamingGenerator
+        from csm_streaming.engine.frontend import StreamingGenerator
 
         _LOADED["streaming"] = StreamingGenerator(generator())
     return _LOADED["streaming"]

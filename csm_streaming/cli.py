@@ -174,7 +174,7 @@ def check_args(args) -> list[ContextTurn]:
 def load_local(args):
     """The model here (the slow part, after every check passed): a StreamingGenerator."""
     from csm_streaming.engine.config import StreamingConfig
-    from csm_streaming.engine.streaming import load_streaming_csm_1b
+    from csm_streaming.engine.loader import load_streaming_csm_1b
 
     config = StreamingConfig(chunk_size_ms=args.chunk_size, first_chunk_ms=args.first_chunk,
                              frame_batch_size=args.decode_frames, **config_arguments(args))

@@ -80,7 +80,7 @@ def hf_checkpoint(tmp_path_factory):
 
 def make_tiny_generator(mimi, device="cpu", **kwargs):
     """A plain reference Generator on random:tiny (no watermark) with a model of its own."""
-    from csm_streaming.engine.generator import Generator
+    from csm_streaming.engine.reference import Generator
     from csm_streaming.model.checkpoints import load_mimi, load_model_and_tokenizer
 
     model, tok, _ = load_model_and_tokenizer("random:tiny", torch.device(device))
@@ -159,17 +159,17 @@ class LiveServer:
     def __init__(self, max_streams=16, max_queue=32, settings=None, watermarker=None, voices=None,
                  chat=None, **config):
         from csm_streaming.engine.config import StreamingConfig
-        from csm_streaming.engine.generator import Generator
-        from csm_streaming.engine.streaming import StreamingGenerator
+        from csm_streaming.engine.frontend import StreamingGenerator
+        from csm_streaming.engine.reference import Generator
         from csm_streaming.model.checkpoints import load_mimi, load_model_and_tokenizer
         from csm_streaming.server.api import ServerSettings
         from csm_streaming.server.app import create_app, serve_in_thread
-        from csm_streaming.server.scheduler import Scheduler
+        from csm_streaming.server.engine_thread import EngineThread
 
         model, tok, _ = load_model_and_tokenizer("random:tiny", torch.device("cpu"))
         gen = Generator(model, tok, load_mimi("random", "cpu"), watermarker=watermarker)
         sg = StreamingGenerator(gen, StreamingConfig(max_batch_size=max_streams, **config))
-        self.scheduler = Scheduler(sg, max_queue=max_queue).start()
+        self.scheduler = EngineThread(sg, max_queue=max_queue).start()
         self.settings = settings or ServerSettings(token=TOKEN, max_body_bytes=2 * 2**20)
         self.app = app = create_app(self.scheduler, self.settings, voices=voices, chat=chat)
         self.server, self.thread, self.url = serve_in_thread(app, settings=self.settings)

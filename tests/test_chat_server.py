@@ -22,7 +22,7 @@ import torch
 from conftest import AUTH, TOKEN, LiveServer, speech_like
 from csm_streaming.audio import to_mono_24k
 from csm_streaming.engine.config import StreamingConfig
-from csm_streaming.engine.streaming import StreamingGenerator
+from csm_streaming.engine.frontend import StreamingGenerator
 from csm_streaming.engine.voices import VoiceError, VoiceLibrary
 from csm_streaming.request import Segment
 from llm_stubs import LLMStub
@@ -52,7 +52,7 @@ def stub():
 
 @pytest.fixture(scope="module")
 def live(voices_dir, stub, mimi):
-    from csm_streaming.engine.generator import Generator
+    from csm_streaming.engine.reference import Generator
     from csm_streaming.model.checkpoints import load_model_and_tokenizer
 
     model, tok, _ = load_model_and_tokenizer("random:tiny", torch.device("cpu"))
@@ -87,7 +87,7 @@ def test_a_voice_is_read_and_encoded_once(voices_dir, tiny_generator):
 def test_the_speech_route_speaks_in_a_named_voice_without_encoding_it_again(live, voices_dir,
                                                                               tiny_generator,
                                                                               monkeypatch):
-    from csm_streaming.engine import prompts
+    from csm_streaming.engine import prompt_prefill as prompts
     calls = []
     original = prompts.encode_slices
     monkeypatch.setattr(prompts, "encode_slices", lambda *a: calls.append(1) or original(*a))

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import make_hf_checkpoint, speech_like
-from csm_streaming.engine.generator import Generator
+from csm_streaming.engine.reference import Generator
 from csm_streaming.model.checkpoints import load_model_and_tokenizer, original_to_transformers
 from csm_streaming.model.csm import CSM
 from csm_streaming.model.hub import CheckpointError, pick_weight_files, resolve_checkpoint

@@ -36,7 +36,7 @@ def cli_module():
 def test_random_model_runs_offline_watermarked_and_short_by_default(tmp_path):
     """The README's offline example: no network, the watermark stage on (random weights),
     3 s by default since random weights never end, one '[done]' line, exactly the samples."""
-    from csm_streaming.engine.generator import load_csm_1b
+    from csm_streaming.engine.loader import load_csm_1b
 
     out = tmp_path / "out.wav"
     r = run_cli("--model", "random:tiny", "--text", "Hello from the command line.", "--seed", "5",
@@ -56,7 +56,7 @@ def test_random_model_runs_offline_watermarked_and_short_by_default(tmp_path):
 
 
 def test_without_the_watermark_it_equals_generate(tmp_path):
-    from csm_streaming.engine.generator import load_csm_1b
+    from csm_streaming.engine.loader import load_csm_1b
 
     out = tmp_path / "out.wav"
     r = run_cli("--model", "random:tiny", "--text", "Hello.", "--seed", "5", "--max-audio-ms",

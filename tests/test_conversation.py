@@ -10,8 +10,8 @@ from conftest import patch_sample_frame, speech_like
 from csm_streaming.chat.conversation import Conversation, Dialogue
 from csm_streaming.chat.llm import LLMConfig, LLMError, stream_reply
 from csm_streaming.engine.config import StreamingConfig
+from csm_streaming.engine.frontend import StreamingGenerator
 from csm_streaming.engine.segmenting import TextChunker, clean_markdown
-from csm_streaming.engine.streaming import StreamingGenerator
 from csm_streaming.request import SamplingParams
 from llm_stubs import LLMStub
 

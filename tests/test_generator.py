@@ -7,7 +7,7 @@ import torch
 
 from conftest import patch_sample_frame, speech_like
 from csm_streaming.audio import FRAME_SAMPLES, to_mono_24k
-from csm_streaming.engine.generator import load_csm_1b, pick_device
+from csm_streaming.engine.loader import load_csm_1b, pick_device
 from csm_streaming.engine.prompt_rows import audio_rows
 from csm_streaming.model.checkpoints import load_mimi
 from csm_streaming.model.hub import CheckpointError

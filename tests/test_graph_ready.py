@@ -18,8 +18,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from csm_streaming.engine.config import StreamingConfig
+from csm_streaming.engine.frontend import StreamingGenerator
 from csm_streaming.engine.graphs import CPU_COMPILE_OPTIONS
-from csm_streaming.engine.streaming import StreamingGenerator
 from csm_streaming.request import GenerationRequest, SamplingParams
 
 aten = torch.ops.aten

@@ -167,7 +167,7 @@ def test_a_big_context_does_not_stall_the_running_streams(iso, monkeypatch):
     thread does both), not by timing the gaps, which depends on the machine's load."""
     from websockets.sync.client import connect
 
-    from csm_streaming.engine import prompts
+    from csm_streaming.engine import prompt_prefill as prompts
 
     engine = iso.scheduler.generator.engine
     work = []  # the engine thread's order of work: "slice" (context encoding) or "chunk"
@@ -429,7 +429,7 @@ def test_the_access_log_masks_tokens():
 
 def test_cpu_fallback_after_out_of_memory_does_not_deadlock(own_generator):
     from csm_streaming.engine.config import StreamingConfig
-    from csm_streaming.engine.streaming import StreamingGenerator
+    from csm_streaming.engine.frontend import StreamingGenerator
 
     sg = StreamingGenerator(own_generator, StreamingConfig(max_batch_size=2))
     ref = own_generator.generate("Fall back.", 0, max_audio_length_ms=480, seed=3)
@@ -525,7 +525,7 @@ def test_a_newcomer_cuts_the_running_chunk_and_joins_the_next_one(tiny_generator
     before the next chunk, which it joins: its first audio is one step away. Shown by the
     engine's frames and events, not by timing. Nobody's audio changes."""
     from csm_streaming.engine.config import StreamingConfig
-    from csm_streaming.engine.streaming import StreamingGenerator
+    from csm_streaming.engine.frontend import StreamingGenerator
 
     sg = StreamingGenerator(tiny_generator, StreamingConfig(max_batch_size=2, chunk_size_ms=640,
                                                             first_chunk_ms=160))
@@ -570,7 +570,7 @@ def test_a_newcomer_cuts_the_running_chunk_and_joins_the_next_one(tiny_generator
 
 def test_two_engines_on_one_model_keep_their_own_caches(tiny_generator):
     from csm_streaming.engine.config import StreamingConfig
-    from csm_streaming.engine.streaming import StreamingGenerator
+    from csm_streaming.engine.frontend import StreamingGenerator
 
     wide = StreamingGenerator(tiny_generator, StreamingConfig(max_batch_size=3))
     it = wide.generate_streaming("The first engine speaks.", 0, max_audio_length_ms=1600, seed=8)
@@ -587,12 +587,12 @@ def test_two_engines_on_one_model_keep_their_own_caches(tiny_generator):
 
 def test_the_scheduler_follows_a_replaced_engine(tiny_generator):
     from csm_streaming.engine.config import StreamingConfig
-    from csm_streaming.engine.stream_engine import StreamEngine
-    from csm_streaming.engine.streaming import StreamingGenerator
-    from csm_streaming.server.scheduler import Scheduler
+    from csm_streaming.engine.frontend import StreamingGenerator
+    from csm_streaming.engine.scheduler import StreamEngine
+    from csm_streaming.server.engine_thread import EngineThread
 
     sg = StreamingGenerator(tiny_generator, StreamingConfig(max_batch_size=2))
-    sched = Scheduler(sg)
+    sched = EngineThread(sg)
     sg.engine = StreamEngine(tiny_generator, sg.config)  # what a CPU fallback does
     assert sched.engine is sg.engine and sched.slots == 2
 
@@ -602,8 +602,8 @@ def test_streams_far_ahead_lend_their_lead_to_newcomers_prompts(tiny_generator):
     running stream has sent beyond what has played, less the next chunk's time (capped); a
     stream with no audio yet or one behind lends nothing."""
     from csm_streaming.engine.config import StreamingConfig
-    from csm_streaming.engine.stream_engine import MAX_PROMPT_BUDGET_S
-    from csm_streaming.engine.streaming import StreamingGenerator
+    from csm_streaming.engine.frontend import StreamingGenerator
+    from csm_streaming.engine.scheduler import MAX_PROMPT_BUDGET_S
 
     engine = StreamingGenerator(tiny_generator, StreamingConfig(max_batch_size=2)).engine
     a, b = (engine.submit(GenerationRequest.of(t, 0, (), max_audio_length_ms=4000, seed=i))
@@ -630,7 +630,7 @@ def test_lent_time_goes_to_prompts_without_audio_to_encode_only(tiny_generator):
     """With a budget of nothing and lent time, every light prompt is prefilled in one run; a
     request with context audio to encode does one unit and waits for the next chunk."""
     from csm_streaming.engine.config import StreamingConfig
-    from csm_streaming.engine.streaming import StreamingGenerator
+    from csm_streaming.engine.frontend import StreamingGenerator
 
     engine = StreamingGenerator(tiny_generator, StreamingConfig(max_batch_size=4)).engine
     light = [engine.submit(GenerationRequest.of(f"Newcomer {i} is here.", 0, (),

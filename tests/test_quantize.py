@@ -6,7 +6,7 @@ import torch
 
 from conftest import make_tiny_generator, on_gpu
 from csm_streaming.engine.config import StreamingConfig
-from csm_streaming.engine.streaming import StreamingGenerator
+from csm_streaming.engine.frontend import StreamingGenerator
 from csm_streaming.model import quantize as quantize_module
 from csm_streaming.model.cpu_kernels import cpu_flags
 from csm_streaming.model.quantize import (
@@ -331,7 +331,7 @@ def test_int8_keeps_two_parts_for_the_backbones_first_eight_layers_only(monkeypa
 
 
 def test_the_loader_takes_quantize_or_a_dtype_name():
-    from csm_streaming.engine.generator import load_csm_1b
+    from csm_streaming.engine.loader import load_csm_1b
 
     gen = load_csm_1b(device="cpu", model="random:tiny", dtype="int8", watermark=False)
     assert any(isinstance(m, Int8Linear) for m in gen.model.modules())
@@ -342,8 +342,8 @@ def test_the_loader_takes_quantize_or_a_dtype_name():
 def test_dtype_auto_loads_what_it_measured_faster_and_says_why(caplog):
     import logging
 
-    from csm_streaming.engine.generator import load_csm_1b
-    from csm_streaming.engine.streaming import StreamingGenerator
+    from csm_streaming.engine.frontend import StreamingGenerator
+    from csm_streaming.engine.loader import load_csm_1b
 
     with caplog.at_level(logging.INFO, logger="csm"):
         gen = load_csm_1b(device="cpu", model="random:tiny", dtype="auto", watermark=False)
@@ -366,7 +366,7 @@ def test_dtype_auto_loads_what_it_measured_faster_and_says_why(caplog):
 def test_dtype_auto_weighs_int8_when_asked_and_keeps_what_it_says(caplog):
     import logging
 
-    from csm_streaming.engine.generator import load_csm_1b
+    from csm_streaming.engine.loader import load_csm_1b
 
     with caplog.at_level(logging.INFO, logger="csm"):
         gen = load_csm_1b(device="cpu", model="random:tiny", dtype="auto", quantize="int8",

@@ -9,9 +9,9 @@ import torch
 from conftest import patch_sample_frame, speech_like
 from csm_streaming.audio import FRAME_SAMPLES
 from csm_streaming.engine.config import StreamingConfig
-from csm_streaming.engine.generator import load_csm_1b
+from csm_streaming.engine.frontend import StreamingGenerator
+from csm_streaming.engine.loader import load_csm_1b
 from csm_streaming.engine.runaway import TailConfig, TailGuard, frame_dbfs
-from csm_streaming.engine.streaming import StreamingGenerator
 from csm_streaming.request import EmptyOutputError
 
 SR = 24_000
@@ -176,7 +176,7 @@ def test_device_fallback_is_said_not_silent():
 
 def test_server_narrows_its_batch_when_the_device_runs_out_of_memory(tiny_generator):
     from csm_streaming.request import GenerationRequest
-    from csm_streaming.server.scheduler import Scheduler
+    from csm_streaming.server.engine_thread import EngineThread
 
     sg = StreamingGenerator(
         tiny_generator, StreamingConfig(enable_compilation=False, max_batch_size=4)
@@ -192,12 +192,12 @@ def test_server_narrows_its_batch_when_the_device_runs_out_of_memory(tiny_genera
         return original(n, *rest)
 
     engine._frame_step = oom_once_when_wide
-    sched = Scheduler(sg, max_queue=8).start()
+    sched = EngineThread(sg, max_queue=8).start()
 
     async def run_all():
         loop = asyncio.get_running_loop()
         tickets = [
-            sched.submit(GenerationRequest.of(f"Stream {i}.", 0, max_audio_length_ms=480,
+            sched.enqueue(GenerationRequest.of(f"Stream {i}.", 0, max_audio_length_ms=480,
                                               seed=i), loop)
             for i in range(4)
         ]

@@ -13,7 +13,7 @@ import soundfile as sf
 import torch
 
 from conftest import AUTH, TOKEN, LiveServer, speech_like
-from csm_streaming.engine.generator import Generator
+from csm_streaming.engine.reference import Generator
 from csm_streaming.model.checkpoints import load_mimi, load_model_and_tokenizer
 from csm_streaming.request import Segment
 

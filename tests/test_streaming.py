@@ -6,9 +6,9 @@ import torch
 from conftest import patch_sample_frame, speech_like
 from csm_streaming.audio import FRAME_SAMPLES
 from csm_streaming.engine.config import StreamingConfig
+from csm_streaming.engine.frontend import StreamingGenerator
 from csm_streaming.engine.runaway import TailGuard
 from csm_streaming.engine.segmenting import split_sentences
-from csm_streaming.engine.streaming import StreamingGenerator
 from csm_streaming.request import GenerationRequest, Segment
 
 
@@ -341,7 +341,7 @@ def test_mimi_decodes_only_the_rows_that_speak_and_leaves_the_others_as_they_wer
     gives what a full-width decode with the other rows masked gives, and rows n.. stay exactly
     as the mask would leave them (later full decodes agree too)."""
     from csm_streaming.engine.graphs import shared_copy
-    from csm_streaming.engine.mimi_state import first_rows
+    from csm_streaming.engine.mimi_decode import first_rows
 
     full, narrow = shared_copy(mimi), shared_copy(mimi)
     for m in (full, narrow):

@@ -12,8 +12,9 @@ from torch.overrides import TorchFunctionMode
 from conftest import speech_like
 from csm_streaming.audio import FRAME_SAMPLES, save_audio
 from csm_streaming.engine.config import StreamingConfig
-from csm_streaming.engine.generator import Generator, load_csm_1b
-from csm_streaming.engine.streaming import StreamingGenerator
+from csm_streaming.engine.frontend import StreamingGenerator
+from csm_streaming.engine.loader import load_csm_1b
+from csm_streaming.engine.reference import Generator
 from csm_streaming.model.watermark import (
     CSM_1B_GH_WATERMARK,
     StreamMarker,

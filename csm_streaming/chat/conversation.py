@@ -20,7 +20,7 @@ import torch
 
 from csm_streaming.chat.llm import LLMConfig, LLMError, stream_reply
 from csm_streaming.engine.segmenting import TextChunker
-from csm_streaming.engine.streams import TextFeed
+from csm_streaming.engine.text_feed import TextFeed
 from csm_streaming.request import GenerationRequest, SamplingParams, Segment
 
 CONTEXT_SHARE = 0.5  # of the window for the dialogue; the rest is for the reply being spoken

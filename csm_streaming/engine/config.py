@@ -1,4 +1,5 @@
-"""The streaming engine's settings: capture-time constants, checked when made.
+"""How the model loads (LoadOptions) and the streaming engine's settings (StreamingConfig):
+capture-time constants, checked when made.
 
 Built from argparse at the entry points (the CLI, the server); honoured kill switches:
 NO_TORCH_COMPILE=1 and NO_CUDA_GRAPH=1.
@@ -12,6 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from csm_streaming.audio import FRAME_MS
+from csm_streaming.model.hub import DEFAULT_REPO, is_random_model
+from csm_streaming.request import DEFAULT_MAX_AUDIO_MS
+
+RANDOM_MODEL_MAX_AUDIO_MS = 3_000  # random weights never say "end": keep their default short
 
 
 def env_off(name: str) -> bool:
@@ -92,3 +97,40 @@ class StreamingConfig:
 
     def cuda_graphs_enabled(self, device: torch.device) -> bool:
         return self.enable_cuda_graphs and device.type == "cuda" and not env_off("NO_CUDA_GRAPH")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How `load_csm_1b` loads CSM-1B, and what the Generator it returns does by default.
+
+    model: a hub repo id (default: the ungated copy; `sesame/csm-1b` for the official gated
+    one), a local folder or weight file (both checkpoint formats), or `random:csm-1b` /
+    `random:tiny` for random weights with no download. mimi: None (Kyutai's release), a local
+    file, a repo id, or 'random' (the default for random models). Random models also get a
+    watermark model with random weights (the stage runs, the mark means nothing; random:tiny's
+    is small, as its model is) and a short default length (RANDOM_MODEL_MAX_AUDIO_MS): they
+    never emit the end frame. quantize: None, 'int8' (CPU, MPS, CUDA) or 'int4' (CPU)
+    weight-only quantization, see model/quantize.py; dtype='int8' / 'int4' says the same.
+    dtype: a torch.dtype, 'fp32', 'bf16', or 'auto' (on a CPU the fastest of the two, and of
+    int8 when quantize='int8' was asked for, measured: see pick_dtype); None: bf16 on CUDA,
+    fp32 elsewhere.
+    """
+
+    model: str = DEFAULT_REPO
+    mimi: str | None = None
+    dtype: torch.dtype | str | None = None
+    quantize: str | None = None
+    watermark: bool = True
+    watermark_key: object = None
+    allow_cpu_fallback: bool = False
+    normalize: bool = True  # spell out numbers and symbols (normalize.py)
+
+    @property
+    def default_max_audio_ms(self) -> float:
+        """Random weights never say "end": their default length is short."""
+        return RANDOM_MODEL_MAX_AUDIO_MS if is_random_model(self.model) else DEFAULT_MAX_AUDIO_MS
+
+
+# ---------------------------------------------------------------------------------------------
+# The generator
+# ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from csm_streaming.audio import FRAME_SAMPLES
-from csm_streaming.engine.mimi_state import mimi_graphs_off
+from csm_streaming.engine.mimi_decode import mimi_graphs_off
 
 ENCODE_SLICE_FRAMES = 4  # frames of context audio per Mimi encode call (one unit of prompt work)
 

@@ -325,7 +325,7 @@ async def build_request(sg, settings: ServerSettings, draft: RequestDraft, voice
 
 def shape_error(e: BaseException, retry_after: int = 2) -> ApiError:
     """Any error of a generation -> the ApiError a client gets."""
-    from csm_streaming.server.scheduler import QueueFull
+    from csm_streaming.server.engine_thread import QueueFull
 
     if isinstance(e, ApiError):
         return e

@@ -47,7 +47,7 @@ log = logging.getLogger("csm.server")
 
 
 def create_app(scheduler, settings: ServerSettings, voices=None, chat=None):
-    """The FastAPI app over a started Scheduler: the speech routes, the chat routes when an LLM
+    """The FastAPI app over a started EngineThread: the speech routes, the chat routes when an LLM
     is configured (chat: an llm.LLMConfig), limits and JSON errors. voices: a VoiceLibrary."""
     from fastapi import FastAPI
 
@@ -220,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_scheduler(args, replica: str | None = None):
     from csm_streaming.engine.config import StreamingConfig
-    from csm_streaming.engine.streaming import load_streaming_csm_1b
-    from csm_streaming.server.scheduler import Scheduler
+    from csm_streaming.engine.loader import load_streaming_csm_1b
+    from csm_streaming.server.engine_thread import EngineThread
 
     config = StreamingConfig(chunk_size_ms=args.chunk_size, max_batch_size=args.max_streams,
                              **config_arguments(args))
@@ -232,7 +232,7 @@ def load_scheduler(args, replica: str | None = None):
             args.max_streams,
             sg.warmup(all_buckets=True),
         )
-    return Scheduler(sg, max_queue=args.max_queue, replica=replica)
+    return EngineThread(sg, max_queue=args.max_queue, replica=replica)
 
 
 def settings_from_args(args) -> ServerSettings:

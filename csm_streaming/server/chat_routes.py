@@ -28,7 +28,7 @@ from csm_streaming.chat.conversation import (
     Dialogue,
     ReplyText,
 )
-from csm_streaming.engine.streams import TextFeed
+from csm_streaming.engine.text_feed import TextFeed
 from csm_streaming.request import Segment
 from csm_streaming.server.api import (
     ApiError,
@@ -95,7 +95,7 @@ class ChatTurn:
         loop = asyncio.get_running_loop()
         self.reply = ReplyText(_llm(ctx), messages, self.feed, self.metrics,
                                on_text=lambda t: loop.call_soon_threadsafe(self.texts.append, t))
-        self.ticket = ctx.submit(req, scope, self.feed)  # prepares the voice while the LLM thinks
+        self.ticket = ctx.enqueue(req, scope, self.feed)  # prepares the voice while the LLM thinks
         scope.setdefault(CLEANUP_KEY, []).append(self.reply.cancel)
         self.reply.start()
 

@@ -38,12 +38,12 @@ class ServerContext:
     def retry_after(self) -> int:
         return self.scheduler.retry_after_s()
 
-    def submit(self, req, scope, feed=None):
+    def enqueue(self, req, scope, feed=None):
         """Queue a request; its stream is cancelled when the HTTP request ends, however."""
-        from csm_streaming.server.scheduler import QueueFull
+        from csm_streaming.server.engine_thread import QueueFull
 
         try:
-            ticket = self.scheduler.submit(req, asyncio.get_running_loop(), feed)
+            ticket = self.scheduler.enqueue(req, asyncio.get_running_loop(), feed)
         except QueueFull as e:
             raise shape_error(e, self.retry_after()) from None
         scope.setdefault(CLEANUP_KEY, []).append(ticket.cancel)

@@ -1,4 +1,4 @@
-"""The server's routes over a Scheduler: speech as JSON, bytes, server-sent events or WebSocket.
+"""The server's routes over an EngineThread: speech as JSON, bytes, server-sent events or WebSocket.
 
 `create_app(scheduler, settings)` builds the FastAPI app; the routes are module-level functions
 that find what they share (`ServerContext`) on `app.state.ctx`. The contract (bodies, limits,
@@ -140,7 +140,7 @@ async def api_generate(body: GenerateBody, request: Request):
     chunks = []
     try:
         req = await ctx.request_from(body.draft(), gone=left)
-        ticket = ctx.submit(req, request.scope)
+        ticket = ctx.enqueue(req, request.scope)
 
         async def collect():
             async for chunk in ctx.marked(ticket):
@@ -186,7 +186,7 @@ async def speech(body: SpeechBody, request: Request):
     as they are generated, or server-sent events; `speed` time-stretches them."""
     ctx, fmt = context_of(request), body.response_format  # checked by SpeechBody
     req = await ctx.request_from(body.draft())
-    agen = ctx.marked(ctx.submit(req, request.scope))
+    agen = ctx.marked(ctx.enqueue(req, request.scope))
     if body.speed != 1.0:  # OpenAI's 0.25..4 (checked by SpeechBody): faster, same pitch
         agen = ctx.stretched(agen, body.speed)
     first = await ctx.first_chunk(agen)
@@ -266,7 +266,7 @@ async def ws_authorised(ws: WebSocket, ctx: ServerContext, msg: StreamMessage):
         return await ctx.chat_session(ws, ctx, msg)
     try:
         req = await ctx.request_from(msg.draft())
-        ticket = ctx.submit(req, ws.scope)
+        ticket = ctx.enqueue(req, ws.scope)
     except ApiError as e:
         ctx.count(ws.scope, e.status)
         return await ws_error(ws, e.status, e.message)

@@ -30,7 +30,7 @@ import numpy as np
 
 from csm_streaming.audio import FRAME_MS, SAMPLE_RATE
 from csm_streaming.engine.segmenting import TextChunker
-from csm_streaming.engine.streams import TextFeed
+from csm_streaming.engine.text_feed import TextFeed
 from csm_streaming.request import SamplingParams
 from csm_streaming.server.api import ApiError, RequestDraft, shape_error
 
@@ -122,7 +122,7 @@ async def speak_over_http(request, text, voice, out: AudioOut):
         raise ApiError(400, "the text to speak is missing or empty")
     server = context_of(request)
     req = await server.request_from(RequestDraft(text, voice))
-    agen = server.marked(server.submit(req, request.scope))
+    agen = server.marked(server.enqueue(req, request.scope))
     first = await server.first_chunk(agen)
     body = server.body(request.scope, agen, first, lambda c: out.feed(c.numpy()),
                        lambda: out.feed(np.zeros(0, np.float32), last=True))
@@ -197,7 +197,7 @@ class SpeechContext:
             req = await s.server.request_from(RequestDraft(phrase, self.voice,
                                                            sampling=s.sampling, phrases=True))
             self.feed = TextFeed(closed=False)
-            self.ticket = s.server.submit(req, s.scope, self.feed)
+            self.ticket = s.server.enqueue(req, s.scope, self.feed)
             self._task = asyncio.create_task(self._run())
         self.phrases.append(phrase)
         self.feed.push(phrase)

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from csm_streaming.engine.stream_engine import StreamEngine
-from csm_streaming.engine.streaming import StreamingGenerator
-from csm_streaming.engine.streams import TextFeed
+from csm_streaming.engine.frontend import StreamingGenerator
+from csm_streaming.engine.scheduler import StreamEngine
+from csm_streaming.engine.text_feed import TextFeed
 from csm_streaming.metrics import OOM_NARROWED, ServerMetrics, StreamMetrics
 from csm_streaming.request import GenerationRequest
 
@@ -77,7 +77,7 @@ class Ticket:
             self.cancel()
 
 
-class Scheduler:
+class EngineThread:
     def __init__(self, generator: StreamingGenerator, max_queue: int = 32,
                  replica: str | None = None):
         self.generator = generator
@@ -119,7 +119,7 @@ class Scheduler:
     def queued(self) -> int:
         return len(self._pending)
 
-    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop,
+    def enqueue(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop,
                feed: TextFeed | None = None) -> Ticket:
         """Queue a validated request. Raises QueueFull when slots and queue are all taken."""
         with self._lock:

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from csm_streaming.audio import FRAME_SAMPLES, to_mono_24k
-from csm_streaming.engine.generator import Generator
 from csm_streaming.engine.prompt_rows import audio_rows, encode_slices, fit_prompt
-from csm_streaming.engine.streams import SlotState, Stream
+from csm_streaming.engine.reference import Generator
+from csm_streaming.engine.slots import SlotState, Stream
 from csm_streaming.model.csm import prefill_block_size
 from csm_streaming.model.llama import ModelCaches
 

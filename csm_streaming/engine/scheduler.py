@@ -23,14 +23,15 @@ import torch
 
 from csm_streaming.audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
 from csm_streaming.engine.config import StreamingConfig
-from csm_streaming.engine.generator import Generator
 from csm_streaming.engine.graphs import EAGER, CUDAGraphed, compile_frame_parts, shared_copy
-from csm_streaming.engine.mimi_state import decode_chunk, mimi_graphs_off
+from csm_streaming.engine.mimi_decode import decode_chunk, mimi_graphs_off
+from csm_streaming.engine.prompt_prefill import PromptWork
 from csm_streaming.engine.prompt_rows import audio_rows
-from csm_streaming.engine.prompts import PromptWork
+from csm_streaming.engine.reference import Generator
 from csm_streaming.engine.runaway import TailGuard
 from csm_streaming.engine.segmenting import split_sentences
-from csm_streaming.engine.streams import ChunkEvent, SlotState, Stream, TextFeed
+from csm_streaming.engine.slots import ChunkEvent, SlotState, Stream
+from csm_streaming.engine.text_feed import TextFeed
 from csm_streaming.metrics import EMPTY_RETRY, RUNAWAY_STOP, Event, StreamMetrics, peak_memory_mb
 from csm_streaming.model.cpu_kernels import speed_up_cpu_linears
 from csm_streaming.model.llama import attended_keys
@@ -157,7 +158,7 @@ class StreamEngine:
     def submit(self, request: GenerationRequest, feed: TextFeed | None = None) -> Stream:
         """Admit a request into a free slot; its prompt work starts at the next step. feed: its
         text (default: the request's text at sentence ends). Raises EngineFull. The one way in
-        (the server's Scheduler and StreamingGenerator call it); `cancel` the one way out."""
+        (the server's EngineThread and StreamingGenerator call it); `cancel` the one way out."""
         slot = next((i for i, s in enumerate(self.slots) if s is None), None)
         if slot is None:
             raise EngineFull(f"all {len(self.slots)} stream slots are busy")

@@ -1,4 +1,4 @@
-"""The upstream-compatible API: Segment, load_csm_1b, Generator.generate.
+"""The plain reference loop, with upstream's API: Generator.generate (loader.py loads it).
 
 `Generator` runs the plain eager loop, one frame at a time, like Sesame's release. It is also the
 reference the streaming engine is tested against, so it stays simple on purpose. The prompt
@@ -9,21 +9,18 @@ for both.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
 from csm_streaming.audio import SAMPLE_RATE, to_mono_24k
+from csm_streaming.engine.config import LoadOptions
 from csm_streaming.engine.normalize import normalize_text
 from csm_streaming.engine.prompt_rows import audio_rows, encode_slices, fit_prompt, text_rows
 from csm_streaming.engine.runaway import TailConfig, TailGuard
 from csm_streaming.metrics import DEVICE_FALLBACK, EMPTY_RETRY, Event
-from csm_streaming.model.checkpoints import default_dtype, load_mimi, load_model_and_tokenizer
 from csm_streaming.model.csm import CSM
-from csm_streaming.model.hub import DEFAULT_REPO, CheckpointError, is_random_model
 from csm_streaming.model.sampling import MIMI_CODES, SamplingState, candidates_for, is_eos
 from csm_streaming.request import (
-    DEFAULT_MAX_AUDIO_MS,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_K,
     MAX_EMPTY_RETRIES,
@@ -37,9 +34,6 @@ from csm_streaming.request import (
 
 log = logging.getLogger("csm")
 
-RANDOM_MODEL_MAX_AUDIO_MS = 3_000  # random weights never say "end": keep their default short
-
-
 def sampling_for(params: SamplingParams, seed: int, device) -> SamplingState:
     s = SamplingState.empty(1, device)
     s.temperature.fill_(params.temperature)
@@ -47,43 +41,6 @@ def sampling_for(params: SamplingParams, seed: int, device) -> SamplingState:
     s.candidates = candidates_for(params.top_k)
     s.seed.fill_(seed)
     return s
-
-
-@dataclass(frozen=True)
-class LoadOptions:
-    """How `load_csm_1b` loads CSM-1B, and what the Generator it returns does by default.
-
-    model: a hub repo id (default: the ungated copy; `sesame/csm-1b` for the official gated
-    one), a local folder or weight file (both checkpoint formats), or `random:csm-1b` /
-    `random:tiny` for random weights with no download. mimi: None (Kyutai's release), a local
-    file, a repo id, or 'random' (the default for random models). Random models also get a
-    watermark model with random weights (the stage runs, the mark means nothing; random:tiny's
-    is small, as its model is) and a short default length (RANDOM_MODEL_MAX_AUDIO_MS): they
-    never emit the end frame. quantize: None, 'int8' (CPU, MPS, CUDA) or 'int4' (CPU)
-    weight-only quantization, see model/quantize.py; dtype='int8' / 'int4' says the same.
-    dtype: a torch.dtype, 'fp32', 'bf16', or 'auto' (on a CPU the fastest of the two, and of
-    int8 when quantize='int8' was asked for, measured: see pick_dtype); None: bf16 on CUDA,
-    fp32 elsewhere.
-    """
-
-    model: str = DEFAULT_REPO
-    mimi: str | None = None
-    dtype: torch.dtype | str | None = None
-    quantize: str | None = None
-    watermark: bool = True
-    watermark_key: object = None
-    allow_cpu_fallback: bool = False
-    normalize: bool = True  # spell out numbers and symbols (normalize.py)
-
-    @property
-    def default_max_audio_ms(self) -> float:
-        """Random weights never say "end": their default length is short."""
-        return RANDOM_MODEL_MAX_AUDIO_MS if is_random_model(self.model) else DEFAULT_MAX_AUDIO_MS
-
-
-# ---------------------------------------------------------------------------------------------
-# The generator
-# ---------------------------------------------------------------------------------------------
 
 
 class Generator:
@@ -286,103 +243,3 @@ class Generator:
         self.caches = self._model.make_caches(1, self.caches.max_seq)
         self.mimi.to(device)
         self.device = device
-
-
-def load_csm_1b(device: str = "auto", model: str = DEFAULT_REPO, **options) -> Generator:
-    """Load CSM-1B and Mimi and return a Generator. options: the fields of LoadOptions (mimi,
-    dtype, quantize, watermark, watermark_key, allow_cpu_fallback, normalize)."""
-    return load_generator(device, LoadOptions(model=model, **options))
-
-
-def load_generator(device: str, opts: LoadOptions) -> Generator:
-    """load_csm_1b with its options as one object (see LoadOptions)."""
-    from csm_streaming.model.quantize import MODES, check_mode, quantize_model
-    from csm_streaming.model.watermark import load_watermark_stage
-
-    dtype, quantize = opts.dtype, opts.quantize
-    if isinstance(dtype, str):
-        if dtype not in (*MODES, *DTYPE_NAMES, "auto"):
-            raise ValueError(f"dtype: a torch.dtype, or one of {', '.join(DTYPE_NAMES)}, auto, "
-                             f"{', '.join(MODES)} (got {dtype!r})")
-        if dtype in MODES:
-            dtype, quantize = None, dtype
-        else:
-            dtype = DTYPE_NAMES.get(dtype, dtype)
-
-    random_model = is_random_model(opts.model)
-    events = []
-    try:
-        dev = pick_device(device)
-        if dtype == "auto":
-            dtype, quantize = pick_dtype(dev, quantize)
-        check_mode(quantize, dev)  # before the weights load: int4 on a GPU says so now
-        csm, tok, _ = load_model_and_tokenizer(opts.model, dev, dtype)
-    except (RuntimeError, torch.OutOfMemoryError) as e:
-        if isinstance(e, CheckpointError) or not opts.allow_cpu_fallback or str(device) == "cpu":
-            raise
-        events.append(Event(DEVICE_FALLBACK, f"device '{device}' failed ({e}): falling back to "
-                                             "the CPU"))
-        log.warning(events[-1].text)
-        dev = torch.device("cpu")
-        csm, tok, _ = load_model_and_tokenizer(opts.model, dev, None)
-    if quantize:
-        log.info("%s weights: %d Linear layers quantized", quantize, quantize_model(csm, quantize))
-    mimi = "random" if opts.mimi is None and random_model else opts.mimi
-    audio_tokenizer = load_mimi(mimi, dev)
-    wm = load_watermark_stage(opts.watermark, dev, opts.watermark_key,
-                              random_weights=random_model, small=opts.model == "random:tiny")
-    gen = Generator(csm, tok, audio_tokenizer, dev, watermarker=wm, options=opts)
-    gen.events.extend(events)
-    return gen
-
-
-DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def pick_dtype(device: torch.device, quantize: str | None = None
-               ) -> tuple[torch.dtype, str | None]:
-    """dtype="auto" -> (dtype, quantize): bf16 on CUDA; on a CPU the fastest of fp32, bf16 and,
-    when int8 was asked for, int8 weights (with each int8 kernel this CPU has: capped at AVX2,
-    oneDNN's ran 8x slower than FBGEMM's), for CSM-1B's largest product (8192x2048 at batch 1),
-    measured here: bf16 reads half the bytes but is slower than fp32 on CPUs without AVX-512
-    BF16 or AMX, and int8 has no fast kernel on some CPUs (ARM). Says what it picked and why."""
-    if device.type != "cpu":
-        return default_dtype(device), quantize
-    from csm_streaming.model.cpu_kernels import time_in_turns
-    from csm_streaming.model.quantize import Int8Linear, int8_cpu_kernels
-
-    w32, x = torch.randn(8192, 2048) * 0.02, torch.randn(1, 1, 2048)
-    pairs = {name: (w32.to(dtype), x.to(dtype)) for name, dtype in DTYPE_NAMES.items()}
-    candidates = {name: lambda w=w, xi=xi: torch.nn.functional.linear(xi, w)
-                  for name, (w, xi) in pairs.items()}
-    if quantize == "int8":
-        for kernel in int8_cpu_kernels():
-            layer = Int8Linear(w32)
-            layer.use_cpu_kernel(kernel)
-            candidates[f"int8 ({kernel})"] = lambda layer=layer: layer(x)
-    times = {name: s * 1000 for name, s in time_in_turns(candidates).items()}
-    best = min(times, key=times.get).split(" ")[0]  # int8 with whichever kernel was faster
-    said = ", ".join(f"{k} {v:.2f} ms" for k, v in times.items())
-    if quantize == "int8" and best != "int8":
-        log.warning("dtype auto: %s on this CPU; int8 was asked for but is slower here (%s for "
-                    "an 8192x2048 product): the weights stay %s", best, said, best)
-        return DTYPE_NAMES[best], None
-    log.info("dtype auto: %s on this CPU (%s for an 8192x2048 product)", best, said)
-    return (torch.float32, "int8") if best == "int8" else (DTYPE_NAMES[best], quantize)
-
-
-def pick_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> cuda, then mps, then cpu. An explicit device that cannot be used is an error."""
-    if str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but CUDA is not available "
-                           "(no GPU, or a CPU-only torch): use device='cpu' or 'auto'")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("device 'mps' was asked for but is not available: use 'cpu' or 'auto'")
-    return device

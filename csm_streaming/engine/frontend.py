@@ -20,11 +20,11 @@ import torch
 
 from csm_streaming.audio import FRAME_MS, SAMPLE_RATE
 from csm_streaming.engine.config import StreamingConfig
-from csm_streaming.engine.generator import Generator, LoadOptions, load_generator
-from csm_streaming.engine.stream_engine import StreamEngine
-from csm_streaming.engine.streams import ChunkEvent, Stream, TextFeed
+from csm_streaming.engine.reference import Generator
+from csm_streaming.engine.scheduler import StreamEngine
+from csm_streaming.engine.slots import ChunkEvent, Stream
+from csm_streaming.engine.text_feed import TextFeed
 from csm_streaming.metrics import StreamMetrics
-from csm_streaming.model.hub import DEFAULT_REPO
 from csm_streaming.request import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, GenerationRequest
 
 log = logging.getLogger("csm.streaming")
@@ -203,13 +203,3 @@ class StreamingGenerator:
             finally:
                 for s in live:
                     self.engine.cancel(s)
-
-
-def load_streaming_csm_1b(device: str = "auto", config: StreamingConfig | None = None,
-                          model: str = DEFAULT_REPO, **options) -> StreamingGenerator:
-    """Load CSM-1B for streaming: `model` and options as `load_csm_1b` (LoadOptions' fields)."""
-    sg = StreamingGenerator(load_generator(device, LoadOptions(model=model, **options)),
-                            config or StreamingConfig())
-    if sg.needs_warmup:  # compiled / graphed: pay for it here, not in the first audio
-        sg.warmup()
-    return sg
