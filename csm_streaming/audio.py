@@ -65,8 +65,11 @@ def read_audio(source, *, mono: bool = False, limits: AudioLimits = AudioLimits(
     try:
         f = sf.SoundFile(handle)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        # libsndfile's words, without its "Error opening <object or path>: " (no reprs, no
+        # server paths in a client's message)
+        reason = str(e).rsplit(": ", 1)[-1].strip() or "unknown format"
         raise AudioError(
-            f"{label} is not a readable audio file (send WAV, FLAC or OGG): {e}"
+            f"{label} is not a readable audio file (send WAV, FLAC or OGG): {reason}"
         ) from e
     with f:
         rate, channels = f.samplerate, f.channels

@@ -107,7 +107,7 @@ def test_two_contexts_interleave_and_a_cancelled_one_stops_at_once(live):
 @pytest.mark.parametrize("bad, says", [
     ({"voice": {"mode": "id", "id": "no-such-voice"}}, "unknown voice"),
     ({"output_format": {"container": "raw", "encoding": "pcm_s16le", "sample_rate": 96000}},
-     "8000..48000"),
+     "less than or equal to 48000"),
     ({"output_format": {"container": "mp3", "encoding": "mp3", "sample_rate": 24000}}, "raw"),
     ({"voice": {"mode": "embedding", "embedding": [0.1]}}, "embeddings"),
 ])

@@ -91,7 +91,9 @@ def test_the_speech_route_speaks_in_a_named_voice_without_encoding_it_again(live
     calls = []
     original = prompts.encode_slices
     monkeypatch.setattr(prompts, "encode_slices", lambda *a: calls.append(1) or original(*a))
-    assert httpx.get(f"{live.url}/health").json()["voices"] == ["anna"]
+    listed = httpx.get(f"{live.url}/v1/voices", headers=AUTH).json()["data"]
+    assert [v["id"] for v in listed if v["type"] == "named"] == ["anna"]
+    assert "voices" not in httpx.get(f"{live.url}/health").json()  # liveness only
     r = httpx.post(f"{live.url}/v1/audio/speech", headers=AUTH, timeout=120,
                    json={"input": "In my own voice.", "voice": "anna", "response_format": "pcm",
                          "max_audio_length_ms": 800, "seed": 5, "top_k": 1})

@@ -107,3 +107,57 @@ def test_an_authorised_socket_is_not_held_to_the_strangers_budget(live):
         first = ws.recv(timeout=60)
         ctx = live.app.state.ctx
         assert isinstance(first, bytes) and ctx.strangers.count == 0 and ctx.clients.count >= 1
+
+
+def test_strangers_reconnecting_never_lock_out_a_client_that_shows_its_token(live):
+    """70 tokenless sockets from one address, each reconnecting as soon as it is closed, while
+    a client with `Authorization: Bearer` in its handshake connects again and again: it is
+    served every time, and the strangers are refused for load as HTTP 503 + Retry-After."""
+    import threading
+
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    url = live.url.replace("http", "ws") + "/v1/stream"
+    stop, refusals = threading.Event(), []
+
+    def stranger():
+        while not stop.is_set():
+            try:
+                with connect(url, open_timeout=5) as ws:
+                    ws.recv(timeout=DEADLINE_S + 2)  # held until the first-message deadline
+            except InvalidStatus as e:
+                refusals.append((e.response.status_code, e.response.headers.get("Retry-After")))
+                time.sleep(0.01)
+            except Exception:  # closed at the deadline: reconnect
+                pass
+
+    threads = [threading.Thread(target=stranger, daemon=True) for _ in range(70)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        held = live.app.state.ctx.strangers.by_address.get("127.0.0.1", 0)
+        served = []
+        for i in range(5):
+            with connect(url, additional_headers=AUTH, open_timeout=10) as ws:
+                ws.send(json.dumps({"text": f"Let me in {i}.", "max_audio_length_ms": 160}))
+                served.append(isinstance(ws.recv(timeout=60), bytes))
+        query = url + f"?token={TOKEN}"  # the browser's form: no headers on a WebSocket
+        with connect(query, open_timeout=10) as ws:
+            ws.send(json.dumps({"text": "By query.", "max_audio_length_ms": 160}))
+            served.append(isinstance(ws.recv(timeout=60), bytes))
+        other = socket.socket()  # a stranger from another address still gets a place
+        other.bind(("127.0.0.2", 0))
+        other.connect(("127.0.0.1", live.port))
+        with connect(url, sock=other, open_timeout=10) as ws:
+            ws.send(json.dumps({"text": "Elsewhere.", "token": TOKEN, "max_audio_length_ms": 160}))
+            served.append(isinstance(ws.recv(timeout=60), bytes))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert served == [True] * 7
+    assert refusals and {r for r in refusals} == {(503, "1")}
+    per_address = live.app.state.ctx.settings.max_pending_sockets_per_address
+    assert 0 < held <= per_address  # the strangers' address held its share, and no more

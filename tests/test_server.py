@@ -336,3 +336,23 @@ def test_speech_without_a_length_fits_the_window(live):
         assert r.status_code == 200
         assert next(r.iter_bytes())  # it streams; closing here cancels it
     wait_until_idle(live)
+
+
+def test_a_second_request_on_a_speaking_socket_is_told_and_the_first_goes_on(live):
+    from websockets.sync.client import connect
+
+    with connect(f"ws://127.0.0.1:{live.port}/v1/stream", additional_headers=AUTH) as ws:
+        ws.send(json.dumps({"text": "First.", "max_audio_length_ms": 1600, "seed": 1}))
+        assert isinstance(ws.recv(timeout=60), bytes)  # it speaks
+        ws.send(json.dumps({"text": "Second, at once."}))
+        msgs, pcm = [], 0
+        while not msgs or msgs[-1]["type"] != "done":
+            m = ws.recv(timeout=60)
+            if isinstance(m, bytes):
+                pcm += len(m)
+            else:
+                msgs.append(json.loads(m))
+    errors = [m for m in msgs if m["type"] == "error"]
+    assert len(errors) == 1 and errors[0]["status"] == 409
+    assert "one request per socket" in errors[0]["message"]
+    assert msgs[-1]["audio_ms"] == 1600  # the first request was spoken whole

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -107,13 +108,17 @@ WRONG = [
     ("../evil", None, {}, 400, "no path"),
     ("a b", None, {}, 400, "letters, digits"),
     ("short", clip_bytes(0.3), {}, 400, "1 to 60 s"),
-    ("long", clip_bytes(61, rate=8_000, channels=1), {}, 400, "60"),
+    ("long", clip_bytes(31, rate=8_000, channels=1), {}, 400, "30"),
     ("empty", clip_bytes(0), {}, 400, "1 to 60 s"),
     ("silent", silent_clip(), {}, 400, "silent"),
     ("lowrate", clip_bytes(2, rate=4_000, channels=1), {}, 400, "rate"),
     ("garbage", b"not audio at all", {}, 400, "not a readable audio file"),
     ("noclip", False, {}, 400, "audio"),
     ("notext", None, {"text": "  "}, 400, "transcript"),
+    ("-dash", None, {}, 400, "not starting with '-'"),
+    ("CON", None, {}, 400, "reserved device name"),
+    ("nul", None, {}, 400, "reserved device name"),
+    ("com1", None, {}, 400, "reserved device name"),
     ("badspeaker", None, {"speaker": 64}, 400, "0..63"),
     ("boolspeaker", None, {"speaker": True}, 400, "0..63"),
 ]
@@ -126,6 +131,24 @@ def test_a_wrong_voice_is_a_4xx_that_says_what_to_do(live, folder, name, clip, e
     assert r.status_code == status, r.text
     assert says in r.json()["error"]["message"]
     assert not list(folder.glob(f"{name.strip('./')}*"))  # nothing half-written
+    message = r.json()["error"]["message"]
+    assert " object at 0x" not in message and "Traceback" not in message and "/tmp" not in message
+
+
+def test_a_name_must_be_a_string_and_writes_can_be_off(live, folder):
+    r = httpx.post(f"{live.url}/v1/voices", headers=AUTH, timeout=30, json={
+        "name": 123, "text": "Numbers.", "audio_base64": base64.b64encode(clip_bytes()).decode()})
+    assert r.status_code == 400 and "name must be a string" in r.json()["error"]["message"]
+    assert not list(folder.glob("123*"))
+    settings = live.app.state.ctx.settings
+    live.app.state.ctx.settings = replace(settings, voice_writes=False)
+    try:
+        refused = add(live, "notnow")
+        gone = httpx.delete(f"{live.url}/v1/voices/notnow", headers=AUTH, timeout=10)
+    finally:
+        live.app.state.ctx.settings = settings
+    assert refused.status_code == 403 and "--token" in refused.json()["error"]["message"]
+    assert gone.status_code == 403 and not list(folder.glob("notnow*"))
 
 
 def test_a_taken_name_is_a_409_and_voices_need_the_token(live):

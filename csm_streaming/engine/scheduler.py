@@ -23,7 +23,8 @@ import torch
 
 from csm_streaming.audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
 from csm_streaming.engine.config import StreamingConfig
-from csm_streaming.engine.graphs import EAGER, CUDAGraphed, compile_frame_parts, shared_copy
+from csm_streaming.engine.frame_step import FrameStep
+from csm_streaming.engine.graphs import CUDAGraphed, compile_frame_parts, shared_copy
 from csm_streaming.engine.mimi_decode import decode_chunk, mimi_graphs_off
 from csm_streaming.engine.prompt_prefill import PromptWork
 from csm_streaming.engine.prompt_rows import audio_rows
@@ -34,8 +35,7 @@ from csm_streaming.engine.slots import ChunkEvent, SlotState, Stream
 from csm_streaming.engine.text_feed import TextFeed
 from csm_streaming.metrics import EMPTY_RETRY, RUNAWAY_STOP, Event, StreamMetrics, peak_memory_mb
 from csm_streaming.model.cpu_kernels import speed_up_cpu_linears
-from csm_streaming.model.llama import attended_keys
-from csm_streaming.model.sampling import MIMI_CODES, candidates_for, is_eos
+from csm_streaming.model.sampling import MIMI_CODES, candidates_for
 from csm_streaming.request import (
     DEFAULT_TOP_K,
     MAX_EMPTY_RETRIES,
@@ -93,6 +93,7 @@ class StreamEngine:
             self.compiled = compile_frame_parts(m, dev, len(self.buckets))
         if self.compiled is None and config.cpu_weight_prepack:
             self.cpu_kernel = speed_up_cpu_linears(m, b)
+        self.frame_step = FrameStep(m, self.state, self.caches, self.compiled)
 
     # -- slots ----------------------------------------------------------------------------------
 
@@ -224,22 +225,8 @@ class StreamEngine:
     # -- the frame step (graphed) -----------------------------------------------------------------
 
     def _frame_step(self, n: int, candidates: int | None = None) -> torch.Tensor:
-        """Advance the first n slots by one frame, drawing each code among `candidates` logits
-        (>= every running stream's top-k; None: all). No host sync: graph-capturable."""
-        m, st = self.model, self.state
-        last_h, pos, ended, valid = st.last_h[:n], st.pos[:n], st.ended[:n], st.valid[:n]
-        sampling = st.sampling.rows(n, candidates)
-        p = self.compiled or EAGER
-        codes = m.sample_frame(last_h, sampling, self.caches, depth=p.depth, sample=p.sample)
-        sampling.frame.add_(1)
-        ended.logical_or_(is_eos(codes))
-        valid.add_((~ended).long())
-        seen = self._positions_seen(pos)  # compiled, the cut is a length the graph takes
-        cut = ({"keys": attended_keys(self.window, seen, pos.device)}  # as dynamic
-               if seen is not None and p.backbone is not None else {"seen": seen})
-        last_h.copy_(m.backbone_step(codes, pos, self.caches, backbone=p.backbone, **cut))
-        pos.add_(1).clamp_(max=self.window - 1)
-        return codes
+        """Advance the first n slots by one frame (frame_step.FrameStep); no host sync."""
+        return self.frame_step(n, candidates, self._positions_seen(self.state.pos[:n]))
 
     def _positions_seen(self, pos: torch.Tensor) -> int | None:
         """On a CPU: the cache positions the running rows' next step attends to (up to the

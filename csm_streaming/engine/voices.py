@@ -31,10 +31,18 @@ from csm_streaming.request import MAX_SPEAKER, Segment
 log = logging.getLogger("csm.voices")
 
 DEFAULT_VOICES_DIR = "voices"
-MIN_VOICE_SECONDS, MAX_VOICE_SECONDS = 1.0, 60.0
+MIN_VOICE_SECONDS, MAX_VOICE_SECONDS = 1.0, 60.0  # a clip in the folder (the operator's)
+# over HTTP (anyone with the token): CSM takes a few to a few tens of seconds of a voice as
+# context, longer clips only cost the server time
+MAX_UPLOAD_SECONDS = 30.0
+MAX_VOICES = 64  # in one library (a folder)
 MAX_TRANSCRIPT_CHARS = 1000
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-NAME_RULE = "1 to 64 letters, digits, '_' or '-'"
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+# names no file may have on Windows (a voices folder may be copied there), any case
+RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)),
+                  *(f"lpt{i}" for i in range(10))}
+NAME_RULE = ("1 to 64 letters, digits, '_' or '-', not starting with '-', and not a reserved "
+             "device name (CON, NUL, COM1...)")
 
 
 class VoiceError(ValueError):
@@ -134,6 +142,9 @@ class VoiceLibrary:
             if name in self._voices:
                 raise VoiceExists(f"a voice named {name!r} exists: delete it first, or pick "
                                   "another name")
+            if len(self._voices) >= MAX_VOICES:
+                raise VoiceExists(f"this server keeps at most {MAX_VOICES} voices: delete one "
+                                  "first")
             voice = _encoded(Voice(name, speaker, text, Segment(speaker, text, clip)), generator)
             self.folder.mkdir(parents=True, exist_ok=True)
             _write(self.folder / f"{name}.txt", text.encode() + b"\n")
@@ -167,7 +178,8 @@ def check_folder(folder) -> Path:
 
 
 def check_name(name) -> None:
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name) \
+            or name.lower() in RESERVED_NAMES:
         raise VoiceError(f"name: {name!r} is not a voice name: use {NAME_RULE} (no path)")
 
 

@@ -17,9 +17,16 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 
 from csm_streaming.audio import AudioError, AudioLimits, read_audio, to_mono_24k
 from csm_streaming.chat.llm import LLMError
@@ -60,8 +67,10 @@ class ServerSettings:
     header_timeout_s: float = 10.0  # a connection must send a whole request head within this
     first_message_timeout_s: float = 5.0  # a WebSocket must send its (authorising) request
     max_pending_sockets: int = 64  # WebSockets not yet authorised: a budget of their own
+    max_pending_sockets_per_address: int = 8  # ... of which one source address may hold
     max_connections: int = 512  # authorised requests and WebSockets at once
     context_idle_timeout_s: float = 60.0  # a streaming-input context with no text, not ended
+    voice_writes: bool = True  # POST / DELETE /v1/voices (off: listening wide with no token)
 
 
 class ApiError(Exception):
@@ -131,9 +140,20 @@ class Sampling(BaseModel):
         return SamplingParams(self.temperature, self.top_k, self.seed, self.max_audio_length_ms)
 
 
+def _non_blank(value: str, info: ValidationInfo) -> str:
+    if not value.strip():
+        raise ValueError(f"{info.field_name} must be a non-empty string: send what to say")
+    return value
+
+
+# A text field holds something to say: the document says so as a pattern (OpenAPI), the body
+# model checks it in words a client can act on.
+NonBlank = Annotated[str, Field(json_schema_extra={"pattern": r"\S"}), AfterValidator(_non_blank)]
+
+
 class GenerateBody(Sampling):
     model_config = ConfigDict(extra="forbid")
-    text: str
+    text: NonBlank
     speaker_id: int = Field(0, ge=0, le=MAX_SPEAKER)
     voice: str | None = None
     context: list[ContextItem] = Field(default_factory=list)
@@ -148,7 +168,7 @@ SPEECH_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")  # OpenAI's six
 
 class SpeechBody(Sampling):
     model: str = "csm-1b"
-    input: str
+    input: NonBlank
     voice: str | int = "0"
     response_format: str = "mp3"  # OpenAI's default
     speed: float = Field(1.0, ge=0.25, le=4.0, allow_inf_nan=False)
@@ -278,12 +298,12 @@ def _lower_priority():
 # priority than the engine's thread: on a small CPU, clients sending big bodies slow their own
 # requests, not the streams already playing. Tokenising, which is cheap, has a lane of its own,
 # so a queue of big bodies never delays a plain request.
-_AUDIO_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="csm-decode",
+AUDIO_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="csm-decode",
                                  initializer=_lower_priority)
-_TEXT_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="csm-tokenize")
+TEXT_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="csm-tokenize")
 
 
-async def _off_loop(pool, fn, *args):
+async def off_loop(pool, fn, *args):
     return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
 
@@ -308,7 +328,7 @@ async def build_request(sg, settings: ServerSettings, draft: RequestDraft, voice
         await asyncio.sleep(0)  # a client that sent its body and hung up is seen here
         if gone is not None and gone.is_set():
             raise ClientGone()
-        context = await _off_loop(_AUDIO_POOL, decode_context, list(draft.context), settings, gone)
+        context = await off_loop(AUDIO_POOL, decode_context, list(draft.context), settings, gone)
     if params.max_audio_length_ms is None:  # the longest the window allows (a real model ends
         window_ms = (sg.engine.window - 256) * 80  # speech by itself)
         model_ms = window_ms if draft.phrases else sg.generator.default_max_audio_ms
@@ -317,7 +337,7 @@ async def build_request(sg, settings: ServerSettings, draft: RequestDraft, voice
     try:
         req = GenerationRequest(draft.text, speaker,
                                 (*voice_context, *draft.segments, *context), params)
-        await _off_loop(_TEXT_POOL, sg.engine.plan, req)  # tokenises every segment
+        await off_loop(TEXT_POOL, sg.engine.plan, req)  # tokenises every segment
     except ValueError as e:
         raise ApiError(400, str(e)) from None
     return req

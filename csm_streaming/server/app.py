@@ -32,6 +32,7 @@ from csm_streaming.server import (
     cartesia_routes,
     chat_routes,
     elevenlabs_routes,
+    openapi,
     routes,
     voice_routes,
 )
@@ -58,6 +59,7 @@ def create_app(scheduler, settings: ServerSettings, voices=None, chat=None):
     for module in (routes, chat_routes, voice_routes, cartesia_routes, elevenlabs_routes):
         app.include_router(module.router)
     routes.add_limits_and_errors(app)
+    openapi.install(app, token=settings.token is not None)
     return app
 
 
@@ -203,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pending-sockets", type=int, default=64,
                    help="WebSockets not yet authorised (their own budget: strangers cannot "
                         "take the clients' connections)")
+    p.add_argument("--allow-voice-writes", action="store_true",
+                   help="let anyone add and delete voices when listening beyond this machine "
+                        "without --token (off: refused there)")
+    p.add_argument("--max-pending-per-address", type=int, default=8,
+                   help="of those, how many one source address may hold")
     p.add_argument("--max-connections", type=int, default=512,
                    help="authorised requests and WebSockets at once (then 503, Retry-After)")
     p.add_argument("--chunk-size", type=int, default=320, metavar="MS", help="audio per chunk")
@@ -235,11 +242,28 @@ def load_scheduler(args, replica: str | None = None):
     return EngineThread(sg, max_queue=args.max_queue, replica=replica)
 
 
+def local_only(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def voice_writes(args) -> tuple[bool, str]:
+    """May clients add and delete voices, and why (the start-up log says it)."""
+    if args.token:
+        return True, "clients with the token"
+    if local_only(args.host):
+        return True, "anyone on this machine (it listens on localhost only)"
+    if args.allow_voice_writes:
+        return True, "anyone who reaches the port (--allow-voice-writes)"
+    return False, "nobody: it listens beyond this machine without --token (--allow-voice-writes)"
+
+
 def settings_from_args(args) -> ServerSettings:
     return ServerSettings(token=args.token, max_text_chars=args.max_text_chars,
                           max_body_bytes=int(args.max_body_mb * 2**20),
                           first_message_timeout_s=args.first_message_timeout,
                           max_pending_sockets=args.max_pending_sockets,
+                          max_pending_sockets_per_address=args.max_pending_per_address,
+                          voice_writes=voice_writes(args)[0],
                           max_connections=args.max_connections)
 
 
@@ -269,11 +293,12 @@ def main(argv=None) -> int:
         return 2
     log.info("voices: %s; chat: %s", ", ".join(voices.names()) or "none",
              chat.describe() if chat else "off (--llm)")
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token:
+    settings = settings_from_args(args)
+    if not local_only(args.host) and not args.token:
         log.warning(
             "listening on %s without a token: anyone who can reach it can use it", args.host
         )
-    settings = settings_from_args(args)
+    log.info("adding and deleting voices: %s", voice_writes(args)[1])
     app = create_app(scheduler.start(), settings, voices=voices, chat=chat)
 
     try:

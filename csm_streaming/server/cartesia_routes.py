@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import base64
 import logging
+from typing import Literal
 
 from fastapi import APIRouter, Request, WebSocket
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from csm_streaming.server.api import ApiError
+from csm_streaming.server.api import ApiError, field_errors
 from csm_streaming.server.speech_contexts import (
     DEFAULT_BUFFER_DELAY_MS,
     AudioOut,
     ContextSocket,
     SpeechContext,
     WordTimes,
-    json_body,
     speak_over_http,
 )
 from csm_streaming.server.stream_sockets import (
@@ -72,22 +73,49 @@ class CartesiaSink:
                          "status_code": status, "done": True, "error": message})
 
 
-def output_of(msg: dict) -> AudioOut:
-    fmt = msg.get("output_format") or {}
-    if not isinstance(fmt, dict) or fmt.get("container", "raw") != "raw":
-        raise ApiError(400, "output_format: only container 'raw' is supported here")
-    rate = fmt.get("sample_rate", 24000)
-    if isinstance(rate, bool) or not isinstance(rate, int):
-        raise ApiError(400, "output_format.sample_rate must be an integer (8000..48000)")
-    return AudioOut(fmt.get("encoding", "pcm_s16le"), rate)
+class CartesiaVoice(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)  # __experimental_controls...: ignored
+    mode: str = "id"
+    id: str | int
+
+    @field_validator("mode")
+    @classmethod
+    def _by_id(cls, mode: str) -> str:
+        if mode != "id":
+            raise ValueError('send {"mode": "id", "id": NAME} (a named voice, a speaker number '
+                             "or an OpenAI voice name); embeddings are not supported")
+        return mode
 
 
-def voice_of(msg: dict):
-    voice = msg.get("voice") or {}
-    if not isinstance(voice, dict) or voice.get("mode", "id") != "id" or "id" not in voice:
-        raise ApiError(400, 'voice: send {"mode": "id", "id": NAME} (a named voice, a speaker '
-                            "number or an OpenAI voice name); embeddings are not supported")
-    return voice["id"]
+class CartesiaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    container: Literal["raw"] = "raw"
+    encoding: Literal["pcm_s16le", "pcm_f32le"] = "pcm_s16le"
+    sample_rate: int = Field(24000, ge=8000, le=48000)
+
+
+class CartesiaRequest(BaseModel):
+    """A context's options (on every socket message) and the one-shot body: the same checks."""
+
+    model_config = ConfigDict(extra="allow", strict=True)  # model_id, language...: accepted
+    voice: CartesiaVoice
+    output_format: CartesiaFormat = Field(default_factory=CartesiaFormat)
+
+    def output(self) -> AudioOut:
+        return AudioOut(self.output_format.encoding, self.output_format.sample_rate)
+
+
+class CartesiaBytes(CartesiaRequest):
+    transcript: str = Field(pattern=r"\S")
+
+
+def options_of(msg: dict) -> CartesiaRequest:
+    """A socket message's context options, checked as the one-shot body is (a 400 naming the
+    field otherwise)."""
+    try:
+        return CartesiaRequest.model_validate(msg)
+    except ValidationError as e:
+        raise ApiError(400, field_errors(e.errors())) from None
 
 
 async def handle(socket: ContextSocket, sink: CartesiaSink, msg: dict):
@@ -112,7 +140,8 @@ async def handle(socket: ContextSocket, sink: CartesiaSink, msg: dict):
         delay = msg.get("max_buffer_delay_ms", DEFAULT_BUFFER_DELAY_MS)
         if isinstance(delay, bool) or not isinstance(delay, (int, float)):
             raise ApiError(400, "max_buffer_delay_ms must be a number (0..5000)")
-        ctx = socket.open(cid, voice_of(msg), output_of(msg), delay)
+        options = options_of(msg)
+        ctx = socket.open(cid, options.voice.id, options.output(), delay)
         if msg.get("add_timestamps"):
             sink.timestamps.add(cid)
     try:
@@ -131,12 +160,10 @@ async def handle(socket: ContextSocket, sink: CartesiaSink, msg: dict):
 
 
 @router.post("/tts/bytes")
-async def cartesia_bytes(request: Request):
+async def cartesia_bytes(body: CartesiaBytes, request: Request):
     """Cartesia's one-shot endpoint (LiveKit's `synthesize`, pipecat's CartesiaHttpTTSService):
     `{transcript, voice, output_format, model_id, language}` -> the audio as it is made."""
-    body = await json_body(request)
-    return await speak_over_http(request, body.get("transcript"), voice_of(body),
-                                 output_of(body))
+    return await speak_over_http(request, body.transcript, body.voice.id, body.output())
 
 
 @router.websocket("/tts/websocket")

@@ -13,7 +13,13 @@ from fastapi import WebSocketDisconnect
 
 from csm_streaming.audio import SAMPLE_RATE, pcm16
 from csm_streaming.server.api import ServerSettings, build_request, shape_error
-from csm_streaming.server.limits import CLEANUP_KEY, Budget, StreamAborted, route_template
+from csm_streaming.server.limits import (
+    CLEANUP_KEY,
+    AddressBudget,
+    Budget,
+    StreamAborted,
+    route_template,
+)
 
 log = logging.getLogger("csm.server")
 
@@ -29,7 +35,8 @@ class ServerContext:
         self.chat_session = None  # async (ws, ctx, first message): set by server.create_app
         # Open connections: WebSockets not yet authorised, and authorised clients (the routes
         # but /health and the page); /health and the page count in neither.
-        self.strangers = Budget(settings.max_pending_sockets)
+        self.strangers = AddressBudget(settings.max_pending_sockets,
+                                       settings.max_pending_sockets_per_address)
         self.clients = Budget(settings.max_connections)
 
     def count(self, scope, status):
@@ -212,8 +219,15 @@ class ServerContext:
         return False
 
 
+ONE_REQUEST = ("one request per socket: this one is still speaking and the socket closes "
+               "after its done; send the next request on a new socket (or stream text in "
+               "pieces on /tts/websocket)")
+
+
 async def read_until_closed(ws, gone: asyncio.Event, inbox: asyncio.Queue | None = None):
-    """Read a socket until it closes (then set `gone`); text messages go to `inbox`."""
+    """Read a socket until it closes (then set `gone`); text messages go to `inbox`. Without
+    an inbox (one request per socket), a message is answered with an error and the stream
+    goes on."""
     try:
         while True:
             m = await ws.receive()
@@ -221,6 +235,8 @@ async def read_until_closed(ws, gone: asyncio.Event, inbox: asyncio.Queue | None
                 break
             if inbox is not None and m.get("text") is not None:
                 inbox.put_nowait(m["text"])
+            elif inbox is None:
+                await ws_error(ws, 409, ONE_REQUEST, close=False)
     except Exception:  # the socket broke: same as closed
         pass
     gone.set()

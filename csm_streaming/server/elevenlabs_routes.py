@@ -28,7 +28,8 @@ import re
 import time
 from urllib.parse import parse_qs
 
-from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, Query, Request, WebSocket, WebSocketDisconnect
+from pydantic import BaseModel, ConfigDict, Field
 
 from csm_streaming.server.api import ApiError
 from csm_streaming.server.speech_contexts import (
@@ -36,7 +37,6 @@ from csm_streaming.server.speech_contexts import (
     ContextSocket,
     SpeechContext,
     WordTimes,
-    json_body,
     speak_over_http,
 )
 from csm_streaming.server.stream_sockets import (
@@ -157,15 +157,22 @@ async def run_socket(ws: WebSocket, voice_id: str, multi: bool):
             await ws.close()
 
 
+class ElevenLabsBody(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)  # model_id, voice_settings: ignored
+    text: str = Field(pattern=r"\S")
+
+
+FORMAT_PATTERN = r"^(pcm_\d+|mp3_\d+_\d+)$"
+
+
 @router.post("/v1/text-to-speech/{voice_id}/stream")
 @router.post("/v1/text-to-speech/{voice_id}")
-async def text_to_speech(voice_id: str, request: Request):
+async def text_to_speech(voice_id: str, body: ElevenLabsBody, request: Request,
+                         output_format: str = Query("mp3_44100_128", pattern=FORMAT_PATTERN)):
     """ElevenLabs' one-shot endpoints (LiveKit's `synthesize`, pipecat's
     ElevenLabsHttpTTSService): `{text, model_id, voice_settings}` and the `output_format`
     query -> the audio as it is made."""
-    body = await json_body(request)
-    out_format = request.query_params.get("output_format", "mp3_44100_128")
-    return await speak_over_http(request, body.get("text"), voice_id, output_of(out_format))
+    return await speak_over_http(request, body.text, voice_id, output_of(output_format))
 
 
 @router.websocket("/v1/text-to-speech/{voice_id}/multi-stream-input")

@@ -34,6 +34,22 @@ def key_ok(headers: list[tuple[bytes, bytes]], token: str | None) -> bool:
                for name, value in headers)
 
 
+KEY_QUERIES = ("token", "api_key", "xi_api_key")  # ours, Cartesia's, ElevenLabs' query forms
+
+
+def handshake_key_ok(scope, token: str | None) -> bool:
+    """A WebSocket's handshake shows the token: in a key header (key_ok) or one of the
+    KEY_QUERIES (browsers cannot set headers). Without a token set, any key (or none) is
+    accepted: clients that insist on sending one (LiveKit's plugins refuse to start without)
+    work as they are."""
+    if key_ok(scope["headers"], token):
+        return True
+    from urllib.parse import parse_qs
+
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    return any(token_matches(v, token) for q in KEY_QUERIES for v in query.get(q, ()))
+
+
 def bearer_ok(headers: list[tuple[bytes, bytes]], token: str | None) -> bool:
     """Does an ASGI header list carry `Authorization: Bearer <token>`? True when no token is set."""
     if not token:
@@ -87,6 +103,29 @@ class Budget:
 
     def leave(self):
         self.count -= 1
+
+
+class AddressBudget(Budget):
+    """A Budget that one source address cannot fill alone: at most `per_address` of it each
+    (strangers reconnecting from one machine leave room for everyone else's)."""
+
+    def __init__(self, limit: int, per_address: int):
+        super().__init__(limit)
+        self.per_address, self.by_address = per_address, {}
+
+    def enter(self, address=None) -> bool:
+        if self.by_address.get(address, 0) >= self.per_address or not super().enter():
+            return False
+        self.by_address[address] = self.by_address.get(address, 0) + 1
+        return True
+
+    def leave(self, address=None):
+        super().leave()
+        left = self.by_address.get(address, 0) - 1
+        if left > 0:
+            self.by_address[address] = left
+        else:
+            self.by_address.pop(address, None)
 
 
 def busy_error(what: str) -> ApiError:

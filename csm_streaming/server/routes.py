@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from fastapi import APIRouter, Request, WebSocket
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from csm_streaming.audio import SAMPLE_RATE, wav_bytes
 from csm_streaming.server.api import (
@@ -36,8 +36,8 @@ from csm_streaming.server.encode import encoder_for
 from csm_streaming.server.limits import (
     BodyTooLarge,
     LimitsMiddleware,
-    bearer_ok,
     busy_error,
+    handshake_key_ok,
     route_template,
     token_matches,
 )
@@ -46,8 +46,6 @@ log = logging.getLogger("csm.server")
 
 
 def _error(status: int, message: str, headers=None):
-    from fastapi.responses import JSONResponse
-
     return JSONResponse(error_body(status, message), status_code=status, headers=headers)
 
 
@@ -79,7 +77,7 @@ async def _http_error(request, exc):
     if exc.status_code == 400 and "parsing the body" in str(exc.detail):  # not UTF-8, say
         return _error(400, "the body could not be read as JSON: send one JSON object, encoded "
                            "as UTF-8, with Content-Type: application/json")
-    return _error(exc.status_code, str(exc.detail))
+    return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))  # Allow
 
 
 async def _unexpected_error(request, exc):
@@ -97,10 +95,10 @@ router = APIRouter()
 async def health(request: Request):
     ctx = context_of(request)
     s = ctx.scheduler
+    # liveness and load only: the voices are listed by /v1/voices, behind the token
     return {"status": "ok", "device": str(ctx.sg.device), "active_streams": s.active,
             "queued": s.queued, "slots": s.slots, "watermark": ctx.sg.watermarked,
-            "voices": ctx.voices.names() if ctx.voices else [], "chat": ctx.chat is not None,
-            "auth": ctx.settings.token is not None}
+            "chat": ctx.chat is not None, "auth": ctx.settings.token is not None}
 
 
 WEB = Path(__file__).resolve().parent / "web"
@@ -228,7 +226,7 @@ async def ws_first_message(ws: WebSocket, ctx: ServerContext) -> StreamMessage |
         await ws_error(ws, 400, describe_bad_json(e))
         return None
     token = ctx.settings.token
-    if token and not (bearer_ok(ws.scope["headers"], token) or token_matches(msg.token, token)):
+    if token and not (handshake_key_ok(ws.scope, token) or token_matches(msg.token, token)):
         ctx.count(ws.scope, 401)
         await ws_error(ws, 401, "missing or wrong token: send 'Authorization: Bearer <token>' "
                                  'or a "token" field in the first message')
@@ -238,17 +236,26 @@ async def ws_first_message(ws: WebSocket, ctx: ServerContext) -> StreamMessage |
 
 @router.websocket("/v1/stream")
 async def ws_stream(ws: WebSocket):
-    """Strangers' sockets wait in a small budget of their own until their first message
-    authorises them; only then do they count against the authorised clients' connections."""
+    """A socket that shows its token at the handshake (a header, or the `token` query) is a
+    client at once and never waits behind strangers. Strangers' sockets wait in a small budget
+    of their own, a few per source address, until their first message authorises them; only
+    then do they count against the authorised clients' connections. A refusal for load is an
+    HTTP 503 with Retry-After at the handshake."""
     ctx = context_of(ws)
-    if not ctx.strangers.enter():
-        ctx.count(ws.scope, 503)
-        return await ws.close(code=1013)  # "try again later", before the handshake completes
+    shown = bool(ctx.settings.token) and handshake_key_ok(ws.scope, ctx.settings.token)
+    address = ws.client.host if ws.client else None
+    if not shown and not ctx.strangers.enter(address):
+        busy = busy_error("unauthorised sockets")
+        ctx.count(ws.scope, busy.status)
+        return await ws.send_denial_response(JSONResponse(
+            error_body(busy.status, busy.message + " (or show your token in the handshake)"),
+            status_code=busy.status, headers=busy.headers))
     try:
         await ws.accept()
         msg = await ws_first_message(ws, ctx)
     finally:
-        ctx.strangers.leave()
+        if not shown:
+            ctx.strangers.leave(address)
     if msg is None:
         return
     if not ctx.clients.enter():

@@ -21,7 +21,6 @@ phrase's audio has been made (faster than real time: before it has been played).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -99,17 +98,6 @@ class AudioOut:
 MEDIA_TYPES = {"pcm_s16le": "audio/pcm", "pcm_f32le": "audio/pcm", "mp3": "audio/mpeg"}
 
 
-async def json_body(request) -> dict:
-    """The JSON object of an adapter's HTTP body (a 400 that says what to send otherwise)."""
-    try:
-        body = json.loads(await request.body())
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        raise ApiError(400, "send one JSON object, encoded as UTF-8")
-    return body
-
-
 async def speak_over_http(request, text, voice, out: AudioOut):
     """A whole text in one request (Cartesia's /tts/bytes, ElevenLabs' /text-to-speech): the
     same request, queue and limits as every route; the audio in the client's format as it is
@@ -118,8 +106,6 @@ async def speak_over_http(request, text, voice, out: AudioOut):
 
     from csm_streaming.server.context import context_of
 
-    if not isinstance(text, str) or not text.strip():
-        raise ApiError(400, "the text to speak is missing or empty")
     server = context_of(request)
     req = await server.request_from(RequestDraft(text, voice))
     agen = server.marked(server.enqueue(req, request.scope))

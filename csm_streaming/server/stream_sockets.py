@@ -9,36 +9,22 @@ import asyncio
 import contextlib
 import json
 import logging
-from urllib.parse import parse_qs
 
 from fastapi import WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 
 from csm_streaming.server.api import ApiError, error_body
 from csm_streaming.server.context import ServerContext, context_of
-from csm_streaming.server.limits import busy_error, key_ok, token_matches
+from csm_streaming.server.limits import busy_error, handshake_key_ok
 
 log = logging.getLogger("csm.server")
-
-
-KEY_QUERIES = ("api_key", "xi_api_key")  # Cartesia's and ElevenLabs' query forms
-
-
-def handshake_key_ok(ws: WebSocket, token: str | None) -> bool:
-    """The token in a key header (limits.key_ok) or in one of the KEY_QUERIES. Without a
-    token set, any key (or none) is accepted: clients that insist on sending one (LiveKit's
-    plugins refuse to start without) work as they are."""
-    if key_ok(ws.scope["headers"], token):
-        return True
-    query = parse_qs(ws.scope.get("query_string", b"").decode("latin-1"))
-    return any(token_matches(v, token) for q in KEY_QUERIES for v in query.get(q, ()))
 
 
 async def accept_streaming_socket(ws: WebSocket) -> ServerContext | None:
     """Check the key and the connection budget, then accept. Returns the ServerContext (the
     caller calls `clients.leave()` when the socket ends), or None after refusing."""
     ctx = context_of(ws)
-    if not handshake_key_ok(ws, ctx.settings.token):
+    if not handshake_key_ok(ws.scope, ctx.settings.token):
         ctx.count(ws.scope, 401)
         await ws.send_denial_response(JSONResponse(
             error_body(401, "missing or wrong API key: send the server's token as the key"),

@@ -15,19 +15,20 @@ import asyncio
 import base64
 import binascii
 import json
+from functools import partial
 
 from fastapi import APIRouter, Request
 
 from csm_streaming.audio import AudioError, AudioLimits, read_audio
 from csm_streaming.engine.voices import (
-    MAX_VOICE_SECONDS,
+    MAX_UPLOAD_SECONDS,
     UnknownVoice,
     VoiceError,
     VoiceExists,
     check_name,
     is_speaker,
 )
-from csm_streaming.server.api import MAX_SPEAKER, OPENAI_VOICES, ApiError
+from csm_streaming.server.api import AUDIO_POOL, MAX_SPEAKER, OPENAI_VOICES, ApiError, off_loop
 from csm_streaming.server.context import context_of
 
 router = APIRouter()
@@ -56,18 +57,28 @@ async def list_voices(request: Request):
             "skipped": lib.skipped if lib is not None else {}}
 
 
+def _writable(ctx):
+    if not ctx.settings.voice_writes:
+        raise ApiError(403, "adding and deleting voices is off on this server: it listens "
+                            "beyond this machine without a token (start it with --token, or "
+                            "--allow-voice-writes to allow anyone)")
+
+
 @router.post("/v1/voices", status_code=201)
 async def add_voice(request: Request):
     ctx = context_of(request)
     lib = _library(ctx)
+    _writable(ctx)
     name, text, speaker, clip = await _fields(request)
     try:
         check_name(name)  # before reading the clip: a wrong name costs nothing
-        audio, rate = await asyncio.to_thread(
+        # on the low-priority decode threads: preparing a voice (decoding, Mimi-encoding up to
+        # 30 s) must not slow the speech being made for everyone else
+        audio, rate = await off_loop(AUDIO_POOL, partial(
             read_audio, clip, mono=True, name="audio",
-            limits=AudioLimits(max_seconds=MAX_VOICE_SECONDS))
-        voice = await asyncio.to_thread(lib.add, name, text, audio, rate, speaker,
-                                        ctx.sg.generator)
+            limits=AudioLimits(max_seconds=MAX_UPLOAD_SECONDS)))
+        voice = await off_loop(AUDIO_POOL, lib.add, name, text, audio, rate, speaker,
+                               ctx.sg.generator)
     except VoiceExists as e:
         raise ApiError(409, str(e)) from None
     except (VoiceError, AudioError) as e:
@@ -80,6 +91,7 @@ async def add_voice(request: Request):
 async def delete_voice(name: str, request: Request):
     ctx = context_of(request)
     lib = _library(ctx)
+    _writable(ctx)
     try:
         check_name(name)
         await asyncio.to_thread(lib.remove, name)
@@ -121,4 +133,7 @@ async def _fields(request: Request) -> tuple[str, str, int, bytes]:
         speaker = int(speaker)
     if not is_speaker(speaker):  # before the clip is read: a wrong speaker costs nothing
         raise ApiError(400, f"speaker: an integer 0..{MAX_SPEAKER}")
-    return str(fields.get("name", "")), text, speaker, clip
+    name = fields.get("name", "")
+    if not isinstance(name, str):  # {"name": 123} is a mistake, not the voice "123"
+        raise ApiError(400, "name must be a string: the voice's name")
+    return name, text, speaker, clip

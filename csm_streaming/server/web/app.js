@@ -26,8 +26,8 @@ function group(label, options) {
   return g;
 }
 
-// The voices a request can name: from /v1/voices (it needs the token when the server has one),
-// else the named voices /health lists; then the first speaker numbers.
+// The voices a request can name: from /v1/voices (it needs the token when the server has one);
+// then the first speaker numbers.
 async function loadServerInfo() {
   const voice = $("voice");
   let named = [], openai = [], auth = false;
@@ -35,7 +35,6 @@ async function loadServerInfo() {
     const h = await (await fetch("/health")).json();
     $("server").textContent = `${h.device}, ${h.active_streams}/${h.slots} streams busy` +
                               (h.watermark ? ", watermarked" : "");
-    named = (h.voices || []).map((n) => [n, n]);
     auth = h.auth;
     if (h.chat) $("chat-label").hidden = false;
   } catch (e) { $("server").textContent = "unreachable"; }
