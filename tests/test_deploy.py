@@ -69,7 +69,7 @@ def test_the_acceptance_runs_here_on_the_tiny_model_and_writes_its_results():
     subset, quantization, a server load test, goal vs measured) on this CPU, as on a GPU."""
     before = set((ROOT / "results").glob("*")) if (ROOT / "results").exists() else set()
     r = deploy("--all", "--local", "--model", "random:tiny", "--device", "cpu")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.returncode in (0, 1), r.stdout[-3000:] + r.stderr[-3000:]  # 1: a goal missed
     new = sorted(set((ROOT / "results").glob("*")) - before)
     assert len(new) == 1
     out = new[0]
@@ -91,13 +91,19 @@ def test_the_acceptance_runs_here_on_the_tiny_model_and_writes_its_results():
         acceptance = json.loads((out / "acceptance.json").read_text())
         goals = {g["key"]: g for g in acceptance["goals"]}
         assert set(goals) == {"step_over_floor", "first_audio_ms", "realtime_streams",
-                              "int8_vs_bf16", "gpu_tests"}
+                              "int8_vs_bf16", "int8_top1", "gpu_tests", "wer", "at_cap",
+                              "frame_step_ms"}
         for g in goals.values():
-            if g["measured"] is not None:
-                within = (g["measured"] <= g["bound"] if g["key"] in ("step_over_floor",
-                                                                       "first_audio_ms")
+            if g["measured"] is not None and g["verdict"] != "not applicable":
+                within = (g["measured"] <= g["bound"] if g["key"] in (
+                    "step_over_floor", "frame_step_ms", "first_audio_ms")
                           else g["measured"] >= g["bound"])
                 assert g["met"] == within, g
+        # the exit code says what the table says (whether this machine met its CPU bounds
+        # today depends on its speed and load: that is the run's verdict, not this test's)
+        failing = [g for g in goals.values() if g["verdict"] in ("NOT MET", "not measured")]
+        assert r.returncode == (1 if failing else 0), (failing, r.stdout[-2000:])
+        assert all(f"FAILED: {g['goal']}" in r.stdout for g in failing)
         assert goals["realtime_streams"]["measured"] in (0, 1, 2)  # the streams swept here
         assert "skipped" in goals["gpu_tests"]["summary"] and goals["gpu_tests"]["met"] is None
         assert "## Acceptance" in report and "acceptance.png" in names
@@ -164,3 +170,87 @@ def test_the_quality_check_says_what_it_cannot_measure_and_goes_on(hf_checkpoint
     r = subprocess.run(bench + ["--model", "random:tiny"], capture_output=True, text=True,
                        timeout=300, env=env, cwd=ROOT)
     assert r.returncode == 0 and "needs real weights" in r.stdout
+
+
+def fake_results(out: Path, first_audio_ms=400.0, over_floor=10.0, with_streaming=True,
+                 quality=None, top1=0.95):
+    """Result files as the benchmarks write them, with chosen figures."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text("# report\n")
+    dev = {"device": "test CPU"}
+    (out / "frame_x.json").write_text(json.dumps({**dev, "rows": [
+        {"ours_over_floor": over_floor, "ours_ms": 5.0}]}))
+    if with_streaming:
+        (out / "streaming_x.json").write_text(json.dumps({**dev, "rows": [
+            {"kind": "streams", "streams": 1, "ttfa_ms": first_audio_ms, "rtf_per_stream": 0.5},
+            {"kind": "streams", "streams": 2, "ttfa_ms": first_audio_ms, "rtf_per_stream": 0.9}]}))
+    (out / "quantize_x.json").write_text(json.dumps({**dev, "rows": [
+        {"dtype": "bf16", "ours_ms": 10.0, "top1_mean": 1.0, "kl_mean": 0.0},
+        {"dtype": "int8", "ours_ms": 8.0, "top1_mean": top1, "kl_mean": 5e-4}]}))
+    if quality is not None:
+        (out / "quality_x.json").write_text(json.dumps({**dev, **quality}))
+
+
+def run_acceptance(monkeypatch, tmp_path, device="cpu", model="random:tiny",
+                   gpu_tests="5 skipped in 0.1s", **figures):
+    """deploy_vast.main(--all --local) with the benchmarks replaced by `fake_results`: the real
+    verdicts, report and exit code. Returns (exit code, goals by key, what it said)."""
+    sys.path.insert(0, str(ROOT))
+    import deploy_vast
+
+    out = tmp_path / "results"
+    said = []
+    monkeypatch.setattr(deploy_vast, "step_info", lambda r: {"gpus": [], "torch": {}})
+    monkeypatch.setattr(deploy_vast, "step_benchmark",
+                        lambda r, m, d, quick: fake_results(out, **figures) or out)
+    monkeypatch.setattr(deploy_vast.Runner, "run", lambda self, cmd, check=True, **k:
+                        subprocess.CompletedProcess(cmd, 0, gpu_tests, ""))
+    monkeypatch.setattr(deploy_vast.Runner, "say", lambda self, msg: said.append(msg))
+    code = deploy_vast.main(["--all", "--local", "--model", model, "--device", device])
+    goals = {g["key"]: g for g in json.loads((out / "acceptance.json").read_text())["goals"]}
+    return code, goals, "\n".join(said)
+
+
+def test_the_exit_code_follows_the_verdicts(monkeypatch, tmp_path):
+    code, goals, said = run_acceptance(monkeypatch, tmp_path / "ok")
+    assert code == 0, said
+    assert {g["verdict"] for g in goals.values()} <= {"met", "not applicable"}
+    assert goals["wer"]["verdict"] == "not applicable"  # random weights: listed, not failed
+    assert goals["int8_vs_bf16"]["verdict"] == "not applicable"  # random:tiny on a CPU
+    assert goals["step_over_floor"]["verdict"] == "not applicable"
+    assert goals["frame_step_ms"]["verdict"] == "met"
+    assert goals["gpu_tests"]["verdict"] == "not applicable"  # no GPU here
+    assert goals["first_audio_ms"]["goal"].startswith("[CPU bound]")  # marked as such
+
+    code, goals, said = run_acceptance(monkeypatch, tmp_path / "slow", first_audio_ms=5000)
+    assert code == 1 and goals["first_audio_ms"]["verdict"] == "NOT MET"  # forced to miss
+    assert "FAILED: [CPU bound] first audio" in said
+
+    code, goals, said = run_acceptance(monkeypatch, tmp_path / "missing", with_streaming=False)
+    assert code == 1 and goals["first_audio_ms"]["verdict"] == "not measured"
+    assert goals["realtime_streams"]["verdict"] == "not measured" and "FAILED" in said
+
+
+def test_on_a_gpu_the_gpu_bounds_and_tests_count(monkeypatch, tmp_path):
+    code, goals, _ = run_acceptance(monkeypatch, tmp_path / "gpu", device="cuda",
+                                    model="random:csm-1b", first_audio_ms=80, over_floor=1.2,
+                                    gpu_tests="1 failed, 9 passed in 3s")
+    assert code == 1 and goals["gpu_tests"]["verdict"] == "NOT MET"
+    assert goals["realtime_streams"]["verdict"] == "NOT MET"  # 2 of the H100's 128
+    assert goals["first_audio_ms"]["verdict"] == "met" and goals["int8_vs_bf16"]["verdict"] == "met"
+    assert goals["int8_top1"]["verdict"] == "met" and "KL 5.00e-04" in goals["int8_top1"]["summary"]
+    code, goals, _ = run_acceptance(monkeypatch, tmp_path / "none", device="cuda",
+                                    model="random:csm-1b", gpu_tests="no tests ran in 0.1s",
+                                    top1=0.85)
+    assert goals["int8_top1"]["verdict"] == "NOT MET"  # forced to miss
+    assert goals["gpu_tests"]["verdict"] == "not measured" and code == 1
+
+
+def test_quality_on_real_weights_has_bounds_and_a_crash_is_a_failure(monkeypatch, tmp_path):
+    code, goals, _ = run_acceptance(monkeypatch, tmp_path / "q", quality={
+        "mean_wer": 0.09, "share_at_cap": 0.0})
+    assert goals["wer"]["verdict"] == "NOT MET" and goals["at_cap"]["verdict"] == "met"
+    assert code == 1
+    code, goals, _ = run_acceptance(monkeypatch, tmp_path / "q2", quality={
+        "skipped": "the recogniser could not load"})
+    assert goals["wer"]["verdict"] == "not measured" and code == 1

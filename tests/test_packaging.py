@@ -167,3 +167,35 @@ def test_the_server_command_in_a_client_install_says_what_to_install():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 2 and "csm-streaming[engine]" in r.stderr and "torch" in r.stderr
+
+
+def test_setup_client_installs_a_client_that_listens_without_torch(tmp_path):
+    """`bash setup.sh --client` in a fresh copy of the checkout, as on a laptop: its own venv,
+    no torch in it, and its `csm-stream --server` writes a live server's audio. pip's cache makes
+    a second run quick; the first downloads the client's few wheels."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    copy = tmp_path / "clone"
+    for name in files:
+        if (ROOT / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            (copy / name).write_bytes((ROOT / name).read_bytes())
+    setup = subprocess.run(["bash", "setup.sh", "--client"], cwd=copy, capture_output=True,
+                           text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert setup.returncode == 0, setup.stdout[-2000:] + setup.stderr[-2000:]
+    assert "setup: ok (client)" in setup.stdout
+    venv_python = copy / ".venv" / "bin" / "python"
+    no_torch = subprocess.run([str(venv_python), "-c", "import torch"], capture_output=True,
+                              text=True, timeout=60)
+    assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
+    live = LiveServer(max_streams=2)
+    out = tmp_path / "laptop.wav"
+    try:
+        r = subprocess.run([str(copy / ".venv" / "bin" / "csm-stream"), "--server", live.url,
+                            "--token", TOKEN, "--text", "From the laptop.", "--max-audio-ms",
+                            "800", "--output", str(out), "--no-dashboard"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=180)
+    finally:
+        live.close()
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sf.info(out).frames == 10 * 1920
