@@ -143,18 +143,21 @@ def test_bad_format_and_key(live):
     assert refused.value.response.status_code == 401
 
 
-@pytest.mark.parametrize("path", ["/v1/text-to-speech/3/stream", "/v1/text-to-speech/3"])
-def test_the_one_shot_endpoints_answer_audio_in_the_asked_format(live, path):
-    """As LiveKit's synthesize() posts: xi-api-key, output_format in the query."""
+def test_the_one_shot_endpoints_answer_audio_in_the_asked_format(live):
+    """As LiveKit's synthesize() posts: xi-api-key, output_format in the query (the streaming
+    path), or ElevenLabs' default mp3_44100_128 (the plain one)."""
     import httpx
 
-    r = httpx.post(f"{live.url}{path}?output_format=pcm_16000&enable_logging=true",
-                   json={"text": "One shot.", "model_id": "eleven_flash_v2_5"},
+    r = httpx.post(f"{live.url}/v1/text-to-speech/3/stream?output_format=pcm_16000"
+                   "&enable_logging=true", json={"text": "One shot.", "model_id": "flash"},
                    headers={"xi-api-key": TOKEN}, timeout=60)
     assert r.status_code == 200 and r.headers["content-type"] == "audio/pcm"
     longest = live.settings.max_audio_length_ms / 1000  # the server's default length
     assert 0.5 < len(r.content) / 2 / 16000 <= longest + 1e-3
-    mp3 = httpx.post(f"{live.url}{path}", json={"text": "Default format."},
-                     headers={"xi-api-key": TOKEN}, timeout=60)  # ElevenLabs' mp3_44100_128
+    mp3 = httpx.post(f"{live.url}/v1/text-to-speech/3", json={"text": "Default format."},
+                     headers={"xi-api-key": TOKEN}, timeout=60)
     audio, rate = sf.read(io.BytesIO(mp3.content), dtype="float32")
     assert mp3.headers["content-type"] == "audio/mpeg" and rate == 44100 and len(audio) > 0
+    bad = httpx.post(f"{live.url}/v1/text-to-speech/3?output_format=ulaw_8000",
+                     json={"text": "Hi."}, headers={"xi-api-key": TOKEN}, timeout=60)
+    assert bad.status_code == 400 and "output_format" in bad.json()["error"]["message"]
