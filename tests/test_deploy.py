@@ -115,7 +115,7 @@ def test_the_acceptance_runs_here_on_the_tiny_model_and_writes_its_results():
 
 
 def test_the_report_names_figures_that_contradict_each_other():
-    from deploy_vast import contradictions
+    from csm_streaming.deploy.report import contradictions
 
     def streams(n, fps, runs=(1.0, 1.0)):
         return {"name": f"{n} stream{'s' * (n != 1)}", "kind": "streams", "streams": n,
@@ -193,20 +193,20 @@ def fake_results(out: Path, first_audio_ms=400.0, over_floor=10.0, with_streamin
 
 def run_acceptance(monkeypatch, tmp_path, device="cpu", model="random:tiny",
                    gpu_tests="5 skipped in 0.1s", **figures):
-    """deploy_vast.main(--all --local) with the benchmarks replaced by `fake_results`: the real
+    """deploy's main(--all --local) with the benchmarks replaced by `fake_results`: the real
     verdicts, report and exit code. Returns (exit code, goals by key, what it said)."""
-    sys.path.insert(0, str(ROOT))
-    import deploy_vast
+    from csm_streaming.deploy import command
+    from csm_streaming.deploy.runner import Runner
 
     out = tmp_path / "results"
     said = []
-    monkeypatch.setattr(deploy_vast, "step_info", lambda r: {"gpus": [], "torch": {}})
-    monkeypatch.setattr(deploy_vast, "step_benchmark",
+    monkeypatch.setattr(command, "step_info", lambda r: {"gpus": [], "torch": {}})
+    monkeypatch.setattr(command, "step_benchmark",
                         lambda r, m, d, quick: fake_results(out, **figures) or out)
-    monkeypatch.setattr(deploy_vast.Runner, "run", lambda self, cmd, check=True, **k:
+    monkeypatch.setattr(Runner, "run", lambda self, cmd, check=True, **k:
                         subprocess.CompletedProcess(cmd, 0, gpu_tests, ""))
-    monkeypatch.setattr(deploy_vast.Runner, "say", lambda self, msg: said.append(msg))
-    code = deploy_vast.main(["--all", "--local", "--model", model, "--device", device])
+    monkeypatch.setattr(Runner, "say", lambda self, msg: said.append(msg))
+    code = command.main(["--all", "--local", "--model", model, "--device", device])
     goals = {g["key"]: g for g in json.loads((out / "acceptance.json").read_text())["goals"]}
     return code, goals, "\n".join(said)
 

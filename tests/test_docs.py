@@ -49,8 +49,8 @@ def flag_sources(owner: str) -> str:
         paths = SOURCES[owner]
     elif owner.startswith("benchmarks/"):
         paths = [owner, "benchmarks/common.py", "csm_streaming/options.py"]
-    else:  # deploy_vast.py and what it hands flags to
-        paths = [owner, "csm_streaming/options.py"]
+    else:  # deploy_vast.py: a face over csm_streaming/deploy/
+        paths = [owner, "csm_streaming/deploy/command.py", "csm_streaming/options.py"]
     return "\n".join((ROOT / p).read_text() for p in paths)
 
 

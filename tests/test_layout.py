@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "csm_streaming"
-FACES = {"generator", "models", "streaming_generator", "watermarking", "test_streaming"}
+FACES = {"generator", "models", "streaming_generator", "watermarking", "test_streaming",
+         "deploy_vast"}
 
 
 def module_name(path: Path) -> str:
@@ -137,7 +138,8 @@ def test_names_do_not_repeat_their_folder():
 
 TORCH_FREE = ["csm_streaming", "csm_streaming.cli", "csm_streaming.model.hub"] + sorted(
     n for n, p in MODULES.items()
-    if n.startswith("csm_streaming.client") or p.parent == PACKAGE and p.stem != "__init__")
+    if n.startswith(("csm_streaming.client", "csm_streaming.deploy"))
+    or p.parent == PACKAGE and p.stem != "__init__")
 
 
 def test_client_and_shared_modules_import_no_torch():

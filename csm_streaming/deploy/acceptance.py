@@ -1,0 +1,208 @@
+"""The acceptance: the GPU tests, quantization and a server load test, then each goal against
+what was measured, with one verdict each; the run fails on a goal missed or not measured.
+
+Standard library only at import: it runs before the project's environment exists."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from csm_streaming.deploy.report import _table, load_result, result_device
+from csm_streaming.deploy.runner import ROOT, VENV_PY, Runner
+
+# (goal, bound, which side is good): the speed claims of the README, on the GPU they were
+# made for
+GOALS = {
+    "step_over_floor": ("one stream's frame step <= 1.5x the bandwidth floor", 1.5, "max"),
+    "frame_step_ms": ("one stream's frame step <= 80 ms (faster than the audio)", 80.0, "max"),
+    "first_audio_ms": ("first audio <= 100 ms after warm-up (one stream)", 100.0, "max"),
+    "realtime_streams": (">= 128 streams each faster than real time (an H100)", 128, "min"),
+    "int8_vs_bf16": ("int8 faster than bf16 per frame", 1.0, "min"),
+    "int8_top1": ("int8's next codes agree with bf16's >= 90% (top-1; KL beside it)", 0.9, "min"),
+}
+
+
+# A run on a CPU is judged against bounds of its own (what a 2-core machine does), marked as
+# such, so that it too can pass or fail: the GPU's bounds would fail every CPU run.
+CPU_GOALS = {
+    "step_over_floor": ("[CPU bound] one stream's frame step <= 1.5x the bandwidth floor", 1.5,
+                        "max"),
+    "frame_step_ms": ("[CPU bound] one stream's frame step <= 80 ms (faster than the audio)",
+                      80.0, "max"),
+    "first_audio_ms": ("[CPU bound] first audio <= 1500 ms (one stream)", 1500.0, "max"),
+    "realtime_streams": ("[CPU bound] >= 1 stream faster than real time", 1, "min"),
+    "int8_vs_bf16": ("[CPU bound] int8 faster than bf16 per frame", 1.0, "min"),
+    "int8_top1": ("int8's next codes agree with bf16's >= 90% (top-1; KL beside it)", 0.9, "min"),
+}
+
+
+# random:tiny on a CPU checks that the whole run works; these goals say nothing there
+TINY_ON_CPU = {
+    "step_over_floor": "random:tiny's step is bound by per-call overheads, not by the bytes of "
+                       "its weights (frame_step_ms judges it)",
+    "int8_vs_bf16": "random:tiny's layers are too small for int8 to pay (bench_quantize on "
+                    "random:csm-1b measures it)",
+    "int8_top1": "random:tiny's int8 agreement says nothing of csm-1b's (bench_quantize on "
+                 "random:csm-1b measures it)",
+}
+
+
+VERDICTS = ("met", "NOT MET", "not measured", "not applicable")
+
+
+FAILING = ("NOT MET", "not measured")  # the run exits non-zero on these
+
+
+def step_acceptance(r: Runner, out: Path, model: str, device: str, quick: bool,
+                    real_model: str | None = None) -> Path | None:
+    """After --benchmark: the GPU test subset, bench_quantize, a server load test over HTTP,
+    with real weights (`real_model`) the quality check, then a table of each goal against what
+    was measured (JSON, PNG, report.md)."""
+    r.say(f"== acceptance: {model} on {device}")
+    py = str(VENV_PY)
+    tests = r.run([py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/"],
+                  check=False)
+    r.run([py, "benchmarks/bench_quantize.py", "--model", model, "--device", device, "--modes",
+           "bf16,int8", "--frames", "2" if quick else "3", "--quality-frames",
+           "4" if quick else "50", "--out-dir", str(out)])
+    r.run([py, "benchmarks/bench_server.py", "--model", model, "--device", device, "--clients",
+           "1,4" if quick else "1,8,32,64,128", "--frames", "4" if quick else "12",
+           "--repeats", "1" if quick else "3", "--out-dir", str(out)])
+    if real_model is not None:  # word error rate (Whisper) and clips that never end
+        r.run([py, "benchmarks/bench_quality.py", "--model", real_model, "--device", device,
+               "--out-dir", str(out)], check=False)
+    if r.dry_run:
+        return None
+    rows = acceptance_rows(out, tests.stdout, device, model)
+    path = out / "acceptance.json"
+    path.write_text(json.dumps({"device": result_device(out), "model": model, "quick": quick,
+                                "date": time.strftime("%Y-%m-%d %H:%M:%S"), "goals": rows},
+                               indent=2))
+    plot_acceptance(rows, out / "acceptance.png", result_device(out))
+    report = out / "report.md"
+    lines = ["## Acceptance", "",
+             *_table(["goal", "measured", "met"],
+                     [[g["goal"], _measured(g), g["verdict"]] for g in rows]),
+             "![acceptance](acceptance.png)", ""]
+    report.write_text(report.read_text() + "\n".join(lines) + "\n")
+    for g in rows:
+        r.say(f"  {g['goal']}: {_measured(g)}: {g['verdict']}")
+    r.say(f"acceptance: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+    return path
+
+
+def _measured(goal: dict) -> str:
+    if goal.get("summary"):
+        return goal["summary"]
+    return "-" if goal["measured"] is None else f"{goal['measured']:.3g}"
+
+
+def acceptance_rows(out: Path, gpu_tests_output: str, device: str = "cuda",
+                    model: str = "random:csm-1b") -> list[dict]:
+    """Each goal with what the benchmarks in `out` measured and its verdict (VERDICTS): met or
+    NOT MET against the bound for this device, "not measured" where it should have been and
+    was not (a failure), "not applicable" where it cannot apply here (listed, not a failure)."""
+    goals = CPU_GOALS if device == "cpu" else GOALS
+    measured = measured_figures(out)
+    rows = []
+    tiny = TINY_ON_CPU if device == "cpu" and model == "random:tiny" else {}
+    for key, (goal, bound, kind) in goals.items():
+        m = measured[key]
+        met = None if m is None else (m <= bound if kind == "max" else m >= bound)
+        row = {"key": key, "goal": goal, "bound": bound, "measured": m, "met": met}
+        if key == "int8_top1" and m is not None:
+            row["summary"] = f"{m:.3f} (KL {measured['int8_kl']:.2e})"
+        rows.append(verdict(row, not_applicable=tiny.get(key)))
+    rows += quality_rows(out)
+    rows.append(gpu_tests_row(gpu_tests_output, device))
+    return rows
+
+
+def verdict(row: dict, not_applicable: str | None = None) -> dict:
+    """The row's verdict from its `met` (None: not measured) or the reason it cannot apply."""
+    if not_applicable:
+        return {**row, "verdict": "not applicable", "summary": f"not applicable: {not_applicable}"}
+    return {**row, "verdict": {True: "met", False: "NOT MET", None: "not measured"}[row["met"]]}
+
+
+def measured_figures(out: Path) -> dict:
+    frame, streaming = load_result(out, "frame_") or {}, load_result(out, "streaming_") or {}
+    quant = load_result(out, "quantize_") or {}
+    measured = dict.fromkeys(GOALS)
+    if frame.get("rows"):
+        measured["step_over_floor"] = min(r["ours_over_floor"] for r in frame["rows"])
+        measured["frame_step_ms"] = min(r["ours_ms"] for r in frame["rows"])
+    runs = [r for r in streaming.get("rows", []) if r.get("kind") == "streams"]
+    one = [r for r in runs if r["streams"] == 1]
+    if one:
+        measured["first_audio_ms"] = one[0]["ttfa_ms"]
+    if runs:
+        measured["realtime_streams"] = max([r["streams"] for r in runs
+                                            if r["rtf_per_stream"] < 1] or [0])
+    by_dtype = {r["dtype"]: r for r in quant.get("rows", [])}
+    if "int8" in by_dtype and "bf16" in by_dtype:
+        measured["int8_vs_bf16"] = by_dtype["bf16"]["ours_ms"] / by_dtype["int8"]["ours_ms"]
+        measured["int8_top1"] = by_dtype["int8"].get("top1_mean")
+        measured["int8_kl"] = by_dtype["int8"].get("kl_mean")
+    return measured
+
+
+def quality_rows(out: Path) -> list[dict]:
+    """Word error rate and clips that never end: bounded on real weights; with random ones
+    (no quality step ran) not applicable; a quality step that ran and failed is not measured."""
+    quality = load_result(out, "quality_")
+    rows = []
+    for key, goal, name, bound in (
+            ("wer", "word error rate (Whisper, fixed sentences) <= 6%", "mean_wer", 0.06),
+            ("at_cap", "share of clips that never end = 0", "share_at_cap", 0.0)):
+        row = {"key": key, "goal": goal, "bound": bound, "measured": None, "met": None}
+        if quality is None:
+            rows.append(verdict(row, not_applicable="random weights: nothing to understand"))
+            continue
+        m = quality.get(name)
+        why = quality.get("skipped") or (quality.get("recogniser_unavailable")
+                                         if key == "wer" else None)
+        row = {**row, "measured": m, "met": None if m is None else m <= bound}
+        rows.append({**verdict(row), **({"summary": f"not measured: {why}"} if why else {})})
+    return rows
+
+
+def gpu_tests_row(output: str, device: str) -> dict:
+    """The equality tests on the device (pytest -m gpu): passed, failed, or not run."""
+    ran = [line for line in output.splitlines() if " passed" in line
+           or " skipped" in line or " failed" in line or "no tests ran" in line]
+    summary = ran[-1].strip("= ") if ran else "no summary"
+    failed = " failed" in summary or " error" in summary
+    row = {"key": "gpu_tests", "goal": "the equality tests on this device (pytest -m gpu)",
+           "bound": None, "measured": None, "summary": summary,
+           "met": False if failed else (True if " passed" in summary else None)}
+    if device == "cpu" and not failed:
+        return {**verdict(row, not_applicable="no GPU here"), "summary": summary}
+    return verdict(row)
+
+
+def failing_goals(rows: list[dict]) -> list[str]:
+    """The goals that make the run fail, each with its verdict and what was measured."""
+    return [f"{g['goal']}: {g['verdict']} ({_measured(g)})" for g in rows
+            if g["verdict"] in FAILING]
+
+
+def plot_acceptance(rows: list[dict], path: Path, device: str):
+    """Measured over goal, per goal (1 is the goal; which side is good is in the label)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [g for g in rows if g["measured"] is not None and g["bound"]]
+    fig, ax = plt.subplots(figsize=(8, 0.6 + 0.6 * max(1, len(shown))))
+    ratios = [g["measured"] / g["bound"] for g in shown]
+    ax.barh([g["goal"] for g in shown], ratios,
+            color=["tab:green" if g["met"] else "tab:red" for g in shown])
+    ax.axvline(1.0, c="k", ls=":")
+    ax.set(xscale="log", xlabel="measured / goal (log)", title=f"Acceptance on {device}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
