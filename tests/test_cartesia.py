@@ -208,3 +208,17 @@ def test_a_context_never_ended_is_closed_after_the_idle_timeout(mimi):
         assert server.scheduler.active == 0
     finally:
         server.close()
+
+
+def test_text_spoken_by_the_buffer_delay_still_reports_its_error(live):
+    """No sentence end: the text waits max_buffer_delay_ms, then is spoken; an unknown voice is
+    found only then, and still reaches the client as that context's error."""
+    with connect(url(live)) as ws:
+        ws.send(json.dumps({**json.loads(message("late", "no sentence end here",
+                                                 max_buffer_delay_ms=200)),
+                            "voice": {"mode": "id", "id": "nobody-by-this-name"}}))
+        err = json.loads(ws.recv(timeout=30))
+        ws.send(message("after", "Still here. ", cont=False))
+        assert receive_until(ws, {"after"})[-1]["type"] == "done"
+    assert err["type"] == "error" and err["context_id"] == "late"
+    assert "unknown voice" in err["error"]

@@ -178,8 +178,11 @@ def fake_results(out: Path, first_audio_ms=400.0, over_floor=10.0, with_streamin
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text("# report\n")
     dev = {"device": "test CPU"}
-    (out / "frame_x.json").write_text(json.dumps({**dev, "rows": [
-        {"ours_over_floor": over_floor, "ours_ms": 5.0}]}))
+    spread = {"min": 5.0, "median": 6.0, "max": 9.0, "n": 3}
+    (out / "frame_x.json").write_text(json.dumps({**dev, "rows": [  # bf16 faster, fp32 default
+        {"dtype": "bf16", "ours_over_floor": over_floor / 5, "ours_ms": 1.0},
+        {"dtype": "fp32", "ours_over_floor": over_floor, "ours_ms": 5.0, "ours_median_ms": 6.0,
+         "ours_spread_ms": spread}]}))
     if with_streaming:
         (out / "streaming_x.json").write_text(json.dumps({**dev, "rows": [
             {"kind": "streams", "streams": 1, "ttfa_ms": first_audio_ms, "rtf_per_stream": 0.5},
@@ -221,6 +224,11 @@ def test_the_exit_code_follows_the_verdicts(monkeypatch, tmp_path):
     assert goals["frame_step_ms"]["verdict"] == "met"
     assert goals["gpu_tests"]["verdict"] == "not applicable"  # no GPU here
     assert goals["first_audio_ms"]["goal"].startswith("[CPU bound]")  # marked as such
+    step = goals["frame_step_ms"]  # the CPU's default dtype, its median, not the best row
+    assert step["measured"] == 6.0 and step["spread"]["n"] == 3
+    assert step["command"] == "benchmarks/bench_frame.py" and step["device"] == "test CPU"
+    report = (tmp_path / "ok" / "results" / "report.md").read_text()
+    assert "6 (5-9, 3 runs)" in report and "`benchmarks/bench_frame.py`" in report
 
     code, goals, said = run_acceptance(monkeypatch, tmp_path / "slow", first_audio_ms=5000)
     assert code == 1 and goals["first_audio_ms"]["verdict"] == "NOT MET"  # forced to miss
@@ -235,6 +243,7 @@ def test_on_a_gpu_the_gpu_bounds_and_tests_count(monkeypatch, tmp_path):
     code, goals, _ = run_acceptance(monkeypatch, tmp_path / "gpu", device="cuda",
                                     model="random:csm-1b", first_audio_ms=80, over_floor=1.2,
                                     gpu_tests="1 failed, 9 passed in 3s")
+    assert goals["frame_step_ms"]["measured"] == 1.0  # bf16: the GPU's default dtype
     assert code == 1 and goals["gpu_tests"]["verdict"] == "NOT MET"
     assert goals["realtime_streams"]["verdict"] == "NOT MET"  # 2 of the H100's 128
     assert goals["first_audio_ms"]["verdict"] == "met" and goals["int8_vs_bf16"]["verdict"] == "met"

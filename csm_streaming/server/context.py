@@ -35,8 +35,11 @@ class ServerContext:
         self.chat_session = None  # async (ws, ctx, first message): set by server.create_app
         # Open connections: WebSockets not yet authorised, and authorised clients (the routes
         # but /health and the page); /health and the page count in neither.
+        # per address only where a token tells strangers from clients: without one every
+        # socket is a stranger until its first message, and one machine may open many
         self.strangers = AddressBudget(settings.max_pending_sockets,
-                                       settings.max_pending_sockets_per_address)
+                                       settings.max_pending_sockets_per_address
+                                       if settings.token else settings.max_pending_sockets)
         self.clients = Budget(settings.max_connections)
 
     def count(self, scope, status):

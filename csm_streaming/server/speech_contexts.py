@@ -146,7 +146,7 @@ class SpeechContext:
         elif self._delay is None and self.chunker.pending:
             loop = asyncio.get_running_loop()
             self._delay = loop.call_later(self.buffer_delay_s,
-                                          lambda: asyncio.ensure_future(self.flush()))
+                                          lambda: asyncio.ensure_future(self._flush_waiting()))
 
     async def flush(self):
         """Speak what is waiting now, however short."""
@@ -155,6 +155,16 @@ class SpeechContext:
             self._delay = None
         for phrase in self.chunker.flush():
             await self._speak(phrase)
+
+    async def _flush_waiting(self):
+        """The buffer delay ran out: speak what waits. A failure here (the first phrase's
+        voice or text) reaches the client as a message would have: an error, the context ends."""
+        self._delay = None
+        try:
+            await self.flush()
+        except ApiError as e:
+            self.cancel()
+            await self.socket.sink.error(self, e.status, e.message)
 
     async def end(self):
         """No more text: the rest is spoken, then the context is done."""
