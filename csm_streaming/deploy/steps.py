@@ -74,7 +74,7 @@ def step_benchmark(r: Runner, model: str, device: str, quick: bool) -> Path:
     if not r.dry_run:
         out.mkdir(parents=True, exist_ok=True)
     # streams long enough to judge real time (a few chunks past the first audio)
-    frames = "32" if quick else "125"
+    frames = "16" if quick else "125"
     py = str(VENV_PY)
     r.run(
         [
