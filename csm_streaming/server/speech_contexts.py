@@ -133,6 +133,9 @@ class SpeechContext:
         self.last_message = time.monotonic()
         self._delay: asyncio.TimerHandle | None = None
         self._task: asyncio.Task | None = None
+        # the delay timer and the socket's messages both speak: one at a time, so the first
+        # phrase opens one stream, not two
+        self._speaking = asyncio.Lock()
 
     async def add_text(self, text: str, flush: bool = False):
         """Text for the context; phrases go to the engine as soon as they are complete."""
@@ -188,15 +191,16 @@ class SpeechContext:
         self.socket.forget(self)
 
     async def _speak(self, phrase: str):
-        if self.ticket is None:  # the first phrase: the request, its voice, its stream
-            s = self.socket
-            req = await s.server.request_from(RequestDraft(phrase, self.voice,
-                                                           sampling=s.sampling, phrases=True))
-            self.feed = TextFeed(closed=False)
-            self.ticket = s.server.enqueue(req, s.scope, self.feed)
-            self._task = asyncio.create_task(self._run())
-        self.phrases.append(phrase)
-        self.feed.push(phrase)
+        async with self._speaking:
+            if self.ticket is None:  # the first phrase: the request, its voice, its stream
+                s = self.socket
+                req = await s.server.request_from(RequestDraft(
+                    phrase, self.voice, sampling=s.sampling, phrases=True))
+                self.feed = TextFeed(closed=False)
+                self.ticket = s.server.enqueue(req, s.scope, self.feed)
+                self._task = asyncio.create_task(self._run())
+            self.phrases.append(phrase)
+            self.feed.push(phrase)
 
     async def _run(self):
         sink, samples, server = self.socket.sink, 0, self.socket.server
