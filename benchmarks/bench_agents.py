@@ -29,6 +29,7 @@ import re
 import statistics
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from bench_server import TOKEN, start_server
 from common import add_model_argument, print_table, save_json, spread
@@ -108,14 +109,8 @@ def playback_gaps(arrivals: list[tuple[float, int]]) -> list[float]:
 
 def at_once(fn, n: int) -> list:
     """fn(i) for i < n on n threads at once; their results."""
-    results = [None] * n
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, fn(i)))
-               for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(fn, range(n)))
 
 
 def speech_route_first_byte(url: str, text: str) -> float:

@@ -9,7 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from csm_streaming.deploy.report import _table, load_result, result_device
+from csm_streaming.deploy.report import _table, load_result, result_device, spread_text
 from csm_streaming.deploy.runner import ROOT, VENV_PY, Runner
 
 # (goal, bound, which side is good): the speed claims of the README, on the GPU they were
@@ -103,10 +103,7 @@ def _measured(goal: dict) -> str:
     if goal["measured"] is None:
         return "-"
     sp = goal.get("spread")
-    if not sp:
-        return f"{goal['measured']:.3g}"
-    runs = "1 run" if sp["n"] == 1 else f"{sp['n']} runs"
-    return f"{goal['measured']:.3g} ({sp['min']:.3g}-{sp['max']:.3g}, {runs})"
+    return spread_text(goal["measured"], sp, ".3g") if sp else f"{goal['measured']:.3g}"
 
 
 def acceptance_rows(out: Path, gpu_tests_output: str, device: str = "cuda",

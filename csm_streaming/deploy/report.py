@@ -20,8 +20,13 @@ def _spread(row: dict, key: str, fmt: str = ".0f", spread_key: str | None = None
     sp = (row.get("spread") or {}).get(key) or row.get(spread_key or "")
     if not sp:
         return format(row[key], fmt)
+    return spread_text(sp["median"], sp, fmt)
+
+
+def spread_text(value: float, sp: dict, fmt: str = ".0f") -> str:
+    """'value (min-max, n runs)' of a spread {min, median, max, n}."""
     runs = "1 run" if sp["n"] == 1 else f"{sp['n']} runs"
-    return f"{sp['median']:{fmt}} ({sp['min']:{fmt}}-{sp['max']:{fmt}}, {runs})"
+    return f"{value:{fmt}} ({sp['min']:{fmt}}-{sp['max']:{fmt}}, {runs})"
 
 
 WATERMARK_MS_PER_AUDIO_S_CPU = 300  # the README's figure for a 2-core CPU

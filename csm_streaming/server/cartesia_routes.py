@@ -18,7 +18,6 @@ harmless, an error where the audio would not be what was asked).
 from __future__ import annotations
 
 import base64
-import logging
 from typing import Literal
 
 from fastapi import APIRouter, Request, WebSocket
@@ -39,7 +38,6 @@ from csm_streaming.server.stream_sockets import (
     send_json,
 )
 
-log = logging.getLogger("csm.server")
 router = APIRouter()
 
 

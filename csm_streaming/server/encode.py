@@ -52,6 +52,8 @@ class StreamEncoder:
             self._out.mux(packet)
 
     def feed(self, chunk) -> bytes:
+        if not np.asarray(chunk).size:  # an empty frame makes FFmpeg's resampler fail (ENOMEM)
+            return b""
         frame = _audio_frame(chunk, self._pts)
         self._pts += frame.samples
         for out in self._resampler.resample(frame):

@@ -21,19 +21,16 @@ phrase's audio has been made (faster than real time: before it has been played).
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from csm_streaming.audio import FRAME_MS, SAMPLE_RATE
+from csm_streaming.audio import FRAME_MS, SAMPLE_RATE, pcm16
 from csm_streaming.engine.segmenting import TextChunker
 from csm_streaming.engine.text_feed import TextFeed
 from csm_streaming.request import SamplingParams
 from csm_streaming.server.api import ApiError, RequestDraft, shape_error
-
-log = logging.getLogger("csm.server")
 
 MAX_CONTEXTS_PER_SOCKET = 8  # open contexts on one socket; one more is an error for it alone
 DEFAULT_BUFFER_DELAY_MS = 3000  # Cartesia's default max_buffer_delay_ms
@@ -73,6 +70,7 @@ class AudioOut:
             raise ApiError(400, f"encoding {encoding!r} is not supported: use pcm_s16le, "
                                 "pcm_f32le or mp3")
         self.encoding, self.rate = encoding, rate
+        self.content_type = "audio/mpeg" if encoding == "mp3" else "audio/pcm"
         self._resampler = self._encoder = None
         if encoding == "mp3":
             from csm_streaming.server.encode import StreamEncoder
@@ -85,17 +83,11 @@ class AudioOut:
 
     def feed(self, chunk, last: bool = False) -> bytes:
         x = np.asarray(chunk, dtype=np.float32).reshape(-1)
-        if self._encoder is not None:  # (an empty frame makes FFmpeg's resampler fail: ENOMEM)
-            return (self._encoder.feed(x) if x.size else b"") + (
-                self._encoder.finish() if last else b"")
+        if self._encoder is not None:
+            return self._encoder.feed(x) + (self._encoder.finish() if last else b"")
         if self._resampler is not None:
             x = self._resampler.resample_chunk(x, last=last)
-        if self.encoding == "pcm_f32le":
-            return x.astype("<f4").tobytes()
-        return (np.clip(x, -1, 1) * 32767).round().astype("<i2").tobytes()
-
-
-MEDIA_TYPES = {"pcm_s16le": "audio/pcm", "pcm_f32le": "audio/pcm", "mp3": "audio/mpeg"}
+        return x.astype("<f4").tobytes() if self.encoding == "pcm_f32le" else pcm16(x)
 
 
 async def speak_over_http(request, text, voice, out: AudioOut):
@@ -112,7 +104,7 @@ async def speak_over_http(request, text, voice, out: AudioOut):
     first = await server.first_chunk(agen)
     body = server.body(request.scope, agen, first, lambda c: out.feed(c.numpy()),
                        lambda: out.feed(np.zeros(0, np.float32), last=True))
-    return StreamingResponse(body, media_type=MEDIA_TYPES[out.encoding],
+    return StreamingResponse(body, media_type=out.content_type,
                              headers={"X-Sample-Rate": str(out.rate)})
 
 
