@@ -134,7 +134,7 @@ def test_no_host_sync_inside_the_frame_step(own_generator, monkeypatch):
     inside = [e for e in inside if e[1] not in allowed]
     assert inside == [], f"host reads inside the frame step: {sorted(set(inside))}"
     before_decode = [[e for e in events if e[1] not in allowed] for events in before_decode]
-    assert before_decode and all(e == [(".tolist()", "_chunk")] for e in before_decode), \
+    assert before_decode and all(e == [(".tolist()", "_run_frames")] for e in before_decode), \
         before_decode
 
 

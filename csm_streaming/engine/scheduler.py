@@ -25,24 +25,21 @@ from csm_streaming.audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
 from csm_streaming.engine.config import StreamingConfig
 from csm_streaming.engine.frame_step import FrameStep
 from csm_streaming.engine.graphs import CUDAGraphed, compile_frame_parts, shared_copy
+from csm_streaming.engine.lifecycle import Lifecycle
 from csm_streaming.engine.mimi_decode import decode_chunk, mimi_graphs_off
 from csm_streaming.engine.prompt_prefill import PromptWork
-from csm_streaming.engine.prompt_rows import audio_rows
 from csm_streaming.engine.reference import Generator
 from csm_streaming.engine.runaway import TailGuard
 from csm_streaming.engine.segmenting import split_sentences
 from csm_streaming.engine.slots import ChunkEvent, SlotState, Stream
 from csm_streaming.engine.text_feed import TextFeed
-from csm_streaming.metrics import EMPTY_RETRY, RUNAWAY_STOP, Event, StreamMetrics, peak_memory_mb
+from csm_streaming.metrics import StreamMetrics
 from csm_streaming.model.cpu_kernels import speed_up_cpu_linears
-from csm_streaming.model.sampling import MIMI_CODES, candidates_for
+from csm_streaming.model.sampling import candidates_for
 from csm_streaming.request import (
     DEFAULT_TOP_K,
-    MAX_EMPTY_RETRIES,
-    EmptyOutputError,
     GenerationRequest,
     draw_seed,
-    retry_request,
 )
 
 log = logging.getLogger("csm.engine")
@@ -78,6 +75,7 @@ class StreamEngine:
         self.last_stream: Stream | None = None
         self._ids = itertools.count()
         self.prompts = PromptWork(generator, self.caches, self.encoder, self.state)
+        self.life = Lifecycle(generator, self.state, self.prompts, self.slots, self.scratch_pos)
         self._wake = threading.Event()
         self._arrived = threading.Event()  # set by wake() during a step: cut the chunk short
         self.compiled = None  # the step's compiled parts (graphs.FrameParts), None: eager
@@ -175,8 +173,10 @@ class StreamEngine:
         stream.metrics.segments = len(feed.known)
         self.slots[slot] = self.last_stream = stream
         feed.stream = stream  # the caller finds the stream (its codes) through its feed
-        self._set_sampling(stream)
-        self.mimi.reset_streaming(self._slot_mask(slot))
+        self.life.set_sampling(stream)
+        mask = torch.zeros(len(self.slots), dtype=torch.bool, device=self.device)
+        mask[slot] = True
+        self.mimi.reset_streaming(mask)  # a fresh decoder state for this row alone
         self.prompts.start(stream)
         return stream
 
@@ -184,43 +184,14 @@ class StreamEngine:
         """Free the stream's slot now (the caller stopped listening, or cancelled)."""
         stream.cancelled = True
         stream.metrics.stop_reason = stream.metrics.stop_reason or "cancelled"
-        self._release(stream)
-
-    def _release(self, stream: Stream):
-        stream.finished = stream.metrics.finished = True
-        stream.state = "finished"
-        self.prompts.drop(stream)
-        if self.slots[stream.slot] is stream:
-            self.slots[stream.slot] = None
-            self._park(stream.slot)
-
-    def _park(self, slot: int):
-        self.state.pos[slot] = self.scratch_pos
-        self.state.ended[slot] = True
-
-    def _slot_mask(self, slot: int) -> torch.Tensor:
-        mask = torch.zeros(len(self.slots), dtype=torch.bool, device=self.device)
-        mask[slot] = True
-        return mask
-
-    def _set_sampling(self, stream: Stream):
-        s, slot, params = self.state.sampling, stream.slot, stream.request.sampling
-        s.temperature[slot] = params.temperature
-        s.top_k[slot] = min(params.top_k, MIMI_CODES)
-        s.seed[slot] = stream.seed
+        self.life.release(stream)
 
     def prepare_all(self) -> list[ChunkEvent]:
         """Finish every pending prompt job now, running no chunk (benchmarks, warm-up)."""
         events = []
         while self.prompts.pending:
-            events += [self._fail(s, e) for s, e in self.prompts.run(None)]
+            events += [self.life.fail(s, e) for s, e in self.prompts.run(None)]
         return events
-
-    def _fail(self, s: Stream, error: BaseException) -> ChunkEvent:
-        s.error = error
-        s.metrics.stop_reason = f"error: {error}"
-        self._release(s)
-        return ChunkEvent(s, torch.zeros(0), True, error)
 
     # -- the frame step (graphed) -----------------------------------------------------------------
 
@@ -259,13 +230,13 @@ class StreamEngine:
         through one chunk of the others: its first audio is a prefill and a first chunk away.
         """
         self._arrived.clear()
-        events = self._check_waiting()
+        events = self.life.check_waiting(self.active)
         running = any(s.state == "running" for s in self.active)
         # Nothing runs: work in short slices anyway, so new requests are admitted in between.
         budget = self.prompt_budget_s() if running else IDLE_PROMPT_SLICE_S
         if self.prompts.pending:
             lent = self.lendable_lead_s() if running else 0.0
-            events += [self._fail(s, e) for s, e in self.prompts.run(budget, lent)]
+            events += [self.life.fail(s, e) for s, e in self.prompts.run(budget, lent)]
         ready = [s for s in self.active if s.state == "running"]
         return events + (self._chunk(ready) if ready else [])
 
@@ -289,25 +260,44 @@ class StreamEngine:
                  for s in self.active if s.state == "running"]
         return max(0.0, min(min(leads, default=0.0) - self.chunk_s, MAX_PROMPT_BUDGET_S))
 
-    def _check_waiting(self) -> list[ChunkEvent]:
-        """Streams waiting for an LLM's next words: go on when they come, end with the
-        producer's error, or finish when the text has ended."""
+    def _chunk(self, streams: list[Stream]) -> list[ChunkEvent]:
+        """One chunk for the running streams: frame steps -> Mimi decode -> each stream's
+        frames delivered (lifecycle.after_chunk)."""
+        t0 = time.perf_counter()
+        n, valid = self._run_frames(streams)
+        t_model = time.perf_counter()
+        step_s = (t_model - t0) / n
+        self.frame_step_s = (
+            step_s if not self.frame_step_s else 0.8 * self.frame_step_s + 0.2 * step_s
+        )
+        kept = {s.slot: min(valid[s.slot], s.segment_limit - s.segment_frames, s.frames_left)
+                for s in streams}
+        audio = self._decode(self.state.codes[:, :n], kept)
+        for s in streams:  # shared by the batch: each stream sees the whole step's cost
+            s.metrics.add_stage("model", t_model - t0)
+            s.metrics.add_stage("mimi", time.perf_counter() - t_model)
+        host_codes = self.state.codes[:, :n].to("cpu", copy=True)
+        now = time.perf_counter()
         events = []
-        for s in self.active:
-            if s.state != "waiting":
-                continue
-            if s.feed.error is not None:
-                events.append(self._fail(s, s.feed.error))
-            elif s.feed.get(s.segment_index) is not None:
-                self._resume(s)
-            elif s.feed.exhausted(s.segment_index):
-                if s.metrics.frames == 0:
-                    s.error = EmptyOutputError(s.retries + 1)
-                events.append(self._finish(s, torch.zeros(0), s.end_reason or "end of text"))
+        for s in streams:
+            k = kept[s.slot]
+            try:
+                events.append(self.life.after_chunk(
+                    s, host_codes[s.slot, :k], audio[s.slot][:k * FRAME_SAMPLES],
+                    end_frame=valid[s.slot] < n, clock=(now - t0, now)))
+            except Exception as e:  # one stream's own trouble (its text, its guard): it alone ends
+                log.warning("stream %d failed: %s", s.id, e)
+                events.append(self.life.fail(s, e))
+        if n == self.config.chunk_frames:  # a first chunk or one cut for a newcomer is mostly
+            # Mimi's fixed cost per call: its slack would starve the newcomers that shortened it
+            self.chunk_s = time.perf_counter() - t0
+            self.chunk_slack_s = n * FRAME_MS / 1000 - self.chunk_s
         return events
 
-    def _chunk(self, streams: list[Stream]) -> list[ChunkEvent]:
-        t0 = time.perf_counter()
+    def _run_frames(self, streams: list[Stream]) -> tuple[int, list[int]]:
+        """The chunk's frame steps for the bucket covering the streams' slots -> (frames run,
+        each slot's frames before its end of speech). A first chunk is short (first audio
+        soon); a chunk ends early, after a first chunk's frames, when a newcomer waits."""
         cfg, st = self.config, self.state
         n = (cfg.first_chunk_frames if any(s.metrics.chunks == 0 for s in streams)
              else cfg.chunk_frames)
@@ -322,108 +312,10 @@ class StreamEngine:
                 if cfg.first_chunk_frames <= f + 1 < n and self._arrived.is_set():
                     n = f + 1  # someone new waits (a host flag, no sync): end the chunk here
                     break
-            valid = st.valid.tolist()  # the one sync of the chunk
+            return n, st.valid.tolist()  # the one sync of the chunk
         except BaseException:
             st.restore(saved)  # e.g. out of memory at frame f: no stream loses frames 0..f-1
             raise
-        t_model = time.perf_counter()
-        step_s = (t_model - t0) / n
-        self.frame_step_s = (
-            step_s if not self.frame_step_s else 0.8 * self.frame_step_s + 0.2 * step_s
-        )
-        kept = {s.slot: min(valid[s.slot], s.segment_limit - s.segment_frames, s.frames_left)
-                for s in streams}
-        audio = self._decode(st.codes[:, :n], kept)
-        for s in streams:  # shared by the batch: each stream sees the whole step's cost
-            s.metrics.add_stage("model", t_model - t0)
-            s.metrics.add_stage("mimi", time.perf_counter() - t_model)
-        host_codes = st.codes[:, :n].to("cpu", copy=True)
-        now = time.perf_counter()
-        events = []
-        for s in streams:
-            k = kept[s.slot]
-            try:
-                out, runaway = self._record(s, host_codes[s.slot, :k],
-                                            audio[s.slot][:k * FRAME_SAMPLES], now - t0, now, n)
-                events.append(self._advance(s, out, runaway, end_frame=valid[s.slot] < n))
-            except Exception as e:  # one stream's own trouble (its text, its guard): it alone ends
-                log.warning("stream %d failed: %s", s.id, e)
-                events.append(self._fail(s, e))
-        if n == cfg.chunk_frames:  # a first chunk or one cut for a newcomer is mostly Mimi's
-            # fixed cost per call: its slack would starve the very newcomers that shortened it
-            self.chunk_s = time.perf_counter() - t0
-            self.chunk_slack_s = n * FRAME_MS / 1000 - self.chunk_s
-        return events
-
-    def _record(self, s: Stream, codes: torch.Tensor, audio: torch.Tensor, gen_s: float,
-                now: float, stepped: int):
-        """A chunk's frames of one stream: its codes, metrics and runaway guard."""
-        out, runaway = s.guard.feed(codes, audio)
-        s.codes.append(codes)
-        s.segment_codes.append(codes)
-        k = codes.shape[0]
-        s.segment_frames += k
-        s.kept_frames += k
-        s.frames_left -= k
-        s.metrics.record_chunk(k, FRAME_MS, gen_s, now)
-        s.metrics.peak_memory_mb = peak_memory_mb(self.device)
-        return out, runaway
-
-    def _advance(self, s: Stream, out: torch.Tensor, runaway: str | None,
-                 end_frame: bool) -> ChunkEvent:
-        """What happens to a stream after its chunk: it goes on, takes its next segment, waits
-        for more text, retries an empty output, or finishes."""
-        m = s.metrics
-        if runaway:
-            m.events.append(Event(RUNAWAY_STOP, f"stopped early: {runaway}"))
-            log.info("stream %d stopped early: %s", s.id, runaway)
-            return self._finish(s, out, f"runaway: {runaway}")
-        if not (end_frame or s.segment_frames >= s.segment_limit or s.frames_left <= 0):
-            return ChunkEvent(s, out, False)
-        s.end_reason = ("end of speech" if end_frame else "max_audio_length_ms reached"
-                        if s.frames_left <= 0 else
-                        "segment frame limit reached (a sentence that did not end)")
-        s.segment_ends.append(s.kept_frames)
-        if s.frames_left > 0 and not s.feed.exhausted(s.segment_index + 1):
-            seg = torch.cat(s.segment_codes)
-            t, tm = self.gen.tokenize_text(s.segment_text, s.request.speaker)
-            a, am = audio_rows(seg)
-            s.history.append((torch.cat([t, a]), torch.cat([tm, am])))
-            s.segment_index += 1
-            self._park(s.slot)
-            s.state = "waiting"
-            m.segments = max(m.segments, s.segment_index + 1)
-            if s.feed.get(s.segment_index) is not None:
-                self._resume(s)
-            return ChunkEvent(s, out, False)
-        if m.frames == 0 and s.retries < MAX_EMPTY_RETRIES and s.feed.closed:
-            self._retry_empty(s)
-            return ChunkEvent(s, out, False)
-        if m.frames == 0:
-            s.error = EmptyOutputError(s.retries + 1)
-        return self._finish(s, out, s.end_reason)
-
-    def _resume(self, s: Stream):
-        self.prompts.start(s, front=s.kept_frames > 0)  # before new admissions: it is playing
-
-    def _retry_empty(self, s: Stream):
-        """The stream ended before any audio: try again, cooler and narrower, a few times."""
-        s.retries += 1
-        s.request, text = retry_request(s.request, s.retries)
-        s.frames_left = s.request.max_frames
-        s.segment_index, s.history, s.kept_frames, s.prompt_end = 0, [], 0, 0
-        s.segment_ends.clear()
-        log.warning(text)
-        s.metrics.events.append(Event(EMPTY_RETRY, text))
-        self._park(s.slot)
-        self._set_sampling(s)
-        self.prompts.start(s, front=True)
-
-    def _finish(self, s: Stream, out: torch.Tensor, reason: str) -> ChunkEvent:
-        s.metrics.stop_reason = reason
-        out = s.guard.end(out)
-        self._release(s)
-        return ChunkEvent(s, out, True, s.error)
 
     def _decode(self, codes: torch.Tensor, kept: dict[int, int]) -> list[torch.Tensor]:
         """Mimi-decode the chunk in its streaming state -> per-slot CPU audio (decode_chunk)."""
