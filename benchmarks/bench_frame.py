@@ -2,13 +2,16 @@
 
     .venv/bin/python benchmarks/bench_frame.py [--device auto] [--frames 5] [--dtypes bf16,fp32]
 
-For each dtype: (a) the floor, weight bytes read per frame over the memory bandwidth measured in
-the same run; (b) our engine's frame step (static caches, no host sync); (c) the plain per-frame
-loop of the reference Generator, which has the original release's structure (tokens grown with
+For each dtype: (a) the floor, the time one frame's weight reads take at the bandwidths measured
+in the same run: DRAM for what is read once a frame, the last-level cache for the depth
+decoder's 30 re-reads where one step's weights fit in the cache this machine lets us use
+(common.frame_floor; a step that beats it is reported as a defect of the probes); (b) our
+engine's frame step (static caches, no host sync); (c) the plain per-frame loop of the
+reference Generator, which has the original release's structure (tokens grown with
 torch.cat, one backbone call over the new positions, 31 depth-decoder calls), (b) and (c)
-taking turns so that their ratio comes from the same minutes; (d) with
---compile, our step compiled (on a CPU: inductor's own matrix kernels over frozen weights),
-beside the eager one. Prints a table and saves benchmarks/results/frame_<device>.json.
+taking turns so that their ratio comes from the same minutes; (d) with --compile, our step
+compiled (on a CPU: inductor's own matrix kernels over frozen weights), beside the eager one.
+Prints a table and saves benchmarks/results/frame_<device>.json.
 """
 
 from __future__ import annotations
@@ -22,7 +25,11 @@ from common import (
     add_isa_argument,
     add_model_argument,
     apply_isa,
+    bandwidth_fields,
+    bandwidth_line,
     device_name,
+    floor_check,
+    frame_floor,
     memory_bandwidth,
     print_table,
     running_engine,
@@ -36,16 +43,16 @@ from csm_streaming.options import HelpFormatter
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
-def bench_dtype(name: str, device: torch.device, frames: int, model_name: str, bandwidth: float,
+def bench_dtype(name: str, device: torch.device, frames: int, model_name: str, probe: dict,
                 compile_: bool) -> list[dict]:
     """The eager step's row and, with compile_, the compiled step's beside it (same weights,
     same run; its speed as a ratio to the eager one)."""
     from csm_streaming.model.checkpoints import load_model_and_tokenizer
 
     model, tok, _ = load_model_and_tokenizer(model_name, device, DTYPES[name])
-    rows = [bench_model(name, model, tok, device, frames, bandwidth, False)]
+    rows = [bench_model(name, model, tok, device, frames, probe, False)]
     if compile_:
-        row = bench_model(name, model, tok, device, frames, bandwidth, True, plain_loop=False)
+        row = bench_model(name, model, tok, device, frames, probe, True, plain_loop=False)
         row["plain_ms"] = rows[0]["plain_ms"]
         row["plain_over_ours"] = row["plain_ms"] / row["ours_ms"]
         row["speed_vs_eager"] = rows[0]["ours_ms"] / row["ours_ms"]
@@ -53,7 +60,7 @@ def bench_dtype(name: str, device: torch.device, frames: int, model_name: str, b
     return rows
 
 
-def bench_model(name: str, model, tok, device: torch.device, frames: int, bandwidth: float,
+def bench_model(name: str, model, tok, device: torch.device, frames: int, probe: dict,
                 compile_: bool, plain_loop: bool = True) -> dict:
     """One model's frame step beside its floor and the plain loop's, the two taking turns
     (unless plain_loop=False): each round times the plain loop over 1 and over frames + 1
@@ -70,10 +77,8 @@ def bench_model(name: str, model, tok, device: torch.device, frames: int, bandwi
     restore_linears(model)  # plain weights again if an earlier engine swapped in CPU kernels
     mimi = load_mimi("random", device)
     gen = Generator(model, tok, mimi)
-    bytes_per_frame = weight_bytes_per_frame(model)
-    floor = bytes_per_frame / bandwidth
-
-    row = {"dtype": name, "weight_gb_per_frame": bytes_per_frame / 1e9, "floor_ms": floor * 1e3}
+    floor = frame_floor(model, probe)
+    row = {"dtype": name, "weight_gb_per_frame": weight_bytes_per_frame(model) / 1e9, **floor}
     plain = None
     if plain_loop:
         shared = not (device.type == "cpu" and cpu_kernel_applies(model))
@@ -101,14 +106,14 @@ def bench_model(name: str, model, tok, device: torch.device, frames: int, bandwi
     del engine, plain
     ours_best = min(ours)
     row.update({"ours_ms": ours_best, "ours_median_ms": spread(ours)["median"],
-                "ours_spread_ms": spread(ours), "ours_over_floor": ours_best / (floor * 1e3),
+                "ours_spread_ms": spread(ours), "ours_over_floor": ours_best / floor["floor_ms"],
                 "ours_rtf": ours_best / 80, "compiled": compile_})
     if plain_ms:
         row.update({"plain_ms": min(plain_ms), "plain_runs_ms": plain_ms,
                     "plain_over_ours": min(plain_ms) / ours_best,
                     "timing": "in turns: plain loop, then our steps, twice"})
     gc.collect()
-    return row
+    return floor_check(row)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,16 +141,14 @@ def main(argv=None):
     device = pick_device(args.device)
     torch.set_grad_enabled(False)
     probe = memory_bandwidth(device)
-    bw = probe["best"]
-    print(f"device: {device_name(device)}; read bandwidth {bw / 1e9:.1f} GB/s "
-          f"(probes: {', '.join(f'{k} {v:.1f}' for k, v in probe['probes_gb_s'].items())} GB/s)")
+    print(f"device: {device_name(device)}; {bandwidth_line(probe)}")
     rows = [row for d in args.dtypes.split(",")
-            for row in bench_dtype(d, device, args.frames, args.model, bw, args.compile)]
-    print_table(rows, ["dtype", "compiled", "weight_gb_per_frame", "floor_ms", "ours_ms",
+            for row in bench_dtype(d, device, args.frames, args.model, probe, args.compile)]
+    print_table(rows, ["dtype", "compiled", "weight_gb_per_frame", "depth_step_mb",
+                       "depth_step_in_cache", "floor_ms", "ours_ms",
                        "plain_ms", "ours_over_floor", "plain_over_ours", "speed_vs_eager",
                        "ours_rtf", "cpu_kernel"])
-    save_json("frame", device, {"model": args.model, "bandwidth_gb_s": bw / 1e9,
-                                "bandwidth_probes_gb_s": probe["probes_gb_s"],
+    save_json("frame", device, {"model": args.model, **bandwidth_fields(probe),
                                 "frames": args.frames, "rows": rows}, args.out_dir)
 
 

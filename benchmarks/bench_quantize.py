@@ -30,6 +30,8 @@ from common import (
     add_isa_argument,
     add_model_argument,
     apply_isa,
+    bandwidth_fields,
+    bandwidth_line,
     device_name,
     memory_bandwidth,
     print_table,
@@ -121,18 +123,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def timed_in_turns(models: dict, tok, device: torch.device, frames: int, bandwidth: float
+def timed_in_turns(models: dict, tok, device: torch.device, frames: int, probe: dict
                    ) -> dict[str, dict]:
     """Each model's frame step (one stream, our engine) beside the floor of its own weight
     bytes. The models take turns frame by frame, so a slow moment of the machine falls on all
     of them alike: their ratios are read from the same minutes."""
-    from common import ms_in_turns, running_engine, spread, weight_bytes_per_frame
+    from common import (
+        floor_check,
+        frame_floor,
+        ms_in_turns,
+        running_engine,
+        spread,
+        weight_bytes_per_frame,
+    )
     from csm_streaming.engine.reference import Generator
     from csm_streaming.model.checkpoints import load_mimi
 
     steps = {}
     # bytes of the plain layers, before an engine swaps in the CPU's packed ones
     frame_bytes = {mode: weight_bytes_per_frame(model) for mode, model in models.items()}
+    floors = {mode: frame_floor(model, probe) for mode, model in models.items()}
     for mode, model in models.items():
         engine = running_engine(Generator(model, tok, load_mimi("random", device)), 1,
                                 compile_=mode.endswith(COMPILED))
@@ -141,14 +151,15 @@ def timed_in_turns(models: dict, tok, device: torch.device, frames: int, bandwid
     times = ms_in_turns({mode: step for mode, (_, step) in steps.items()}, device, frames)
     rows = {}
     for mode, (engine, _) in steps.items():
-        floor = frame_bytes[mode] / bandwidth * 1e3
+        floor = floors[mode]["floor_ms"]
         best = min(times[mode])
         rows[mode] = {"dtype": mode, "compiled": engine.compiled is not None,
-                      "weight_gb_per_frame": frame_bytes[mode] / 1e9,
-                      "floor_ms": floor, "cpu_kernel": engine.cpu_kernel, "ours_ms": best,
+                      "weight_gb_per_frame": frame_bytes[mode] / 1e9, **floors[mode],
+                      "cpu_kernel": engine.cpu_kernel, "ours_ms": best,
                       "ours_median_ms": spread(times[mode])["median"],
                       "ours_spread_ms": spread(times[mode]), "ours_over_floor": best / floor,
                       "ours_rtf": best / 80}
+        floor_check(rows[mode])
         engine.cancel(engine.active[0])
     return rows
 
@@ -165,8 +176,7 @@ def main(argv=None):
              if m in ("fp32", "bf16") or not check_mode(m.removesuffix(COMPILED), device)]
     torch.set_grad_enabled(False)
     probe = memory_bandwidth(device)
-    bw = probe["best"]
-    print(f"device: {device_name(device)}; read bandwidth {bw / 1e9:.1f} GB/s")
+    print(f"device: {device_name(device)}; {bandwidth_line(probe)}")
     master, tok, _ = load_model_and_tokenizer(args.model, torch.device("cpu"), torch.float32)
     reference = variant(master, "bf16", device)
     ref_logits, codes = frame_logits(reference, tok, args.quality_frames)
@@ -187,7 +197,7 @@ def main(argv=None):
               flush=True)
     del master
     gc.collect()
-    timed = timed_in_turns(models, tok, device, args.frames, bw)
+    timed = timed_in_turns(models, tok, device, args.frames, probe)
     rows = []
     for mode in modes:
         row = timed[mode]
@@ -203,7 +213,7 @@ def main(argv=None):
                        "ours_median_ms", "ours_over_floor", "speed_vs_" + base["dtype"],
                        "median_speed_vs_" + base["dtype"], "kl_mean", "kl_max_codebook",
                        "top1_mean", "top1_min_codebook"])
-    save_json("quantize", device, {"model": args.model, "bandwidth_gb_s": bw / 1e9,
+    save_json("quantize", device, {"model": args.model, **bandwidth_fields(probe),
                                    "reference": "bf16", "quality_frames": args.quality_frames,
                                    "frames": args.frames, "timing": "in turns, frame by frame",
                                    "rows": rows}, args.out_dir)

@@ -22,7 +22,10 @@ import torch
 
 from common import (
     add_model_argument,
+    bandwidth_fields,
+    bandwidth_line,
     device_name,
+    frame_floor,
     memory_bandwidth,
     ms_in_turns,
     plural,
@@ -31,7 +34,6 @@ from common import (
     spread,
     summarise,
     sync,
-    weight_bytes_per_frame,
 )
 from csm_streaming.options import HelpFormatter
 
@@ -216,15 +218,15 @@ def main(argv=None):
     torch.set_grad_enabled(False)
     device = pick_device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
-    bw = memory_bandwidth(device)["best"]
+    probe = memory_bandwidth(device)
     model, tok, _ = load_model_and_tokenizer(args.model, device, dtype)
     if args.quantize:
         from csm_streaming.model.quantize import quantize_model
 
         quantize_model(model, args.quantize)
     gen = Generator(model, tok, load_mimi("random", device))
-    floor_ms = weight_bytes_per_frame(model) / bw * 1e3
-    print(f"device: {device_name(device)}; floor {floor_ms:.1f} ms/frame at {bw / 1e9:.1f} GB/s")
+    floor_ms = frame_floor(model, probe)["floor_ms"]
+    print(f"device: {device_name(device)}; floor {floor_ms:.1f} ms/frame; {bandwidth_line(probe)}")
     rows = []
     if not args.steps_only:
         plain = plain_row(gen, device, args.frames)
@@ -242,6 +244,7 @@ def main(argv=None):
                                            "dtype": str(next(model.parameters()).dtype),
                                            "quantize": args.quantize,
                                            "frames": args.frames, "floor_ms_per_frame": floor_ms,
+                                           **bandwidth_fields(probe),
                                            "max_seq_len": args.max_seq_len,
                                            "rows": rows}, args.out_dir)
     if not args.steps_only:

@@ -82,26 +82,129 @@ def apply_isa(isa: str):
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **ISA_CAPS[isa]})
 
 
-def memory_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 5) -> dict:
-    """Read bandwidth (bytes/s) of two probes over ~1 GiB of fp32, best of `repeats` each: a sum
-    (a pure stream read) and a matrix-vector product (the access pattern of a frame step). The
-    floor uses the faster one: the best this device is seen to read."""
-    n = int((gib * 2**30 / 4) ** 0.5)
-    w = torch.ones(n, n, device=device)
-    v = torch.ones(n, device=device)
+def cache_levels() -> dict[str, int]:
+    """The CPU's data caches as the kernel lists them (sysfs): {"L1": bytes, "L2": ..., "L3":
+    ...} for one core's view (an L3 is shared by the cores listed with it)."""
+    found = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            kind = (index / "type").read_text().strip()
+            level = (index / "level").read_text().strip()
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        if kind != "Instruction":
+            units = {"K": 2**10, "M": 2**20, "G": 2**30}
+            found[f"L{level}"] = int(size.rstrip("KMG")) * units.get(size[-1], 1)
+    return found
 
-    def best(fn):
-        t_best = float("inf")
-        for _ in range(repeats + 1):
-            sync(device)
-            t = time.perf_counter()
+
+def last_level_cache(device: torch.device) -> int:
+    """Bytes of the last cache level a frame step can keep weights in: a CPU's L3 (or its last
+    level), a GPU's L2; 0 where unknown."""
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0))
+    if device.type == "cpu":
+        levels = cache_levels()
+        return levels[max(levels)] if levels else 0
+    return 0
+
+
+def _read_rate(device: torch.device, nbytes: int, repeats: int, op: str = "gemv") -> float:
+    """Bytes/s of reading an fp32 matrix of ~nbytes, best of `repeats`: a matrix-vector product
+    ("gemv": a frame step's access pattern) or a sum (a pure stream read). Small matrices are
+    read several times per timing (each read from wherever it stays)."""
+    n = max(64, int((nbytes / 4) ** 0.5))
+    w, v = torch.ones(n, n, device=device), torch.ones(n, device=device)
+    fn = (lambda: w @ v) if op == "gemv" else (lambda: w.sum())
+    reads = max(1, (256 << 20) // (n * n * 4))  # ~256 MB a timing: long enough to time
+    t_best = float("inf")
+    for _ in range(repeats + 1):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(reads):
             fn()
-            sync(device)
-            t_best = min(t_best, time.perf_counter() - t)
-        return w.numel() * 4 / t_best
+        sync(device)
+        t_best = min(t_best, time.perf_counter() - t)
+    return w.numel() * 4 * reads / t_best
 
-    probes = {"sum": best(lambda: w.sum()), "gemv": best(lambda: w @ v)}
-    return {"probes_gb_s": {k: b / 1e9 for k, b in probes.items()}, "best": max(probes.values())}
+
+def memory_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 5) -> dict:
+    """Read bandwidth, DRAM and cache apart, best of `repeats` each (bytes/s).
+
+    DRAM: a sum (a pure stream read) and a matrix-vector product (a frame step's access
+    pattern) over ~1 GiB, at least 8x the last-level cache: "best" (= "dram"), the faster.
+    Cache: the product over matrices of 1/8 .. 2x the last-level cache, read again and again:
+    the rate at 1/4 of it is "cache" (well inside it), and "usable_cache_bytes" the largest
+    size still read at >= 1.5x the product's DRAM rate: what a step can keep in cache on this
+    machine (a virtual machine's share of a shared L3 may be smaller than the L3)."""
+    llc = last_level_cache(device)
+    big = max(int(gib * 2**30), 8 * llc)
+    probes = {op: _read_rate(device, big, repeats, op) for op in ("sum", "gemv")}
+    dram = max(probes.values())
+    curve = {size: _read_rate(device, size, repeats) for size in
+             ([llc // 8, llc // 4, llc // 2, llc, 2 * llc] if llc else [])}
+    usable = max((size for size, rate in curve.items() if rate >= 1.5 * probes["gemv"]),
+                 default=0)
+    return {"probes_gb_s": {k: b / 1e9 for k, b in probes.items()}, "best": dram,
+            "dram": dram, "cache": curve.get(llc // 4, dram), "llc_bytes": llc,
+            "usable_cache_bytes": usable,
+            "cache_curve_gb_s": {f"{size / 2**20:g} MiB": rate / 1e9
+                                 for size, rate in curve.items()}}
+
+
+def frame_floor(model, probe: dict) -> dict:
+    """The least time one frame's weight reads can take on this machine (one stream), in all
+    and per part: the backbone, the codebook-0 head and the 31 audio heads are read once a
+    frame, from DRAM (the backbone, streaming through the cache, evicts it); the depth decoder
+    and the projection are read 31 times: from DRAM once, then from cache 30 times where one
+    step's weights fit in the cache measured usable (`memory_bandwidth`), else from DRAM every
+    time."""
+    parts = weight_bytes_by_part(model)
+    steps = model.args.audio_num_codebooks - 1
+    per_step = (parts["depth decoder"] + parts["projection"]) / steps
+    fits = 0 < per_step <= probe.get("usable_cache_bytes", 0)
+    dram, cache = probe.get("dram", probe["best"]), probe.get("cache", probe["best"])
+
+    def seconds(part: str) -> float:
+        if fits and part in ("depth decoder", "projection"):
+            return parts[part] / steps / dram + parts[part] * (steps - 1) / steps / cache
+        return parts[part] / dram
+
+    per_part = {part: seconds(part) * 1e3 for part in parts}
+    cache_bytes = (steps - 1) * per_step if fits else 0
+    return {"floor_ms": sum(per_part.values()), "parts_floor_ms": per_part,
+            "dram_gb_per_frame": (sum(parts.values()) - cache_bytes) / 1e9,
+            "cache_gb_per_frame": cache_bytes / 1e9, "depth_step_mb": per_step / 1e6,
+            "depth_step_in_cache": fits}
+
+
+def bandwidth_line(probe: dict) -> str:
+    """The probe in one line: DRAM, the cache well inside it, how much of the cache is usable."""
+    llc = probe.get("llc_bytes", 0)
+    cache = (f"; cache {probe['cache'] / 1e9:.1f} GB/s (last level {llc / 2**20:g} MiB, "
+             f"{probe['usable_cache_bytes'] / 2**20:g} MiB read >= 1.5x DRAM)" if llc else "")
+    return (f"DRAM read {probe['dram'] / 1e9:.1f} GB/s (probes: "
+            f"{', '.join(f'{k} {v:.1f}' for k, v in probe['probes_gb_s'].items())}){cache}")
+
+
+def bandwidth_fields(probe: dict) -> dict:
+    """The probe as a result file keeps it."""
+    return {"bandwidth_gb_s": probe["dram"] / 1e9, "bandwidth_probes_gb_s": probe["probes_gb_s"],
+            "cache_gb_s": probe["cache"] / 1e9, "llc_bytes": probe["llc_bytes"],
+            "usable_cache_bytes": probe["usable_cache_bytes"],
+            "cache_curve_gb_s": probe["cache_curve_gb_s"]}
+
+
+def floor_check(row: dict) -> dict:
+    """The row's step against its floor: a step faster than the floor means the probes read
+    less than the step does, so the floor is wrong here: reported as a defect, not a result."""
+    if row["ours_ms"] < row["floor_ms"]:
+        row["floor_defect"] = (f"the step ({row['ours_ms']:.1f} ms) beat its floor "
+                               f"({row['floor_ms']:.1f} ms): the bandwidth probes read slower "
+                               "than the step does, so this floor is wrong on this machine")
+        print(f"DEFECT ({row['dtype']}): {row['floor_defect']}")
+    return row
 
 
 def weight_bytes_by_part(model) -> dict[str, int]:

@@ -7,11 +7,13 @@ by part: the backbone step, the depth decoder's 31 steps, the projection into it
 head, the 31 audio heads, the sampler, and the rest (embeddings, the engine's own work). Within
 each part: the matrix products (with the weight bytes they read and the speed they read them
 at), attention, and the other small ops (norms, RoPE, cache writes...), as self times, so
-nothing is counted twice. Each part's floor is its weight bytes over the memory bandwidth
-measured in the same run. The profiler adds its own time per op: the step timed without it is
-reported beside the total, and the profiled step's time outside any op (Python between ops
-and the profiler's own work) as "between ops" (its share is of the ops' total). Prints a table
-and saves benchmarks/results/profile_<mode>_<device>.json.
+nothing is counted twice. Each part's floor is its weight bytes over the bandwidth measured
+in the same run: DRAM, and for the depth decoder and the projection the cache's for the 30
+reads after the first where one step's weights fit in it (common.frame_floor). The profiler
+adds its own time per op: the step timed without it is reported beside the total, and the
+profiled step's time outside any op (Python between ops and the profiler's own work) as
+"between ops" (its share is of the ops' total). Prints a table and saves
+benchmarks/results/profile_<mode>_<device>.json.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ import torch
 
 from common import (
     add_model_argument,
+    bandwidth_fields,
+    bandwidth_line,
     device_name,
+    frame_floor,
     memory_bandwidth,
     print_table,
     running_engine,
@@ -121,12 +126,13 @@ def split_events(events, frames: int) -> dict[str, dict]:
 
 
 def profile(model, tok, device: torch.device, streams: int, frames: int,
-            bandwidth: float) -> dict:
+            probe: dict) -> dict:
     from csm_streaming.engine.reference import Generator
     from csm_streaming.model.checkpoints import load_mimi
 
     # before the engine swaps in CPU kernels (packed buffers), in PARTS' order, then the rest
     nbytes = {**weight_bytes_by_part(model), "sampler": 0, OTHER: 0}
+    floors = frame_floor(model, probe)
     engine = running_engine(Generator(model, tok, load_mimi("random", device)), streams)
     step = engine.step_fn(streams)
     wall = time_calls(step, device, frames, warmup=1)
@@ -147,11 +153,11 @@ def profile(model, tok, device: torch.device, streams: int, frames: int,
         rows.append({"part": name, "ms": total, **p, "weight_gb": gb,
                      "products_gb_s": gb / (p["products_ms"] / 1e3) if gb and p["products_ms"]
                      else None,
-                     "floor_ms": nbytes[name] / bandwidth * 1e3 if gb else None})
+                     "floor_ms": floors["parts_floor_ms"].get(name) if gb else None})
     profiled = sum(r["ms"] for r in rows)
     for r in rows:
         r["share"] = r["ms"] / profiled
-    floor = sum(nbytes.values()) / bandwidth * 1e3
+    floor = floors["floor_ms"]
     summary = {"part": "frame step", "ms": profiled,
                **{k: sum(r[k] for r in rows)
                   for k in ("products_ms", "attention_ms", "other_ms", "product_calls",
@@ -160,7 +166,8 @@ def profile(model, tok, device: torch.device, streams: int, frames: int,
     untracked = {"part": "between ops", "ms": profiled_wall * 1e3 - profiled,
                  "share": profiled_wall * 1e3 / profiled - 1}
     return {"rows": [*rows, summary, untracked], "wall_ms": min(wall) * 1e3,
-            "wall_over_floor": min(wall) * 1e3 / floor, "cpu_kernel": engine.cpu_kernel}
+            "wall_over_floor": min(wall) * 1e3 / floor, "cpu_kernel": engine.cpu_kernel,
+            "floor": floors}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,13 +192,13 @@ def main(argv=None):
 
     device = pick_device(args.device)
     torch.set_grad_enabled(False)
-    bw = memory_bandwidth(device)["best"]
-    print(f"device: {device_name(device)}; read bandwidth {bw / 1e9:.1f} GB/s")
+    probe = memory_bandwidth(device)
+    print(f"device: {device_name(device)}; {bandwidth_line(probe)}")
     master, tok, _ = load_model_and_tokenizer(args.model, torch.device("cpu"), torch.float32)
     model = variant(master, args.mode, device)
     del master
     gc.collect()
-    result = profile(model, tok, device, args.streams, args.frames, bw)
+    result = profile(model, tok, device, args.streams, args.frames, probe)
     print_table(result["rows"], ["part", "ms", "share", "products_ms", "product_calls",
                                  "attention_ms", "other_ms", "weight_gb", "products_gb_s",
                                  "floor_ms"])
@@ -199,7 +206,7 @@ def main(argv=None):
           f"({result['wall_over_floor']:.2f}x its floor; kernel {result['cpu_kernel']})")
     save_json(f"profile_{args.mode}", device,
               {"model": args.model, "mode": args.mode, "streams": args.streams,
-               "frames": args.frames, "bandwidth_gb_s": bw / 1e9, **result}, args.out_dir)
+               "frames": args.frames, **bandwidth_fields(probe), **result}, args.out_dir)
 
 
 if __name__ == "__main__":

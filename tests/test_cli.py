@@ -232,9 +232,13 @@ def test_the_frame_profile_finds_every_product_of_every_part_and_undoes_its_labe
     prof = _tool_module("benchmarks/profile_frame.py")
     model, sampler = own_generator.model, csm_module.sample_topk
     frame_bytes = importlib.import_module("common").weight_bytes_per_frame(model)  # bench_frame's
+    probe = {"dram": 40e9, "best": 40e9, "cache": 160e9, "usable_cache_bytes": 2**40}
     result = prof.profile(model, own_generator.text_tokenizer, torch.device("cpu"), streams=2,
-                          frames=2, bandwidth=40e9)
+                          frames=2, probe=probe)
     rows = {r["part"]: r for r in result["rows"]}
+    # each part's floor as frame_floor reads it: the depth decoder 30 of 31 times from cache
+    assert rows["backbone"]["floor_ms"] == pytest.approx(rows["backbone"]["weight_gb"] / 40 * 1e3)
+    assert rows["depth decoder"]["floor_ms"] < rows["depth decoder"]["weight_gb"] / 40 * 1e3 / 3
     steps, args = model.args.audio_num_codebooks - 1, model.args
     assert rows["backbone"]["product_calls"] == 4 * args.backbone.num_layers
     assert rows["depth decoder"]["product_calls"] == 4 * args.decoder.num_layers * steps
@@ -245,6 +249,45 @@ def test_the_frame_profile_finds_every_product_of_every_part_and_undoes_its_labe
     assert rows["frame step"]["weight_gb"] * 1e9 == pytest.approx(frame_bytes)
     assert "audio_logits" not in vars(model) and csm_module.sample_topk is sampler
     assert not model.backbone._forward_hooks and not model.decoder._forward_pre_hooks
+
+
+def test_the_floor_reads_the_depth_decoder_from_cache_only_where_one_step_fits(own_generator):
+    """common.frame_floor: what is read once a frame comes from DRAM; the depth decoder and the
+    projection (31 reads) from DRAM once and from cache 30 times where one step's weights fit
+    in the usable cache, else from DRAM every time. A step faster than its floor is a defect."""
+    common = importlib.import_module("common")
+    model = own_generator.model
+    parts = common.weight_bytes_by_part(model)
+    repeated = parts["depth decoder"] + parts["projection"]
+    once, step = sum(parts.values()) - repeated, repeated / 31
+    probe = {"dram": 10e9, "best": 10e9, "cache": 50e9, "usable_cache_bytes": int(step) + 1}
+    fits = common.frame_floor(model, probe)
+    assert fits["depth_step_in_cache"] and fits["floor_ms"] == pytest.approx(
+        ((once + step) / 10e9 + 30 * step / 50e9) * 1e3)
+    assert sum(fits["parts_floor_ms"].values()) == pytest.approx(fits["floor_ms"])
+    too_big = common.frame_floor(model, {**probe, "usable_cache_bytes": int(step) - 1})
+    assert not too_big["depth_step_in_cache"]
+    assert too_big["floor_ms"] == pytest.approx(sum(parts.values()) / 10e9 * 1e3)
+    assert common.floor_check({"dtype": "x", "ours_ms": 2 * fits["floor_ms"], **fits}
+                              ).get("floor_defect") is None
+    beat = common.floor_check({"dtype": "x", "ours_ms": fits["floor_ms"] / 2, **fits})
+    assert "floor is wrong" in beat["floor_defect"]
+
+
+def test_the_bandwidth_probe_tells_dram_from_cache():
+    """The cache size it calls usable is one its probe read at >= 1.5x the product's DRAM rate
+    (what the choice guarantees; which size that is depends on this machine)."""
+    common = importlib.import_module("common")
+    probe = common.memory_bandwidth(torch.device("cpu"), gib=0.25, repeats=1)
+    assert probe["dram"] == probe["best"] == max(probe["probes_gb_s"].values()) * 1e9
+    if probe["llc_bytes"]:
+        assert len(probe["cache_curve_gb_s"]) == 5
+        usable = probe["usable_cache_bytes"]
+        if usable:
+            rate = probe["cache_curve_gb_s"][f"{usable / 2**20:g} MiB"]
+            assert rate >= 1.5 * probe["probes_gb_s"]["gemv"]
+        assert probe["cache"] / 1e9 == probe["cache_curve_gb_s"][
+            f"{probe['llc_bytes'] // 4 / 2**20:g} MiB"]
 
 
 def test_without_output_or_playback_the_audio_goes_to_a_default_file(tmp_path):

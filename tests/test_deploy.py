@@ -173,14 +173,15 @@ def test_the_quality_check_says_what_it_cannot_measure_and_goes_on(hf_checkpoint
 
 
 def fake_results(out: Path, first_audio_ms=400.0, over_floor=10.0, with_streaming=True,
-                 quality=None, top1=0.95):
+                 quality=None, top1=0.95, floor_defect=None):
     """Result files as the benchmarks write them, with chosen figures."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text("# report\n")
     dev = {"device": "test CPU"}
     spread = {"min": 5.0, "median": 6.0, "max": 9.0, "n": 3}
     (out / "frame_x.json").write_text(json.dumps({**dev, "rows": [  # bf16 faster, fp32 default
-        {"dtype": "bf16", "ours_over_floor": over_floor / 5, "ours_ms": 1.0},
+        {"dtype": "bf16", "ours_over_floor": over_floor / 5, "ours_ms": 1.0,
+         **({"floor_defect": floor_defect} if floor_defect else {})},
         {"dtype": "fp32", "ours_over_floor": over_floor, "ours_ms": 5.0, "ours_median_ms": 6.0,
          "ours_spread_ms": spread}]}))
     if with_streaming:
@@ -253,6 +254,11 @@ def test_on_a_gpu_the_gpu_bounds_and_tests_count(monkeypatch, tmp_path):
                                     top1=0.85)
     assert goals["int8_top1"]["verdict"] == "NOT MET"  # forced to miss
     assert goals["gpu_tests"]["verdict"] == "not measured" and code == 1
+    code, goals, said = run_acceptance(monkeypatch, tmp_path / "defect", device="cuda",
+                                       model="random:csm-1b", over_floor=0.8,
+                                       floor_defect="the step beat its floor")
+    assert goals["step_over_floor"]["verdict"] == "not measured" and code == 1  # not "met"
+    assert "the step beat its floor" in goals["step_over_floor"]["summary"]
 
 
 def test_quality_on_real_weights_has_bounds_and_a_crash_is_a_failure(monkeypatch, tmp_path):

@@ -45,6 +45,8 @@ def contradictions(frame: dict | None, streaming: dict | None, wm: dict | None,
             found.append(f"{more['name']} make fewer frames per second than {fewer['name']} "
                          f"({more['aggregate_frames_per_s']:.1f} vs "
                          f"{fewer['aggregate_frames_per_s']:.1f}): batching should never lose")
+    found += [f"{r['dtype']}: {r['floor_defect']}" for r in (frame or {}).get("rows", [])
+              if r.get("floor_defect")]
     steps = {r["dtype"]: r["ours_ms"] for r in (frame or {}).get("rows", [])}
     if "fp32" in steps and "bf16" in steps:
         ratio = steps["fp32"] / steps["bf16"]
@@ -70,6 +72,23 @@ def contradictions(frame: dict | None, streaming: dict | None, wm: dict | None,
     return found
 
 
+def _bandwidth_text(frame: dict) -> str:
+    """The probes the floor came from: DRAM, and the cache where one was measured."""
+    text = f"DRAM read {frame['bandwidth_gb_s']:.1f} GB/s"
+    if frame.get("llc_bytes"):
+        text += (f"; last-level cache ({frame['llc_bytes'] / 2**20:g} MiB) read "
+                 f"{frame['cache_gb_s']:.1f} GB/s, {frame['usable_cache_bytes'] / 2**20:g} MiB "
+                 "of it at >= 1.5x DRAM")
+    return text + "."
+
+
+def _in_cache(row: dict) -> str:
+    """Whether one depth step's weights fit in the usable cache (the floor reads them there)."""
+    if "depth_step_in_cache" not in row:
+        return "-"
+    return f"{'yes' if row['depth_step_in_cache'] else 'no'} ({row['depth_step_mb']:.0f} MB)"
+
+
 def write_report(out: Path, info: dict, model: str) -> Path:
     """A short markdown report of the JSON the benchmarks wrote: each figure with its spread
     where the benchmark kept its runs, then the figures that contradict each other."""
@@ -80,9 +99,10 @@ def write_report(out: Path, info: dict, model: str) -> Path:
              f"Date: {time.strftime('%Y-%m-%d %H:%M')}. Box: {info['cpu_count']} CPUs{box}.", ""]
     frame = load_result(out, "frame_")
     if frame:
-        lines += ["## Frame step", "", f"Read bandwidth {frame['bandwidth_gb_s']:.1f} GB/s.", ""]
-        lines += _table(["dtype", "floor ms", "ours ms", "plain loop ms", "ours / floor", "RTF"],
-                        [[r["dtype"], f"{r['floor_ms']:.1f}",
+        lines += ["## Frame step", "", _bandwidth_text(frame), ""]
+        lines += _table(["dtype", "depth step in cache", "floor ms", "ours ms", "plain loop ms",
+                         "ours / floor", "RTF"],
+                        [[r["dtype"], _in_cache(r), f"{r['floor_ms']:.1f}",
                           _spread(r, "ours_ms", ".1f", "ours_spread_ms"),
                           f"{r['plain_ms']:.1f}", f"{r['ours_over_floor']:.2f}",
                           f"{r['ours_rtf']:.3f}"] for r in frame["rows"]])
