@@ -9,11 +9,11 @@ from csm_streaming.engine.config import StreamingConfig
 from csm_streaming.engine.frontend import StreamingGenerator
 from csm_streaming.model import quantize as quantize_module
 from csm_streaming.model.cpu_kernels import cpu_flags
+from csm_streaming.model.int4_layer import INT4_GROUP
 from csm_streaming.model.quantize import (
     Int4Linear,
     Int8Linear,
     check_mode,
-    int4_group,
     quantize_model,
     weight_bytes,
 )
@@ -53,7 +53,7 @@ def test_two_part_int8_weights_keep_16_bits_and_every_kernel_adds_the_parts():
 
 
 def test_activation_parts_are_integers_each_stream_on_its_own_power_of_two_step():
-    from csm_streaming.model.quantize import activation_parts, grid_ends
+    from csm_streaming.model.int8_split import activation_parts, grid_ends
 
     torch.manual_seed(5)
     streams = torch.randn(3, 2, 64) * 3  # 3 streams of 2 rows
@@ -168,10 +168,10 @@ def test_int4_weights_are_within_half_a_step_of_their_group():
     torch.manual_seed(1)
     w = torch.randn(64, 256) * 0.02
     layer = Int4Linear(w)
-    assert layer.group == 128 and int4_group(96) == 32
-    g = w.view(64, 2, 128)
-    step = (g.amax(-1) - g.amin(-1)) / 15  # [64, 2]
-    err = (layer.dequantized() - w).abs().view(64, 2, 128)
+    assert layer.group == INT4_GROUP == 32  # GGUF's Q4 block
+    g = w.view(64, 8, 32)
+    step = (g.amax(-1) - g.amin(-1)) / 15  # [64, 8]
+    err = (layer.dequantized() - w).abs().view(64, 8, 32)
     # half a step, plus bfloat16's rounding of the scale and zero (8 bits of mantissa)
     assert (err <= step[..., None] * (0.5 + 8 / 256) + 1e-6).all()
     x = torch.randn(3, 256)
@@ -224,8 +224,11 @@ def test_a_quantized_model_streams_what_it_generates(mimi, mode, kernel, device,
             assert m.parts == (2 if name.startswith(("backbone.layers.", "audio_heads_int8."))
                                else 1)
             assert kernel is None or m.cpu_kernel == kernel
-    if mode == "int8":  # the 31 audio heads too, the fp32 tensor dropped
-        assert len(model.audio_heads_int8) == 31 and model.audio_head.numel() == 0
+    # the 31 audio heads too, the fp32 tensor dropped (int4 mode: in int8, as what int4's
+    # packing cannot take)
+    assert len(model.audio_heads_int8) == 31 and model.audio_head.numel() == 0
+    if mode == "int4":
+        assert any(isinstance(m, Int4Linear) for m in model.modules())
     quantized = sum(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules())
     assert not any(isinstance(m, torch.nn.Linear) and m is not model.codebook0_head
                    for m in model.modules())
@@ -237,8 +240,7 @@ def test_a_quantized_model_streams_what_it_generates(mimi, mode, kernel, device,
     # The kernel for what stays fp32 (codebook0_head) is chosen by timing; whichever it is, the
     # quantized layers stay quantized and the output is the reference's.
     assert sg.engine.cpu_kernel in ("plain", "onednn", "mkl")
-    kind = Int8Linear if mode == "int8" else Int4Linear
-    assert sum(isinstance(m, kind) for m in model.modules()) == quantized
+    assert sum(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules()) == quantized
     assert out.shape == ref.shape == (8 * 1920,)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
@@ -384,3 +386,88 @@ def test_dtype_auto_weighs_int8_when_asked_and_keeps_what_it_says(caplog):
     if not quantized:
         assert "int8 was asked for but is slower here" in said[0]
 
+
+
+def same_quantized_weights(a: torch.nn.Module, b: torch.nn.Module):
+    """Both models hold the same quantized layers with the same stored weights, and the same
+    other parameters."""
+    la = {n: m for n, m in a.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
+    lb = {n: m for n, m in b.named_modules() if isinstance(m, (Int8Linear, Int4Linear))}
+    assert la.keys() == lb.keys() and la
+    for name, m in la.items():
+        assert type(m) is type(lb[name]), name
+        for key, t in m.state_dict().items():
+            assert torch.equal(t, lb[name].state_dict()[key]), f"{name}.{key}"
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_model_is_quantized_as_its_weights_are_written(mode, monkeypatch):
+    """build_model(quantize=...) writes one parameter at a time and quantizes each Linear at
+    once: before any write, no Linear written earlier is still full precision (so the
+    full-precision model never exists: the peak memory is the quantized model and one layer),
+    and the result is what building the full model and quantizing it gives, random and from a
+    checkpoint, whose extra or missing tensors are refused."""
+    from csm_streaming.model import checkpoints
+    from csm_streaming.model.csm import FLAVORS
+
+    monkeypatch.setattr(quantize_module, "choose_cpu_kernel", lambda model: "int8pack")
+    args, cpu = FLAVORS["tiny"], torch.device("cpu")
+    plain = checkpoints.build_model(args, None, cpu, torch.float32)
+    state = {k: v.clone() for k, v in plain.state_dict().items()}  # the checkpoint's names
+    parameters = len(list(plain.parameters()))
+    quantize_model(plain, mode)
+    real_build, still_full = quantize_module.build_quantized, []
+
+    def watched_build(model, fill, mode):
+        written = set()
+
+        def each(name, p):  # before each write: the Linears written earlier and not quantized
+            still_full.append([n for n, m in model.named_modules() if isinstance(
+                m, torch.nn.Linear) and f"{n}.weight" in written])
+            fill(name, p)
+            written.add(name)
+        return real_build(model, each, mode)
+
+    monkeypatch.setattr(quantize_module, "build_quantized", watched_build)
+    built = checkpoints.build_model(args, None, cpu, torch.float32, quantize=mode)
+    assert len(still_full) == parameters and not any(still_full)
+    same_quantized_weights(built, plain)
+    loaded = checkpoints.build_model(args, dict(state), cpu, torch.float32, quantize=mode)
+    same_quantized_weights(loaded, plain)
+    with pytest.raises(ValueError, match="unexpected"):
+        checkpoints.build_model(args, {**state, "extra.weight": torch.zeros(1)}, cpu,
+                                torch.float32, quantize=mode)
+    with pytest.raises(ValueError, match="missing"):
+        checkpoints.build_model(args, {k: v for k, v in state.items() if "decoder" not in k},
+                                cpu, torch.float32, quantize=mode)
+
+
+@pytest.mark.skipif(not quantize_module.onednn_int8_available(), reason="no oneDNN int8 here")
+def test_a_loaded_int8_model_keeps_only_its_packed_weights(monkeypatch):
+    """Loaded with --quantize, an int8 layer whose kernel packs its weights (oneDNN, FBGEMM)
+    drops the plain int8 rows beside the packed copy: the same products with half the memory;
+    what would need the rows (a copy, dequantized) says why it cannot."""
+    import copy
+
+    from csm_streaming.model import checkpoints
+    from csm_streaming.model.csm import FLAVORS
+
+    monkeypatch.setattr(quantize_module, "choose_cpu_kernel", lambda model: "onednn")
+    args, cpu = FLAVORS["tiny"], torch.device("cpu")
+    built = checkpoints.build_model(args, None, cpu, torch.float32, quantize="int8")
+    plain = checkpoints.build_model(args, None, cpu, torch.float32)
+    quantize_model(plain, "int8")
+    kept = dict(plain.named_modules())
+    layers = [(n, m) for n, m in built.named_modules() if isinstance(m, Int8Linear)]
+    assert layers and all(m.packed_only and m.weight_int8.numel() == 0 for _, m in layers)
+    assert all(kept[n].weight_int8.numel() > 0 for n, _ in layers)
+    x = torch.randn(3, 1, args.backbone.dim)
+    name, layer = next((n, m) for n, m in layers if m.in_features == args.backbone.dim)
+    assert torch.equal(layer(x), kept[name](x))
+    assert weight_bytes(built) == weight_bytes(plain)  # the bytes a frame reads: the same
+    with pytest.raises(RuntimeError, match="keeps only the weights packed for onednn"):
+        copy.deepcopy(built)
+    with pytest.raises(RuntimeError, match="quantize_model instead"):
+        layer.dequantized()

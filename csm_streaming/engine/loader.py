@@ -28,7 +28,7 @@ def load_csm_1b(device: str = "auto", model: str = DEFAULT_REPO, **options) -> G
 
 def load_generator(device: str, opts: LoadOptions) -> Generator:
     """load_csm_1b with its options as one object (see LoadOptions)."""
-    from csm_streaming.model.quantize import MODES, check_mode, quantize_model
+    from csm_streaming.model.quantize import MODES, check_mode
     from csm_streaming.model.watermark import load_watermark_stage
 
     dtype, quantize = opts.dtype, opts.quantize
@@ -48,7 +48,7 @@ def load_generator(device: str, opts: LoadOptions) -> Generator:
         if dtype == "auto":
             dtype, quantize = pick_dtype(dev, quantize)
         check_mode(quantize, dev)  # before the weights load: int4 on a GPU says so now
-        csm, tok, _ = load_model_and_tokenizer(opts.model, dev, dtype)
+        csm, tok, _ = load_model_and_tokenizer(opts.model, dev, dtype, quantize)
     except (RuntimeError, torch.OutOfMemoryError) as e:
         if isinstance(e, CheckpointError) or not opts.allow_cpu_fallback or str(device) == "cpu":
             raise
@@ -56,9 +56,7 @@ def load_generator(device: str, opts: LoadOptions) -> Generator:
                                              "the CPU"))
         log.warning(events[-1].text)
         dev = torch.device("cpu")
-        csm, tok, _ = load_model_and_tokenizer(opts.model, dev, None)
-    if quantize:
-        log.info("%s weights: %d Linear layers quantized", quantize, quantize_model(csm, quantize))
+        csm, tok, _ = load_model_and_tokenizer(opts.model, dev, None, quantize)
     mimi = "random" if opts.mimi is None and random_model else opts.mimi
     audio_tokenizer = load_mimi(mimi, dev)
     wm = load_watermark_stage(opts.watermark, dev, opts.watermark_key,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import zlib
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from csm_streaming.model.hub import (
     is_random_model,
     resolve_checkpoint,
 )
-from csm_streaming.model.llama import LlamaArgs, RopeScaling, rope_tables
+from csm_streaming.model.llama import LlamaArgs, RopeScaling, rope_tables, stack_checkpoint_parts
 
 log = logging.getLogger("csm.checkpoints")
 
@@ -207,10 +208,15 @@ def load_state(files: list[Path], config: dict | None) -> tuple[ModelArgs, dict,
                      f"(original format) nor '{TRANSFORMERS_MARKER}' (transformers format) found")
 
 
-def build_model(args: ModelArgs, state: dict | None, device, dtype) -> CSM:
-    """Build CSM on `device` in `dtype`; random init (std 0.02) when `state` is None."""
+def build_model(args: ModelArgs, state: dict | None, device, dtype,
+                quantize: str | None = None) -> CSM:
+    """Build CSM on `device` in `dtype`; random init (std 0.02) when `state` is None. quantize
+    ('int8', 'int4'): each layer quantized as its weights are written (quantize.build_quantized:
+    the full-precision model never exists at once); `state` is emptied on the way."""
     with torch.device("meta"):
         model = CSM(args)
+    if quantize:
+        model = model.to(dtype=dtype)  # on meta: allocated below in the right dtype at once
     model = model.to_empty(device=device)
     # Buffers are not in checkpoints: recompute them on the real device, in fp32, then cast with
     # the weights (see Transformer: the RoPE tables follow the model's dtype, as upstream's do).
@@ -219,7 +225,16 @@ def build_model(args: ModelArgs, state: dict | None, device, dtype) -> CSM:
     model.codebook_offsets = (torch.arange(args.audio_num_codebooks, device=device)
                               * args.audio_vocab_size)
     model = model.to(dtype=dtype)
-    if state is None:
+    if quantize:
+        from csm_streaming.model.quantize import build_quantized
+
+        if state is not None:
+            stack_checkpoint_parts(model, state)  # as load_state_dict's hooks do
+        build_quantized(model, random_fill(device) if state is None else state_fill(state),
+                        quantize)
+        if state:
+            raise ValueError(f"checkpoint does not match the model: unexpected {sorted(state)[:5]}")
+    elif state is None:
         init_random(model)
     else:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -229,15 +244,36 @@ def build_model(args: ModelArgs, state: dict | None, device, dtype) -> CSM:
     return model.eval().requires_grad_(False)
 
 
-@torch.no_grad()
-def init_random(model: CSM, seed: int = 0):
-    """Normal(0, 0.02) weights, unit norms; in place, in the model's dtype, on its device."""
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, p in model.named_parameters():
+def random_fill(device, seed: int = 0):
+    """fill(name, tensor): Normal(0, 0.02) weights, unit norms, in place. Each parameter draws
+    from a generator of its own, seeded by `seed` and its name, so the values do not depend on
+    the order the parameters are filled in (build_quantized writes the embeddings first)."""
+    def fill(name: str, p: torch.Tensor):
         if name.endswith(".scale"):
             p.fill_(1.0)
         else:
+            g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(
+                name.encode()))
             p.normal_(0.0, 0.02, generator=g)
+    return fill
+
+
+def state_fill(state: dict):
+    """fill(name, tensor): the checkpoint's tensor copied in and dropped from `state`, so its
+    memory goes as the model fills (what is left at the end was not the model's)."""
+    def fill(name: str, p: torch.Tensor):
+        if name not in state:
+            raise ValueError(f"checkpoint does not match the model: missing {name}")
+        p.copy_(state.pop(name))
+    return fill
+
+
+@torch.no_grad()
+def init_random(model: CSM, seed: int = 0):
+    """Normal(0, 0.02) weights, unit norms; in place, in the model's dtype, on its device."""
+    fill = random_fill(next(model.parameters()).device, seed)
+    for name, p in model.named_parameters():
+        fill(name, p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,8 +376,10 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_model_and_tokenizer(model: str, device: torch.device, dtype: torch.dtype | None = None):
-    """-> (CSM on device, tokenizer, description). `random:<flavour>` builds random weights."""
+def load_model_and_tokenizer(model: str, device: torch.device, dtype: torch.dtype | None = None,
+                             quantize: str | None = None):
+    """-> (CSM on device, tokenizer, description). `random:<flavour>` builds random weights.
+    quantize: int8 / int4 weights, quantized as they load (build_model)."""
     dtype = dtype or default_dtype(device)
     if is_random_model(model):
         flavour = model[len(RANDOM_PREFIX):]
@@ -350,7 +388,8 @@ def load_model_and_tokenizer(model: str, device: torch.device, dtype: torch.dtyp
                              + ", ".join(RANDOM_PREFIX + f for f in FLAVORS))
         args = FLAVORS[flavour]
         tok = random_text_tokenizer(min(512, args.text_vocab_size))
-        return build_model(args, None, device, dtype), tok, f"{flavour} (random weights)"
+        return (build_model(args, None, device, dtype, quantize), tok,
+                f"{flavour} (random weights)")
     path = resolve_checkpoint(model)
     folder = path if path.is_dir() else path.parent
     files = checkpoint_files(folder) if path.is_dir() else [path]
@@ -364,4 +403,4 @@ def load_model_and_tokenizer(model: str, device: torch.device, dtype: torch.dtyp
         raise CheckpointError(f"{folder} has no tokenizer.json: copy the checkpoint's "
                               "tokenizer.json beside the weights")
     tok = load_text_tokenizer(folder / "tokenizer.json")
-    return build_model(args, state, device, dtype), tok, f"{model} ({fmt} format)"
+    return build_model(args, state, device, dtype, quantize), tok, f"{model} ({fmt} format)"

@@ -183,7 +183,21 @@ def stacked_linear(module: nn.Module, name: str, in_dim: int, parts: dict[str, i
 
     module.register_load_state_dict_pre_hook(load)
     module.register_state_dict_post_hook(save)
-    return nn.Linear(in_dim, sum(parts.values()), bias=False)
+    linear = nn.Linear(in_dim, sum(parts.values()), bias=False)
+    linear.stacked_parts = keys  # for stack_checkpoint_parts
+    return linear
+
+
+def stack_checkpoint_parts(model: nn.Module, state: dict):
+    """The checkpoint's separate Linears joined under their stacked names in `state`, in place:
+    what load_state_dict's hooks do, for a caller that writes the model tensor by tensor."""
+    for name, m in model.named_modules():
+        parts = getattr(m, "stacked_parts", None)
+        if parts:
+            prefix = name.rpartition(".")[0]
+            found = [f"{prefix}.{k}.weight" if prefix else f"{k}.weight" for k in parts]
+            if all(k in state for k in found):
+                state[f"{name}.weight"] = torch.cat([state.pop(k) for k in found])
 
 
 class Attention(nn.Module):

@@ -2,7 +2,7 @@
 
 A frame reads the backbone once and the depth decoder 31 times: ~9.1 GB in bf16, ~18.2 GB in
 fp32. int8 weights read 5.1 GB (0.56x of bf16: the backbone's first 8 layers are kept in two
-parts, see TWO_PART_INT8), int4 2.7 GB. The matrix products use torch's own kernels where they
+parts, see TWO_PART_INT8), int4 2.9 GB. The matrix products use torch's own kernels where they
 exist:
 
 - int8, per output channel, symmetric. On a CPU the fastest of three kernels, timed when the
@@ -17,13 +17,21 @@ exist:
   by default there) fuses the cast into the matrix product (not run here: no GPU was lent).
   torch 2.13 deprecates the quantized tensor FBGEMM's packing takes; oneDNN's packing takes a
   plain int8 tensor.
-- int4, groups of 128 (fewer in tiny test models), asymmetric:
-  `aten._weight_int4pack_mm_for_cpu` (CPU; bf16 inside the layer, the model's dtype outside).
-  Not offered on CUDA or MPS in this version.
+- int4, groups of 32 (GGUF's Q4 block), asymmetric, a bf16 scale and zero per group (5 bits a
+  weight in all): `aten._weight_int4pack_mm_for_cpu` (CPU; bf16 inside the layer, the model's
+  dtype outside). Not offered on CUDA or MPS in this version. Its error is bounded from below:
+  a Gaussian weight coded in R bits a weight cannot come closer than sigma * 2^-R (Shannon's
+  rate-distortion bound); groups of 32 reach ~0.078 sigma against int8's ~0.008 (per output
+  channel). On random weights, whose next-code distributions are nearly flat, top-1 agreement
+  with bf16 needs int8's precision: int4 measures 0.26 there (groups of 128: 0.17), see
+  docs/performance.md; on real weights it is for the acceptance to measure.
 
 Every Linear of the backbone, the depth decoder, the projection and the codebook-0 head is
-quantized (int4: but the codebook-0 head, 2051 outputs, which torch's int4 packing cannot take);
-int8 also takes the 31 audio heads (two parts each); embeddings stay as they are. Quality on
+quantized, and the 31 audio heads (two int8 parts each: their rounding lands on the logits);
+int4 mode (model/int4_layer.py) keeps int8 for the layers torch's int4 packing cannot take
+(the codebook-0 head, 2051 outputs) and for the audio heads; fp32 embedding tables are kept in
+bf16 (Bf16Embedding: half their memory, the reference model's own rounding). The
+activations' split for the int8 x int8 products is model/int8_split.py. Quality on
 the real weights is not measured here (no weights can be downloaded on this project's
 machines): benchmarks/bench_quantize.py compares logits against bf16 on random weights.
 """
@@ -41,22 +49,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from csm_streaming.model.int4_layer import Int4Linear, int4_fits
+from csm_streaming.model.int8_split import ENDS_COLUMNS, grid_ends, split_product
+
 log = logging.getLogger("csm.quantize")
 MODES = ("int8", "int4")
-INT4_GROUPS = (128, 64, 32)  # the first that divides a layer's input size (128 for CSM-1B)
-
-
-def int4_group(in_features: int) -> int:
-    for g in INT4_GROUPS:
-        if in_features % g == 0:
-            return g
-    raise ValueError(f"int4: the input size {in_features} is not a multiple of 32")
-
-
-def int4_fits(layer: nn.Linear) -> bool:
-    """torch's int4 packing needs outputs in multiples of 16 and inputs of 32."""
-    n, k = layer.weight.shape
-    return n % 16 == 0 and k % 32 == 0
 
 
 class Int8Linear(nn.Module):
@@ -90,6 +87,7 @@ class Int8Linear(nn.Module):
     def __getstate__(self):
         # Copies and pickles pack again when first used: packed weights are opaque tensors
         # (oneDNN's cannot be copied).
+        self._need_unpacked("copied")
         state = self.__dict__.copy()
         state.pop("_packs", None)
         state.pop("_number", None)  # the copy is another layer (FBGEMM_LAYERS)
@@ -102,6 +100,26 @@ class Int8Linear(nn.Module):
         if kernel in ("fbgemm", "onednn"):
             self.packed(kernel)
 
+    packed_only = False  # the plain int8 rows were dropped: only the kernel's packed copy is kept
+
+    def drop_unpacked(self) -> bool:
+        """Keep only the packed copy of the weights its oneDNN / FBGEMM kernel multiplies by,
+        not the plain int8 rows beside it (half the layer's memory). What needs the rows then
+        (another kernel, a copy, `dequantized`) says so. False where the kernel packs none."""
+        if self.cpu_kernel not in ("fbgemm", "onednn") or self.weight_int8.device.type != "cpu":
+            return False
+        self.packed(self.cpu_kernel)
+        self.weight_int8 = self.weight_int8.new_empty(0, self.in_features)
+        self.packed_only = True
+        return True
+
+    def _need_unpacked(self, what: str):
+        if self.packed_only:
+            raise RuntimeError(f"this int8 layer cannot be {what}: it keeps only the weights "
+                               f"packed for {self.cpu_kernel} (a model loaded with --quantize "
+                               "drops the plain rows to save memory); quantize a full-precision "
+                               "model with quantize_model instead")
+
     def packed(self, kernel: str):
         """The weights packed for FBGEMM or oneDNN, made once (oneDNN's: with its scales)."""
         packs = self.__dict__.setdefault("_packs", {})
@@ -109,6 +127,7 @@ class Int8Linear(nn.Module):
             raise RuntimeError(f"an int8 layer is compiled before its weights were packed for "
                                f"{kernel}: call use_cpu_kernel({kernel!r}) first")
         if kernel not in packs:
+            self._need_unpacked(f"packed for {kernel}")
             w = self.weight_int8.cpu()
             if kernel == "fbgemm":  # with zero columns under the grid's ends (grid_ends)
                 import warnings
@@ -132,6 +151,7 @@ class Int8Linear(nn.Module):
         elif x.device.type == "cpu" and self.cpu_kernel == "onednn":
             y = self.onednn_mm(x)
         else:
+            self._need_unpacked(f"run on {x.device.type} with the {self.cpu_kernel} kernel")
             y = self.packed_mm(x) if x.device.type in ("cpu", "mps") else self.cast_mm(x)
         if self.parts == 1:
             return y
@@ -178,6 +198,7 @@ class Int8Linear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The weight this layer multiplies by, in float32 [N, K]."""
+        self._need_unpacked("dequantized")
         w = self.weight_int8.float() * self.scale.float()[:, None]
         return w.view(self.parts, self.out_features, self.in_features).sum(0)
 
@@ -204,36 +225,34 @@ _LIBRARY.impl("fbgemm_int8_mm", fbgemm_int8_mm, "CPU")
 
 @torch.library.register_fake("csm::fbgemm_int8_mm")
 def _(parts, layer, narrow):
-    return parts.new_empty(parts.shape[0], FBGEMM_LAYERS[layer].weight_int8.shape[0])
+    m = FBGEMM_LAYERS[layer]
+    return parts.new_empty(parts.shape[0], m.parts * m.out_features)
 
 
-class Int4Linear(nn.Module):
-    """CPU only: torch's packed int4 kernel with bf16 activations inside the layer."""
+class Bf16Embedding(nn.Embedding):
+    """An embedding table stored in bf16 (half of fp32's memory: CSM-1B's two tables are 1.6 GB
+    in fp32), its rows handed out in the model's dtype. A quantized model on a CPU keeps its
+    tables so (bf16's rounding, 2^-9 of a value, is the reference model's own)."""
 
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        w = weight.detach().float().cpu()
-        n, k = w.shape
-        group = int4_group(k)
-        g = w.view(n, k // group, group)
-        low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-        scale = (high - low).clamp(min=1e-12) / 15
-        zero = low + 8 * scale  # torch's convention: w = (q - 8) * scale + zero
-        q = ((g - low) / scale).round().clamp(0, 15).to(torch.int32).view(n, k)
-        self.out_features, self.in_features, self.group = n, k, group
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8))
-        sz = torch.stack([scale.squeeze(-1), zero.squeeze(-1)], dim=-1).transpose(0, 1)
-        self.register_buffer("scale_zero", sz.contiguous().bfloat16())  # [k / group, n, 2]
+    def __init__(self, table: nn.Embedding):
+        super().__init__(*table.weight.shape, _weight=table.weight.detach().bfloat16(),
+                         _freeze=True)
+        self.out_dtype = table.weight.dtype
 
     def forward(self, x):
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, self.in_features).bfloat16(), self.packed, self.group,
-            self.scale_zero.bfloat16())  # (a no-op unless a model.to(dtype) changed it)
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return super().forward(x).to(self.out_dtype)
 
-    def dequantized(self) -> torch.Tensor:
-        """The weight this layer multiplies by, in float32 (read back through the kernel)."""
-        return self(torch.eye(self.in_features)).float().T
+
+def _embeddings_in_bf16(model: nn.Module, only: str | None = None) -> int:
+    """fp32 embedding tables (a CPU's quantized model) stored in bf16 (only: the one of that
+    name); how many."""
+    n = 0
+    for name, m in list(model.named_modules()):
+        if type(m) is nn.Embedding and m.weight.dtype == torch.float32 and only in (None, name):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, Bf16Embedding(m))
+            n += 1
+    return n
 
 
 def check_mode(mode: str | None, device: str | torch.device | None = None):
@@ -249,25 +268,103 @@ def check_mode(mode: str | None, device: str | torch.device | None = None):
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str) -> int:
-    """Replace the model's Linear layers by int8 / int4 ones in place; returns how many."""
-    from csm_streaming.model.cpu_kernels import restore_linears, swap_layers
+    """Replace the model's Linear layers by int8 / int4 ones in place; returns how many. int4
+    takes every layer its packing can; the others, and the audio heads, are int8."""
+    from csm_streaming.model.cpu_kernels import restore_linears
 
     check_mode(mode, next(model.parameters()).device)
     restore_linears(model)
-    if mode == "int8":
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        kernel = choose_cpu_kernel(model) if on_cpu else Int8Linear.cpu_kernel
-        two_part = {id(m) for name, m in model.named_modules()
-                    if isinstance(m, nn.Linear) and any(fnmatch(name, p) for p in TWO_PART_INT8)}
-        n = swap_layers(model, lambda m: Int8Linear(m.weight, parts=2 if id(m) in two_part else 1)
-                        if isinstance(m, nn.Linear) else m)
-        n += quantize_audio_heads(model)
-        for m in model.modules():
-            if isinstance(m, Int8Linear):
+    kernel = int8_kernel_for(model)
+    n = sum(_quantize_layer(model, name, mode) for name, m in list(model.named_modules())
+            if isinstance(m, nn.Linear))
+    _embeddings_in_bf16(model)
+    return n + _finish(model, kernel)
+
+
+@torch.no_grad()
+def build_quantized(model: nn.Module, fill, mode: str) -> int:
+    """Write a model's weights and quantize them in one pass: `fill(name, tensor)` writes one
+    parameter in place (random, or a checkpoint's), and each Linear is quantized as soon as its
+    weight is written, its full-precision weight then freed. The tensors were allocated but
+    not written (`to_empty`: on a CPU no page is in memory before it is written), so the
+    full-precision model never exists at once: the peak is the quantized model and one layer,
+    where quantize_model's is the whole model beside it. Same layers, kernels and (random)
+    values as building the model and calling quantize_model; int8 layers then keep only their
+    kernel's packed copy (drop_unpacked). Returns how many layers."""
+    check_mode(mode, next(model.parameters()).device)
+    kernel = int8_kernel_for(model)  # before any weight is written: it times random ones
+    linears = {f"{name}.weight": name for name, m in model.named_modules()
+               if isinstance(m, nn.Linear)}
+    n, dropped = 0, 0
+    tables = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    names = [name for name, _ in model.named_parameters()]  # names: no tensor is held
+    # the embedding tables first: their fp32 values and bf16 copy meet before the rest exists
+    for name in sorted(names, key=lambda name: name not in tables):
+        fill(name, model.get_parameter(name))
+        if name in linears:
+            n += _quantize_layer(model, linears[name], mode)
+        elif name == "audio_head":
+            n += quantize_audio_heads(model)
+        elif name in tables:
+            _embeddings_in_bf16(model, only=name.removesuffix(".weight"))
+        for m in model.modules():  # packed now, each int8 layer keeps its packed copy alone
+            if isinstance(m, Int8Linear) and not m.packed_only:
                 m.use_cpu_kernel(kernel)
-        return n
-    return swap_layers(model, lambda m: Int4Linear(m.weight) if isinstance(m, nn.Linear)
-                       and int4_fits(m) else m)
+                dropped += m.drop_unpacked()
+        _give_back_freed_memory()
+    log.info("%s weights: %d layers quantized as they were written (%d int8 layers keep only "
+             "their %s-packed copy)", mode, n, dropped, kernel)
+    return n
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None (another C library)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _give_back_freed_memory():
+    """Return the heap's freed pages to the system: a layer's full-precision weight and the
+    temporaries of its quantization are freed into malloc's arenas, which keep them (its
+    threads' arenas more so) unless trimmed; without it the peak varied 3.1-3.9 GB."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def int8_kernel_for(model: nn.Module) -> str:
+    """The int8 kernel the model's int8 layers will use: timed on a CPU, else the default."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return choose_cpu_kernel(model) if on_cpu else Int8Linear.cpu_kernel
+
+
+def _quantize_layer(model: nn.Module, name: str, mode: str) -> int:
+    """The Linear called `name` replaced by its int4 (where int4's packing takes it) or int8
+    layer (two parts for TWO_PART_INT8's)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    m = getattr(parent, child)
+    if mode == "int4" and int4_fits(m):
+        setattr(parent, child, Int4Linear(m.weight))
+    else:
+        two = any(fnmatch(name, p) for p in TWO_PART_INT8)
+        setattr(parent, child, Int8Linear(m.weight, parts=2 if two else 1))
+    return 1
+
+
+def _finish(model: nn.Module, kernel: str) -> int:
+    """The audio heads in int8 if they are not yet, and every int8 layer's kernel (packed now)."""
+    n = quantize_audio_heads(model)
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            m.use_cpu_kernel(kernel)
+    return n
 
 
 def quantize_audio_heads(model: nn.Module) -> int:
@@ -290,60 +387,6 @@ def quantize_audio_heads(model: nn.Module) -> int:
 # attention and down products of all 16 (1.41 GB) 0.903 / 6.7e-4. The first 8 read 1.46 GB a
 # frame where all 16 read 1.95 (a frame reads 5.1 GB instead of 5.6) at the same quality.
 TWO_PART_INT8 = ("backbone.layers.[0-7].*",)
-
-
-# FBGEMM's packed weights have this many zero columns more, under the activation grid's ends:
-# the ends go in every row at no cost (an extra row of them cost FBGEMM's AVX2 kernel ~1.3x the
-# time of a one-stream product: its time grows with the rows).
-ENDS_COLUMNS = 2
-
-
-def grid_ends(narrow: bool) -> tuple[torch.Tensor, int]:
-    """The two ends of the activation grid [1, ENDS_COLUMNS], and its top: 8 bits, or 7 on
-    CPUs without VNNI (the int16 sums of AVX2's kernels must not saturate)."""
-    return _GRID_ENDS[narrow]
-
-
-_GRID_ENDS = {narrow: (torch.tensor([[-levels // 2, levels // 2 - 1]], dtype=torch.float32),
-                       levels // 2 - 1) for narrow, levels in ((True, 128), (False, 256))}
-
-
-def activation_parts(streams: torch.Tensor, ends: torch.Tensor | None, high: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Streams' rows [S, P, K] -> ([2SP, K (+ 2)], steps [S, 1, 1], G). Each stream is divided
-    by its step, the power of two that brings its largest value within the grid's top (exact);
-    then come, stream by stream, its rows rounded to integers and their rounding error
-    magnified G times and rounded, each row ending in the grid's two ends (`grid_ends`) unless
-    `ends` is None. Every value is an integer within the ends: FBGEMM's dynamic quantization,
-    which picks its scale from the input's range, then scales by exactly 1 and rounds nothing.
-    A stream's rows ~= (part 1 + part 2 / G) * its step, to ~1 / G^2 of its range."""
-    gain = 2 * high  # the error is within half a step: times 2 * high, within the grid
-    _, exponent = torch.frexp(streams.abs().amax(dim=(1, 2), keepdim=True) / high)
-    steps = torch.exp2(exponent)  # >= a stream's largest |value| / high: a power of two
-    scaled = streams / steps  # exact; |scaled| <= high
-    q = scaled.round()
-    err = scaled.sub_(q).mul_(gain).round_()
-    parts = torch.cat([q, err], 1).flatten(0, 1)
-    return (parts if ends is None else torch.cat([parts, ends.expand(len(parts), -1)], 1)), \
-        steps, gain
-
-
-def split_product(x: torch.Tensor, in_features: int, high: int, ends: torch.Tensor | None,
-                  product) -> torch.Tensor:
-    """An int8 x int8 kernel's product of float activations x [..., K], exact to ~16 bits: the
-    kernels round activations to 8 bits (7 without VNNI), which alone costs ~1-2% of the
-    output's size, so each stream's rows go in as two parts, the rounded rows and their
-    rounding error magnified (`activation_parts`). Each stream (leading index) is scaled by its
-    own power of two onto one integer grid, so all streams go in one call (one weight read),
-    and a stream's numbers never depend on another's: batched equals solo, bit for bit.
-    product: the integer rows [2SP, K (+ ends)] -> their sums [2SP, N'] in float32."""
-    streams = (x.float().reshape(x.shape[0], -1, in_features) if x.dim() > 2
-               else x.float()[:, None])
-    s, p = streams.shape[:2]
-    parts, steps, gain = activation_parts(streams, ends, high)
-    y = product(parts).view(s, 2 * p, -1)
-    y = y[:, :p].add_(y[:, p:], alpha=1 / gain).mul_(steps)  # [S, P, N']
-    return y.to(x.dtype).view(*x.shape[:-1], -1)
 
 
 # Instruction-set caps of the int8 libraries below which they have no VNNI: they sum 8-bit
@@ -409,7 +452,9 @@ def choose_cpu_kernel(model: nn.Module) -> str:
     model's own dtype here."""
     from csm_streaming.model.cpu_kernels import time_in_turns
 
-    w = max((m.weight for m in model.modules() if isinstance(m, nn.Linear)), key=torch.numel)
+    largest = max((m.weight for m in model.modules() if isinstance(m, nn.Linear)),
+                  key=torch.numel)  # its shape: random values (it may not be written yet)
+    w = torch.randn(largest.shape, dtype=largest.dtype) * 0.02
     x = torch.randn(1, w.shape[1], dtype=w.dtype)
     layer = Int8Linear(w)
     candidates = {"fp": lambda: F.linear(x, w), "int8pack": lambda: layer.packed_mm(x)}
@@ -434,7 +479,8 @@ def weight_bytes(module: nn.Module) -> int:
     total = sum(p.numel() * p.element_size() for p in module.parameters())
     for m in module.modules():
         if isinstance(m, Int8Linear):
-            total += m.weight_int8.numel() + m.scale.numel() * m.scale.element_size()
+            total += (m.parts * m.out_features * m.in_features  # one byte each, packed or not
+                      + m.scale.numel() * m.scale.element_size())
         elif isinstance(m, Int4Linear):
             total += m.packed.numel() + m.scale_zero.numel() * 2
     return total

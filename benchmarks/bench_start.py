@@ -1,0 +1,115 @@
+"""How fast and how small a start is: load (and, compiled, warm up) a setting in a fresh process.
+
+    .venv/bin/python benchmarks/bench_start.py [--model random:csm-1b] [--quantize int8]
+    .venv/bin/python benchmarks/bench_start.py --quantize int8 --compile
+
+Each row is one fresh Python process that loads the model as `csm-stream` does and, with
+--compile, warms the engine up (the compiled step built): the seconds until it is ready and the
+process's peak resident memory (GB: 10^9 bytes). Rows, in one run:
+
+- "quantized as written": the model's layers quantized as its weights are written (the
+  product's way: model/quantize.build_quantized), beside
+- "fp32, then quantized" (the baseline: the whole fp32 model built first, then quantized, as
+  the product did before), and, with --compile,
+- "compiled, cold" then "compiled, cached": two starts with one empty inductor cache folder of
+  their own, so the second finds the first's compiled graphs on disk.
+
+Prints a table and saves benchmarks/results/start_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from common import add_model_argument, device_name, print_table, save_json
+from csm_streaming.options import HelpFormatter
+
+CHILD_FLAG = "--child"
+
+
+def child(model: str, quantize: str, after_fp32: bool, compile_: bool):
+    """One start, measured from inside the process: prints its JSON line."""
+    import resource
+
+    t0 = time.perf_counter()
+    from csm_streaming.engine.config import StreamingConfig
+    from csm_streaming.engine.loader import load_streaming_csm_1b
+    from csm_streaming.model import checkpoints
+    from csm_streaming.model import quantize as quantize_module
+
+    if after_fp32:  # the baseline: the model built whole in fp32, then quantized
+        build = checkpoints.build_model
+
+        def build_then_quantize(args, state, device, dtype, quantize=None):
+            model = build(args, state, device, dtype)
+            if quantize:
+                quantize_module.quantize_model(model, quantize)
+            return model
+        checkpoints.build_model = build_then_quantize
+    sg = load_streaming_csm_1b("cpu", StreamingConfig(enable_compilation=compile_), model=model,
+                               quantize=quantize, watermark=False)
+    ready = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    print(json.dumps({"ready_s": ready, "warmup_s": sg.warmup_s, "peak_rss_gb": peak / 1e9,
+                      "compiled": sg.engine.compiled is not None}))
+
+
+def start(args, name: str, env: dict, after_fp32: bool = False, compile_: bool = False) -> dict:
+    cmd = [sys.executable, __file__, CHILD_FLAG, args.model, args.quantize,
+           "1" if after_fp32 else "0", "1" if compile_ else "0"]
+    t = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if r.returncode != 0:
+        raise RuntimeError(f"{name}: the start failed:\n{r.stderr[-3000:]}")
+    row = {"name": name, **json.loads(r.stdout.strip().splitlines()[-1]),
+           "process_s": time.perf_counter() - t}
+    print(f"{name}: ready in {row['ready_s']:.1f} s, peak {row['peak_rss_gb']:.2f} GB", flush=True)
+    return row
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
+    add_model_argument(p)
+    p.add_argument("--quantize", default="int8", choices=("int8", "int4"))
+    p.add_argument("--compile", action="store_true",
+                   help="also two compiled starts over one fresh inductor cache (cold, cached)")
+    p.add_argument("--out-dir", default=None,
+                   help="where the JSON goes (default benchmarks/results)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    rows = [start(args, "quantized as written", env),
+            start(args, "fp32, then quantized", env, after_fp32=True)]
+    if args.compile:
+        with tempfile.TemporaryDirectory(prefix="csm-inductor-") as cache:
+            cached_env = {**env, "TORCHINDUCTOR_CACHE_DIR": cache}
+            rows += [start(args, "compiled, cold", cached_env, compile_=True),
+                     start(args, "compiled, cached", cached_env, compile_=True)]
+    base = rows[1]
+    for r in rows:
+        r["rss_vs_fp32_first"] = r["peak_rss_gb"] / base["peak_rss_gb"]
+    print_table(rows, ["name", "ready_s", "warmup_s", "peak_rss_gb", "rss_vs_fp32_first",
+                       "compiled"])
+    device = torch.device("cpu")
+    print(f"device: {device_name(device)}")
+    save_json("start", device, {"model": args.model, "quantize": args.quantize,
+                                "rows": rows}, args.out_dir)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == CHILD_FLAG:
+        child(sys.argv[2], sys.argv[3], sys.argv[4] == "1", sys.argv[5] == "1")
+    else:
+        main()
