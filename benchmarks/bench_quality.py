@@ -1,6 +1,13 @@
 """Quality of real weights: word error rate of a speech recogniser on fixed sentences, and the
 share of clips that run to the length cap (speech that never ends).
 
+Each sentence is spoken three ways with the same seed: by the plain reference loop
+(`Generator.generate`), by the streaming engine (`generate_streaming`, what the product runs:
+its word error rate is `mean_wer`, its clips count the caps) and by the streaming engine over
+int8 weights. The acceptance bounds the streaming engine's rate by 1.1x the plain loop's and
+int8's by 1.2x the unquantized one's (a rate is taken as at least 1%, one word in a hundred,
+when it is the divisor: ten sentences both heard perfectly are a ratio of 1).
+
 Needs real weights (random ones speak noise: the check says so and stops) and, for the word
 error rate, a Whisper model from the hub (transformers' pipeline); where the recogniser cannot
 be fetched it says so and reports the length caps alone. deploy_vast.py's acceptance runs it
@@ -12,7 +19,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import time
 
 import torch
 
@@ -79,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from csm_streaming.engine.loader import load_csm_1b, pick_device
+    from csm_streaming.engine.config import StreamingConfig
+    from csm_streaming.engine.frontend import StreamingGenerator
+    from csm_streaming.engine.loader import load_csm_1b, load_streaming_csm_1b, pick_device
     from csm_streaming.model.hub import is_random_model
 
     device = pick_device(args.device)
@@ -104,26 +112,63 @@ def main(argv=None) -> int:
         payload["recogniser_unavailable"] = why
         print(f"quality: the recogniser {args.recogniser} could not be loaded ({why}): the word "
               "error rate is not measured, the length caps are")
-    rows = []
-    for i, text in enumerate(SENTENCES[:args.sentences]):
-        t = time.perf_counter()
-        audio = gen.generate(text, 0, max_audio_length_ms=args.max_audio_ms, seed=i)
-        row = {"text": text, "audio_s": audio.numel() / 24_000,
-               "at_cap": audio.numel() >= args.max_audio_ms * 24, "gen_s": time.perf_counter() - t}
-        if asr is not None:
-            heard = asr({"raw": audio.float().cpu().numpy(), "sampling_rate": 24_000})["text"]
-            row.update(heard=heard, wer=word_error_rate(text, heard))
-        rows.append(row)
-        print(f"  {row['audio_s']:.1f} s{' (cap)' if row['at_cap'] else ''}"
-              + (f", WER {row['wer']:.2f}: {row['heard']!r}" if "wer" in row else ""))
-    payload["rows"] = rows
-    payload["share_at_cap"] = sum(r["at_cap"] for r in rows) / len(rows)
-    if asr is not None:
-        payload["mean_wer"] = sum(r["wer"] for r in rows) / len(rows)
+    speakers = {"plain": lambda text, i: gen.generate(
+        text, 0, max_audio_length_ms=args.max_audio_ms, seed=i)}
+    streaming = StreamingGenerator(gen, StreamingConfig())
+    speakers["streaming"] = streamed(streaming, args.max_audio_ms)
+    try:
+        int8 = load_streaming_csm_1b(str(device), model=args.model, mimi=args.mimi,
+                                     quantize="int8", watermark=not args.no_watermark)
+        speakers["int8"] = streamed(int8, args.max_audio_ms)
+    except (RuntimeError, ValueError) as e:  # its row then says why (not measured)
+        payload["int8_unavailable"] = f"{type(e).__name__}: {e}"
+    for path, speak in speakers.items():
+        rows = [hear(asr, text, speak(text, i), args.max_audio_ms)
+                for i, text in enumerate(SENTENCES[:args.sentences])]
+        payload.update(summary(path, rows))
+    if "mean_wer" in payload and "plain_mean_wer" in payload:
+        payload["wer_streaming_vs_plain"] = payload["mean_wer"] / max(
+            payload["plain_mean_wer"], MIN_WER)
+    if "mean_wer" in payload and "int8_mean_wer" in payload:
+        payload["wer_int8_vs_bf16"] = payload["int8_mean_wer"] / max(payload["mean_wer"], MIN_WER)
     print(f"quality on {device_name(device)}: {payload['share_at_cap']:.0%} of clips at the cap"
           + (f", mean WER {payload['mean_wer']:.3f}" if "mean_wer" in payload else ""))
     save_json("quality", device, payload, args.out_dir)
     return 0
+
+
+MIN_WER = 0.01  # a rate divided by is taken as at least this (one word in a hundred)
+
+
+def streamed(sg, max_ms: int):
+    """A speaker function over a StreamingGenerator: the whole of a streamed sentence."""
+    def speak(text: str, seed: int) -> torch.Tensor:
+        return torch.cat(list(sg.generate_streaming(text, 0, max_audio_length_ms=max_ms,
+                                                    seed=seed)))
+    return speak
+
+
+def hear(asr, text: str, audio: torch.Tensor, max_ms: int) -> dict:
+    """One clip: its length, whether it ran to the cap and, with a recogniser, what it heard."""
+    row = {"text": text, "audio_s": audio.numel() / 24_000, "at_cap": audio.numel() >= max_ms * 24}
+    if asr is not None:
+        heard = asr({"raw": audio.float().cpu().numpy(), "sampling_rate": 24_000})["text"]
+        row.update(heard=heard, wer=word_error_rate(text, heard))
+    print(f"  {row['audio_s']:.1f} s{' (cap)' if row['at_cap'] else ''}"
+          + (f", WER {row['wer']:.2f}: {row['heard']!r}" if "wer" in row else ""), flush=True)
+    return row
+
+
+def summary(path: str, rows: list[dict]) -> dict:
+    """A path's figures: the streaming engine's under the plain names (the product's), the
+    others under their path's prefix."""
+    prefix = "" if path == "streaming" else f"{path}_"
+    out = {f"{prefix}rows": rows,
+           f"{prefix}share_at_cap": sum(r["at_cap"] for r in rows) / len(rows)}
+    if rows and "wer" in rows[0]:
+        out[f"{prefix}mean_wer"] = sum(r["wer"] for r in rows) / len(rows)
+    print(f"{path}: " + ", ".join(f"{k} {v:.3f}" for k, v in out.items() if not k.endswith("rows")))
+    return out
 
 
 if __name__ == "__main__":

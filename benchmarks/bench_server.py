@@ -3,11 +3,17 @@
     .venv/bin/python benchmarks/bench_server.py [--model random:csm-1b] [--clients 1,2,4,8,16,32]
     .venv/bin/python benchmarks/bench_server.py --isolation [--model random:tiny]
 
-Starts the real server (uvicorn on 127.0.0.1, a free port) over a model with random weights.
-
-- Load (default): for each client count, that many concurrent clients stream raw PCM from
-  /v1/audio/speech for --frames frames. Per stream: time to first audio and RTF; in aggregate:
-  audio seconds generated per second.
+- Load (default): `csm-server` as users run it, in a process of its own on a free port, with
+  its defaults (watermark on, its context window, compiled where the device compiles; --model,
+  --device, a token and enough slots for the most clients are all it is told). For each client
+  count, that many concurrent clients stream raw PCM from /v1/audio/speech, --frames frames
+  each (125: 10 s, long enough to be steady). Per stream: time to first audio, RTF, and each
+  read's lateness against playback (playback starts when the first audio arrives; the audio a
+  read brings is due then plus the audio before it). A client count keeps up when every
+  stream's 95th-percentile lateness is <= 0 (the worst stream's is `p95_lateness_ms`); in
+  aggregate: audio seconds generated per second. The acceptance reads first audio and
+  real-time streams from here.
+- --isolation starts the server in this process (uvicorn on 127.0.0.1, a free port).
 - --isolation: --normal clients (WebSocket, --seconds of audio each) measured three times in
   one run: alone; beside one ordinary client streaming long answers; beside an abuser that
   sends the longest text with the most and longest context turns (and reads its answer) and at
@@ -28,11 +34,23 @@ import json
 import os
 import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-from common import add_model_argument, device_name, plural, print_table, save_json, summarise
+from common import (
+    ROOT,
+    add_model_argument,
+    device_name,
+    plural,
+    print_table,
+    save_json,
+    summarise,
+)
 from csm_streaming.options import HelpFormatter
 
 TOKEN = "bench"
@@ -60,6 +78,68 @@ def start_server(model: str, device, max_streams: int, settings=None):
 
 # -- load ------------------------------------------------------------------------------------------
 
+PCM_BYTES_PER_S = 2 * 24_000  # /v1/audio/speech's pcm: 16-bit mono at 24 kHz
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_server(model: str, device: str, max_streams: int, log_path: Path):
+    """`csm-server` in a process of its own with its defaults -> (process, url), once /health
+    answers (it loads and warms up before it listens). Its output goes to `log_path`."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "csm_streaming.server.app", "--model", model, "--device", device,
+           "--token", TOKEN, "--max-streams", str(max_streams), "--max-queue",
+           str(4 * max_streams), "--port", str(port)]
+    log = open(log_path, "w")  # noqa: SIM115 (the server writes to it for its whole life)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
+        "PYTHONPATH", "")])}  # this checkout's package, installed or not
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 3600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"csm-server exited with {proc.returncode} before it listened:\n"
+                               + log_path.read_text()[-3000:])
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    proc.kill()
+    raise RuntimeError("csm-server did not listen within an hour")
+
+
+def stop_server(proc):
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def lateness_s(reads: list[tuple[float, int]]) -> list[float]:
+    """Each read (arrival time, bytes) against playback, which starts with the first read: the
+    audio a read brings is due at that start plus the audio before it (> 0: late)."""
+    start, before, late = reads[0][0], 0, []
+    for t, n in reads:
+        late.append(t - (start + before / PCM_BYTES_PER_S))
+        before += n
+    return late
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation, as numpy's default."""
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
+
 
 def one_client(url: str, i: int, frames: int) -> dict:
     import httpx
@@ -67,24 +147,25 @@ def one_client(url: str, i: int, frames: int) -> dict:
     body = {"input": f"Client {i} is speaking a sentence for the benchmark.", "voice": str(i % 4),
             "response_format": "pcm", "max_audio_length_ms": frames * 80, "seed": i}
     t0 = time.perf_counter()
-    first = None
-    n = 0
+    reads = []
     with httpx.stream("POST", f"{url}/v1/audio/speech", json=body, timeout=3600,
                       headers={"Authorization": f"Bearer {TOKEN}"}) as r:
         r.raise_for_status()
         for b in r.iter_bytes():
-            if first is None and b:
-                first = time.perf_counter() - t0
-            n += len(b)
+            if b:
+                reads.append((time.perf_counter(), len(b)))
     wall = time.perf_counter() - t0
-    return {"ttfa_s": first, "wall_s": wall, "audio_s": n / 2 / 24_000}
+    n = sum(k for _, k in reads)
+    return {"ttfa_s": reads[0][0] - t0, "wall_s": wall, "audio_s": n / PCM_BYTES_PER_S,
+            "p95_lateness_s": percentile(lateness_s(reads), 95)}
 
 
 def load_run(url: str, counts: list[int], frames: int, repeats: int = 1) -> list[dict]:
     """Each client count `repeats` times: its figures are the medians, with their spread."""
     one_client(url, 999, 2)  # warm-up
     rows = []
-    figures = ("aggregate_audio_s_per_s", "mean_rtf", "mean_ttfa_ms", "max_ttfa_ms")
+    figures = ("aggregate_audio_s_per_s", "mean_rtf", "mean_ttfa_ms", "max_ttfa_ms",
+               "p95_lateness_ms")
     for n in counts:
         runs = []
         for _ in range(repeats):
@@ -96,9 +177,12 @@ def load_run(url: str, counts: list[int], frames: int, repeats: int = 1) -> list
             runs.append({"aggregate_audio_s_per_s": audio / wall,
                          "mean_rtf": sum(r["wall_s"] / r["audio_s"] for r in res) / n,
                          "mean_ttfa_ms": sum(r["ttfa_s"] for r in res) / n * 1e3,
-                         "max_ttfa_ms": max(r["ttfa_s"] for r in res) * 1e3, "wall_s": wall})
+                         "max_ttfa_ms": max(r["ttfa_s"] for r in res) * 1e3, "wall_s": wall,
+                         "p95_lateness_ms": max(r["p95_lateness_s"] for r in res) * 1e3})
         rows.append({"clients": n, **runs[0], **summarise(runs, figures)})
-        print(f"  {plural(n, 'client')}: {rows[-1]['aggregate_audio_s_per_s']:.3f} audio s/s")
+        rows[-1]["keeps_up"] = rows[-1]["p95_lateness_ms"] <= 0  # every stream, median run
+        print(f"  {plural(n, 'client')}: {rows[-1]['aggregate_audio_s_per_s']:.3f} audio s/s, "
+              f"worst stream's p95 lateness {rows[-1]['p95_lateness_ms']:.0f} ms", flush=True)
     for r in rows:
         r["aggregate_vs_1_client"] = (
             r["aggregate_audio_s_per_s"] / rows[0]["aggregate_audio_s_per_s"]
@@ -300,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_argument(p, default="random:csm-1b")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--clients", default="1,2,4,8,16,32", help="client counts of the load run")
-    p.add_argument("--frames", type=int, default=6, help="frames each load client asks for")
+    p.add_argument("--frames", type=int, default=125,
+                   help="frames each load client asks for (125: 10 s of audio)")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs of each client count (the median is the figure; min, max kept)")
     p.add_argument("--ray", action="store_true",
@@ -336,29 +421,39 @@ def main(argv=None):
     counts = [int(c) for c in args.clients.split(",")]
     if args.ray:
         return main_ray(args, device, counts)
+    if not args.isolation:
+        return main_load(args, device, counts)
     settings = ServerSettings(token=TOKEN, max_context=8, max_context_audio_s=60)
-    slots = args.normal + 2 if args.isolation else max(counts)
-    server, sched, url = start_server(args.model, device, slots, settings)
+    server, sched, url = start_server(args.model, device, args.normal + 2, settings)
     try:
-        if args.isolation:
-            rows = isolation_run(url, settings, sched.engine.window, args.normal, args.seconds,
-                                 args.repeats)
-        else:
-            rows = load_run(url, counts, args.frames, args.repeats)
+        rows = isolation_run(url, settings, sched.engine.window, args.normal, args.seconds,
+                             args.repeats)
     finally:
         server.should_exit = True
         sched.stop()
-    if args.isolation:
-        print_table(rows, ["run", "clients", "worst_gap_ms", "median_gap_ms", "mean_ttfa_ms",
-                           "max_ttfa_ms", "worst_gap_ms_ratio", "mean_ttfa_ms_ratio",
-                           "worst_gap_ms_vs_long_stream", "mean_ttfa_ms_vs_long_stream"])
-        save_json("server_isolation", device, {"model": args.model, "seconds": args.seconds,
-                                               "repeats": args.repeats, "rows": rows},
-                  args.out_dir)
-        return
+    print_table(rows, ["run", "clients", "worst_gap_ms", "median_gap_ms", "mean_ttfa_ms",
+                       "max_ttfa_ms", "worst_gap_ms_ratio", "mean_ttfa_ms_ratio",
+                       "worst_gap_ms_vs_long_stream", "mean_ttfa_ms_vs_long_stream"])
+    save_json("server_isolation", device, {"model": args.model, "seconds": args.seconds,
+                                           "repeats": args.repeats, "rows": rows}, args.out_dir)
+
+
+def main_load(args, device, counts):
+    """The load run against `csm-server` in a process of its own (spawn_server)."""
+    with tempfile.TemporaryDirectory(prefix="csm-bench-server-") as tmp:
+        log = Path(tmp) / "server.log"
+        proc, url = spawn_server(args.model, args.device, max(counts), log)
+        try:
+            rows = load_run(url, counts, args.frames, args.repeats)
+        finally:
+            stop_server(proc)
     print_table(rows, ["clients", "aggregate_audio_s_per_s", "aggregate_vs_1_client", "mean_rtf",
-                       "mean_ttfa_ms", "max_ttfa_ms"])
-    path = save_json("server", device, {"model": args.model, "frames": args.frames, "rows": rows},
+                       "mean_ttfa_ms", "max_ttfa_ms", "p95_lateness_ms", "keeps_up"])
+    keeping = [r["clients"] for r in rows if r["keeps_up"]]
+    print(f"real-time streams (every stream's p95 lateness <= 0): {max(keeping, default=0)}")
+    path = save_json("server", device, {"model": args.model, "frames": args.frames,
+                                        "server": "csm-server, its defaults", "rows": rows,
+                                        "realtime_streams": max(keeping, default=0)},
                      args.out_dir)
     plot(path, rows, counts, f"CSM-1B server, random weights, {device_name(device)}")
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks.common import slug
@@ -83,6 +84,7 @@ def test_the_acceptance_runs_here_on_the_tiny_model_and_writes_its_results():
         assert frame["model"] == "random:tiny" and frame["rows"][0]["ours_ms"] > 0
         report = (out / "report.md").read_text()
         assert frame["device"] in report and "## Frame step" in report and "## Streaming" in report
+        assert "## Through csm-server" in report
         assert f"![streaming](streaming_{cpu}.png)" in report and "| frame step alone |" in report
         # each figure with its spread and number of runs, right plurals, then the checks
         assert "| 1 stream | 1 |" in report and "1 streams" not in report
@@ -92,7 +94,8 @@ def test_the_acceptance_runs_here_on_the_tiny_model_and_writes_its_results():
         goals = {g["key"]: g for g in acceptance["goals"]}
         assert set(goals) == {"step_over_floor", "first_audio_ms", "realtime_streams",
                               "int8_vs_bf16", "int8_top1", "gpu_tests", "wer", "at_cap",
-                              "frame_step_ms"}
+                              "frame_step_ms", "wer_streaming", "wer_int8",
+                              "step_over_floor_bf16"}  # the CPU's default is fp32
         for g in goals.values():
             if g["measured"] is not None and g["verdict"] != "not applicable":
                 within = (g["measured"] <= g["bound"] if g["key"] in (
@@ -167,12 +170,15 @@ def test_the_quality_check_says_what_it_cannot_measure_and_goes_on(hf_checkpoint
     result = json.loads(next(tmp_path.glob("quality_*.json")).read_text())
     assert result["recogniser_unavailable"] and "mean_wer" not in result
     assert len(result["rows"]) == 2 and result["share_at_cap"] == 1.0  # random never ends
+    # spoken three ways, the same sentences and seeds: plain loop, streaming engine, int8
+    assert len(result["plain_rows"]) == len(result["int8_rows"]) == 2
+    assert [r["audio_s"] for r in result["plain_rows"]] == [r["audio_s"] for r in result["rows"]]
     r = subprocess.run(bench + ["--model", "random:tiny"], capture_output=True, text=True,
                        timeout=300, env=env, cwd=ROOT)
     assert r.returncode == 0 and "needs real weights" in r.stdout
 
 
-def fake_results(out: Path, first_audio_ms=400.0, over_floor=10.0, with_streaming=True,
+def fake_results(out: Path, first_audio_ms=400.0, over_floor=10.0, with_server=True,
                  quality=None, top1=0.95, floor_defect=None):
     """Result files as the benchmarks write them, with chosen figures."""
     out.mkdir(parents=True, exist_ok=True)
@@ -181,13 +187,18 @@ def fake_results(out: Path, first_audio_ms=400.0, over_floor=10.0, with_streamin
     spread = {"min": 5.0, "median": 6.0, "max": 9.0, "n": 3}
     (out / "frame_x.json").write_text(json.dumps({**dev, "rows": [  # bf16 faster, fp32 default
         {"dtype": "bf16", "ours_over_floor": over_floor / 5, "ours_ms": 1.0,
-         **({"floor_defect": floor_defect} if floor_defect else {})},
+         "floor_ms": 5 / over_floor, **({"floor_defect": floor_defect} if floor_defect else {})},
         {"dtype": "fp32", "ours_over_floor": over_floor, "ours_ms": 5.0, "ours_median_ms": 6.0,
-         "ours_spread_ms": spread}]}))
-    if with_streaming:
-        (out / "streaming_x.json").write_text(json.dumps({**dev, "rows": [
-            {"kind": "streams", "streams": 1, "ttfa_ms": first_audio_ms, "rtf_per_stream": 0.5},
-            {"kind": "streams", "streams": 2, "ttfa_ms": first_audio_ms, "rtf_per_stream": 0.9}]}))
+         "floor_ms": 5 / over_floor, "ours_spread_ms": spread}]}))
+    # in-process streaming figures (the report's, no goal's) beside the server's load run
+    (out / "streaming_x.json").write_text(json.dumps({**dev, "rows": [
+        {"kind": "streams", "streams": 1, "ttfa_ms": 1.0, "rtf_per_stream": 0.5}]}))
+    if with_server:  # 2 clients keep up, 4 do not
+        (out / "server_x.json").write_text(json.dumps({**dev, "frames": 125, "realtime_streams": 2,
+                                                       "rows": [
+            {"clients": n, "mean_ttfa_ms": first_audio_ms, "p95_lateness_ms": late,
+             "keeps_up": late <= 0, "aggregate_audio_s_per_s": 1.0}
+            for n, late in ((1, -50.0), (2, -10.0), (4, 30.0))]}))
     (out / "quantize_x.json").write_text(json.dumps({**dev, "rows": [
         {"dtype": "bf16", "ours_ms": 10.0, "top1_mean": 1.0, "kl_mean": 0.0},
         {"dtype": "int8", "ours_ms": 8.0, "top1_mean": top1, "kl_mean": 5e-4}]}))
@@ -230,12 +241,18 @@ def test_the_exit_code_follows_the_verdicts(monkeypatch, tmp_path):
     assert step["command"] == "benchmarks/bench_frame.py" and step["device"] == "test CPU"
     report = (tmp_path / "ok" / "results" / "report.md").read_text()
     assert "6 (5-9, 3 runs)" in report and "`benchmarks/bench_frame.py`" in report
+    # first audio and real-time streams come from csm-server's load run, not in-process runs:
+    # the largest count whose every stream keeps up with playback (2 here; 4 ran late)
+    streams = goals["realtime_streams"]
+    assert streams["measured"] == 2 and streams["command"] == "benchmarks/bench_server.py"
+    assert goals["first_audio_ms"]["measured"] == 400.0 and "## Through csm-server" in report
+    assert "| 4 | 400 | 30 | no |" in report
 
     code, goals, said = run_acceptance(monkeypatch, tmp_path / "slow", first_audio_ms=5000)
     assert code == 1 and goals["first_audio_ms"]["verdict"] == "NOT MET"  # forced to miss
     assert "FAILED: [CPU bound] first audio" in said
 
-    code, goals, said = run_acceptance(monkeypatch, tmp_path / "missing", with_streaming=False)
+    code, goals, said = run_acceptance(monkeypatch, tmp_path / "missing", with_server=False)
     assert code == 1 and goals["first_audio_ms"]["verdict"] == "not measured"
     assert goals["realtime_streams"]["verdict"] == "not measured" and "FAILED" in said
 
@@ -245,6 +262,9 @@ def test_on_a_gpu_the_gpu_bounds_and_tests_count(monkeypatch, tmp_path):
                                     model="random:csm-1b", first_audio_ms=80, over_floor=1.2,
                                     gpu_tests="1 failed, 9 passed in 3s")
     assert goals["frame_step_ms"]["measured"] == 1.0  # bf16: the GPU's default dtype
+    fp32 = goals["step_over_floor_fp32"]  # every dtype its own row: fp32's median / its floor
+    assert fp32["measured"] == pytest.approx(6.0 / (5 / 1.2)) and fp32["verdict"] == "met"
+    assert fp32["command"] == "benchmarks/bench_frame.py" and "(fp32)" in fp32["goal"]
     assert code == 1 and goals["gpu_tests"]["verdict"] == "NOT MET"
     assert goals["realtime_streams"]["verdict"] == "NOT MET"  # 2 of the H100's 128
     assert goals["first_audio_ms"]["verdict"] == "met" and goals["int8_vs_bf16"]["verdict"] == "met"
@@ -269,3 +289,14 @@ def test_quality_on_real_weights_has_bounds_and_a_crash_is_a_failure(monkeypatch
     code, goals, _ = run_acceptance(monkeypatch, tmp_path / "q2", quality={
         "skipped": "the recogniser could not load"})
     assert goals["wer"]["verdict"] == "not measured" and code == 1
+    # the streaming engine against the plain loop, int8 against unquantized: bounded ratios
+    code, goals, _ = run_acceptance(monkeypatch, tmp_path / "q3", quality={
+        "mean_wer": 0.05, "share_at_cap": 0.0, "wer_streaming_vs_plain": 1.3,
+        "wer_int8_vs_bf16": 1.1})
+    assert goals["wer"]["verdict"] == "met" and goals["wer_int8"]["verdict"] == "met"
+    assert goals["wer_streaming"]["verdict"] == "NOT MET" and code == 1  # forced to miss
+    code, goals, _ = run_acceptance(monkeypatch, tmp_path / "q4", quality={
+        "mean_wer": 0.05, "share_at_cap": 0.0, "wer_streaming_vs_plain": 1.0,
+        "int8_unavailable": "RuntimeError: out of memory"})
+    assert goals["wer_int8"]["verdict"] == "not measured" and code == 1
+    assert "out of memory" in goals["wer_int8"]["summary"]

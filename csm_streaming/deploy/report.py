@@ -143,6 +143,28 @@ def load_result(out: Path, prefix: str) -> dict | None:
     return json.loads(files[0].read_text()) if files else None
 
 
+def server_lines(out: Path) -> list[str]:
+    """bench_server's load run through csm-server, as report lines (none without it)."""
+    server = load_server_result(out)
+    if not server:
+        return []
+    return ["## Through csm-server", "",
+            f"{server.get('server', 'csm-server')}, {server['frames']} frames a stream; "
+            f"real-time streams: {server['realtime_streams']} (every stream's "
+            "95th-percentile lateness against playback <= 0).", "",
+            *_table(["clients", "first audio ms (mean)", "p95 lateness ms (worst stream)",
+                     "keeps up", "audio s / s (all)"],
+                    [[str(r["clients"]), _spread(r, "mean_ttfa_ms"),
+                      _spread(r, "p95_lateness_ms"), "yes" if r["keeps_up"] else "no",
+                      _spread(r, "aggregate_audio_s_per_s", ".2f")] for r in server["rows"]])]
+
+
+def load_server_result(out: Path) -> dict | None:
+    """bench_server's load run through csm-server (not its isolation or Ray Serve files)."""
+    loads = (json.loads(f.read_text()) for f in sorted(out.glob("server_*.json")))
+    return next((d for d in loads if "realtime_streams" in d), None)
+
+
 def result_device(out: Path) -> str:
     for f in sorted(out.glob("*.json")):
         return json.loads(f.read_text()).get("device", "unknown device")
