@@ -8,7 +8,7 @@ Each row is one fresh Python process that loads the model as `csm-stream` does a
 process's peak resident memory (GB: 10^9 bytes). Rows, in one run:
 
 - "quantized as written": the model's layers quantized as its weights are written (the
-  product's way: model/quantize.build_quantized), beside
+  product's way: model/quantized_load.build_quantized), beside
 - "fp32, then quantized" (the baseline: the whole fp32 model built first, then quantized, as
   the product did before), and, with --compile,
 - "compiled, cold" then "compiled, cached": two starts with one empty inductor cache folder of

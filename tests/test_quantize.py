@@ -418,7 +418,9 @@ def test_a_quantized_model_is_quantized_as_its_weights_are_written(mode, monkeyp
     state = {k: v.clone() for k, v in plain.state_dict().items()}  # the checkpoint's names
     parameters = len(list(plain.parameters()))
     quantize_model(plain, mode)
-    real_build, still_full = quantize_module.build_quantized, []
+    from csm_streaming.model import quantized_load
+
+    real_build, still_full = quantized_load.build_quantized, []
 
     def watched_build(model, fill, mode):
         written = set()
@@ -430,7 +432,7 @@ def test_a_quantized_model_is_quantized_as_its_weights_are_written(mode, monkeyp
             written.add(name)
         return real_build(model, each, mode)
 
-    monkeypatch.setattr(quantize_module, "build_quantized", watched_build)
+    monkeypatch.setattr(quantized_load, "build_quantized", watched_build)
     built = checkpoints.build_model(args, None, cpu, torch.float32, quantize=mode)
     assert len(still_full) == parameters and not any(still_full)
     same_quantized_weights(built, plain)

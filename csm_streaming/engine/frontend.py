@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from csm_streaming.audio import FRAME_MS, SAMPLE_RATE
+from csm_streaming.engine.admission import check_segments
 from csm_streaming.engine.config import StreamingConfig
 from csm_streaming.engine.reference import Generator
 from csm_streaming.engine.scheduler import StreamEngine
@@ -109,7 +110,7 @@ class StreamingGenerator:
             return self.stream(req)
         feed = TextFeed([" ".join(self.generator.prepare_text(t).split()) for t in segments],
                         segmented=True)
-        self.engine.check_segment(feed.known, req, segmented=True)
+        check_segments(self.generator, feed.known, req, self.engine.window, segmented=True)
         return self.stream(req, feed)
 
     def stream(

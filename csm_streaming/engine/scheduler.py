@@ -22,6 +22,7 @@ import time
 import torch
 
 from csm_streaming.audio import FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
+from csm_streaming.engine.admission import plan_segments
 from csm_streaming.engine.config import StreamingConfig
 from csm_streaming.engine.frame_step import FrameStep
 from csm_streaming.engine.graphs import CUDAGraphed, compile_frame_parts, shared_copy
@@ -30,7 +31,6 @@ from csm_streaming.engine.mimi_decode import decode_chunk, mimi_graphs_off
 from csm_streaming.engine.prompt_prefill import PromptWork
 from csm_streaming.engine.reference import Generator
 from csm_streaming.engine.runaway import TailGuard
-from csm_streaming.engine.segmenting import split_sentences
 from csm_streaming.engine.slots import ChunkEvent, SlotState, Stream
 from csm_streaming.engine.text_feed import TextFeed
 from csm_streaming.metrics import StreamMetrics
@@ -133,26 +133,9 @@ class StreamEngine:
     # -- admission ------------------------------------------------------------------------------
 
     def plan(self, request: GenerationRequest) -> list[str]:
-        """The segments of a request's text, each checked to fit the window: a ValueError now
-        rather than a failure mid-stream. Reads no engine state (any thread may call it)."""
-        text = " ".join(self.gen.prepare_text(request.text).split())
-        segments = split_sentences(text, self.config.max_segment_chars)
-        self.check_segment(segments, self.gen.complete(request))
-        return segments
-
-    def check_segment(self, segments: list[str], request: GenerationRequest,
-                      segmented: bool = False):
-        """Each segment must fit the window with room for audio (a plain text of one segment:
-        with room for all of max_audio_length_ms, as the reference loop needs)."""
-        for i, seg in enumerate(segments):
-            n = len(self.gen.tokenize_text(seg, request.speaker)[0])
-            if not segmented and len(segments) == 1 and n + request.max_frames > self.window:
-                raise ValueError(f"text is too long: {n} tokens + {request.max_frames} frames of "
-                                 f"audio exceed the {self.window}-position window; split the "
-                                 "text or lower max_audio_length_ms")
-            if n + 1 > self.window:
-                raise ValueError(f"text segment {i + 1} is {n} tokens: it does not fit the "
-                                 f"{self.window}-position window; use shorter sentences")
+        """The segments of a request's text, each checked to fit this engine's window
+        (admission.plan_segments). Reads no engine state (any thread may call it)."""
+        return plan_segments(self.gen, request, self.window, self.config.max_segment_chars)
 
     def submit(self, request: GenerationRequest, feed: TextFeed | None = None) -> Stream:
         """Admit a request into a free slot; its prompt work starts at the next step. feed: its

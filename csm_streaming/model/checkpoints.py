@@ -211,8 +211,8 @@ def load_state(files: list[Path], config: dict | None) -> tuple[ModelArgs, dict,
 def build_model(args: ModelArgs, state: dict | None, device, dtype,
                 quantize: str | None = None) -> CSM:
     """Build CSM on `device` in `dtype`; random init (std 0.02) when `state` is None. quantize
-    ('int8', 'int4'): each layer quantized as its weights are written (quantize.build_quantized:
-    the full-precision model never exists at once); `state` is emptied on the way."""
+    ('int8', 'int4'): each layer quantized as its weights are written (the full-precision model
+    never exists at once: quantized_load.build_quantized); `state` is emptied on the way."""
     with torch.device("meta"):
         model = CSM(args)
     if quantize:
@@ -226,7 +226,7 @@ def build_model(args: ModelArgs, state: dict | None, device, dtype,
                               * args.audio_vocab_size)
     model = model.to(dtype=dtype)
     if quantize:
-        from csm_streaming.model.quantize import build_quantized
+        from csm_streaming.model.quantized_load import build_quantized
 
         if state is not None:
             stack_checkpoint_parts(model, state)  # as load_state_dict's hooks do

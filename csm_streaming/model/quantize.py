@@ -23,7 +23,7 @@ exist:
   a Gaussian weight coded in R bits a weight cannot come closer than sigma * 2^-R (Shannon's
   rate-distortion bound); groups of 32 reach ~0.078 sigma against int8's ~0.008 (per output
   channel). On random weights, whose next-code distributions are nearly flat, top-1 agreement
-  with bf16 needs int8's precision: int4 measures 0.26 there (groups of 128: 0.17), see
+  with bf16 needs int8's precision: int4 measures 0.25 there (groups of 128: 0.17), see
   docs/performance.md; on real weights it is for the acceptance to measure.
 
 Every Linear of the backbone, the depth decoder, the projection and the codebook-0 head is
@@ -243,7 +243,7 @@ class Bf16Embedding(nn.Embedding):
         return super().forward(x).to(self.out_dtype)
 
 
-def _embeddings_in_bf16(model: nn.Module, only: str | None = None) -> int:
+def embeddings_in_bf16(model: nn.Module, only: str | None = None) -> int:
     """fp32 embedding tables (a CPU's quantized model) stored in bf16 (only: the one of that
     name); how many."""
     n = 0
@@ -275,67 +275,10 @@ def quantize_model(model: nn.Module, mode: str) -> int:
     check_mode(mode, next(model.parameters()).device)
     restore_linears(model)
     kernel = int8_kernel_for(model)
-    n = sum(_quantize_layer(model, name, mode) for name, m in list(model.named_modules())
+    n = sum(quantize_layer(model, name, mode) for name, m in list(model.named_modules())
             if isinstance(m, nn.Linear))
-    _embeddings_in_bf16(model)
+    embeddings_in_bf16(model)
     return n + _finish(model, kernel)
-
-
-@torch.no_grad()
-def build_quantized(model: nn.Module, fill, mode: str) -> int:
-    """Write a model's weights and quantize them in one pass: `fill(name, tensor)` writes one
-    parameter in place (random, or a checkpoint's), and each Linear is quantized as soon as its
-    weight is written, its full-precision weight then freed. The tensors were allocated but
-    not written (`to_empty`: on a CPU no page is in memory before it is written), so the
-    full-precision model never exists at once: the peak is the quantized model and one layer,
-    where quantize_model's is the whole model beside it. Same layers, kernels and (random)
-    values as building the model and calling quantize_model; int8 layers then keep only their
-    kernel's packed copy (drop_unpacked). Returns how many layers."""
-    check_mode(mode, next(model.parameters()).device)
-    kernel = int8_kernel_for(model)  # before any weight is written: it times random ones
-    linears = {f"{name}.weight": name for name, m in model.named_modules()
-               if isinstance(m, nn.Linear)}
-    n, dropped = 0, 0
-    tables = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
-    names = [name for name, _ in model.named_parameters()]  # names: no tensor is held
-    # the embedding tables first: their fp32 values and bf16 copy meet before the rest exists
-    for name in sorted(names, key=lambda name: name not in tables):
-        fill(name, model.get_parameter(name))
-        if name in linears:
-            n += _quantize_layer(model, linears[name], mode)
-        elif name == "audio_head":
-            n += quantize_audio_heads(model)
-        elif name in tables:
-            _embeddings_in_bf16(model, only=name.removesuffix(".weight"))
-        for m in model.modules():  # packed now, each int8 layer keeps its packed copy alone
-            if isinstance(m, Int8Linear) and not m.packed_only:
-                m.use_cpu_kernel(kernel)
-                dropped += m.drop_unpacked()
-        _give_back_freed_memory()
-    log.info("%s weights: %d layers quantized as they were written (%d int8 layers keep only "
-             "their %s-packed copy)", mode, n, dropped, kernel)
-    return n
-
-
-@functools.cache
-def _malloc_trim():
-    """glibc's malloc_trim, or None (another C library)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def _give_back_freed_memory():
-    """Return the heap's freed pages to the system: a layer's full-precision weight and the
-    temporaries of its quantization are freed into malloc's arenas, which keep them (its
-    threads' arenas more so) unless trimmed; without it the peak varied 3.1-3.9 GB."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def int8_kernel_for(model: nn.Module) -> str:
@@ -344,7 +287,7 @@ def int8_kernel_for(model: nn.Module) -> str:
     return choose_cpu_kernel(model) if on_cpu else Int8Linear.cpu_kernel
 
 
-def _quantize_layer(model: nn.Module, name: str, mode: str) -> int:
+def quantize_layer(model: nn.Module, name: str, mode: str) -> int:
     """The Linear called `name` replaced by its int4 (where int4's packing takes it) or int8
     layer (two parts for TWO_PART_INT8's)."""
     parent_name, _, child = name.rpartition(".")

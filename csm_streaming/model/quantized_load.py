@@ -1,0 +1,78 @@
+"""A quantized model built without its full-precision twin: each layer quantized as its weights
+are written (`build_quantized`, what checkpoints.build_model does with `quantize`)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn as nn
+
+from csm_streaming.model.quantize import (
+    Int8Linear,
+    check_mode,
+    embeddings_in_bf16,
+    int8_kernel_for,
+    quantize_audio_heads,
+    quantize_layer,
+)
+
+log = logging.getLogger("csm.quantize")
+
+
+@torch.no_grad()
+def build_quantized(model: nn.Module, fill, mode: str) -> int:
+    """Write a model's weights and quantize them in one pass: `fill(name, tensor)` writes one
+    parameter in place (random, or a checkpoint's), and each Linear is quantized as soon as its
+    weight is written, its full-precision weight then freed. The tensors were allocated but
+    not written (`to_empty`: on a CPU no page is in memory before it is written), so the
+    full-precision model never exists at once: the peak is the quantized model and one layer,
+    where quantize_model's is the whole model beside it. Same layers, kernels and (random)
+    values as building the model and calling quantize_model; int8 layers then keep only their
+    kernel's packed copy (drop_unpacked). Returns how many layers."""
+    check_mode(mode, next(model.parameters()).device)
+    kernel = int8_kernel_for(model)  # before any weight is written: it times random ones
+    linears = {f"{name}.weight": name for name, m in model.named_modules()
+               if isinstance(m, nn.Linear)}
+    n, dropped = 0, 0
+    tables = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    names = [name for name, _ in model.named_parameters()]  # names: no tensor is held
+    # the embedding tables first: their fp32 values and bf16 copy meet before the rest exists
+    for name in sorted(names, key=lambda name: name not in tables):
+        fill(name, model.get_parameter(name))
+        if name in linears:
+            n += quantize_layer(model, linears[name], mode)
+        elif name == "audio_head":
+            n += quantize_audio_heads(model)
+        elif name in tables:
+            embeddings_in_bf16(model, only=name.removesuffix(".weight"))
+        for m in model.modules():  # packed now, each int8 layer keeps its packed copy alone
+            if isinstance(m, Int8Linear) and not m.packed_only:
+                m.use_cpu_kernel(kernel)
+                dropped += m.drop_unpacked()
+        _give_back_freed_memory()
+    log.info("%s weights: %d layers quantized as they were written (%d int8 layers keep only "
+             "their %s-packed copy)", mode, n, dropped, kernel)
+    return n
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None (another C library)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _give_back_freed_memory():
+    """Return the heap's freed pages to the system: a layer's full-precision weight and the
+    temporaries of its quantization are freed into malloc's arenas, which keep them (its
+    threads' arenas more so) unless trimmed; without it the peak varied 3.1-3.9 GB."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
