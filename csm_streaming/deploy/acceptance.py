@@ -80,7 +80,7 @@ def step_acceptance(r: Runner, out: Path, model: str, device: str, quick: bool,
            "4" if quick else "50", "--out-dir", str(out)])
     # first audio and real-time streams: csm-server as users run it, over HTTP, 10 s streams
     r.run([py, "benchmarks/bench_server.py", "--model", model, "--device", device, "--clients",
-           "1,2" if quick else "1,8,32,64,128", "--frames", "12" if quick else "125",
+           "1,2" if quick else "1,8,32,64,128", "--frames", "125",
            "--repeats", "1" if quick else "3", "--out-dir", str(out)])
     if real_model is not None:  # word error rate (Whisper) and clips that never end
         r.run([py, "benchmarks/bench_quality.py", "--model", real_model, "--device", device,
