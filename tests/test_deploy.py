@@ -300,3 +300,10 @@ def test_quality_on_real_weights_has_bounds_and_a_crash_is_a_failure(monkeypatch
         "int8_unavailable": "RuntimeError: out of memory"})
     assert goals["wer_int8"]["verdict"] == "not measured" and code == 1
     assert "out of memory" in goals["wer_int8"]["summary"]
+    # real weights asked for, and the quality step wrote nothing (it crashed): failed, not
+    # "not applicable", and every quality row says so
+    code, goals, said = run_acceptance(monkeypatch, tmp_path / "q5", model="org/real-csm")
+    assert code == 1 and "FAILED" in said
+    for key in ("wer", "wer_streaming", "wer_int8", "at_cap"):
+        assert goals[key]["verdict"] == "not measured", goals[key]
+        assert "wrote no result" in goals[key]["summary"]

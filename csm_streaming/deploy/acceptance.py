@@ -87,7 +87,7 @@ def step_acceptance(r: Runner, out: Path, model: str, device: str, quick: bool,
                "--out-dir", str(out)], check=False)
     if r.dry_run:
         return None
-    rows = acceptance_rows(out, tests.stdout, device, model)
+    rows = acceptance_rows(out, tests.stdout, device, model, real_weights=real_model is not None)
     path = out / "acceptance.json"
     path.write_text(json.dumps({"device": result_device(out), "model": model, "quick": quick,
                                 "date": time.strftime("%Y-%m-%d %H:%M:%S"), "goals": rows},
@@ -119,7 +119,7 @@ def _measured(goal: dict) -> str:
 
 
 def acceptance_rows(out: Path, gpu_tests_output: str, device: str = "cuda",
-                    model: str = "random:csm-1b") -> list[dict]:
+                    model: str = "random:csm-1b", real_weights: bool = False) -> list[dict]:
     """Each goal with what the benchmarks in `out` measured and its verdict (VERDICTS): met or
     NOT MET against the bound for this device, "not measured" where it should have been and
     was not (a failure), "not applicable" where it cannot apply here (listed, not a failure)."""
@@ -139,7 +139,7 @@ def acceptance_rows(out: Path, gpu_tests_output: str, device: str = "cuda",
             row["summary"] = f"not measured: {defect}"
         rows.append(verdict(row, not_applicable=tiny.get(key)))
     rows += other_dtype_rows(out, device, goals["step_over_floor"], tiny.get("step_over_floor"))
-    rows += quality_rows(out)
+    rows += quality_rows(out, real_weights)
     rows.append(gpu_tests_row(gpu_tests_output, device))
     where = result_device(out)
     return [{**r, "command": GOAL_COMMANDS[r["key"].removesuffix(f"_{r.get('dtype')}")],
@@ -239,13 +239,18 @@ QUALITY_GOALS = (
     ("at_cap", "share of clips that never end = 0", "share_at_cap", 0.0))
 
 
-def quality_rows(out: Path) -> list[dict]:
+def quality_rows(out: Path, real_weights: bool = False) -> list[dict]:
     """Word error rate and clips that never end: bounded on real weights; with random ones
-    (no quality step ran) not applicable; a quality step that ran and failed is not measured."""
+    (no quality step ran) not applicable; a quality step that ran and failed (or wrote
+    nothing: it crashed) is not measured."""
     quality = load_result(out, "quality_")
     rows = []
     for key, goal, name, bound in QUALITY_GOALS:
         row = {"key": key, "goal": goal, "bound": bound, "measured": None, "met": None}
+        if quality is None and real_weights:
+            rows.append({**verdict(row), "summary": "not measured: bench_quality.py wrote no "
+                         "result (it failed: see its output above)"})
+            continue
         if quality is None:
             rows.append(verdict(row, not_applicable="random weights: nothing to understand"))
             continue
