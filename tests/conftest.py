@@ -169,16 +169,16 @@ class LiveServer:
         model, tok, _ = load_model_and_tokenizer("random:tiny", torch.device("cpu"))
         gen = Generator(model, tok, load_mimi("random", "cpu"), watermarker=watermarker)
         sg = StreamingGenerator(gen, StreamingConfig(max_batch_size=max_streams, **config))
-        self.scheduler = EngineThread(sg, max_queue=max_queue).start()
+        self.engine_thread = EngineThread(sg, max_queue=max_queue).start()
         self.settings = settings or ServerSettings(token=TOKEN, max_body_bytes=2 * 2**20)
-        self.app = app = create_app(self.scheduler, self.settings, voices=voices, chat=chat)
+        self.app = app = create_app(self.engine_thread, self.settings, voices=voices, chat=chat)
         self.server, self.thread, self.url = serve_in_thread(app, settings=self.settings)
         self.port = int(self.url.rsplit(":", 1)[1])
 
     def close(self):
         self.server.should_exit = True
         self.thread.join(10)
-        self.scheduler.stop()
+        self.engine_thread.stop()
 
 
 @pytest.fixture(scope="session")

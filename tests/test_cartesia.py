@@ -203,9 +203,9 @@ def test_a_context_never_ended_is_closed_after_the_idle_timeout(mimi):
         assert got[-1]["type"] == "error" and got[-1]["status_code"] == 408
         assert "was not ended" in got[-1]["error"]
         deadline = time.monotonic() + 10  # and its slot is free again
-        while server.scheduler.active and time.monotonic() < deadline:
+        while server.engine_thread.active and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert server.scheduler.active == 0
+        assert server.engine_thread.active == 0
     finally:
         server.close()
 

@@ -87,7 +87,7 @@ def test_a_stream_that_fails_ends_alone_and_visibly_on_every_transport(iso, tiny
     audio."""
     from websockets.sync.client import connect
 
-    prompts = iso.scheduler.engine.prompts
+    prompts = iso.engine_thread.engine.prompts
     original = prompts._next
 
     def failing_next(s):
@@ -96,7 +96,7 @@ def test_a_stream_that_fails_ends_alone_and_visibly_on_every_transport(iso, tiny
         yield from original(s)
 
     monkeypatch.setattr(prompts, "_next", failing_next)
-    undo = patch_sample_frame(iso.scheduler.engine.model, lambda codes, s: torch.where(
+    undo = patch_sample_frame(iso.engine_thread.engine.model, lambda codes, s: torch.where(
         ((s.seed == 666) & (s.frame == 5))[:, None], torch.zeros_like(codes), codes))
     before_ok = metric(iso, "csm_requests_total", route="/v1/audio/speech", status="200")
     victim = {"input": LONG_TEXT, "seed": 666, "max_audio_length_ms": 8000}
@@ -169,7 +169,7 @@ def test_a_big_context_does_not_stall_the_running_streams(iso, monkeypatch):
 
     from csm_streaming.engine import prompt_prefill as prompts
 
-    engine = iso.scheduler.generator.engine
+    engine = iso.engine_thread.generator.engine
     work = []  # the engine thread's order of work: "slice" (context encoding) or "chunk"
     encode, chunk = prompts.encode_slices, engine._chunk
 
@@ -460,7 +460,7 @@ def test_a_lone_stream_out_of_memory_is_refused_not_retried_forever():
         def always_oom(n, *rest):
             raise torch.OutOfMemoryError("simulated")
 
-        live.scheduler.engine._frame_step = always_oom
+        live.engine_thread.engine._frame_step = always_oom
         r = httpx.post(f"{live.url}/api/generate", headers=AUTH, timeout=60,
                        json={"text": "Too big.", "max_audio_length_ms": 800})
         assert r.status_code == 503 and "out of device memory" in r.json()["error"]["message"]
@@ -474,7 +474,7 @@ def test_out_of_memory_mid_chunk_loses_and_repeats_no_audio(tiny_generator):
     are in. The two kept streams go on from exactly where they were: their audio equals their
     solo runs."""
     live = LiveServer(max_streams=4)
-    engine = live.scheduler.engine
+    engine = live.engine_thread.engine
     original_step, original_checkpoint = engine._frame_step, engine.state.checkpoint
     chunk = {"frame": 0, "raised": False}
 
@@ -532,7 +532,7 @@ def test_a_newcomer_cuts_the_running_chunk_and_joins_the_next_one(tiny_generator
     engine = sg.engine
     frame_step, frames, arrive_at = engine._frame_step, [0], [None]
 
-    def counted(n, *rest):  # the scheduler's wake() when a request is queued, at a chosen frame
+    def counted(n, *rest):  # the engine thread's wake() when a request is queued, at a chosen frame
         frames[0] += 1
         if frames[0] == arrive_at[0]:
             engine.wake()
@@ -556,7 +556,7 @@ def test_a_newcomer_cuts_the_running_chunk_and_joins_the_next_one(tiny_generator
     assert step() == {"talker": 8}  # a whole chunk when nobody comes
     arrive_at[0] = frames[0] + 3
     assert step() == {"talker": 3}  # cut at the third frame: somebody came
-    # the scheduler admits
+    # the engine thread admits
     newcomer = engine.submit(GenerationRequest.of("Me too.", 1, seed=2, **args))
     names[newcomer.id], audio["newcomer"] = "newcomer", []
     assert step() == {"talker": 2, "newcomer": 2}  # prefilled first, then in the next chunk
@@ -585,7 +585,7 @@ def test_two_engines_on_one_model_keep_their_own_caches(tiny_generator):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
-def test_the_scheduler_follows_a_replaced_engine(tiny_generator):
+def test_the_engine_thread_follows_a_replaced_engine(tiny_generator):
     from csm_streaming.engine.config import StreamingConfig
     from csm_streaming.engine.frontend import StreamingGenerator
     from csm_streaming.engine.scheduler import StreamEngine

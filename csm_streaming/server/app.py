@@ -4,7 +4,7 @@
 
 Routes (routes.py): POST /api/generate (base64 WAV), POST /v1/audio/speech (OpenAI-compatible,
 streamed), WebSocket /v1/stream (PCM chunks + JSON progress), GET /health, GET /metrics
-(Prometheus). Every active stream advances in the same batched frame step (scheduler.py).
+(Prometheus). Every active stream advances in the same batched frame step (engine/scheduler.py).
 Errors are JSON with a message a client can act on; binds to 127.0.0.1 unless told otherwise; a
 bearer token (--token or $CSM_SERVER_TOKEN) guards every route but /health when set. Request
 contract, limits and auth: api.py. This file: the process (uvicorn settings, the command).
@@ -47,13 +47,13 @@ log = logging.getLogger("csm.server")
 # ---------------------------------------------------------------------------------------------
 
 
-def create_app(scheduler, settings: ServerSettings, voices=None, chat=None):
+def create_app(engine_thread, settings: ServerSettings, voices=None, chat=None):
     """The FastAPI app over a started EngineThread: the speech routes, the chat routes when an LLM
     is configured (chat: an llm.LLMConfig), limits and JSON errors. voices: a VoiceLibrary."""
     from fastapi import FastAPI
 
     app = FastAPI(title="CSM-1B streaming server", docs_url="/docs", redoc_url=None)
-    ctx = ServerContext(app, scheduler, settings, voices, chat)
+    ctx = ServerContext(app, engine_thread, settings, voices, chat)
     ctx.chat_session = chat_routes.chat_session
     app.state.ctx = ctx
     for module in (routes, chat_routes, voice_routes, cartesia_routes, elevenlabs_routes):
@@ -150,18 +150,18 @@ class GracefulServer(uvicorn.Server):
     (an aborted body, an SSE error event, a WebSocket error message) and exits. A supervisor's
     kill (Kubernetes and systemd wait 30 s) never finds streams that look complete."""
 
-    def __init__(self, config, scheduler, grace_s: float):
+    def __init__(self, config, engine_thread, grace_s: float):
         config.timeout_graceful_shutdown = 5  # after the grace period: uvicorn's own backstop
         super().__init__(config)
-        self.scheduler, self.grace_s = scheduler, grace_s
+        self.engine_thread, self.grace_s = engine_thread, grace_s
         self._draining = False
 
     def handle_exit(self, sig, frame):
         if self._draining:  # a second signal: stop now
             return super().handle_exit(sig, frame)
         self._draining = True
-        self.scheduler.drain()  # new requests get a 503 from here on
-        log.info("shutting down: %d streams get up to %g s to finish", self.scheduler.active,
+        self.engine_thread.drain()  # new requests get a 503 from here on
+        log.info("shutting down: %d streams get up to %g s to finish", self.engine_thread.active,
                  self.grace_s)
         threading.Thread(target=self._drain_then_exit, args=(sig, frame), daemon=True).start()
 
@@ -169,9 +169,9 @@ class GracefulServer(uvicorn.Server):
         """uvicorn closes WebSockets (1012) the moment it stops: so it stops only once the
         streams are done or have been ended with an error each client can see."""
         deadline = time.monotonic() + self.grace_s
-        while self.scheduler.active + self.scheduler.queued and time.monotonic() < deadline:
+        while self.engine_thread.active + self.engine_thread.queued and time.monotonic() < deadline:
             time.sleep(0.1)
-        n = self.scheduler.end_all(f"the server shut down: the stream was cut after the "
+        n = self.engine_thread.end_all(f"the server shut down: the stream was cut after the "
                                    f"{self.grace_s:g} s grace period")
         if n:
             log.warning("shutdown: ended %d streams still running after the grace period", n)
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_scheduler(args, replica: str | None = None):
+def load_engine_thread(args, replica: str | None = None):
     from csm_streaming.engine.config import StreamingConfig
     from csm_streaming.engine.loader import load_streaming_csm_1b
     from csm_streaming.server.engine_thread import EngineThread
@@ -285,9 +285,9 @@ def main(argv=None) -> int:
         chat = LLMConfig.from_env(args.llm, model=args.llm_model) if args.llm else None
         if chat is not None:
             check_llm(chat)  # the key, the endpoint, the model: in seconds, not after the load
-        scheduler = load_scheduler(args)
+        engine_thread = load_engine_thread(args)
         voices = VoiceLibrary.load(args.voices_dir or DEFAULT_VOICES_DIR,
-                                   scheduler.generator.generator)
+                                   engine_thread.generator.generator)
     except (CheckpointError, WatermarkError, LLMError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -299,13 +299,13 @@ def main(argv=None) -> int:
             "listening on %s without a token: anyone who can reach it can use it", args.host
         )
     log.info("adding and deleting voices: %s", voice_writes(args)[1])
-    app = create_app(scheduler.start(), settings, voices=voices, chat=chat)
+    app = create_app(engine_thread.start(), settings, voices=voices, chat=chat)
 
     try:
-        GracefulServer(uvicorn_config(app, args.host, args.port, settings), scheduler,
+        GracefulServer(uvicorn_config(app, args.host, args.port, settings), engine_thread,
                        args.shutdown_grace).run()
     finally:
-        scheduler.stop()
+        engine_thread.stop()
     return 0
 
 

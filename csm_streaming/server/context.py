@@ -1,4 +1,4 @@
-"""What the routes share (`ServerContext`, on `app.state.ctx`): the scheduler, the settings, the
+"""What the routes share (`ServerContext`, on `app.state.ctx`): the engine thread, the settings, the
 voices, and the helpers that turn a ticket's chunks into a response body, server-sent events or
 WebSocket messages, each counted once with its real outcome."""
 
@@ -25,12 +25,12 @@ log = logging.getLogger("csm.server")
 
 
 class ServerContext:
-    """What the routes share: the scheduler, the settings, the voices, and the helpers that turn
+    """What the routes share: the engine thread, the settings, the voices, and the helpers that turn
     a ticket's chunks into a response. One per app, on `app.state.ctx`."""
 
-    def __init__(self, app, scheduler, settings: ServerSettings, voices=None, chat=None):
-        self.app, self.scheduler, self.settings = app, scheduler, settings
-        self.sg, self.metrics = scheduler.generator, scheduler.metrics
+    def __init__(self, app, engine_thread, settings: ServerSettings, voices=None, chat=None):
+        self.app, self.engine_thread, self.settings = app, engine_thread, settings
+        self.sg, self.metrics = engine_thread.generator, engine_thread.metrics
         self.voices, self.chat = voices, chat  # chat: an llm.LLMConfig, or None
         self.chat_session = None  # async (ws, ctx, first message): set by server.create_app
         # Open connections: WebSockets not yet authorised, and authorised clients (the routes
@@ -46,14 +46,14 @@ class ServerContext:
         self.metrics.count_request(route_template(self.app, scope), status)
 
     def retry_after(self) -> int:
-        return self.scheduler.retry_after_s()
+        return self.engine_thread.retry_after_s()
 
     def enqueue(self, req, scope, feed=None):
         """Queue a request; its stream is cancelled when the HTTP request ends, however."""
         from csm_streaming.server.engine_thread import QueueFull
 
         try:
-            ticket = self.scheduler.enqueue(req, asyncio.get_running_loop(), feed)
+            ticket = self.engine_thread.enqueue(req, asyncio.get_running_loop(), feed)
         except QueueFull as e:
             raise shape_error(e, self.retry_after()) from None
         scope.setdefault(CLEANUP_KEY, []).append(ticket.cancel)

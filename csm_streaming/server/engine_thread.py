@@ -24,7 +24,7 @@ from csm_streaming.engine.text_feed import TextFeed
 from csm_streaming.metrics import OOM_NARROWED, ServerMetrics, StreamMetrics
 from csm_streaming.request import GenerationRequest
 
-log = logging.getLogger("csm.scheduler")
+log = logging.getLogger("csm.engine_thread")
 
 _END = object()
 MAX_REQUEUES = 1  # a request put back after an out-of-memory; the next time it is refused

@@ -4,7 +4,7 @@
     serve run serve_config.yaml                                         # autoscaled, a cluster
 
 Each replica is the whole server of app.py (the same FastAPI routes, built by
-server.create_app around the replica's own engine and scheduler): the OpenAI speech route, the
+server.create_app around the replica's own engine thread): the OpenAI speech route, the
 WebSocket, /api/generate, chat, /health and /metrics (that replica's, labelled `replica`; Ray
 exports Serve's own metrics for the whole cluster). Serve routes a request to a replica with a
 free slot (max_ongoing_requests = the engine's slots) and queues it otherwise (up to
@@ -28,42 +28,42 @@ log = logging.getLogger("csm.ray")
 
 @serve.ingress()
 class CSMReplica:
-    """One engine, its scheduler thread and the server's app around them."""
+    """One engine, its engine thread and the server's app around them."""
 
     def __init__(self, server_args: list[str], torch_threads: int | None = None):
         import torch
 
         from csm_streaming.chat.llm import LLMConfig
         from csm_streaming.engine.voices import DEFAULT_VOICES_DIR, VoiceLibrary
-        from csm_streaming.server.app import build_parser, load_scheduler, settings_from_args
+        from csm_streaming.server.app import build_parser, load_engine_thread, settings_from_args
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
         args = build_parser().parse_args(server_args)
         ctx = serve.get_replica_context()
         self.replica = ctx.replica_tag if ctx is not None else "local"
-        self.scheduler = load_scheduler(args, replica=self.replica).start()
+        self.engine_thread = load_engine_thread(args, replica=self.replica).start()
         self.settings = settings_from_args(args)
         self.voices = VoiceLibrary.load(args.voices_dir or DEFAULT_VOICES_DIR,
-                                        self.scheduler.generator.generator,
+                                        self.engine_thread.generator.generator,
                                         must_exist=args.voices_dir is not None)
         self.chat = LLMConfig.from_env(args.llm, model=args.llm_model) if args.llm else None
-        log.info("replica %s ready on %s", self.replica, self.scheduler.generator.device)
+        log.info("replica %s ready on %s", self.replica, self.engine_thread.generator.device)
 
     def __serve_build_asgi_app__(self):
         from csm_streaming.server.app import create_app
 
-        return create_app(self.scheduler, self.settings, voices=self.voices, chat=self.chat)
+        return create_app(self.engine_thread, self.settings, voices=self.voices, chat=self.chat)
 
     def check_health(self):
         """Serve calls this periodically: a replica whose engine thread died is replaced."""
-        if not self.scheduler._thread.is_alive():
+        if not self.engine_thread._thread.is_alive():
             raise RuntimeError(f"replica {self.replica}: the engine thread stopped")
 
     def __del__(self):
-        scheduler = getattr(self, "scheduler", None)
-        if scheduler is not None:
-            scheduler.stop(timeout=5)
+        engine_thread = getattr(self, "engine_thread", None)
+        if engine_thread is not None:
+            engine_thread.stop(timeout=5)
 
 
 def build_app(options: dict):

@@ -1,6 +1,6 @@
 """The server's routes over an EngineThread: speech as JSON, bytes, server-sent events or WebSocket.
 
-`create_app(scheduler, settings)` builds the FastAPI app; the routes are module-level functions
+`create_app(engine_thread, settings)` builds the FastAPI app; the routes are module-level functions
 that find what they share (`ServerContext`) on `app.state.ctx`. The contract (bodies, limits,
 auth, errors) is in api.py; the process around it (uvicorn, the command) in app.py.
 """
@@ -94,7 +94,7 @@ router = APIRouter()
 @router.get("/health")
 async def health(request: Request):
     ctx = context_of(request)
-    s = ctx.scheduler
+    s = ctx.engine_thread
     # liveness and load only: the voices are listed by /v1/voices, behind the token
     return {"status": "ok", "device": str(ctx.sg.device), "active_streams": s.active,
             "queued": s.queued, "slots": s.slots, "watermark": ctx.sg.watermarked,
