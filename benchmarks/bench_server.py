@@ -13,14 +13,14 @@
   stream's 95th-percentile lateness is <= 0 (the worst stream's is `p95_lateness_ms`); in
   aggregate: audio seconds generated per second. The acceptance reads first audio and
   real-time streams from here.
-- --isolation starts the server in this process (uvicorn on 127.0.0.1, a free port).
-- --isolation: --normal clients (WebSocket, --seconds of audio each) measured three times in
-  one run: alone; beside one ordinary client streaming long answers; beside an abuser that
-  sends the longest text with the most and longest context turns (and reads its answer) and at
-  the same time fires requests with big bodies and hangs up at once. Reported: the normal
-  clients' worst gap between chunks and time to first audio, as ratios to the run alone and to
-  the run beside an ordinary stream (what any other running stream costs). The three runs are
-  one round; --repeats rounds, each figure and ratio the median over them (min, max kept).
+- --isolation (the server in this process: uvicorn on 127.0.0.1, a free port): --normal
+  clients (WebSocket, --seconds of audio each) measured three times in one run: alone; beside
+  one ordinary client streaming long answers; beside an abuser that sends the longest text
+  with the most and longest context turns (and reads its answer) and at the same time fires
+  requests with big bodies and hangs up at once. Reported: the normal clients' worst gap
+  between chunks and time to first audio, as ratios to the run alone and to the run beside an
+  ordinary stream (what any other running stream costs). The three runs are one round;
+  --repeats rounds, each figure and ratio the median over them (min, max kept).
 
 Table, JSON and PNG in benchmarks/results/.
 """
@@ -41,6 +41,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 from common import (
     ROOT,
@@ -100,9 +102,11 @@ def spawn_server(model: str, device: str, max_streams: int, log_path: Path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
         "PYTHONPATH", "")])}  # this checkout's package, installed or not
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    proc.log = log  # closed by stop_server
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 3600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            log.close()
             raise RuntimeError(f"csm-server exited with {proc.returncode} before it listened:\n"
                                + log_path.read_text()[-3000:])
         try:
@@ -111,7 +115,7 @@ def spawn_server(model: str, device: str, max_streams: int, log_path: Path):
         except httpx.HTTPError:
             pass
         time.sleep(1.0)
-    proc.kill()
+    stop_server(proc)
     raise RuntimeError("csm-server did not listen within an hour")
 
 
@@ -121,6 +125,7 @@ def stop_server(proc):
         proc.wait(60)
     except subprocess.TimeoutExpired:
         proc.kill()
+    proc.log.close()
 
 
 def lateness_s(reads: list[tuple[float, int]]) -> list[float]:
@@ -131,14 +136,6 @@ def lateness_s(reads: list[tuple[float, int]]) -> list[float]:
         late.append(t - (start + before / PCM_BYTES_PER_S))
         before += n
     return late
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) by linear interpolation, as numpy's default."""
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo = int(pos)
-    return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (pos - lo)
 
 
 def one_client(url: str, i: int, frames: int) -> dict:
@@ -157,7 +154,7 @@ def one_client(url: str, i: int, frames: int) -> dict:
     wall = time.perf_counter() - t0
     n = sum(k for _, k in reads)
     return {"ttfa_s": reads[0][0] - t0, "wall_s": wall, "audio_s": n / PCM_BYTES_PER_S,
-            "p95_lateness_s": percentile(lateness_s(reads), 95)}
+            "p95_lateness_s": float(np.percentile(lateness_s(reads), 95))}
 
 
 def load_run(url: str, counts: list[int], frames: int, repeats: int = 1) -> list[dict]:
