@@ -133,7 +133,7 @@ def memory_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 5) -
     """Read bandwidth, DRAM and cache apart, best of `repeats` each (bytes/s).
 
     DRAM: a sum (a pure stream read) and a matrix-vector product (a frame step's access
-    pattern) over ~1 GiB, at least 8x the last-level cache: "best" (= "dram"), the faster.
+    pattern) over ~1 GiB, at least 8x the last-level cache: "dram", the faster.
     Cache: the product over matrices of 1/8 .. 2x the last-level cache, read again and again:
     the rate at 1/4 of it is "cache" (well inside it), and "usable_cache_bytes" the largest
     size still read at >= 1.5x the product's DRAM rate: what a step can keep in cache on this
@@ -146,9 +146,8 @@ def memory_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 5) -
              ([llc // 8, llc // 4, llc // 2, llc, 2 * llc] if llc else [])}
     usable = max((size for size, rate in curve.items() if rate >= 1.5 * probes["gemv"]),
                  default=0)
-    return {"probes_gb_s": {k: b / 1e9 for k, b in probes.items()}, "best": dram,
-            "dram": dram, "cache": curve.get(llc // 4, dram), "llc_bytes": llc,
-            "usable_cache_bytes": usable,
+    return {"probes_gb_s": {k: b / 1e9 for k, b in probes.items()}, "dram": dram,
+            "cache": curve.get(llc // 4, dram), "llc_bytes": llc, "usable_cache_bytes": usable,
             "cache_curve_gb_s": {f"{size / 2**20:g} MiB": rate / 1e9
                                  for size, rate in curve.items()}}
 
@@ -163,8 +162,8 @@ def frame_floor(model, probe: dict) -> dict:
     parts = weight_bytes_by_part(model)
     steps = model.args.audio_num_codebooks - 1
     per_step = (parts["depth decoder"] + parts["projection"]) / steps
-    fits = 0 < per_step <= probe.get("usable_cache_bytes", 0)
-    dram, cache = probe.get("dram", probe["best"]), probe.get("cache", probe["best"])
+    fits = 0 < per_step <= probe["usable_cache_bytes"]
+    dram, cache = probe["dram"], probe["cache"]
 
     def seconds(part: str) -> float:
         if fits and part in ("depth decoder", "projection"):

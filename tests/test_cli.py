@@ -232,7 +232,7 @@ def test_the_frame_profile_finds_every_product_of_every_part_and_undoes_its_labe
     prof = _tool_module("benchmarks/profile_frame.py")
     model, sampler = own_generator.model, csm_module.sample_topk
     frame_bytes = importlib.import_module("common").weight_bytes_per_frame(model)  # bench_frame's
-    probe = {"dram": 40e9, "best": 40e9, "cache": 160e9, "usable_cache_bytes": 2**40}
+    probe = {"dram": 40e9, "cache": 160e9, "usable_cache_bytes": 2**40}
     result = prof.profile(model, own_generator.text_tokenizer, torch.device("cpu"), streams=2,
                           frames=2, probe=probe)
     rows = {r["part"]: r for r in result["rows"]}
@@ -260,7 +260,7 @@ def test_the_floor_reads_the_depth_decoder_from_cache_only_where_one_step_fits(o
     parts = common.weight_bytes_by_part(model)
     repeated = parts["depth decoder"] + parts["projection"]
     once, step = sum(parts.values()) - repeated, repeated / 31
-    probe = {"dram": 10e9, "best": 10e9, "cache": 50e9, "usable_cache_bytes": int(step) + 1}
+    probe = {"dram": 10e9, "cache": 50e9, "usable_cache_bytes": int(step) + 1}
     fits = common.frame_floor(model, probe)
     assert fits["depth_step_in_cache"] and fits["floor_ms"] == pytest.approx(
         ((once + step) / 10e9 + 30 * step / 50e9) * 1e3)
@@ -279,7 +279,7 @@ def test_the_bandwidth_probe_tells_dram_from_cache():
     (what the choice guarantees; which size that is depends on this machine)."""
     common = importlib.import_module("common")
     probe = common.memory_bandwidth(torch.device("cpu"), gib=0.25, repeats=1)
-    assert probe["dram"] == probe["best"] == max(probe["probes_gb_s"].values()) * 1e9
+    assert probe["dram"] == max(probe["probes_gb_s"].values()) * 1e9
     if probe["llc_bytes"]:
         assert len(probe["cache_curve_gb_s"]) == 5
         usable = probe["usable_cache_bytes"]

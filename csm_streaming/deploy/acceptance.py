@@ -125,7 +125,8 @@ def acceptance_rows(out: Path, gpu_tests_output: str, device: str = "cuda",
     was not (a failure), "not applicable" where it cannot apply here (listed, not a failure)."""
     goals = CPU_GOALS if device == "cpu" else GOALS
     measured, spreads = measured_figures(out, device)
-    defect = (frame_row(load_result(out, "frame_") or {}, device) or {}).get("floor_defect")
+    frame = load_result(out, "frame_") or {}
+    defect = (frame_row(frame, device) or {}).get("floor_defect")
     rows = []
     tiny = TINY_ON_CPU if device == "cpu" and model == "random:tiny" else {}
     for key, (goal, bound, kind) in goals.items():
@@ -138,7 +139,7 @@ def acceptance_rows(out: Path, gpu_tests_output: str, device: str = "cuda",
         if key == "step_over_floor" and m is None and defect:
             row["summary"] = f"not measured: {defect}"
         rows.append(verdict(row, not_applicable=tiny.get(key)))
-    rows += other_dtype_rows(out, device, goals["step_over_floor"], tiny.get("step_over_floor"))
+    rows += other_dtype_rows(frame, device, goals["step_over_floor"], tiny.get("step_over_floor"))
     rows += quality_rows(out, real_weights)
     rows.append(gpu_tests_row(gpu_tests_output, device))
     where = result_device(out)
@@ -146,15 +147,15 @@ def acceptance_rows(out: Path, gpu_tests_output: str, device: str = "cuda",
              "device": where} for r in rows]
 
 
-def other_dtype_rows(out: Path, device: str, goal: tuple, not_applicable: str | None
+def other_dtype_rows(frame: dict, device: str, goal: tuple, not_applicable: str | None
                      ) -> list[dict]:
-    """The frame step against its floor for every other dtype bench_frame measured (eager),
-    a row each, judged as the default dtype's (`goal`: its text, bound and side)."""
-    frame = load_result(out, "frame_") or {}
-    default, (text, bound, _) = frame_row(frame, device), goal
+    """The frame step against its floor for every other dtype bench_frame (`frame`, its
+    result) measured eager, a row each, judged as the default dtype's (`goal`: its text, bound
+    and side)."""
+    default, (text, bound, _) = frame_row(frame, device) or {}, goal
     rows = []
     for r in frame.get("rows", []):
-        if r is default or r.get("compiled") or r.get("dtype") == (default or {}).get("dtype"):
+        if r.get("compiled") or r.get("dtype") == default.get("dtype"):
             continue
         m = None if r.get("floor_defect") else r.get("ours_median_ms", r["ours_ms"]) / r["floor_ms"]
         row = {"key": f"step_over_floor_{r['dtype']}", "dtype": r["dtype"], "bound": bound,

@@ -277,8 +277,8 @@ def quantize_model(model: nn.Module, mode: str) -> int:
     check_mode(mode, next(model.parameters()).device)
     restore_linears(model)
     kernel = int8_kernel_for(model)
-    n = sum(quantize_layer(model, name, mode) for name, m in list(model.named_modules())
-            if isinstance(m, nn.Linear))
+    n = len([quantize_layer(model, name, mode) for name, m in list(model.named_modules())
+             if isinstance(m, nn.Linear)])
     embeddings_in_bf16(model)
     return n + _finish(model, kernel)
 
@@ -289,18 +289,19 @@ def int8_kernel_for(model: nn.Module) -> str:
     return choose_cpu_kernel(model) if on_cpu else Int8Linear.cpu_kernel
 
 
-def quantize_layer(model: nn.Module, name: str, mode: str) -> int:
+def quantize_layer(model: nn.Module, name: str, mode: str) -> nn.Module:
     """The Linear called `name` replaced by its int4 (where int4's packing takes it) or int8
-    layer (two parts for TWO_PART_INT8's)."""
+    layer (two parts for TWO_PART_INT8's); returns the new layer."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name)
     m = getattr(parent, child)
     if mode == "int4" and int4_fits(m):
-        setattr(parent, child, Int4Linear(m.weight))
+        new = Int4Linear(m.weight)
     else:
         two = any(fnmatch(name, p) for p in TWO_PART_INT8)
-        setattr(parent, child, Int8Linear(m.weight, parts=2 if two else 1))
-    return 1
+        new = Int8Linear(m.weight, parts=2 if two else 1)
+    setattr(parent, child, new)
+    return new
 
 
 def _finish(model: nn.Module, kernel: str) -> int:

@@ -42,13 +42,17 @@ def build_quantized(model: nn.Module, fill, mode: str) -> int:
     for name in sorted(names, key=lambda name: name not in tables):
         fill(name, model.get_parameter(name))
         if name in linears:
-            n += quantize_layer(model, linears[name], mode)
+            made = [quantize_layer(model, linears[name], mode)]
         elif name == "audio_head":
-            n += quantize_audio_heads(model)
+            made = list(model.audio_heads_int8) if quantize_audio_heads(model) else []
         elif name in tables:
             embeddings_in_bf16(model, only=name.removesuffix(".weight"))
-        for m in model.modules():  # packed now, each int8 layer keeps its packed copy alone
-            if isinstance(m, Int8Linear) and not m.packed_only:
+            made = []
+        else:
+            continue  # a norm's scale: nothing to quantize, nothing freed
+        n += len(made)
+        for m in made:  # packed now, each int8 layer keeps its packed copy alone
+            if isinstance(m, Int8Linear):
                 m.use_cpu_kernel(kernel)
                 dropped += m.drop_unpacked()
         _give_back_freed_memory()
