@@ -236,3 +236,38 @@ def wait_until_healthy(proc, base: str, timeout_s: float = 120):
         except httpx.HTTPError:
             assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
             time.sleep(0.5)
+
+
+# A wav2vec 2.0 CTC vocabulary as facebook/wav2vec2-base-960h's: blank, word delimiter, letters
+ALIGN_VOCAB = {"<pad>": 0, "|": 1, "'": 2,
+               **{chr(ord("A") + i): i + 3 for i in range(26)}}
+
+
+class HearsLettersBetween(torch.nn.Module):
+    """A stand-in wav2vec 2.0 CTC model: any letter equally likely from step `lo` to `hi`
+    (20 ms steps), silence (blank) elsewhere, whatever the audio. An aligner over it puts a
+    phrase's words in that window, where the estimate spreads them over the whole phrase."""
+
+    def __init__(self, lo: int, hi: int):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.lo, self.hi = lo, hi
+        self.config = SimpleNamespace(inputs_to_logits_ratio=320)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # its device
+
+    def forward(self, x):
+        from types import SimpleNamespace
+
+        logits = torch.full((1, x.shape[1] // 320, len(ALIGN_VOCAB)), -20.0)
+        logits[0, :, 0] = 0.0
+        logits[0, self.lo:self.hi, :] = 0.0
+        return SimpleNamespace(logits=logits)
+
+
+def letters_heard_between(lo: int, hi: int):
+    """A word aligner (engine/word_align.CtcAligner) over HearsLettersBetween(lo, hi)."""
+    from csm_streaming.engine.word_align import CtcAligner
+
+    return CtcAligner(HearsLettersBetween(lo, hi), ALIGN_VOCAB, blank=0)
+

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
-from conftest import AUTH, TOKEN, LiveServer
+from conftest import AUTH, TOKEN, LiveServer, letters_heard_between
 from csm_streaming.server.api import ServerSettings
 from csm_streaming.server.speech_contexts import word_times
 
@@ -72,6 +72,25 @@ def test_text_in_pieces_is_spoken_with_word_timestamps(live):
     assert starts[0] >= 0 and ends[-1] <= seconds + 1e-3
     metrics = httpx.get(f"{live.url}/metrics", headers=AUTH, timeout=10).text
     assert 'csm_requests_total{route="/tts/websocket",status="200"}' in metrics  # a context
+
+
+def test_word_timestamps_are_where_the_servers_aligner_hears_the_words(live, monkeypatch):
+    """With --word-aligner each phrase's words are where the recogniser hears their letters
+    (here: from 0.2 to 1.2 s into each phrase), not the estimate (from the phrase's start)."""
+    monkeypatch.setattr(live.app.state.ctx, "aligner", letters_heard_between(10, 60))
+    with connect(url(live)) as ws:
+        ws.send(message("heard", "Hi there. "))
+        ws.send(message("heard", "See you soon.", cont=False))
+        got = receive_until(ws, {"heard"})
+    assert got[-1]["type"] == "done"
+    stamps = [m["word_timestamps"] for m in got if m["type"] == "timestamps"]
+    assert [w for t in stamps for w in t["words"]] == "Hi there. See you soon.".split()
+    first = stamps[0]
+    assert 0.2 - 1e-6 <= first["start"][0] and first["end"][-1] <= 1.2 + 1e-6
+    ends = [e for t in stamps for e in t["end"]]
+    starts = [s for t in stamps for s in t["start"]]
+    assert all(s < e for s, e in zip(starts, ends))
+    assert all(e1 <= s2 + 1e-9 for e1, s2 in zip(ends, starts[1:]))
 
 
 def test_two_contexts_interleave_and_a_cancelled_one_stops_at_once(live):

@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 from websockets.sync.client import connect
 
-from conftest import TOKEN, LiveServer
+from conftest import TOKEN, LiveServer, letters_heard_between
 from csm_streaming.server.api import ServerSettings
 
 PATH = "/v1/text-to-speech/{voice}/multi-stream-input"
@@ -90,6 +90,26 @@ def test_a_turn_is_spoken_with_alignment_both_clients_read_alike(live, sync):
         assert all(a["charStartTimesMs"][0] == 0 for a in alignments)
     else:
         assert len(alignments) == 1 or alignments[1]["charStartTimesMs"][0] > 0
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_aligned_words_keep_their_pauses_for_both_clients(live, monkeypatch, sync):
+    """With --word-aligner (letters heard from 0.2 to 1.2 s into each phrase) both clients
+    read each phrase's first word 0.2-1.2 s after the phrase's start: pipecat's times count
+    from each message's phrase and add up to it, LiveKit's from the context's start."""
+    monkeypatch.setattr(live.app.state.ctx, "aligner", letters_heard_between(10, 60))
+    query = "output_format=pcm_16000" + ("&sync_alignment=true" if sync else "")
+    with open_socket(live, query) as ws:
+        speak_turn(ws, "heard", ["Hello there, friend.", "How are you today?"])
+        got = until_final(ws, {"heard"})
+    alignments = [m["alignment"] for m in got if m.get("alignment")]
+    words = words_of(alignments, summed=not sync)
+    assert [w for w, _ in words] == "Hello there, friend. How are you today?".split()
+    phrase_start = 0.0
+    for a in alignments:
+        assert 200 - 0.1 <= a["charStartTimesMs"][0] - phrase_start <= 1200
+        if sync:  # the next phrase starts where this one's last character (a space) ends
+            phrase_start = a["charStartTimesMs"][-1] + a["charDurationsMs"][-1]
 
 
 def test_livekit_default_mp3_is_decodable_at_its_rate(live):

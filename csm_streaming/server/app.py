@@ -22,6 +22,7 @@ import time
 import uvicorn
 
 from csm_streaming.engine.voices import DEFAULT_VOICES_DIR
+from csm_streaming.engine.word_align import DEFAULT_ALIGNER, CtcAligner
 from csm_streaming.options import (
     HelpFormatter,
     add_model_arguments,
@@ -47,14 +48,16 @@ log = logging.getLogger("csm.server")
 # ---------------------------------------------------------------------------------------------
 
 
-def create_app(engine_thread, settings: ServerSettings, voices=None, chat=None):
+def create_app(engine_thread, settings: ServerSettings, voices=None, chat=None, aligner=None):
     """The FastAPI app over a started EngineThread: the speech routes, the chat routes when an LLM
-    is configured (chat: an llm.LLMConfig), limits and JSON errors. voices: a VoiceLibrary."""
+    is configured (chat: an llm.LLMConfig), limits and JSON errors. voices: a VoiceLibrary;
+    aligner: a word_align.CtcAligner for the context sockets' word times (None: estimated)."""
     from fastapi import FastAPI
 
     app = FastAPI(title="CSM-1B streaming server", docs_url="/docs", redoc_url=None)
     ctx = ServerContext(app, engine_thread, settings, voices, chat)
     ctx.chat_session = chat_routes.chat_session
+    ctx.aligner = aligner
     app.state.ctx = ctx
     for module in (routes, chat_routes, voice_routes, cartesia_routes, elevenlabs_routes):
         app.include_router(module.router)
@@ -222,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "None: no chat). Keys and models: GOOGLE_API_KEY, GEMINI_MODEL, "
                         "OPENAI_BASE_URL, OPENAI_API_KEY, OPENAI_MODEL")
     p.add_argument("--llm-model", default=None, help="the LLM's model (None: from the environment)")
+    p.add_argument("--word-aligner", nargs="?", const=DEFAULT_ALIGNER, default=None,
+                   metavar="MODEL",
+                   help="time the voice-agent sockets' words where a wav2vec 2.0 CTC model hears "
+                        f"them (MODEL: hub id or folder; alone: {DEFAULT_ALIGNER}, Apache-2.0; "
+                        "needs transformers). Left out: each phrase's span shared over its words "
+                        "(an estimate)")
     return p
 
 
@@ -285,7 +294,10 @@ def main(argv=None) -> int:
         chat = LLMConfig.from_env(args.llm, model=args.llm_model) if args.llm else None
         if chat is not None:
             check_llm(chat)  # the key, the endpoint, the model: in seconds, not after the load
+        aligner = CtcAligner.load(args.word_aligner) if args.word_aligner else None
         engine_thread = load_engine_thread(args)
+        if aligner is not None:
+            aligner.to(engine_thread.generator.generator.device)
         voices = VoiceLibrary.load(args.voices_dir or DEFAULT_VOICES_DIR,
                                    engine_thread.generator.generator)
     except (CheckpointError, WatermarkError, LLMError, ValueError, RuntimeError) as e:
@@ -299,7 +311,9 @@ def main(argv=None) -> int:
             "listening on %s without a token: anyone who can reach it can use it", args.host
         )
     log.info("adding and deleting voices: %s", voice_writes(args)[1])
-    app = create_app(engine_thread.start(), settings, voices=voices, chat=chat)
+    log.info("word times: %s", f"aligned by {args.word_aligner}" if aligner else
+             "estimated (--word-aligner)")
+    app = create_app(engine_thread.start(), settings, voices=voices, chat=chat, aligner=aligner)
 
     try:
         GracefulServer(uvicorn_config(app, args.host, args.port, settings), engine_thread,

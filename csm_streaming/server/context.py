@@ -33,6 +33,7 @@ class ServerContext:
         self.sg, self.metrics = engine_thread.generator, engine_thread.metrics
         self.voices, self.chat = voices, chat  # chat: an llm.LLMConfig, or None
         self.chat_session = None  # async (ws, ctx, first message): set by server.create_app
+        self.aligner = None  # engine/word_align.CtcAligner (--word-aligner), else estimated times
         # Open connections: WebSockets not yet authorised, and authorised clients (the routes
         # but /health and the page); /health and the page count in neither.
         # per address only where a token tells strangers from clients: without one every

@@ -76,16 +76,22 @@ class ElevenLabsSink:
                                      "alignment": None, "normalizedAlignment": None})
 
     async def words(self, ctx: SpeechContext, times: WordTimes):
-        """Characters timed evenly over the phrase (a space after each word), so the words'
-        edges are the WordTimes' (whose shares are word length + 1)."""
-        chars = list(" ".join(times.words) + " ")
-        start, end = times.start[0], times.end[-1]
-        step = (end - start) / len(chars) * 1000
-        origin = 0.0 if self.sync else start * 1000
+        """Each word's characters timed evenly over the word, the space after it over the gap
+        to the next word (the last word's: to the phrase's end): the words' edges are the
+        WordTimes', and a message's times add up to its phrase's duration (pipecat sums them;
+        LiveKit's sync_alignment reads them from the context's start)."""
+        phrase_start, phrase_end = times.phrase
+        origin = 0.0 if self.sync else phrase_start
+        chars, starts, durations = [], [], []
+        nexts = [*times.start[1:], max(phrase_end, times.end[-1])]
+        for word, a, b, after in zip(times.words, times.start, times.end, nexts):
+            step = (b - a) / len(word)
+            chars += [*word, " "]
+            starts += [a + i * step for i in range(len(word))] + [b]
+            durations += [step] * len(word) + [after - b]
         alignment = {"chars": chars,
-                     "charStartTimesMs": [round(start * 1000 - origin + i * step, 1)
-                                          for i in range(len(chars))],
-                     "charDurationsMs": [round(step, 1)] * len(chars)}
+                     "charStartTimesMs": [round((t - origin) * 1000, 1) for t in starts],
+                     "charDurationsMs": [round(d * 1000, 1) for d in durations]}
         await self.send(ctx.id, {"audio": "", "isFinal": False, "alignment": alignment,
                                  "normalizedAlignment": alignment})
 

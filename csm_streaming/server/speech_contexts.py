@@ -12,15 +12,19 @@ limits and the metrics with every other client. `cancel` frees its slot at the n
 nothing more is sent for it.
 
 Word timings (`WordTimes`): each phrase's span in the audio is exact (the engine records the
-frame at which each phrase ended); inside a phrase its duration is shared over its words in
-proportion to their length (characters + 1). That is an estimate: a word's edges can be off by
-a few hundred milliseconds inside a long phrase, never across phrases. They are sent when the
+frame at which each phrase ended). Inside a phrase, by default, its duration is shared over its
+words in proportion to their length (characters + 1): an estimate, whose word edges can be off
+by a few hundred milliseconds inside a long phrase, never across phrases. With an aligner
+(`csm-server --word-aligner`, engine/word_align.py) each phrase's audio is aligned to its words
+by a CTC recogniser instead: the words' edges where it hears them, to a 20 ms step; a phrase it
+cannot align (too short, no letter) keeps the estimate. Either way they are sent once the
 phrase's audio has been made (faster than real time: before it has been played).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
@@ -29,9 +33,11 @@ import numpy as np
 from csm_streaming.audio import FRAME_MS, SAMPLE_RATE, pcm16
 from csm_streaming.engine.segmenting import TextChunker
 from csm_streaming.engine.text_feed import TextFeed
+from csm_streaming.engine.word_align import share_span
 from csm_streaming.request import SamplingParams
 from csm_streaming.server.api import ApiError, RequestDraft, shape_error
 
+log = logging.getLogger("csm.server")
 MAX_CONTEXTS_PER_SOCKET = 8  # open contexts on one socket; one more is an error for it alone
 DEFAULT_BUFFER_DELAY_MS = 3000  # Cartesia's default max_buffer_delay_ms
 MAX_BUFFER_DELAY_MS = 5000
@@ -40,23 +46,57 @@ MAX_BUFFER_DELAY_MS = 5000
 @dataclass(frozen=True)
 class WordTimes:
     """One phrase's words as the client sent them, with start and end in seconds from the
-    context's first sample."""
+    context's first sample; the phrase's own span (its words lie within it, gaps between them
+    where an aligner heard pauses) and whether they were aligned or estimated."""
 
     words: list[str]
     start: list[float]
     end: list[float]
+    phrase: tuple[float, float] = (0.0, 0.0)
+    aligned: bool = False
 
 
 def word_times(text: str, start_s: float, end_s: float) -> WordTimes:
-    """A phrase's words over [start_s, end_s], each a share of it as long as the word (plus the
-    space after it): every word once, in order, start < end, within the span."""
+    """The estimate: a phrase's words over [start_s, end_s], each a share of it as long as the
+    word (plus the space after it): every word once, in order, start < end, within the span."""
     words = text.split()
     if not words or end_s <= start_s:
         return WordTimes([], [], [])
-    weights = np.array([len(w) + 1 for w in words], dtype=np.float64)
-    edges = start_s + (end_s - start_s) * np.concatenate([[0], np.cumsum(weights)]) / weights.sum()
-    return WordTimes(words, [round(float(t), 4) for t in edges[:-1]],
-                     [round(float(t), 4) for t in edges[1:]])
+    spans = share_span(words, start_s, end_s)
+    return WordTimes(words, [round(a, 4) for a, _ in spans], [round(b, 4) for _, b in spans],
+                     (start_s, end_s))
+
+
+def aligned_word_times(aligner, text: str, audio: np.ndarray, start_s: float,
+                       end_s: float) -> WordTimes:
+    """A phrase's words where `aligner` (word_align.CtcAligner) hears them in `audio` (the
+    phrase's samples, from start_s to end_s); the estimate where it cannot align them."""
+    words = text.split()
+    spans = aligner.align(words, audio) if words and end_s > start_s else None
+    if spans is not None:
+        start = [round(min(start_s + a, end_s), 4) for a, _ in spans]
+        end = [round(min(start_s + b, end_s), 4) for _, b in spans]
+        if all(a < b for a, b in zip(start, end)):
+            return WordTimes(words, start, end, (start_s, end_s), aligned=True)
+    return word_times(text, start_s, end_s)
+
+
+class HeardAudio:
+    """A context's audio (24 kHz) from the first phrase whose words are not yet timed: what an
+    aligner reads. `take(a, b)` hands out samples a..b and forgets those before b."""
+
+    def __init__(self):
+        self.chunks: list[np.ndarray] = []
+        self.first = 0  # the sample number of chunks[0][0]
+
+    def add(self, chunk: np.ndarray):
+        self.chunks.append(chunk)
+
+    def take(self, a: int, b: int) -> np.ndarray:
+        kept = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.float32)
+        out = kept[max(0, a - self.first):max(0, b - self.first)]
+        self.chunks, self.first = [kept[max(0, b - self.first):]], max(b, self.first)
+        return out
 
 
 class AudioOut:
@@ -120,7 +160,10 @@ class SpeechContext:
         self.feed: TextFeed | None = None
         self.ticket = None
         self.phrases: list[str] = []
-        self.timed = 0  # phrases whose word times were sent
+        self.timed = 0  # phrases whose word times were sent (or are being aligned)
+        self.aligner = socket.server.aligner  # None: the estimate
+        self.heard = HeardAudio() if self.aligner is not None else None
+        self._timing: asyncio.Task | None = None  # the last phrase's alignment, sent in order
         self.ended = self.cancelled = False
         self.last_message = time.monotonic()
         self._delay: asyncio.TimerHandle | None = None
@@ -180,6 +223,8 @@ class SpeechContext:
             self.ticket.cancel()
         if self._task is not None:
             self._task.cancel()
+        if self._timing is not None:
+            self._timing.cancel()
         self.socket.forget(self)
 
     async def _speak(self, phrase: str):
@@ -201,6 +246,8 @@ class SpeechContext:
                 if self.cancelled:
                     return
                 samples += chunk.numel()
+                if self.heard is not None:
+                    self.heard.add(chunk.numpy())
                 await sink.audio(self, self.out.feed(chunk.numpy()))
                 await self._send_word_times(samples)
             if self.cancelled:
@@ -209,6 +256,8 @@ class SpeechContext:
             if tail:
                 await sink.audio(self, tail)
             await self._send_word_times(samples, final=True)
+            if self._timing is not None:
+                await self._timing  # the last phrase's words before done
             await sink.done(self)
             server.count(self.socket.scope, 200)  # a context is one request in the metrics
         except asyncio.CancelledError:
@@ -234,10 +283,29 @@ class SpeechContext:
             if end > audio_s and not final:
                 return
             start = ends[i - 1] * FRAME_MS / 1000 if i else 0.0
-            times = word_times(self.phrases[i], min(start, audio_s), min(end, audio_s))
-            if times.words:
-                await self.socket.sink.words(self, times)
+            start, end = min(start, audio_s), min(end, audio_s)
             self.timed = i + 1
+            if self.aligner is None:
+                await self._send_words(word_times(self.phrases[i], start, end))
+            else:  # off the event loop, in order, while the audio goes on
+                audio = self.heard.take(round(start * SAMPLE_RATE), round(end * SAMPLE_RATE))
+                self._timing = asyncio.create_task(self._align(
+                    self._timing, self.phrases[i], audio, start, end))
+
+    async def _align(self, before: asyncio.Task | None, phrase, audio, start, end):
+        try:
+            times = await asyncio.to_thread(aligned_word_times, self.aligner, phrase, audio,
+                                            start, end)
+        except Exception:  # the aligner failed: said in the log, the estimate sent instead
+            log.exception("the word aligner failed on %r: estimated word times sent", phrase)
+            times = word_times(phrase, start, end)
+        if before is not None:
+            await before
+        await self._send_words(times)
+
+    async def _send_words(self, times: WordTimes):
+        if times.words and not self.cancelled:
+            await self.socket.sink.words(self, times)
 
 
 class ContextSocket:
