@@ -8,6 +8,12 @@ int8 weights. The acceptance bounds the streaming engine's rate by 1.1x the plai
 int8's by 1.2x the unquantized one's (a rate is taken as at least 1%, one word in a hundred,
 when it is the divisor: ten sentences both heard perfectly are a ratio of 1).
 
+Word times: on the streaming engine's clips, the voice-agent sockets' word times (each clip one
+phrase) against the word timestamps of the recogniser (Whisper's, an independent aligner): the
+mean distance of the words' starts, for the estimate (the phrase shared over its words) and
+for the CTC aligner of `csm-server --word-aligner` (engine/word_align.py), words matched by
+their spelling (`start_error_ms`).
+
 Needs real weights (random ones speak noise: the check says so and stops) and, for the word
 error rate, a Whisper model from the hub (transformers' pipeline); where the recogniser cannot
 be fetched it says so and reports the length caps alone. deploy_vast.py's acceptance runs it
@@ -19,10 +25,13 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from difflib import SequenceMatcher
 
+import numpy as np
 import torch
 
 from common import device_name, save_json
+from csm_streaming.engine.word_align import DEFAULT_ALIGNER
 from csm_streaming.options import HelpFormatter
 
 SENTENCES = [
@@ -57,6 +66,21 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
     return row[-1] / len(ref)
 
 
+def start_error_ms(words: list[str], starts: list[float], heard: list[tuple[str, float]]
+                   ) -> tuple[float | None, int]:
+    """The mean distance (ms) between our words' starts and the recogniser's (`heard`: word,
+    start), over the words both have, paired in order by their spelling (normalise); and how
+    many were paired. None where none were."""
+    ours = [" ".join(normalise(w)) for w in words]
+    theirs = [" ".join(normalise(w)) for w, _ in heard]
+    pairs = [(block.a + k, block.b + k)
+             for block in SequenceMatcher(None, ours, theirs, autojunk=False).get_matching_blocks()
+             for k in range(block.size) if ours[block.a + k]]
+    if not pairs:
+        return None, 0
+    return 1000 * float(np.mean([abs(starts[i] - heard[j][1]) for i, j in pairs])), len(pairs)
+
+
 def load_recogniser(name: str, device):
     """transformers' ASR pipeline, or (None, why) when it cannot be had here."""
     try:
@@ -74,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mimi", default=None, help="Mimi weights (None: Kyutai's release)")
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--recogniser", default="openai/whisper-small.en", help="a Whisper model")
+    p.add_argument("--word-aligner", default=DEFAULT_ALIGNER,
+                   help="the CTC model whose word times are measured against the recogniser's")
     p.add_argument("--sentences", type=int, default=len(SENTENCES), help="how many to speak")
     p.add_argument("--max-audio-ms", type=int, default=MAX_MS,
                    help="the length cap (a sentence here takes 2-5 s: reaching it means the "
@@ -122,8 +148,10 @@ def main(argv=None) -> int:
         speakers["int8"] = streamed(int8, args.max_audio_ms)
     except (RuntimeError, ValueError) as e:  # its row then says why (not measured)
         payload["int8_unavailable"] = f"{type(e).__name__}: {e}"
+    aligner = load_aligner(args.word_aligner, device, payload) if asr is not None else None
     for path, speak in speakers.items():
-        rows = [hear(asr, text, speak(text, i), args.max_audio_ms)
+        timed = aligner if path == "streaming" else False  # False: no word times measured
+        rows = [hear(asr, text, speak(text, i), args.max_audio_ms, timed)
                 for i, text in enumerate(SENTENCES[:args.sentences])]
         payload.update(summary(path, rows))
     if "mean_wer" in payload and "plain_mean_wer" in payload:
@@ -148,14 +176,55 @@ def streamed(sg, max_ms: int):
     return speak
 
 
-def hear(asr, text: str, audio: torch.Tensor, max_ms: int) -> dict:
-    """One clip: its length, whether it ran to the cap and, with a recogniser, what it heard."""
+def load_aligner(name: str, device, payload: dict):
+    """The word aligner whose times are measured, or None (why: in the payload)."""
+    from csm_streaming.engine.word_align import CtcAligner
+
+    try:
+        return CtcAligner.load(name, device)
+    except RuntimeError as e:
+        payload["aligner_unavailable"] = str(e)
+        print(f"quality: {e}")
+        return None
+
+
+def hear(asr, text: str, audio: torch.Tensor, max_ms: int, timed=False) -> dict:
+    """One clip: its length, whether it ran to the cap and, with a recogniser, what it heard.
+    timed (not False): our word times against the recogniser's, the estimate's and, where
+    `timed` is an aligner, the aligner's."""
     row = {"text": text, "audio_s": audio.numel() / 24_000, "at_cap": audio.numel() >= max_ms * 24}
     if asr is not None:
-        heard = asr({"raw": audio.float().cpu().numpy(), "sampling_rate": 24_000})["text"]
-        row.update(heard=heard, wer=word_error_rate(text, heard))
+        import soxr
+
+        rate = asr.feature_extractor.sampling_rate  # resampled here: the pipeline would need
+        clip = soxr.resample(audio.float().cpu().numpy(), 24_000, rate)  # torchaudio for it
+        said = asr({"raw": clip, "sampling_rate": rate},
+                   **({"return_timestamps": "word"} if timed is not False else {}))
+        row.update(heard=said["text"], wer=word_error_rate(text, said["text"]))
+        if timed is not False:
+            row.update(word_time_errors(text, audio, said["chunks"], timed))
     print(f"  {row['audio_s']:.1f} s{' (cap)' if row['at_cap'] else ''}"
-          + (f", WER {row['wer']:.2f}: {row['heard']!r}" if "wer" in row else ""), flush=True)
+          + (f", WER {row['wer']:.2f}: {row['heard']!r}" if "wer" in row else "")
+          + "".join(f", {k} {v:.0f} ms" for k, v in row.items()
+                    if k.startswith("word_start_error") and v is not None), flush=True)
+    return row
+
+
+def word_time_errors(text: str, audio: torch.Tensor, chunks: list[dict], aligner) -> dict:
+    """Our word times for a one-phrase clip against the recogniser's (`chunks`: its words with
+    (start, end)): the mean distance of the starts, estimated and (with an aligner) aligned."""
+    from csm_streaming.server.speech_contexts import aligned_word_times, word_times
+
+    heard = [(c["text"], c["timestamp"][0]) for c in chunks if c["timestamp"][0] is not None]
+    seconds = audio.numel() / 24_000
+    ours = {"estimate": word_times(text, 0.0, seconds)}
+    if aligner is not None:
+        ours["aligned"] = aligned_word_times(aligner, text, audio.float().cpu().numpy(), 0.0,
+                                             seconds)
+    row = {"heard_words": [[w, t] for w, t in heard]}
+    for how, times in ours.items():
+        row[f"word_start_error_ms_{how}"], row["words_paired"] = start_error_ms(
+            times.words, times.start, heard)
     return row
 
 
@@ -167,6 +236,11 @@ def summary(path: str, rows: list[dict]) -> dict:
            f"{prefix}share_at_cap": sum(r["at_cap"] for r in rows) / len(rows)}
     if rows and "wer" in rows[0]:
         out[f"{prefix}mean_wer"] = sum(r["wer"] for r in rows) / len(rows)
+    for how in ("estimate", "aligned"):  # the words' start error, over the clips that have one
+        errors = [r[f"word_start_error_ms_{how}"] for r in rows
+                  if r.get(f"word_start_error_ms_{how}") is not None]
+        if errors:
+            out[f"{prefix}word_start_error_ms_{how}"] = float(np.mean(errors))
     print(f"{path}: " + ", ".join(f"{k} {v:.3f}" for k, v in out.items() if not k.endswith("rows")))
     return out
 

@@ -94,7 +94,7 @@ def test_the_acceptance_runs_here_on_the_tiny_model_and_writes_its_results():
         goals = {g["key"]: g for g in acceptance["goals"]}
         assert set(goals) == {"step_over_floor", "first_audio_ms", "realtime_streams",
                               "int8_vs_bf16", "int8_top1", "gpu_tests", "wer", "at_cap",
-                              "frame_step_ms", "wer_streaming", "wer_int8",
+                              "frame_step_ms", "wer_streaming", "wer_int8", "word_times",
                               "step_over_floor_bf16"}  # the CPU's default is fp32
         for g in goals.values():
             if g["measured"] is not None and g["verdict"] != "not applicable":
@@ -152,6 +152,19 @@ def test_word_error_rate_counts_edits_per_reference_word():
     assert word_error_rate("the cat sat", "the dog sat") == 1 / 3  # a substitution
     assert word_error_rate("the cat sat on it", "cat on") == 3 / 5  # deletions
     assert word_error_rate("hello there", "") == 1.0
+
+
+def test_word_start_error_pairs_words_by_spelling_in_order():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_quality import start_error_ms
+
+    heard = [(" The", 0.10), (" cat,", 0.50), (" sat", 0.90)]
+    assert start_error_ms(["The", "cat", "sat."], [0.0, 0.5, 1.2], heard) == (
+        pytest.approx(1000 * (0.1 + 0.0 + 0.3) / 3), 3)
+    # a word the recogniser missed or misheard is left out, the rest stay paired in order
+    got, paired = start_error_ms(["The", "black", "cat", "sat"], [0.1, 0.3, 0.6, 0.9], heard)
+    assert paired == 3 and got == pytest.approx(1000 * 0.1 / 3)
+    assert start_error_ms(["dog"], [0.0], heard) == (None, 0)
 
 
 def test_the_quality_check_says_what_it_cannot_measure_and_goes_on(hf_checkpoint, tmp_path):
@@ -283,9 +296,12 @@ def test_on_a_gpu_the_gpu_bounds_and_tests_count(monkeypatch, tmp_path):
 
 def test_quality_on_real_weights_has_bounds_and_a_crash_is_a_failure(monkeypatch, tmp_path):
     code, goals, _ = run_acceptance(monkeypatch, tmp_path / "q", quality={
-        "mean_wer": 0.09, "share_at_cap": 0.0})
+        "mean_wer": 0.09, "share_at_cap": 0.0, "word_start_error_ms_aligned": 40.0,
+        "word_start_error_ms_estimate": 260.0})
     assert goals["wer"]["verdict"] == "NOT MET" and goals["at_cap"]["verdict"] == "met"
     assert code == 1
+    assert goals["word_times"]["verdict"] == "met"
+    assert goals["word_times"]["summary"] == "40 ms (the estimate: 260 ms)"
     code, goals, _ = run_acceptance(monkeypatch, tmp_path / "q2", quality={
         "skipped": "the recogniser could not load"})
     assert goals["wer"]["verdict"] == "not measured" and code == 1
@@ -297,13 +313,20 @@ def test_quality_on_real_weights_has_bounds_and_a_crash_is_a_failure(monkeypatch
     assert goals["wer_streaming"]["verdict"] == "NOT MET" and code == 1  # forced to miss
     code, goals, _ = run_acceptance(monkeypatch, tmp_path / "q4", quality={
         "mean_wer": 0.05, "share_at_cap": 0.0, "wer_streaming_vs_plain": 1.0,
-        "int8_unavailable": "RuntimeError: out of memory"})
+        "int8_unavailable": "RuntimeError: out of memory",
+        "aligner_unavailable": "the word aligner could not be loaded",
+        "word_start_error_ms_estimate": 260.0})
     assert goals["wer_int8"]["verdict"] == "not measured" and code == 1
     assert "out of memory" in goals["wer_int8"]["summary"]
+    assert goals["word_times"]["verdict"] == "not measured"
+    assert "could not be loaded" in goals["word_times"]["summary"]
+    code, goals, _ = run_acceptance(monkeypatch, tmp_path / "q6", quality={
+        "mean_wer": 0.05, "share_at_cap": 0.0, "word_start_error_ms_aligned": 190.0})
+    assert goals["word_times"]["verdict"] == "NOT MET" and code == 1
     # real weights asked for, and the quality step wrote nothing (it crashed): failed, not
     # "not applicable", and every quality row says so
     code, goals, said = run_acceptance(monkeypatch, tmp_path / "q5", model="org/real-csm")
     assert code == 1 and "FAILED" in said
-    for key in ("wer", "wer_streaming", "wer_int8", "at_cap"):
+    for key in ("wer", "wer_streaming", "wer_int8", "at_cap", "word_times"):
         assert goals[key]["verdict"] == "not measured", goals[key]
         assert "wrote no result" in goals[key]["summary"]

@@ -12,7 +12,7 @@ order, but where it lands means nothing).
 
 facebook/wav2vec2-base-960h is the default model (Apache-2.0: commercial use allowed; English
 letters and the apostrophe). MMS_FA's weights are CC-BY-NC, and torchaudio 2.9 removed
-`forced_align`: the path search is ours. Needs transformers (`pip install transformers`).
+`forced_align`: the path search is ours. Needs transformers (the `align` extra).
 """
 
 from __future__ import annotations
@@ -89,8 +89,9 @@ class CtcAligner:
         try:
             from transformers import AutoTokenizer, Wav2Vec2ForCTC
         except ImportError as e:
-            raise RuntimeError("the word aligner needs transformers: pip install transformers "
-                               "(or leave --word-aligner out: estimated timings)") from e
+            raise RuntimeError("the word aligner needs transformers: pip install "
+                               "'csm-streaming[align]' (or leave --word-aligner out: estimated "
+                               "timings)") from e
         try:
             model = Wav2Vec2ForCTC.from_pretrained(name)
             tokenizer = AutoTokenizer.from_pretrained(name)
