@@ -5,7 +5,8 @@
 
 Each row is one fresh Python process that loads the model as `csm-stream` does and, with
 --compile, warms the engine up (the compiled step built): the seconds until it is ready and the
-process's peak resident memory (GB: 10^9 bytes). Rows, in one run:
+process's peak resident memory (GB: 10^9 bytes), and the int8 kernel its load picked by timing
+(oneDNN's packed weights take less memory than FBGEMM's). Rows, in one run:
 
 - "quantized as written": the model's layers quantized as its weights are written (the
   product's way: model/quantized_load.build_quantized), beside
@@ -58,8 +59,10 @@ def child(model: str, quantize: str, after_fp32: bool, compile_: bool):
                                quantize=quantize, watermark=False)
     ready = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    kernel = next((m.cpu_kernel for m in sg.generator.model.modules()
+                   if isinstance(m, quantize_module.Int8Linear)), None)
     print(json.dumps({"ready_s": ready, "warmup_s": sg.warmup_s, "peak_rss_gb": peak / 1e9,
-                      "compiled": sg.engine.compiled is not None}))
+                      "compiled": sg.engine.compiled is not None, "int8_kernel": kernel}))
 
 
 def start(args, name: str, env: dict, after_fp32: bool = False, compile_: bool = False) -> dict:
@@ -101,7 +104,7 @@ def main(argv=None):
     for r in rows:
         r["rss_vs_fp32_first"] = r["peak_rss_gb"] / base["peak_rss_gb"]
     print_table(rows, ["name", "ready_s", "warmup_s", "peak_rss_gb", "rss_vs_fp32_first",
-                       "compiled"])
+                       "compiled", "int8_kernel"])
     device = torch.device("cpu")
     print(f"device: {device_name(device)}")
     save_json("start", device, {"model": args.model, "quantize": args.quantize,

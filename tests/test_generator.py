@@ -88,6 +88,23 @@ def test_generation_stops_at_the_end_frame(own_generator):
     assert codes.shape == (3, 32) and audio.shape == (3 * FRAME_SAMPLES,)
 
 
+def test_the_plain_loops_caches_are_made_at_its_first_use(own_generator):
+    """A process that only streams never holds the reference loop's KV caches (0.13 GB at
+    full size); the first generate makes them, on the model's device, with its window."""
+    from csm_streaming.engine.config import StreamingConfig
+    from csm_streaming.engine.frontend import StreamingGenerator
+
+    sg = StreamingGenerator(own_generator, StreamingConfig())
+    assert len(list(sg.generate_streaming("Streamed.", 0, max_audio_length_ms=240, seed=1)))
+    assert own_generator._caches is None
+    assert own_generator.max_seq_len == own_generator.model.window
+    own_generator.generate("Plain.", 0, max_audio_length_ms=160, seed=1)
+    caches = own_generator._caches
+    assert caches is not None and caches.batch == 1
+    assert caches.max_seq == own_generator.model.window
+    assert own_generator.caches is caches  # made once
+
+
 def test_max_length_and_seed(tiny_generator):
     a = tiny_generator.generate_codes("Same seed.", 0, max_audio_length_ms=800, seed=42)
     b = tiny_generator.generate_codes("Same seed.", 0, max_audio_length_ms=800, seed=42)

@@ -9,6 +9,7 @@ from csm_streaming.engine.config import StreamingConfig
 from csm_streaming.engine.frontend import StreamingGenerator
 from csm_streaming.model import quantize as quantize_module
 from csm_streaming.model.cpu_kernels import cpu_flags
+from csm_streaming.model.embedding_tables import EMBEDDING_GROUP, Bf16Embedding, Int8Embedding
 from csm_streaming.model.int4_layer import INT4_GROUP
 from csm_streaming.model.quantize import (
     Int4Linear,
@@ -34,6 +35,43 @@ def test_int8_weights_are_within_half_a_step_and_both_paths_agree():
     ref = x @ layer.dequantized().T
     torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(layer.cast_mm(x), ref, atol=1e-4, rtol=1e-4)  # the CUDA form
+
+
+def test_int8_embedding_values_are_within_half_their_groups_step(monkeypatch):
+    """An int8 table: int8 values, a float32 scale per group of EMBEDDING_GROUP in a row; a
+    row looked up is within half its group's step of the fp32 row, in the table's dtype, for
+    any shape of indices (a frame's [B, 32], a prompt's [B, S, 1]). A quantized model keeps its
+    text table so, its audio table in bf16."""
+    torch.manual_seed(1)
+    table = torch.nn.Embedding(300, 2 * EMBEDDING_GROUP)
+    table.weight.data[7, :EMBEDDING_GROUP] *= 50  # a group far larger: the other keeps its step
+    q = Int8Embedding(table, rows_at_once=128)  # slices that do not divide the rows
+    w = table.weight.detach()
+    step = w.abs().unflatten(1, (2, EMBEDDING_GROUP)).amax(dim=2) / 127  # [300, 2]
+    err = (q.dequantized() - w).abs().unflatten(1, (2, EMBEDDING_GROUP))
+    assert (err <= step[..., None] / 2 + 1e-7).all()
+    assert err[7, 1].max() <= step[7, 1] / 2 + 1e-7 < step[7, 0] / 40
+    for idx in (torch.tensor([[0, 7, 299]]), torch.randint(0, 300, (2, 5, 1))):
+        out = q(idx)
+        assert out.dtype == torch.float32 and out.shape == (*idx.shape, 2 * EMBEDDING_GROUP)
+        assert torch.equal(out, q.dequantized()[idx])
+    assert weight_bytes(q) == 300 * 2 * EMBEDDING_GROUP + 300 * 2 * 4  # int8 values, scales
+    with pytest.raises(ValueError, match="groups of"):
+        Int8Embedding(torch.nn.Embedding(4, EMBEDDING_GROUP + 1))
+    from csm_streaming.model import checkpoints
+    from csm_streaming.model.csm import FLAVORS
+
+    monkeypatch.setattr(quantize_module, "choose_cpu_kernel", lambda model: "int8pack")
+    model = checkpoints.build_model(FLAVORS["tiny"], None, torch.device("cpu"), torch.float32)
+    (rows, dim), audio = model.text_embeddings.weight.shape, model.audio_embeddings.weight
+    quantize_model(model, "int8")
+    # the text table: a byte a value and a float32 scale a group, where fp32 took four a
+    # value; the audio table (summed into every frame's input) in bf16
+    assert isinstance(model.text_embeddings, Int8Embedding)
+    assert weight_bytes(model.text_embeddings) == rows * (dim + 4 * dim // EMBEDDING_GROUP)
+    assert isinstance(model.audio_embeddings, Bf16Embedding)
+    assert torch.equal(model.audio_embeddings(torch.tensor([[1, 5]])),
+                       audio[[1, 5]].bfloat16().float()[None])
 
 
 def test_two_part_int8_weights_keep_16_bits_and_every_kernel_adds_the_parts():

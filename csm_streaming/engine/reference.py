@@ -46,7 +46,8 @@ def sampling_for(params: SamplingParams, seed: int, device) -> SamplingState:
 class Generator:
     """Upstream's Generator: text (+ context) -> 24 kHz audio, one plain frame loop.
 
-    It owns a batch-1 set of KV caches; the streaming engines on the same model own theirs.
+    It owns a batch-1 set of KV caches (made at its first use); the streaming engines on the
+    same model own theirs.
     """
 
     def __init__(self, model: CSM, text_tokenizer, audio_tokenizer, device=None, watermarker=None,
@@ -64,15 +65,23 @@ class Generator:
         self.default_max_audio_ms = options.default_max_audio_ms
         self.events: list[Event] = []  # fallbacks and retries, as logged
         self.last_stop_reason = ""
-        self.caches = model.make_caches(1)
+        self._caches = None  # made by the first generate: see caches
 
     @property
     def model(self) -> CSM:
         return self._model
 
     @property
+    def caches(self):
+        """This generator's batch-1 KV caches, made when first needed: a process that only
+        streams (its engines own theirs) never holds them (0.13 GB for CSM-1B in fp32)."""
+        if self._caches is None:
+            self._caches = self._model.make_caches(1)
+        return self._caches
+
+    @property
     def max_seq_len(self) -> int:
-        return self.caches.max_seq
+        return self._model.window
 
     def note(self, kind: str, text: str) -> Event:
         """A fallback or retry: logged, and kept for the dashboard and the server's metrics."""
@@ -240,6 +249,6 @@ class Generator:
         there. Engines on this model must be rebuilt too (StreamingGenerator does)."""
         dtype = torch.float32 if device.type == "cpu" else next(self._model.parameters()).dtype
         self._model.to(device=device, dtype=dtype)
-        self.caches = self._model.make_caches(1, self.caches.max_seq)
+        self._caches = None  # made again, there, when next needed
         self.mimi.to(device)
         self.device = device

@@ -29,11 +29,11 @@ exist:
 Every Linear of the backbone, the depth decoder, the projection and the codebook-0 head is
 quantized, and the 31 audio heads (two int8 parts each: their rounding lands on the logits);
 int4 mode (model/int4_layer.py) keeps int8 for the layers torch's int4 packing cannot take
-(the codebook-0 head, 2051 outputs) and for the audio heads; fp32 embedding tables are kept in
-bf16 (Bf16Embedding: half their memory, the reference model's own rounding). The
-activations' split for the int8 x int8 products is model/int8_split.py. Quality on
-the real weights is not measured here (no weights can be downloaded on this project's
-machines): benchmarks/bench_quantize.py compares logits against bf16 on random weights.
+(the codebook-0 head, 2051 outputs) and for the audio heads; the text embedding table is
+int8 with a scale per row, the audio table bf16 (model/embedding_tables.py). The activations'
+split for the int8 x int8 products is model/int8_split.py. Quality on the real weights is not
+measured here (no weights can be downloaded on this project's machines):
+benchmarks/bench_quantize.py compares logits against bf16 on random weights.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from csm_streaming.model.embedding_tables import Int8Embedding, compact_embeddings
 from csm_streaming.model.int4_layer import Int4Linear, int4_fits
 from csm_streaming.model.int8_split import ENDS_COLUMNS, grid_ends, split_product
 
@@ -231,32 +232,6 @@ def _(parts, layer, narrow):
     return parts.new_empty(parts.shape[0], m.parts * m.out_features)
 
 
-class Bf16Embedding(nn.Embedding):
-    """An embedding table stored in bf16 (half of fp32's memory: CSM-1B's two tables are 1.6 GB
-    in fp32), its rows handed out in the model's dtype. A quantized model on a CPU keeps its
-    tables so (bf16's rounding, 2^-9 of a value, is the reference model's own)."""
-
-    def __init__(self, table: nn.Embedding):
-        super().__init__(*table.weight.shape, _weight=table.weight.detach().bfloat16(),
-                         _freeze=True)
-        self.out_dtype = table.weight.dtype
-
-    def forward(self, x):
-        return super().forward(x).to(self.out_dtype)
-
-
-def embeddings_in_bf16(model: nn.Module, only: str | None = None) -> int:
-    """fp32 embedding tables (a CPU's quantized model) stored in bf16 (only: the one of that
-    name); how many."""
-    n = 0
-    for name, m in list(model.named_modules()):
-        if type(m) is nn.Embedding and m.weight.dtype == torch.float32 and only in (None, name):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, Bf16Embedding(m))
-            n += 1
-    return n
-
-
 def check_mode(mode: str | None, device: str | torch.device | None = None):
     """A ValueError that says what can run, unless `mode` can run on `device` (None: any)."""
     if mode is None:
@@ -279,7 +254,7 @@ def quantize_model(model: nn.Module, mode: str) -> int:
     kernel = int8_kernel_for(model)
     n = len([quantize_layer(model, name, mode) for name, m in list(model.named_modules())
              if isinstance(m, nn.Linear)])
-    embeddings_in_bf16(model)
+    compact_embeddings(model)
     return n + _finish(model, kernel)
 
 
@@ -429,6 +404,8 @@ def weight_bytes(module: nn.Module) -> int:
                       + m.scale.numel() * m.scale.element_size())
         elif isinstance(m, Int4Linear):
             total += m.packed.numel() + m.scale_zero.numel() * 2
+        elif isinstance(m, Int8Embedding):
+            total += m.weight_int8.numel() + m.scale.numel() * m.scale.element_size()
     return total
 
 

@@ -9,10 +9,10 @@ import logging
 import torch
 import torch.nn as nn
 
+from csm_streaming.model.embedding_tables import compact_embeddings
 from csm_streaming.model.quantize import (
     Int8Linear,
     check_mode,
-    embeddings_in_bf16,
     int8_kernel_for,
     quantize_audio_heads,
     quantize_layer,
@@ -38,7 +38,7 @@ def build_quantized(model: nn.Module, fill, mode: str) -> int:
     n, dropped = 0, 0
     tables = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
     names = [name for name, _ in model.named_parameters()]  # names: no tensor is held
-    # the embedding tables first: their fp32 values and bf16 copy meet before the rest exists
+    # the embedding tables first: their fp32 values and int8 copy meet before the rest exists
     for name in sorted(names, key=lambda name: name not in tables):
         fill(name, model.get_parameter(name))
         if name in linears:
@@ -46,7 +46,7 @@ def build_quantized(model: nn.Module, fill, mode: str) -> int:
         elif name == "audio_head":
             made = list(model.audio_heads_int8) if quantize_audio_heads(model) else []
         elif name in tables:
-            embeddings_in_bf16(model, only=name.removesuffix(".weight"))
+            compact_embeddings(model, only=name.removesuffix(".weight"))
             made = []
         else:
             continue  # a norm's scale: nothing to quantize, nothing freed

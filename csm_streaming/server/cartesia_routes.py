@@ -9,8 +9,9 @@ Client messages: `{context_id, transcript, continue, voice: {mode: "id", id}, ou
 {container: "raw", encoding, sample_rate}, add_timestamps, max_buffer_delay_ms, model_id,
 language}`, `{context_id, cancel: true}`; `continue: false` ends a context (its transcript may
 be empty). Server messages, each with `context_id`: `chunk` (base64 audio), `timestamps`
-(`word_timestamps: {words, start, end}`, seconds from the context's first sample, estimated
-inside each phrase: see speech_contexts.py), `flush_done`, `done`, `error`. Not supported:
+(`word_timestamps: {words, start, end}`, seconds from the context's first sample: estimated
+inside each phrase, or heard with `--word-aligner`: see speech_contexts.py), `flush_done`,
+`done`, `error`. Not supported:
 phoneme timestamps, voice embeddings and controls, other containers (accepted and ignored where
 harmless, an error where the audio would not be what was asked).
 """
