@@ -321,13 +321,19 @@ def test_a_copied_fbgemm_layer_multiplies_by_its_own_packed_weights():
 def test_int8_with_onednn_or_fbgemm_compiles_and_streams_what_eager_does(mimi, monkeypatch,
                                                                           kernel):
     """With an int8 x int8 product --compile takes the backbone and the depth decoder (oneDNN:
-    its packed weights constants of the graphs; FBGEMM: an operator the graphs call), the
-    activations' split fused around each product, and the stream is the eager stream's."""
+    its packed weights constants of the graphs, frozen in; FBGEMM: an operator the graphs call,
+    nothing frozen, so AOTAutograd's cache can serve the next start), the activations' split
+    fused around each product, and the stream is the eager stream's."""
     import torch._dynamo
+
+    from csm_streaming.engine.graphs import CPU_COMPILE_OPTIONS, cpu_compile_options
 
     monkeypatch.setattr(quantize_module, "choose_cpu_kernel", lambda model: kernel)
     gen = make_tiny_generator(mimi)
+    assert cpu_compile_options(gen.model) is CPU_COMPILE_OPTIONS  # fp32: tuned, frozen
     quantize_model(gen.model, "int8")
+    options = cpu_compile_options(gen.model)
+    assert options == {**CPU_COMPILE_OPTIONS, "freezing": kernel == "onednn"}
     torch._dynamo.reset()
     compiled = StreamingGenerator(gen, StreamingConfig(enable_compilation=True))
     assert compiled.engine.compiled is not None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from csm_streaming.model.cpu_kernels import restore_linears
-from csm_streaming.model.quantize import Int8Linear
+from csm_streaming.model.quantize import Int4Linear, Int8Linear
 from csm_streaming.model.sampling import sample_topk
 
 log = logging.getLogger("csm.engine")
@@ -31,6 +31,24 @@ CPU_COMPILE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,
                        # the tuning's tables to stderr, a dozen lines a shape: not for users
                        "autotune_num_choices_displayed": 0,
                        "max_autotune_report_choices_stats": False}
+
+
+def cpu_compile_options(model: torch.nn.Module) -> dict:
+    """CPU_COMPILE_OPTIONS, without freezing where every Linear is int8 over FBGEMM's kernel:
+    freezing then has no float product to pack for inductor's kernels (FBGEMM's packed weights
+    stay outside the graphs, found by layer number), and it costs every start: it keeps
+    AOTAutograd's cache off, so each start traced and froze the graphs again. random:csm-1b
+    int8 on the AVX-512 EPYC, a start over a warm inductor cache: warm-up 8 s against 24, the
+    frame step no slower (217-240 ms best against 244-272, step_fn(1) with no stream running,
+    in turns). oneDNN's int8 product needs its packed weights frozen in as constants
+    (inductor's lowering asserts it), and fp32 / bf16 products are tuned over frozen weights:
+    those keep freezing, as int4 layers do (not measured without)."""
+    linears = [m for m in model.modules()
+               if isinstance(m, (torch.nn.Linear, Int8Linear, Int4Linear))]
+    if linears and all(isinstance(m, Int8Linear) and m.cpu_kernel == "fbgemm"
+                       for m in linears):
+        return {**CPU_COMPILE_OPTIONS, "freezing": False}
+    return CPU_COMPILE_OPTIONS
 
 
 class CUDAGraphed:
@@ -89,24 +107,34 @@ def compiles_well(model: torch.nn.Module, device: torch.device) -> bool:
     return kernels <= {"onednn", "fbgemm"}
 
 
-def compile_module(fn, device: torch.device):
+def own_code(fn):
+    """A function with a code object of its own that calls `fn`. Dynamo keeps compiled graphs
+    per code object; with the modules' guards left out (compile_module) another model's call of
+    the same code (Transformer.forward) would get this one's graphs, its frozen weights in them
+    (two models compiled in one process: a benchmark's variants, the tests)."""
+    scope = {"fn": fn}
+    exec("def call(*args, **kwargs):\n    return fn(*args, **kwargs)\n", scope)  # a new code
+    return scope["call"]
+
+
+def compile_module(fn, device: torch.device, options: dict = CPU_COMPILE_OPTIONS):
     """torch.compile of a module or function, for fixed shapes. On a CPU each call runs with
-    CPU_COMPILE_OPTIONS set, since inductor reads them when a call compiles a new graph (given
-    as torch.compile's `options`, freezing was not applied and no kernel was tuned). There the
-    weights are frozen into the graphs as constants, so dynamo's guards on the modules'
-    parameters check nothing a graph reads: they are left out (they cost ~0.2-0.4 ms a call at
-    full size, 32 calls a frame)."""
+    `options` set (CPU_COMPILE_OPTIONS, or cpu_compile_options' for the model), since inductor
+    reads them when a call compiles a new graph (given as torch.compile's `options`, freezing
+    was not applied and no kernel was tuned). Dynamo's guards on the modules' parameters are
+    left out (they cost ~0.2-0.4 ms a call at full size, 32 calls a frame): frozen weights are
+    constants no guard could check, and the engine never swaps a compiled module's weights."""
     if device.type != "cpu":
         return torch.compile(fn, dynamic=False)
     # inductor's own deprecated calls (oneDNN int8 lowering, kernel tuning): nothing to act on
     warnings.filterwarnings("ignore", category=UserWarning,
                             module=r"torch\._inductor\.(mkldnn_lowerings|select_algorithm)")
-    compiled = torch.compile(fn, dynamic=False, options={
+    compiled = torch.compile(own_code(fn), dynamic=False, options={
         "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
     import torch._inductor.config as inductor_config
 
     def run(*args, **kwargs):
-        with inductor_config.patch(CPU_COMPILE_OPTIONS):
+        with inductor_config.patch(options):
             return compiled(*args, **kwargs)
     return run
 
@@ -153,6 +181,7 @@ def compile_frame_parts(model: torch.nn.Module, device: torch.device,
 
     limit = torch._dynamo.config
     limit.recompile_limit = max(limit.recompile_limit, 3 * buckets)
-    return FrameParts(compile_module(model.backbone, device),
-                      compile_module(model.depth_step, device),
-                      compile_module(sample_topk, device))
+    options = cpu_compile_options(model)
+    return FrameParts(compile_module(model.backbone, device, options),
+                      compile_module(model.depth_step, device, options),
+                      compile_module(sample_topk, device, options))
