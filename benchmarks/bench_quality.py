@@ -223,7 +223,7 @@ def word_time_errors(text: str, audio: torch.Tensor, chunks: list[dict], aligner
                                              seconds)
     row = {"heard_words": [[w, t] for w, t in heard]}
     for how, times in ours.items():
-        row[f"word_start_error_ms_{how}"], row["words_paired"] = start_error_ms(
+        row[f"word_start_error_ms_{how}"], row[f"words_paired_{how}"] = start_error_ms(
             times.words, times.start, heard)
     return row
 
