@@ -102,6 +102,7 @@ def test_the_plain_loops_caches_are_made_at_its_first_use(own_generator):
     caches = own_generator._caches
     assert caches is not None and caches.batch == 1
     assert caches.max_seq == own_generator.model.window
+    assert caches.backbone[0].k.device == next(own_generator.model.parameters()).device
     assert own_generator.caches is caches  # made once
 
 
