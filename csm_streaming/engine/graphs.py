@@ -39,12 +39,12 @@ def cpu_compile_options(model: torch.nn.Module) -> dict:
     stay outside the graphs, found by layer number), and it costs every start: it keeps
     AOTAutograd's cache off, so each start traced and froze the graphs again. random:csm-1b
     int8 on the AVX-512 EPYC, a start over a warm inductor cache: warm-up 8 s against 24, the
-    frame step no slower (one stream 217-240 ms best against 244-272, step_fn(1), two starts
-    each in turns; bench_streaming --steps-only, one run after the other: one stream 215
-    against 270 ms, 8 streams 479 against 453). oneDNN's int8 product needs its packed
-    weights frozen in as constants (inductor's lowering asserts it), and fp32 / bf16 products
-    are tuned over frozen weights: those keep freezing, as int4 layers do (not measured
-    without)."""
+    frame step as fast within this machine's spread (one stream 217-240 ms best against
+    244-272, step_fn(1), two starts each in turns; bench_streaming --steps-only, one run after
+    the other: one stream 215 against 270 ms, 8 streams 479 against 453). oneDNN's int8
+    product needs its packed weights frozen in as constants (inductor's lowering asserts it),
+    and fp32 / bf16 products are tuned over frozen weights: those keep freezing, as int4
+    layers do (not measured without)."""
     linears = [m for m in model.modules()
                if isinstance(m, (torch.nn.Linear, Int8Linear, Int4Linear))]
     if linears and all(isinstance(m, Int8Linear) and m.cpu_kernel == "fbgemm"
