@@ -80,7 +80,6 @@ class CtcAligner:
         self.upper = any(k.isupper() for k in vocab)  # the vocabulary's letters' case
         self.delimiter = vocab.get(WORD_DELIMITER)
         self.step_s = model.config.inputs_to_logits_ratio / ALIGN_RATE  # 20 ms
-        self.device = next(model.parameters()).device
         self._lock = threading.Lock()
 
     @classmethod
@@ -104,7 +103,6 @@ class CtcAligner:
     def to(self, device: str | torch.device) -> CtcAligner:
         """On the engine's device (a GPU aligns a phrase in milliseconds)."""
         self.model.to(device)
-        self.device = torch.device(device)
         return self
 
     def letters(self, word: str) -> list[int]:
@@ -121,18 +119,20 @@ class CtcAligner:
 
         x = soxr.resample(np.asarray(audio, np.float32), SAMPLE_RATE, ALIGN_RATE)
         x = (x - x.mean()) / np.sqrt(x.var() + 1e-7)  # as its feature extractor normalizes
-        logits = self.model(torch.from_numpy(x)[None].to(self.device)).logits[0]
+        device = next(self.model.parameters()).device
+        logits = self.model(torch.from_numpy(x)[None].to(device)).logits[0]
         return logits.float().log_softmax(-1).cpu().numpy()
 
     def align(self, words: list[str], audio: np.ndarray) -> list[tuple[float, float]] | None:
         """Each word's (start, end) in seconds from the audio's first sample; None where the
         audio is too short for the words or no word has a letter. A word with no letter of
         the vocabulary (a dash) shares the span of the next word that has (or the last)."""
+        spelled = [self.letters(w) for w in words]
         units: list[list[int]] = []  # words that have letters: their indices
         waiting: list[int] = []
-        for i, word in enumerate(words):
+        for i, letters in enumerate(spelled):
             waiting.append(i)
-            if self.letters(word):
+            if letters:
                 units.append(waiting)
                 waiting = []
         if not units:
@@ -143,7 +143,7 @@ class CtcAligner:
             if targets and self.delimiter is not None:
                 targets.append(self.delimiter)
             first = len(targets)
-            targets += [t for i in unit for t in self.letters(words[i])]
+            targets += [t for i in unit for t in spelled[i]]
             bounds.append((first, len(targets) - 1))
         if len(audio) < SAMPLE_RATE * self.step_s:
             return None

@@ -55,9 +55,8 @@ def create_app(engine_thread, settings: ServerSettings, voices=None, chat=None, 
     from fastapi import FastAPI
 
     app = FastAPI(title="CSM-1B streaming server", docs_url="/docs", redoc_url=None)
-    ctx = ServerContext(app, engine_thread, settings, voices, chat)
+    ctx = ServerContext(app, engine_thread, settings, voices, chat, aligner)
     ctx.chat_session = chat_routes.chat_session
-    ctx.aligner = aligner
     app.state.ctx = ctx
     for module in (routes, chat_routes, voice_routes, cartesia_routes, elevenlabs_routes):
         app.include_router(module.router)

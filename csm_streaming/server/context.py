@@ -28,12 +28,13 @@ class ServerContext:
     """What the routes share: the engine thread, the settings, the voices, and the helpers that turn
     a ticket's chunks into a response. One per app, on `app.state.ctx`."""
 
-    def __init__(self, app, engine_thread, settings: ServerSettings, voices=None, chat=None):
+    def __init__(self, app, engine_thread, settings: ServerSettings, voices=None, chat=None,
+                 aligner=None):
         self.app, self.engine_thread, self.settings = app, engine_thread, settings
         self.sg, self.metrics = engine_thread.generator, engine_thread.metrics
         self.voices, self.chat = voices, chat  # chat: an llm.LLMConfig, or None
         self.chat_session = None  # async (ws, ctx, first message): set by server.create_app
-        self.aligner = None  # engine/word_align.CtcAligner (--word-aligner), else estimated times
+        self.aligner = aligner  # engine/word_align.CtcAligner (--word-aligner); None: estimated
         # Open connections: WebSockets not yet authorised, and authorised clients (the routes
         # but /health and the page); /health and the page count in neither.
         # per address only where a token tells strangers from clients: without one every
