@@ -19,6 +19,9 @@ def add_model_arguments(p):
                         "start)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="int8 / int4 weights (int4: CPU only); see the README")
+    p.add_argument("--no-weight-cache", action="store_true",
+                   help="do not keep int8 weights on disk for the next start, nor read them "
+                        "(kept in CSM_CACHE_DIR, else ~/.cache/csm_streaming: 2.3 GB for CSM-1B)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the frame step (None: on CUDA only; minutes on a CPU)")
     p.add_argument("--no-cuda-graphs", action="store_true",
@@ -35,7 +38,8 @@ def load_arguments(args) -> dict:
 
     return {"device": args.device, "model": args.model or DEFAULT_REPO, "mimi": args.mimi,
             "watermark": not args.no_watermark, "watermark_key": args.watermark_key,
-            "quantize": args.quantize, "dtype": args.dtype}
+            "quantize": args.quantize, "dtype": args.dtype,
+            "weight_cache": not args.no_weight_cache}
 
 
 def config_arguments(args) -> dict:

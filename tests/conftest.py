@@ -1,9 +1,11 @@
 """Shared fixtures: tiny random models built in-process (no download), one Mimi per session."""
 
+import atexit
 import logging
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import warnings
 
@@ -11,6 +13,12 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the network
+# Quantized weights kept for the next start (model/weight_cache.py) go to a folder of the run's
+# own (session fixtures), and each test gets one of its own (below): never the user's cache,
+# never another test's weights
+_CACHE = tempfile.mkdtemp(prefix="csm-test-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ["CSM_CACHE_DIR"] = _CACHE
 # Under pytest-xdist (-n N) each worker gets its share of the cores: threads beyond them make
 # torch's OpenMP workers wait on each other.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
@@ -26,6 +34,11 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192,
 }
+
+
+@pytest.fixture(autouse=True)
+def own_weight_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CSM_CACHE_DIR", str(tmp_path / "csm-cache"))
 
 
 def tiny_hf_config(rope=LLAMA3_ROPE):

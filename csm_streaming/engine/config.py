@@ -113,13 +113,15 @@ class LoadOptions:
     weight-only quantization, see model/quantize.py; dtype='int8' / 'int4' says the same.
     dtype: a torch.dtype, 'fp32', 'bf16', or 'auto' (on a CPU the fastest of the two, and of
     int8 when quantize='int8' was asked for, measured: see pick_dtype); None: bf16 on CUDA,
-    fp32 elsewhere.
+    fp32 elsewhere. weight_cache: int8 weights are kept on disk after their first load and read
+    from there on the next (model/weight_cache.py; CSM_CACHE_DIR says where); False: neither.
     """
 
     model: str = DEFAULT_REPO
     mimi: str | None = None
     dtype: torch.dtype | str | None = None
     quantize: str | None = None
+    weight_cache: bool = True
     watermark: bool = True
     watermark_key: object = None
     allow_cpu_fallback: bool = False

@@ -22,7 +22,7 @@ log = logging.getLogger("csm")
 
 def load_csm_1b(device: str = "auto", model: str = DEFAULT_REPO, **options) -> Generator:
     """Load CSM-1B and Mimi and return a Generator. options: the fields of LoadOptions (mimi,
-    dtype, quantize, watermark, watermark_key, allow_cpu_fallback, normalize)."""
+    dtype, quantize, weight_cache, watermark, watermark_key, allow_cpu_fallback, normalize)."""
     return load_generator(device, LoadOptions(model=model, **options))
 
 
@@ -48,7 +48,8 @@ def load_generator(device: str, opts: LoadOptions) -> Generator:
         if dtype == "auto":
             dtype, quantize = pick_dtype(dev, quantize)
         check_mode(quantize, dev)  # before the weights load: int4 on a GPU says so now
-        csm, tok, _ = load_model_and_tokenizer(opts.model, dev, dtype, quantize)
+        csm, tok, _ = load_model_and_tokenizer(opts.model, dev, dtype, quantize,
+                                               opts.weight_cache)
     except (RuntimeError, torch.OutOfMemoryError) as e:
         if isinstance(e, CheckpointError) or not opts.allow_cpu_fallback or str(device) == "cpu":
             raise
@@ -56,7 +57,8 @@ def load_generator(device: str, opts: LoadOptions) -> Generator:
                                              "the CPU"))
         log.warning(events[-1].text)
         dev = torch.device("cpu")
-        csm, tok, _ = load_model_and_tokenizer(opts.model, dev, None, quantize)
+        csm, tok, _ = load_model_and_tokenizer(opts.model, dev, None, quantize,
+                                               opts.weight_cache)
     mimi = "random" if opts.mimi is None and random_model else opts.mimi
     audio_tokenizer = load_mimi(mimi, dev)
     wm = load_watermark_stage(opts.watermark, dev, opts.watermark_key,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from csm_streaming.model import weight_cache as weight_cache_module
 from csm_streaming.model.csm import CSM, FLAVORS, ModelArgs
 from csm_streaming.model.hub import (
     MIMI_NAME,
@@ -209,10 +210,11 @@ def load_state(files: list[Path], config: dict | None) -> tuple[ModelArgs, dict,
 
 
 def build_model(args: ModelArgs, state: dict | None, device, dtype,
-                quantize: str | None = None) -> CSM:
+                quantize: str | None = None, saved=None, save=None) -> CSM:
     """Build CSM on `device` in `dtype`; random init (std 0.02) when `state` is None. quantize
     ('int8', 'int4'): each layer quantized as its weights are written (the full-precision model
-    never exists at once: quantized_load.build_quantized); `state` is emptied on the way."""
+    never exists at once: quantized_load.build_quantized, which takes `saved` / `save` to read
+    or keep the quantized weights); `state` is emptied on the way."""
     with torch.device("meta"):
         model = CSM(args)
     if quantize:
@@ -230,8 +232,8 @@ def build_model(args: ModelArgs, state: dict | None, device, dtype,
 
         if state is not None:
             stack_checkpoint_parts(model, state)  # as load_state_dict's hooks do
-        build_quantized(model, random_fill(device) if state is None else state_fill(state),
-                        quantize)
+        fill = None if saved else random_fill(device) if state is None else state_fill(state)
+        build_quantized(model, fill, quantize, saved, save)
         if state:
             raise ValueError(f"checkpoint does not match the model: unexpected {sorted(state)[:5]}")
     elif state is None:
@@ -377,9 +379,10 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_model_and_tokenizer(model: str, device: torch.device, dtype: torch.dtype | None = None,
-                             quantize: str | None = None):
+                             quantize: str | None = None, weight_cache: bool = True):
     """-> (CSM on device, tokenizer, description). `random:<flavour>` builds random weights.
-    quantize: int8 / int4 weights, quantized as they load (build_model)."""
+    quantize: int8 / int4 weights, quantized as they load (build_model); int8 weights are
+    read from and kept in the weight cache (model/weight_cache.py) unless weight_cache=False."""
     dtype = dtype or default_dtype(device)
     if is_random_model(model):
         flavour = model[len(RANDOM_PREFIX):]
@@ -388,19 +391,41 @@ def load_model_and_tokenizer(model: str, device: torch.device, dtype: torch.dtyp
                              + ", ".join(RANDOM_PREFIX + f for f in FLAVORS))
         args = FLAVORS[flavour]
         tok = random_text_tokenizer(min(512, args.text_vocab_size))
-        return (build_model(args, None, device, dtype, quantize), tok,
-                f"{flavour} (random weights)")
-    path = resolve_checkpoint(model)
-    folder = path if path.is_dir() else path.parent
-    files = checkpoint_files(folder) if path.is_dir() else [path]
-    config = None
-    if (folder / "config.json").is_file():
-        config = json.loads((folder / "config.json").read_text())
-        if config.get("model_type") not in (None, "csm"):
-            config = None  # not a CsmConfig (an original-format folder may hold its own)
-    args, state, fmt = load_state(files, config)
+        source, described = weight_cache_module.random_source(flavour), "random weights"
+
+        def read_state():
+            return args, None
+    else:
+        path = resolve_checkpoint(model)
+        folder = path if path.is_dir() else path.parent
+        files = checkpoint_files(folder) if path.is_dir() else [path]
+        config = None
+        if (folder / "config.json").is_file():
+            config = json.loads((folder / "config.json").read_text())
+            if config.get("model_type") not in (None, "csm"):
+                config = None  # not a CsmConfig (an original-format folder may hold its own)
+        source, described = weight_cache_module.files_source(files, config), "read"
+        formats = []
+
+        def read_state():
+            args, state, fmt = load_state(files, config)
+            formats.append(fmt)
+            tokenizer_file(folder)  # before the weights are built
+            return args, state
+    cache = None
+    if weight_cache and quantize in weight_cache_module.CACHED_MODES:
+        cache = weight_cache_module.WeightCache(source, quantize, dtype)
+    built = weight_cache_module.build_through(
+        cache, read_state, lambda args, state, **kw: build_model(args, state, device, dtype,
+                                                                  quantize, **kw))
+    if not is_random_model(model):
+        tok = load_text_tokenizer(tokenizer_file(folder))
+        described = f"{formats[0]} format" if formats else f"{quantize} weights from the cache"
+    return built, tok, f"{model} ({described})"
+
+
+def tokenizer_file(folder: Path) -> Path:
     if not (folder / "tokenizer.json").is_file():
         raise CheckpointError(f"{folder} has no tokenizer.json: copy the checkpoint's "
                               "tokenizer.json beside the weights")
-    tok = load_text_tokenizer(folder / "tokenizer.json")
-    return build_model(args, state, device, dtype, quantize), tok, f"{model} ({fmt} format)"
+    return folder / "tokenizer.json"

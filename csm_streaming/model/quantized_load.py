@@ -23,7 +23,7 @@ log = logging.getLogger("csm.quantize")
 
 
 @torch.no_grad()
-def build_quantized(model: nn.Module, fill, mode: str) -> int:
+def build_quantized(model: nn.Module, fill, mode: str, saved=None, save=None) -> int:
     """Write a model's weights and quantize them in one pass: `fill(name, tensor)` writes one
     parameter in place (random, or a checkpoint's), and each Linear is quantized as soon as its
     weight is written, its full-precision weight then freed. The tensors were allocated but
@@ -31,8 +31,14 @@ def build_quantized(model: nn.Module, fill, mode: str) -> int:
     full-precision model never exists at once: the peak is the quantized model and a layer
     per worker (build_workers), where quantize_model's is the whole model beside it. Same
     layers, kernels and (random) values as building the model and calling quantize_model; int8
-    layers then keep only their kernel's packed copy (drop_unpacked). Returns how many layers."""
-    check_mode(mode, next(model.parameters()).device)
+    layers then keep only their kernel's packed copy (drop_unpacked). Returns how many layers.
+
+    save(name, tensors): called with what each parameter became (a layer's int8 rows and
+    scales, a table, a norm's scale), before packing; saved(name) -> those tensors: given, the
+    model is built from them instead (no fill, no quantizing: the layers' shapes are made on
+    the meta device). model/weight_cache.py keeps them on disk."""
+    device = next(model.parameters()).device
+    check_mode(mode, device)
     kernel = int8_kernel_for(model)  # before any weight is written: it times random ones
     linears = {f"{name}.weight": name for name, m in model.named_modules()
                if isinstance(m, nn.Linear)}
@@ -43,16 +49,31 @@ def build_quantized(model: nn.Module, fill, mode: str) -> int:
     def build(name: str) -> tuple[int, int]:
         """One parameter written and, where it is a layer's weight, quantized and packed ->
         (layers made, int8 layers that kept only their packed copy)."""
-        fill(name, model.get_parameter(name))
+        p, quantized = model.get_parameter(name), name in linears or name in tables
+        quantized |= name == "audio_head" and p.numel() > 0
+        if saved is not None and not quantized:
+            p.copy_(saved(name)["value"])
+            return 0, 0
+        if saved is not None:  # only the shapes: the values are read below
+            _on_meta(model, name)
+        else:
+            fill(name, p)
+        if not quantized:  # a norm's scale: nothing to quantize, nothing freed
+            if save is not None:
+                save(name, {"value": p})
+            return 0, 0
         if name in linears:
-            made = [quantize_layer(model, linears[name], mode)]
-        elif name == "audio_head":
-            made = list(model.audio_heads_int8) if quantize_audio_heads(model) else []
+            made = [unit := quantize_layer(model, linears[name], mode)]
         elif name in tables:
             compact_embeddings(model, only=name.removesuffix(".weight"))
-            made = []
+            made, unit = [], model.get_submodule(name.removesuffix(".weight"))
         else:
-            return 0, 0  # a norm's scale: nothing to quantize, nothing freed
+            quantize_audio_heads(model)
+            made = list(unit := model.audio_heads_int8)
+        if saved is not None:
+            unit.to_empty(device=device).load_state_dict(saved(name))
+        elif save is not None:
+            save(name, unit.state_dict())
         dropped = 0
         for m in made:  # packed now, each int8 layer keeps its packed copy alone
             if isinstance(m, Int8Linear):
@@ -62,15 +83,45 @@ def build_quantized(model: nn.Module, fill, mode: str) -> int:
         return len(made), dropped
 
     # The embedding tables first (their fp32 values and int8 copy meet before the rest exists),
-    # then the layers, `build_workers` at a time: drawing random values and FBGEMM's packing
-    # run on one core each and let go of the GIL (the quantizing's own ops take every thread)
+    # then the layers, `build_workers` at a time: drawing random values, reading and FBGEMM's
+    # packing run on one core each and let go of the GIL (the quantizing's own ops take every
+    # thread)
     with ThreadPoolExecutor(build_workers(), thread_name_prefix="quantize") as pool:
-        done = [*pool.map(build, [n for n in names if n in tables]),
-                *pool.map(build, [n for n in names if n not in tables])]
+        try:
+            done = [*pool.map(build, [n for n in names if n in tables]),
+                    *pool.map(build, [n for n in names if n not in tables])]
+        except BaseException:  # the rest is not started: the load failed
+            pool.shutdown(cancel_futures=True)
+            raise
+    if saved is not None:
+        _off_meta(model, device)
     n, dropped = map(sum, zip(*done))
-    log.info("%s weights: %d layers quantized as they were written (%d int8 layers keep only "
-             "their %s-packed copy)", mode, n, dropped, kernel)
+    log.info("%s weights: %d layers %s (%d int8 layers keep only their %s-packed copy)", mode,
+             n, "read from the cache" if saved is not None else "quantized as they were written",
+             dropped, kernel)
     return n
+
+
+def _on_meta(model: nn.Module, name: str):
+    """The parameter `name` replaced by one of its shape on the meta device (its memory, never
+    written, goes): quantizing it then makes the layer's shapes without computing a value."""
+    parent, _, child = name.rpartition(".")
+    module, p = model.get_submodule(parent), model.get_parameter(name)
+    setattr(module, child, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+
+
+def _off_meta(model: nn.Module, device: torch.device):
+    """What quantizing on the meta device left there: the empty tensors the quantized layers
+    replaced (the audio heads' [31, D, V] becomes [0]), made again on `device`."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device.type != "meta":
+            continue
+        if t.numel():
+            raise RuntimeError(f"{name} was not read from the cache: a bug, please report it")
+        parent, _, child = name.rpartition(".")
+        empty = torch.empty_like(t, device=device)
+        setattr(model.get_submodule(parent), child,
+                nn.Parameter(empty, requires_grad=False) if isinstance(t, nn.Parameter) else empty)
 
 
 def build_workers() -> int:
