@@ -65,6 +65,20 @@ def test_a_second_random_load_reads_the_int8_weights_the_first_wrote(tmp_path, m
     assert not any(t.device.type == "meta" for t in [*second.parameters(), *second.buffers()])
 
 
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="Linux only")
+def test_the_cached_text_table_stays_mapped_from_its_file(tmp_path):
+    """Read from the cache, the int8 text table is its file mapped into memory (a prompt's
+    lookups bring in only their rows), not a copy; the other tables are copies."""
+    first = load()
+    second = load()
+    [folder] = cached_folders(tmp_path / "csm-cache")
+    maps = open("/proc/self/maps").read()
+    assert str(folder / "text_embeddings.weight.safetensors") in maps
+    assert str(folder / "audio_embeddings.weight.safetensors") not in maps
+    tokens = torch.tensor([[3, 200, 17]])
+    assert torch.equal(first.text_embeddings(tokens), second.text_embeddings(tokens))
+
+
 def test_cached_fbgemm_layers_multiply_as_the_quantized_ones(monkeypatch):
     if not quantize_module.fbgemm_available():
         pytest.skip("no FBGEMM here")

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn as nn
 
-from csm_streaming.model.embedding_tables import compact_embeddings
+from csm_streaming.model.embedding_tables import Int8Embedding, compact_embeddings
 from csm_streaming.model.quantize import (
     Int8Linear,
     check_mode,
@@ -36,7 +36,9 @@ def build_quantized(model: nn.Module, fill, mode: str, saved=None, save=None) ->
     save(name, tensors): called with what each parameter became (a layer's int8 rows and
     scales, a table, a norm's scale), before packing; saved(name) -> those tensors: given, the
     model is built from them instead (no fill, no quantizing: the layers' shapes are made on
-    the meta device). model/weight_cache.py keeps them on disk."""
+    the meta device). model/weight_cache.py keeps them on disk; the int8 text table read from
+    there stays mapped from its file (`saved`'s tensors are), not copied: a prompt looks up a
+    row a token, so only the rows looked up come into memory (~0.3 GB of CSM-1B's stay out)."""
     device = next(model.parameters()).device
     check_mode(mode, device)
     kernel = int8_kernel_for(model)  # before any weight is written: it times random ones
@@ -70,7 +72,9 @@ def build_quantized(model: nn.Module, fill, mode: str, saved=None, save=None) ->
         else:
             quantize_audio_heads(model)
             made = list(unit := model.audio_heads_int8)
-        if saved is not None:
+        if saved is not None and isinstance(unit, Int8Embedding) and device.type == "cpu":
+            unit.load_state_dict(saved(name), assign=True)  # mapped: see below
+        elif saved is not None:
             unit.to_empty(device=device).load_state_dict(saved(name))
         elif save is not None:
             save(name, unit.state_dict())

@@ -108,11 +108,12 @@ class WeightCache:
             return None
 
     def read(self, name: str) -> dict[str, torch.Tensor]:
-        """One parameter's built tensors, read into memory (not mapped: the file's pages would
-        count in the process's memory until every tensor from it is gone)."""
-        from safetensors.torch import load
+        """One parameter's built tensors, mapped from its file: a page comes into memory when
+        it is first read (copied into the model, or looked up where the tensor itself is
+        kept), and goes with the last tensor of the file."""
+        from safetensors.torch import load_file
 
-        return load((self.folder / f"{name}.safetensors").read_bytes())
+        return load_file(self.folder / f"{name}.safetensors")
 
     def remove(self):
         shutil.rmtree(self.folder, ignore_errors=True)
