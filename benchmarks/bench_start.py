@@ -9,11 +9,15 @@ process's peak resident memory (GB: 10^9 bytes), and the int8 kernel its load pi
 (oneDNN's packed weights take less memory than FBGEMM's). Rows, in one run:
 
 - "quantized as written": the model's layers quantized as its weights are written (the
-  product's way: model/quantized_load.build_quantized), beside
+  product's way: model/quantized_load.build_quantized), no weight cache, beside
 - "fp32, then quantized" (the baseline: the whole fp32 model built first, then quantized, as
-  the product did before), and, with --compile,
-- "compiled, cold" then "compiled, cached": two starts with one empty inductor cache folder of
-  their own, so the second finds the first's compiled graphs on disk.
+  the product did before), then
+- "weights cached: written" and "weights cached: read": two starts over one empty weight
+  cache folder (model/weight_cache.py): the first quantizes and keeps the int8 weights, the
+  second reads them; and, with --compile,
+- "compiled, cold" then "compiled, cached": two starts with an empty inductor cache folder and
+  an empty weight cache of their own, so the second finds the first's compiled graphs and
+  int8 weights on disk.
 
 Prints a table and saves benchmarks/results/start_<device>.json.
 """
@@ -36,7 +40,7 @@ from csm_streaming.options import HelpFormatter
 CHILD_FLAG = "--child"
 
 
-def child(model: str, quantize: str, after_fp32: bool, compile_: bool):
+def child(model: str, quantize: str, after_fp32: bool, compile_: bool, weight_cache: bool):
     """One start, measured from inside the process: prints its JSON line."""
     import resource
 
@@ -56,7 +60,7 @@ def child(model: str, quantize: str, after_fp32: bool, compile_: bool):
             return model
         checkpoints.build_model = build_then_quantize
     sg = load_streaming_csm_1b("cpu", StreamingConfig(enable_compilation=compile_), model=model,
-                               quantize=quantize, watermark=False)
+                               quantize=quantize, watermark=False, weight_cache=weight_cache)
     ready = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     kernel = next((m.cpu_kernel for m in sg.generator.model.modules()
@@ -65,9 +69,11 @@ def child(model: str, quantize: str, after_fp32: bool, compile_: bool):
                       "compiled": sg.engine.compiled is not None, "int8_kernel": kernel}))
 
 
-def start(args, name: str, env: dict, after_fp32: bool = False, compile_: bool = False) -> dict:
+def start(args, name: str, env: dict, after_fp32: bool = False, compile_: bool = False,
+          weight_cache: bool = False) -> dict:
+    """One start in a fresh process; `env` says where its caches are."""
     cmd = [sys.executable, __file__, CHILD_FLAG, args.model, args.quantize,
-           "1" if after_fp32 else "0", "1" if compile_ else "0"]
+           *("1" if flag else "0" for flag in (after_fp32, compile_, weight_cache))]
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if r.returncode != 0:
@@ -95,11 +101,17 @@ def main(argv=None):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     rows = [start(args, "quantized as written", env),
             start(args, "fp32, then quantized", env, after_fp32=True)]
+    with tempfile.TemporaryDirectory(prefix="csm-weights-") as weights:
+        cached_env = {**env, "CSM_CACHE_DIR": weights}
+        rows += [start(args, "weights cached: written", cached_env, weight_cache=True),
+                 start(args, "weights cached: read", cached_env, weight_cache=True)]
     if args.compile:
-        with tempfile.TemporaryDirectory(prefix="csm-inductor-") as cache:
-            cached_env = {**env, "TORCHINDUCTOR_CACHE_DIR": cache}
-            rows += [start(args, "compiled, cold", cached_env, compile_=True),
-                     start(args, "compiled, cached", cached_env, compile_=True)]
+        with (tempfile.TemporaryDirectory(prefix="csm-inductor-") as graphs,
+              tempfile.TemporaryDirectory(prefix="csm-weights-") as weights):
+            cached_env = {**env, "TORCHINDUCTOR_CACHE_DIR": graphs, "CSM_CACHE_DIR": weights}
+            rows += [start(args, "compiled, cold", cached_env, compile_=True, weight_cache=True),
+                     start(args, "compiled, cached", cached_env, compile_=True,
+                           weight_cache=True)]
     base = rows[1]
     for r in rows:
         r["rss_vs_fp32_first"] = r["peak_rss_gb"] / base["peak_rss_gb"]
@@ -112,7 +124,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == CHILD_FLAG:
-        child(sys.argv[2], sys.argv[3], sys.argv[4] == "1", sys.argv[5] == "1")
+    if len(sys.argv) == 7 and sys.argv[1] == CHILD_FLAG:
+        child(sys.argv[2], sys.argv[3], *(flag == "1" for flag in sys.argv[4:]))
     else:
         main()

@@ -520,3 +520,23 @@ def test_a_loaded_int8_model_keeps_only_its_packed_weights(monkeypatch):
         copy.deepcopy(built)
     with pytest.raises(RuntimeError, match="quantize_model instead"):
         layer.dequantized()
+
+
+def test_csm_int8_kernel_names_the_kernel_without_timing(monkeypatch):
+    """CSM_INT8_KERNEL pins the int8 kernel (the timing between two close kernels can flip
+    run to run); a kernel this CPU lacks is refused with the ones it has."""
+    from csm_streaming.model import checkpoints
+    from csm_streaming.model.csm import FLAVORS
+
+    def timed(model):
+        raise AssertionError("timed although CSM_INT8_KERNEL named the kernel")
+
+    monkeypatch.setattr(quantize_module, "choose_cpu_kernel", timed)
+    monkeypatch.setenv("CSM_INT8_KERNEL", "int8pack")
+    model = checkpoints.build_model(FLAVORS["tiny"], None, torch.device("cpu"), torch.float32,
+                                    quantize="int8")
+    assert {m.cpu_kernel for m in model.modules() if isinstance(m, Int8Linear)} == {"int8pack"}
+    monkeypatch.setenv("CSM_INT8_KERNEL", "tpu")
+    with pytest.raises(ValueError, match="CSM_INT8_KERNEL=tpu: this CPU's int8 kernels are"):
+        checkpoints.build_model(FLAVORS["tiny"], None, torch.device("cpu"), torch.float32,
+                                quantize="int8")

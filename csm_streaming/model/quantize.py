@@ -6,10 +6,11 @@ parts, see TWO_PART_INT8), int4 2.9 GB. The matrix products use torch's own kern
 exist:
 
 - int8, per output channel, symmetric. On a CPU the fastest of three kernels, timed when the
-  model is quantized (`choose_cpu_kernel`): oneDNN's int8 x int8 product
-  (`onednn::qlinear_pointwise`, kept unless another is clearly faster: inductor's graphs call
-  it directly), FBGEMM's (`quantized.linear_dynamic`, in a compiled graph through our operator
-  `fbgemm_int8_mm`; the kernel for AVX2-only CPUs: capped at AVX2, oneDNN's ran 8x slower),
+  model is quantized (`choose_cpu_kernel`; CSM_INT8_KERNEL names one instead): oneDNN's int8
+  x int8 product (`onednn::qlinear_pointwise`, kept unless another is clearly faster: compiled,
+  its steps ran 14% faster than FBGEMM's at one stream, 24% at 8), FBGEMM's
+  (`quantized.linear_dynamic`, in a compiled graph through our operator `fbgemm_int8_mm`; the
+  kernel for AVX2-only CPUs: capped at AVX2, oneDNN's ran 8x slower),
   both with each stream's activations in two 8-bit parts, ~16 bits together (`split_product`), or
   `aten._weight_int8pack_mm` (weight-only; no fast AVX2 path). `--compile` takes the whole
   int8 step with either int8 x int8 kernel. MPS: `_weight_int8pack_mm`. On
@@ -259,9 +260,18 @@ def quantize_model(model: nn.Module, mode: str) -> int:
 
 
 def int8_kernel_for(model: nn.Module) -> str:
-    """The int8 kernel the model's int8 layers will use: timed on a CPU, else the default."""
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    return choose_cpu_kernel(model) if on_cpu else Int8Linear.cpu_kernel
+    """The int8 kernel the model's int8 layers will use: on a CPU the one CSM_INT8_KERNEL
+    names (fbgemm, onednn, int8pack), else the one timed fastest; elsewhere the default."""
+    if next(model.parameters()).device.type != "cpu":
+        return Int8Linear.cpu_kernel
+    named = os.environ.get("CSM_INT8_KERNEL")
+    if not named:
+        return choose_cpu_kernel(model)
+    if named not in int8_cpu_kernels() + ["int8pack"]:
+        raise ValueError(f"CSM_INT8_KERNEL={named}: this CPU's int8 kernels are "
+                         f"{', '.join(int8_cpu_kernels() + ['int8pack'])} (unset: the fastest)")
+    log.info("int8 CPU kernel: %s (CSM_INT8_KERNEL)", named)
+    return named
 
 
 def quantize_layer(model: nn.Module, name: str, mode: str) -> nn.Module:
@@ -351,9 +361,12 @@ def onednn_int8_available() -> bool:
         return False
 
 
-# oneDNN's product is kept unless another measures this much faster: compiled, a graph calls it
-# directly, where FBGEMM's goes through our operator (fbgemm_int8_mm: ~3 us more a call, 623
-# calls a frame), and at one row the two int8 x int8 kernels time alike where both have VNNI.
+# oneDNN's product is kept unless another measures this much faster: at one row the two int8 x
+# int8 kernels time alike where both have VNNI (timed alone, the pick flips run to run), but
+# compiled, oneDNN's frame step was faster: random:csm-1b on the AVX-512 EPYC, window 2048,
+# CSM_INT8_KERNEL=onednn / fbgemm one after the other, best step 216 against 251 ms at one
+# stream, 375 against 493 at 8 (bench_streaming --steps-only, the oneDNN run at the lower
+# DRAM rate of the two: 28 against 38 GB/s).
 ONEDNN_MARGIN = 0.10
 
 
