@@ -42,9 +42,12 @@ def cpu_compile_options(model: torch.nn.Module) -> dict:
     frame step as fast within this machine's spread (one stream 217-240 ms best against
     244-272, step_fn(1), two starts each in turns; bench_streaming --steps-only, one run after
     the other: one stream 215 against 270 ms, 8 streams 479 against 453). oneDNN's int8
-    product needs its packed weights frozen in as constants (inductor's lowering asserts it),
-    and fp32 / bf16 products are tuned over frozen weights: those keep freezing, as int4
-    layers do (not measured without)."""
+    product needs its packed weights frozen in as constants (inductor's lowering asserts it);
+    called through an operator of ours instead (as FBGEMM's, nothing frozen) its step was
+    1.7x slower: 320 against 186 ms at one stream, 455 against 409 at 8, in turns in one
+    process (the compiled lowering keeps oneDNN's primitive and fuses around it; each eager
+    call pays for its own setup, 623 calls a frame). fp32 / bf16 products are tuned over
+    frozen weights: those keep freezing, as int4 layers do (not measured without)."""
     linears = [m for m in model.modules()
                if isinstance(m, (torch.nn.Linear, Int8Linear, Int4Linear))]
     if linears and all(isinstance(m, Int8Linear) and m.cpu_kernel == "fbgemm"
