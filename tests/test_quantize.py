@@ -233,6 +233,7 @@ def test_compiled_quantized_layer_equals_eager(mode):
     layer = (Int4Linear if mode == "int4" else Int8Linear)(torch.randn(64, 128) * 0.02)
     if mode in ("onednn", "fbgemm"):
         layer.use_cpu_kernel(mode)
+        layer.prepare_for_graphs()
     x = torch.randn(4, 128)
     tol = {"int4": 1e-2, "onednn": 1e-4, "fbgemm": 1e-4}.get(mode, 1e-5)
     with torch.no_grad():
@@ -308,13 +309,15 @@ def test_a_copied_fbgemm_layer_multiplies_by_its_own_packed_weights():
         pytest.skip("FBGEMM is x86 only")
     layer = Int8Linear(torch.randn(32, 64))
     layer.use_cpu_kernel("fbgemm")
+    layer.prepare_for_graphs()
     twin = copy.deepcopy(layer)
     twin.weight_int8.neg_()  # another layer now: its own weights
+    twin.prepare_for_graphs()
     x = torch.randn(2, 64)
     torch.testing.assert_close(twin(x), -layer(x), atol=1e-5, rtol=1e-5)
-    assert twin._number != layer._number
-    assert quantize_module.FBGEMM_LAYERS[twin._number] is twin
-    assert quantize_module.FBGEMM_LAYERS[layer._number] is layer
+    assert twin.number != layer.number
+    assert quantize_module.FBGEMM_LAYERS[twin.number] is twin
+    assert quantize_module.FBGEMM_LAYERS[layer.number] is layer
 
 
 @pytest.mark.parametrize("kernel", [int8_kernel("onednn"), int8_kernel("fbgemm")])

@@ -179,9 +179,9 @@ def compile_frame_parts(model: torch.nn.Module, device: torch.device,
                     "here: compiling is kept for those); running eager int8", kernel)
         return None
     restore_linears(model)  # inductor traces plain layers
-    for m in model.modules():  # int8: packed before tracing (oneDNN's: the graphs' constants)
-        if isinstance(m, Int8Linear):
-            m.use_cpu_kernel(m.cpu_kernel)
+    for m in model.modules():  # int8: packed (oneDNN's: the graphs' constants) and numbered
+        if isinstance(m, Int8Linear):  # before tracing, in the model's order
+            m.prepare_for_graphs()
     import torch._dynamo
 
     limit = torch._dynamo.config

@@ -97,6 +97,24 @@ class Int8Linear(nn.Module):
         state.pop("_number", None)  # the copy is another layer (FBGEMM_LAYERS)
         return state
 
+    def prepare_for_graphs(self):
+        """Packed for its kernel and, for FBGEMM's, given its number in FBGEMM_LAYERS (which
+        compiled graphs call it by): before a graph is traced through it, in the model's own
+        order, so the graphs are the same in every process (numbered as layers were packed, two
+        threads at a time, they differed from start to start and inductor's caches never
+        served the next one; numbered while tracing, each number broke the graph)."""
+        self.use_cpu_kernel(self.cpu_kernel)
+        if self.cpu_kernel == "fbgemm" and "_number" not in self.__dict__:
+            self.__dict__["_number"] = number = next(_numbers)
+            FBGEMM_LAYERS[number] = self
+
+    @property
+    def number(self) -> int:
+        if "_number" not in self.__dict__:
+            raise RuntimeError("an FBGEMM int8 layer is traced before it was numbered: call "
+                               "prepare_for_graphs() first")
+        return self.__dict__["_number"]
+
     def use_cpu_kernel(self, kernel: str):
         """Multiply with `kernel` from now on, its weights packed now (eagerly: a compiled graph
         must find them packed, not trace the packing)."""
@@ -142,8 +160,6 @@ class Int8Linear(nn.Module):
                     qw = torch._make_per_channel_quantized_tensor(
                         w, self.scale.double().cpu(), torch.zeros(w.shape[0], dtype=torch.long), 0)
                 packs[kernel] = torch.ops.quantized.linear_prepack(qw, None)
-                self.__dict__["_number"] = number = next(_numbers)
-                FBGEMM_LAYERS[number] = self
             else:  # with the scales and (zero) zero points its product takes
                 packs[kernel] = (torch.ops.onednn.qlinear_prepack(w, None), self.scale.float(),
                                  torch.zeros(w.shape[0], dtype=torch.long))
@@ -171,7 +187,7 @@ class Int8Linear(nn.Module):
         ends, high = grid_ends(narrow)
         if torch.compiler.is_compiling():  # the packed weights cannot be in a graph
             return split_product(x, self.in_features, high, ends, lambda parts: torch.ops
-                                 .csm.fbgemm_int8_mm(parts, self._number, narrow))
+                                 .csm.fbgemm_int8_mm(parts, self.number, narrow))
         return split_product(x, self.in_features, high, ends, lambda parts: torch.ops
                              .quantized.linear_dynamic(parts, packed, narrow))
 
