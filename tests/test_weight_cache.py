@@ -67,16 +67,21 @@ def test_a_second_random_load_reads_the_int8_weights_the_first_wrote(tmp_path, m
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="Linux only")
 def test_the_cached_text_table_stays_mapped_from_its_file(tmp_path):
-    """Read from the cache, the int8 text table is its file mapped into memory (a prompt's
-    lookups bring in only their rows), not a copy; the other tables are copies."""
-    first = load()
+    """Kept in the cache or read from it, the int8 text table is its file mapped into memory (a
+    prompt's lookups bring in only their rows), not a copy; the other tables are copies."""
+    def mapped(name):
+        [folder] = cached_folders(tmp_path / "csm-cache")
+        return str(folder / f"{name}.safetensors") in open("/proc/self/maps").read()
+
+    first = load()  # quantized, written, then mapped from the file written
+    assert mapped("text_embeddings.weight") and not mapped("audio_embeddings.weight")
+    plain = load(weight_cache=False)
+    del first
+    assert not mapped("text_embeddings.weight")  # the mapping goes with the model
     second = load()
-    [folder] = cached_folders(tmp_path / "csm-cache")
-    maps = open("/proc/self/maps").read()
-    assert str(folder / "text_embeddings.weight.safetensors") in maps
-    assert str(folder / "audio_embeddings.weight.safetensors") not in maps
+    assert mapped("text_embeddings.weight") and not mapped("audio_embeddings.weight")
     tokens = torch.tensor([[3, 200, 17]])
-    assert torch.equal(first.text_embeddings(tokens), second.text_embeddings(tokens))
+    assert torch.equal(plain.text_embeddings(tokens), second.text_embeddings(tokens))
 
 
 def test_cached_fbgemm_layers_multiply_as_the_quantized_ones(monkeypatch):

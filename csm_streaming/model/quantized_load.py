@@ -33,12 +33,13 @@ def build_quantized(model: nn.Module, fill, mode: str, saved=None, save=None) ->
     layers, kernels and (random) values as building the model and calling quantize_model; int8
     layers then keep only their kernel's packed copy (drop_unpacked). Returns how many layers.
 
-    save(name, tensors): called with what each parameter became (a layer's int8 rows and
-    scales, a table, a norm's scale), before packing; saved(name) -> those tensors: given, the
-    model is built from them instead (no fill, no quantizing: the layers' shapes are made on
-    the meta device). model/weight_cache.py keeps them on disk; the int8 text table read from
-    there stays mapped from its file (`saved`'s tensors are), not copied: a prompt looks up a
-    row a token, so only the rows looked up come into memory (~0.3 GB of CSM-1B's stay out)."""
+    save(name, tensors) -> the same tensors as kept (or None): called with what each
+    parameter became (a layer's int8 rows and scales, a table, a norm's scale), before
+    packing; saved(name) -> those tensors: given, the model is built from them instead (no
+    fill, no quantizing: the layers' shapes are made on the meta device). model/weight_cache.py
+    keeps them on disk, and both hand back tensors mapped from their files: the int8 text table
+    then stays mapped, not copied (a prompt looks up a row a token, so only the rows looked up
+    come into memory: ~0.3 GB of CSM-1B's stay out)."""
     device = next(model.parameters()).device
     check_mode(mode, device)
     kernel = int8_kernel_for(model)  # before any weight is written: it times random ones
@@ -72,12 +73,15 @@ def build_quantized(model: nn.Module, fill, mode: str, saved=None, save=None) ->
         else:
             quantize_audio_heads(model)
             made = list(unit := model.audio_heads_int8)
-        if saved is not None and isinstance(unit, Int8Embedding) and device.type == "cpu":
-            unit.load_state_dict(saved(name), assign=True)  # mapped: see below
+        mapped = isinstance(unit, Int8Embedding) and device.type == "cpu"  # see above
+        if saved is not None and mapped:
+            unit.load_state_dict(saved(name), assign=True)
         elif saved is not None:
             unit.to_empty(device=device).load_state_dict(saved(name))
         elif save is not None:
-            save(name, unit.state_dict())
+            written = save(name, unit.state_dict())
+            if written is not None and mapped:
+                unit.load_state_dict(written, assign=True)
         dropped = 0
         for m in made:  # packed now, each int8 layer keeps its packed copy alone
             if isinstance(m, Int8Linear):

@@ -135,17 +135,21 @@ class CacheWriter:
         except OSError as e:
             self._fail(e)
 
-    def save(self, name: str, tensors: dict[str, torch.Tensor]):
+    def save(self, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Write one parameter's built tensors -> the same, mapped from the file written (a
+        mapped page costs memory only once read), or None where nothing was written."""
         if self.failed:
-            return
-        from safetensors.torch import save_file
+            return None
+        from safetensors.torch import load_file, save_file
 
+        path = self.part / f"{name}.safetensors"
         try:
-            save_file({k: t.detach().contiguous() for k, t in tensors.items()},
-                      self.part / f"{name}.safetensors")
+            save_file({k: t.detach().contiguous() for k, t in tensors.items()}, path)
             self.bytes += sum(t.nbytes for t in tensors.values())
+            return load_file(path)
         except OSError as e:
             self._fail(e)
+            return None
 
     def _fail(self, e: OSError):
         if not self.failed:
