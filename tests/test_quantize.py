@@ -471,7 +471,7 @@ def test_a_quantized_model_is_quantized_as_its_weights_are_written(mode, monkeyp
     real_build, still_full = quantized_load.build_quantized, []
     monkeypatch.setattr(quantized_load, "build_workers", lambda: 2)
 
-    def watched_build(model, fill, mode, saved=None, save=None):
+    def watched_build(model, fill, mode, cache=None):
         written = set()
         linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
@@ -480,7 +480,7 @@ def test_a_quantized_model_is_quantized_as_its_weights_are_written(mode, monkeyp
                                and isinstance(model.get_submodule(n), torch.nn.Linear)])
             fill(name, p)
             written.add(name)
-        return real_build(model, each, mode, saved, save)
+        return real_build(model, each, mode, cache)
 
     monkeypatch.setattr(quantized_load, "build_quantized", watched_build)
     built = checkpoints.build_model(args, None, cpu, torch.float32, quantize=mode)

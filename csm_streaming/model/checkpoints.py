@@ -210,11 +210,11 @@ def load_state(files: list[Path], config: dict | None) -> tuple[ModelArgs, dict,
 
 
 def build_model(args: ModelArgs, state: dict | None, device, dtype,
-                quantize: str | None = None, saved=None, save=None) -> CSM:
+                quantize: str | None = None, cache=None) -> CSM:
     """Build CSM on `device` in `dtype`; random init (std 0.02) when `state` is None. quantize
     ('int8', 'int4'): each layer quantized as its weights are written (the full-precision model
-    never exists at once: quantized_load.build_quantized, which takes `saved` / `save` to read
-    or keep the quantized weights); `state` is emptied on the way."""
+    never exists at once: quantized_load.build_quantized, which reads the quantized weights
+    from a weight cache or keeps them in one, `cache`); `state` is emptied on the way."""
     with torch.device("meta"):
         model = CSM(args)
     if quantize:
@@ -232,8 +232,9 @@ def build_model(args: ModelArgs, state: dict | None, device, dtype,
 
         if state is not None:
             stack_checkpoint_parts(model, state)  # as load_state_dict's hooks do
-        fill = None if saved else random_fill(device) if state is None else state_fill(state)
-        build_quantized(model, fill, quantize, saved, save)
+        reading = isinstance(cache, weight_cache_module.WeightCache)
+        fill = None if reading else random_fill(device) if state is None else state_fill(state)
+        build_quantized(model, fill, quantize, cache)
         if state:
             raise ValueError(f"checkpoint does not match the model: unexpected {sorted(state)[:5]}")
     elif state is None:

@@ -18,12 +18,13 @@ from csm_streaming.model.quantize import (
     quantize_audio_heads,
     quantize_layer,
 )
+from csm_streaming.model.weight_cache import WeightCache
 
 log = logging.getLogger("csm.quantize")
 
 
 @torch.no_grad()
-def build_quantized(model: nn.Module, fill, mode: str, saved=None, save=None) -> int:
+def build_quantized(model: nn.Module, fill, mode: str, cache=None) -> int:
     """Write a model's weights and quantize them in one pass: `fill(name, tensor)` writes one
     parameter in place (random, or a checkpoint's), and each Linear is quantized as soon as its
     weight is written, its full-precision weight then freed. The tensors were allocated but
@@ -33,81 +34,112 @@ def build_quantized(model: nn.Module, fill, mode: str, saved=None, save=None) ->
     layers, kernels and (random) values as building the model and calling quantize_model; int8
     layers then keep only their kernel's packed copy (drop_unpacked). Returns how many layers.
 
-    save(name, tensors) -> the same tensors as kept (or None): called with what each
-    parameter became (a layer's int8 rows and scales, a table, a norm's scale), before
-    packing; saved(name) -> those tensors: given, the model is built from them instead (no
-    fill, no quantizing: the layers' shapes are made on the meta device). model/weight_cache.py
-    keeps them on disk, and both hand back tensors mapped from their files: the int8 text table
-    then stays mapped, not copied (a prompt looks up a row a token, so only the rows looked up
+    cache (model/weight_cache.py): a CacheWriter is handed what each parameter became (a
+    layer's int8 rows and scales, a table, a norm's scale) before packing; a WeightCache holding
+    them builds the model from them instead (no fill, no quantizing: the layers' shapes are
+    made on the meta device). Both hand back tensors mapped from their files: the int8 text
+    table stays mapped, not copied (a prompt looks up a row a token, so only the rows looked up
     come into memory: ~0.3 GB of CSM-1B's stay out)."""
     device = next(model.parameters()).device
     check_mode(mode, device)
     kernel = int8_kernel_for(model)  # before any weight is written: it times random ones
-    linears = {f"{name}.weight": name for name, m in model.named_modules()
-               if isinstance(m, nn.Linear)}
-    tables = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
-    names = [name for name, _ in model.named_parameters()]  # names: no tensor is held
+    kinds = _kinds(model)
+    reading = isinstance(cache, WeightCache)
 
     @torch.no_grad()  # grad mode is a thread's own: the workers' too
     def build(name: str) -> tuple[int, int]:
         """One parameter written and, where it is a layer's weight, quantized and packed ->
         (layers made, int8 layers that kept only their packed copy)."""
-        p, quantized = model.get_parameter(name), name in linears or name in tables
-        quantized |= name == "audio_head" and p.numel() > 0
-        if saved is not None and not quantized:
-            p.copy_(saved(name)["value"])
+        p, kind = model.get_parameter(name), kinds.get(name)
+        if kind is None:  # a norm's scale: nothing to quantize, nothing freed
+            if reading:
+                p.copy_(cache.read(name)["value"])
+            else:
+                fill(name, p)
+                if cache is not None:
+                    cache.save(name, {"value": p})
             return 0, 0
-        if saved is not None:  # only the shapes: the values are read below
+        if reading:  # only the shapes: the values are read below
             _on_meta(model, name)
         else:
             fill(name, p)
-        if not quantized:  # a norm's scale: nothing to quantize, nothing freed
-            if save is not None:
-                save(name, {"value": p})
-            return 0, 0
-        if name in linears:
-            made = [unit := quantize_layer(model, linears[name], mode)]
-        elif name in tables:
-            compact_embeddings(model, only=name.removesuffix(".weight"))
-            made, unit = [], model.get_submodule(name.removesuffix(".weight"))
-        else:
-            quantize_audio_heads(model)
-            made = list(unit := model.audio_heads_int8)
-        mapped = isinstance(unit, Int8Embedding) and device.type == "cpu"  # see above
-        if saved is not None and mapped:
-            unit.load_state_dict(saved(name), assign=True)
-        elif saved is not None:
-            unit.to_empty(device=device).load_state_dict(saved(name))
-        elif save is not None:
-            written = save(name, unit.state_dict())
-            if written is not None and mapped:
-                unit.load_state_dict(written, assign=True)
-        dropped = 0
-        for m in made:  # packed now, each int8 layer keeps its packed copy alone
-            if isinstance(m, Int8Linear):
-                m.use_cpu_kernel(kernel)
-                dropped += m.drop_unpacked()
-        _give_back_freed_memory()
-        return len(made), dropped
+        made, unit = _quantize(model, name, kind, mode)
+        _read_or_keep(unit, name, cache, device)
+        return len(made), _pack(made, kernel)
 
     # The embedding tables first (their fp32 values and int8 copy meet before the rest exists),
     # then the layers, `build_workers` at a time: drawing random values, reading and FBGEMM's
     # packing run on one core each and let go of the GIL (the quantizing's own ops take every
     # thread)
+    names = list(kinds)
     with ThreadPoolExecutor(build_workers(), thread_name_prefix="quantize") as pool:
         try:
-            done = [*pool.map(build, [n for n in names if n in tables]),
-                    *pool.map(build, [n for n in names if n not in tables])]
+            done = [*pool.map(build, [n for n in names if kinds[n] == "table"]),
+                    *pool.map(build, [n for n in names if kinds[n] != "table"])]
         except BaseException:  # the rest is not started: the load failed
             pool.shutdown(cancel_futures=True)
             raise
-    if saved is not None:
+    if reading:
         _off_meta(model, device)
     n, dropped = map(sum, zip(*done))
     log.info("%s weights: %d layers %s (%d int8 layers keep only their %s-packed copy)", mode,
-             n, "read from the cache" if saved is not None else "quantized as they were written",
+             n, "read from the cache" if reading else "quantized as they were written",
              dropped, kernel)
     return n
+
+
+def _kinds(model: nn.Module) -> dict[str, str | None]:
+    """Each parameter's name -> what it becomes: a Linear's weight its layer's name, "table",
+    "audio heads", or None (a norm's scale: kept as it is)."""
+    linears = {f"{name}.weight": name for name, m in model.named_modules()
+               if isinstance(m, nn.Linear)}
+    tables = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    kinds = {}
+    for name, p in model.named_parameters():  # names only: no tensor is held
+        if name == "audio_head" and p.numel():
+            kinds[name] = "audio heads"
+        else:
+            kinds[name] = "table" if name in tables else linears.get(name)
+    return kinds
+
+
+def _quantize(model: nn.Module, name: str, kind: str, mode: str) -> tuple[list, nn.Module]:
+    """The parameter `name` made into its quantized module -> (the int8 / int4 layers made,
+    the module whose state is what the parameter became)."""
+    if kind == "table":
+        compact_embeddings(model, only=name.removesuffix(".weight"))
+        return [], model.get_submodule(name.removesuffix(".weight"))
+    if kind == "audio heads":
+        quantize_audio_heads(model)
+        return list(model.audio_heads_int8), model.audio_heads_int8
+    layer = quantize_layer(model, kind, mode)
+    return [layer], layer
+
+
+def _read_or_keep(unit: nn.Module, name: str, cache, device: torch.device):
+    """The state of what the parameter `name` became read from a WeightCache, or kept in a
+    CacheWriter; an int8 text table on a CPU then mapped from its file (build_quantized)."""
+    mapped = isinstance(unit, Int8Embedding) and device.type == "cpu"
+    if isinstance(cache, WeightCache):
+        if mapped:
+            unit.load_state_dict(cache.read(name), assign=True)
+        else:
+            unit.to_empty(device=device).load_state_dict(cache.read(name))
+    elif cache is not None:
+        written = cache.save(name, unit.state_dict())
+        if written is not None and mapped:
+            unit.load_state_dict(written, assign=True)
+
+
+def _pack(made: list, kernel: str) -> int:
+    """Each int8 layer packed for `kernel`, keeping only its packed copy -> how many did."""
+    dropped = 0
+    for m in made:
+        if isinstance(m, Int8Linear):
+            m.use_cpu_kernel(kernel)
+            dropped += m.drop_unpacked()
+    _give_back_freed_memory()
+    return dropped
 
 
 def _on_meta(model: nn.Module, name: str):

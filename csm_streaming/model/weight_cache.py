@@ -180,7 +180,8 @@ class CacheWriter:
 def build_through(cache: WeightCache | None, read_state, build):
     """A quantized model built from the cache where it holds it, else from its source, then
     kept there. read_state() -> (args, state) reads the source (state None: random weights);
-    build(args, state, saved=None, save=None) builds (checkpoints.build_model's way)."""
+    build(args, state, cache=None) builds (checkpoints.build_model's way), reading from the
+    cache or keeping in a writer of it."""
     if cache is None:
         return build(*read_state())
     from safetensors import SafetensorError
@@ -188,7 +189,7 @@ def build_through(cache: WeightCache | None, read_state, build):
     args = cache.args()
     if args is not None:
         try:
-            return build(args, None, saved=cache.read)
+            return build(args, None, cache=cache)
         except (OSError, RuntimeError, ValueError, KeyError, SafetensorError) as e:
             log.warning("cached weights in %s could not be read (%s): removing them and "
                         "loading from the source", cache.folder, e)
@@ -196,7 +197,7 @@ def build_through(cache: WeightCache | None, read_state, build):
     args, state = read_state()
     writer = cache.writer(args)
     try:
-        model = build(args, state, save=writer.save)
+        model = build(args, state, cache=writer)
     except BaseException:
         writer.abandon()
         raise
