@@ -392,7 +392,8 @@ def load_model_and_tokenizer(model: str, device: torch.device, dtype: torch.dtyp
                              + ", ".join(RANDOM_PREFIX + f for f in FLAVORS))
         args = FLAVORS[flavour]
         tok = random_text_tokenizer(min(512, args.text_vocab_size))
-        source, described = weight_cache_module.random_source(flavour), "random weights"
+        source = weight_cache_module.random_source(flavour, Path(__file__))  # random_fill's
+        described = "random weights"
 
         def read_state():
             return args, None

@@ -9,11 +9,11 @@ them skips the quantizing (see docs/performance.md for the seconds).
                                                rows and scales, a table, a norm's scale)
 
 The key is a hash of the weights' source (each weight file's resolved path, size and
-modification time, the config; or the random model's name and seed), the mode and dtype, and
-the code and settings that decide the quantized values: a changed checkpoint, setting or
-quantizer is a new key, never a stale read. A folder appears whole or not at all (written
-beside it, renamed when complete). `--no-weight-cache` (LoadOptions.weight_cache=False) reads
-and writes none.
+modification time, the config; or the random model's name, seed and drawing code), the mode
+and dtype, and the code and settings that decide the quantized values: a changed checkpoint,
+setting or quantizer is a new key, never a stale read. A folder appears whole or not at all
+(written beside it, renamed when complete). Nothing removes old folders: delete them to free
+their space. `--no-weight-cache` (LoadOptions.weight_cache=False) reads and writes none.
 """
 
 from __future__ import annotations
@@ -57,8 +57,10 @@ def files_source(files: list[Path], config: dict | None) -> dict:
     return {"files": found, "config": config}
 
 
-def random_source(flavour: str, seed: int = 0) -> dict:
-    return {"random": flavour, "seed": seed}
+def random_source(flavour: str, drawn_by: Path, seed: int = 0) -> dict:
+    """Random weights' identity: the model, the seed and the file whose code draws them."""
+    code = hashlib.sha256(drawn_by.read_bytes()).hexdigest()
+    return {"random": flavour, "seed": seed, "drawn_by": code}
 
 
 def _code_hash() -> str:
