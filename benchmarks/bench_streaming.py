@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backbone window of the benchmark (the server's: 2048)")
     p.add_argument("--steps-only", action="store_true",
                    help="only the frame step per stream count (no plain loop, no engine sweep)")
+    p.add_argument("--int8-kernels", default=None,
+                   help="with --steps-only: int8 models, one per kernel named (e.g. "
+                        "fbgemm,onednn: CSM_INT8_KERNEL), whose steps all take turns")
     p.add_argument(
         "--out-dir", default=None, help="where JSON and PNG go (default benchmarks/results)"
     )
@@ -167,46 +170,71 @@ def engine_rows(gen, args, plain: dict) -> list[dict]:
     return rows
 
 
-def step_rows(gen, args, device) -> list[dict]:
+def step_rows(gens: dict, args, device) -> list[dict]:
     """The frame step alone (no prefill, no Mimi): what "n streams per step" costs the model.
 
     One engine per stream count (compiled with --compile), each with the widest count's slots
     (a server's engine: the matrix kernels packed for that batch, shared by all) and n of them
     running. The engines take turns step by step, so the ratios between stream counts come
-    from the same minutes of a noisy machine (best against best, and median against median)."""
+    from the same minutes of a noisy machine (best against best, and median against median).
+    gens: one Generator, or one per int8 kernel (--int8-kernels), its name the key: all the
+    engines of all of them take turns."""
     from csm_streaming.request import GenerationRequest
 
     counts = list(map(int, args.streams.split(",")))
     steps = {}
-    for n in counts:
-        sg = build(gen, chunk_size_ms=320, max_batch_size=max(counts),
-                   max_seq_len=args.max_seq_len, enable_compilation=args.compile)
-        for i in range(n):
-            sg.engine.submit(
-                GenerationRequest.of(TEXT, i % 2, max_audio_length_ms=args.max_seq_len * 40,
-                                     seed=i)
-            )
-        sg.engine.prepare_all()
-        steps[n] = (sg, sg.engine.step_fn(n))
-        steps[n][1]()  # warm-up
-    times = ms_in_turns({n: step for n, (_, step) in steps.items()}, device,
+    for kernel, gen in gens.items():
+        for n in counts:
+            sg = build(gen, chunk_size_ms=320, max_batch_size=max(counts),
+                       max_seq_len=args.max_seq_len, enable_compilation=args.compile)
+            for i in range(n):
+                sg.engine.submit(
+                    GenerationRequest.of(TEXT, i % 2, max_audio_length_ms=args.max_seq_len * 40,
+                                         seed=i)
+                )
+            sg.engine.prepare_all()
+            steps[kernel, n] = (sg, sg.engine.step_fn(n))
+            steps[kernel, n][1]()  # warm-up
+    times = ms_in_turns({key: step for key, (_, step) in steps.items()}, device,
                           max(3, args.repeats))
     rows = []
-    for n in counts:
-        best, median = min(times[n]), spread(times[n])["median"]
-        rows.append({"name": f"frame step, {plural(n, 'stream')}", "streams": n,
-                     "step_ms": best, "step_median_ms": median,
-                     "aggregate_frames_per_s": n / best * 1e3,
-                     "median_frames_per_s": n / median * 1e3,
-                     "timing": "in turns, step by step", "slots": max(counts),
-                     "compiled": steps[n][0].engine.compiled is not None,
-                     "spread": {"step_ms": spread(times[n])}})
+    for kernel in gens:
+        for n in counts:
+            key = kernel, n
+            best, median = min(times[key]), spread(times[key])["median"]
+            rows.append({"name": f"frame step, {plural(n, 'stream')}"
+                                 + (f" ({kernel})" if kernel else ""),
+                         "streams": n, "int8_kernel": kernel or None,
+                         "step_ms": best, "step_median_ms": median,
+                         "aggregate_frames_per_s": n / best * 1e3,
+                         "median_frames_per_s": n / median * 1e3,
+                         "timing": "in turns, step by step", "slots": max(counts),
+                         "compiled": steps[key][0].engine.compiled is not None,
+                         "spread": {"step_ms": spread(times[key])}})
     del steps
     gc.collect()
     for r in rows:
-        r["aggregate_vs_1_stream"] = r["aggregate_frames_per_s"] / rows[0]["aggregate_frames_per_s"]
-        r["median_vs_1_stream"] = r["median_frames_per_s"] / rows[0]["median_frames_per_s"]
+        one = next(o for o in rows if o["int8_kernel"] == r["int8_kernel"])
+        r["aggregate_vs_1_stream"] = r["aggregate_frames_per_s"] / one["aggregate_frames_per_s"]
+        r["median_vs_1_stream"] = r["median_frames_per_s"] / one["median_frames_per_s"]
     return rows
+
+
+def load_per_kernel(args, device) -> dict:
+    """--int8-kernels: one int8 model per kernel (CSM_INT8_KERNEL at its load), a Generator
+    each, their names the keys."""
+    import os
+
+    from csm_streaming.engine.reference import Generator
+    from csm_streaming.model.checkpoints import load_mimi, load_model_and_tokenizer
+
+    gens = {}
+    for kernel in args.int8_kernels.split(","):
+        os.environ["CSM_INT8_KERNEL"] = kernel
+        model, tok, _ = load_model_and_tokenizer(args.model, device, quantize="int8")
+        gens[kernel] = Generator(model, tok, load_mimi("random", device))
+    del os.environ["CSM_INT8_KERNEL"]
+    return gens
 
 
 def main(argv=None):
@@ -219,19 +247,25 @@ def main(argv=None):
     device = pick_device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
     probe = memory_bandwidth(device)
-    model, tok, _ = load_model_and_tokenizer(args.model, device, dtype)
-    if args.quantize:
-        from csm_streaming.model.quantize import quantize_model
+    if args.int8_kernels:
+        if not args.steps_only:
+            raise SystemExit("--int8-kernels compares frame steps: add --steps-only")
+        gens = load_per_kernel(args, device)
+        model = next(iter(gens.values())).model
+    else:
+        model, tok, _ = load_model_and_tokenizer(args.model, device, dtype)
+        if args.quantize:
+            from csm_streaming.model.quantize import quantize_model
 
-        quantize_model(model, args.quantize)
-    gen = Generator(model, tok, load_mimi("random", device))
+            quantize_model(model, args.quantize)
+        gens = {"": Generator(model, tok, load_mimi("random", device))}
     floor_ms = frame_floor(model, probe)["floor_ms"]
     print(f"device: {device_name(device)}; floor {floor_ms:.1f} ms/frame; {bandwidth_line(probe)}")
     rows = []
     if not args.steps_only:
-        plain = plain_row(gen, device, args.frames)
-        rows = [plain] + engine_rows(gen, args, plain)
-    steps = step_rows(gen, args, device)
+        plain = plain_row(gens[""], device, args.frames)
+        rows = [plain] + engine_rows(gens[""], args, plain)
+    steps = step_rows(gens, args, device)
     print_table(
         steps, ["name", "streams", "step_ms", "step_median_ms", "aggregate_frames_per_s",
                 "aggregate_vs_1_stream", "median_vs_1_stream"]
@@ -242,7 +276,8 @@ def main(argv=None):
     rows += steps
     path = save_json("streaming", device, {"model": args.model,
                                            "dtype": str(next(model.parameters()).dtype),
-                                           "quantize": args.quantize,
+                                           "quantize": "int8" if args.int8_kernels
+                                           else args.quantize,
                                            "frames": args.frames, "floor_ms_per_frame": floor_ms,
                                            **bandwidth_fields(probe),
                                            "max_seq_len": args.max_seq_len,
