@@ -6,6 +6,7 @@ greedy codes must match what transformers' own modules compute on the same weigh
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -248,3 +249,20 @@ def test_offline_failure_is_fast_and_says_what_to_do(monkeypatch):
     assert time.monotonic() - t < 10
     msg = str(e.value)
     assert "hub.invalid:443 cannot be reached" in msg and "--model random:csm-1b" in msg
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_ckpt_pt_is_mapped_where_it_can_be_and_read_where_not(tmp_path, legacy):
+    """ckpt.pt's tensors are mapped from the file (torch.load mmap=True: a 6 GB checkpoint is
+    not copied into memory before the model is filled); torch's legacy format, which cannot
+    be mapped, is read instead: the same weights either way."""
+    from csm_streaming.model.checkpoints import build_model, load_state
+    from csm_streaming.model.csm import FLAVORS
+
+    state = build_model(FLAVORS["tiny"], None, CPU, torch.float32).state_dict()
+    torch.save(state, tmp_path / "ckpt.pt", _use_new_zipfile_serialization=not legacy)
+    args, loaded, fmt = load_state([tmp_path / "ckpt.pt"], None)
+    assert fmt == "original" and args == FLAVORS["tiny"] and loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    if os.path.exists("/proc/self/maps"):  # Linux: what the process maps is listed there
+        assert (str(tmp_path / "ckpt.pt") in open("/proc/self/maps").read()) == (not legacy)

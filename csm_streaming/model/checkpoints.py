@@ -186,12 +186,24 @@ def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     for f in files:
         if f.suffix == ".safetensors":
             state.update(load_file(str(f)))
-        else:  # ckpt.pt: a plain state dict (torch.save), loaded without executing code
-            obj = torch.load(f, map_location="cpu", weights_only=True)
+        else:  # ckpt.pt: a plain state dict (torch.save), loaded without executing code,
+            obj = _torch_load_mapped(f)  # mapped as safetensors' are
             state.update(obj.get("model", obj) if isinstance(obj, dict) else obj)
     return state
 
 
+
+
+def _torch_load_mapped(f: Path):
+    """torch.load of a weight file, its tensors mapped from the file (their pages are read as
+    the model is filled, and can be dropped again by the system: a 6 GB fp32 checkpoint is not
+    copied into memory first); a file in torch's legacy format, which cannot be mapped, read."""
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(f, map_location="cpu", weights_only=True)
 
 
 def load_state(files: list[Path], config: dict | None) -> tuple[ModelArgs, dict, str]:
