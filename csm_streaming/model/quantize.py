@@ -6,11 +6,12 @@ parts, see TWO_PART_INT8), int4 2.9 GB. The matrix products use torch's own kern
 exist:
 
 - int8, per output channel, symmetric. On a CPU the fastest of three kernels, timed when the
-  model is quantized (`choose_cpu_kernel`; CSM_INT8_KERNEL names one instead): oneDNN's int8
-  x int8 product (`onednn::qlinear_pointwise`, kept unless another is clearly faster: compiled,
-  its steps ran 14% faster than FBGEMM's at one stream, 24% at 8), FBGEMM's
-  (`quantized.linear_dynamic`, in a compiled graph through our operator `fbgemm_int8_mm`; the
-  kernel for AVX2-only CPUs: capped at AVX2, oneDNN's ran 8x slower),
+  model is quantized (`choose_cpu_kernel`; CSM_INT8_KERNEL names one instead): FBGEMM's int8 x
+  int8 product (`quantized.linear_dynamic`, kept unless another is clearly faster: see
+  FBGEMM_MARGIN; in a compiled graph through our operator `fbgemm_int8_mm`; the kernel for
+  AVX2-only CPUs: capped at AVX2, oneDNN's ran 8x slower), oneDNN's
+  (`onednn::qlinear_pointwise`, which inductor's graphs call directly, its packed weights
+  frozen in),
   both with each stream's activations in two 8-bit parts, ~16 bits together (`split_product`), or
   `aten._weight_int8pack_mm` (weight-only; no fast AVX2 path). `--compile` takes the whole
   int8 step with either int8 x int8 kernel. MPS: `_weight_int8pack_mm`. On
@@ -377,13 +378,17 @@ def onednn_int8_available() -> bool:
         return False
 
 
-# oneDNN's product is kept unless another measures this much faster: at one row the two int8 x
-# int8 kernels time alike where both have VNNI (timed alone, the pick flips run to run), but
-# compiled, oneDNN's frame step was faster: random:csm-1b on the AVX-512 EPYC, window 2048,
-# CSM_INT8_KERNEL=onednn / fbgemm one after the other, best step 216 against 251 ms at one
-# stream, 375 against 493 at 8 (bench_streaming --steps-only, the oneDNN run at the lower
-# DRAM rate of the two: 28 against 38 GB/s).
-ONEDNN_MARGIN = 0.10
+# FBGEMM's product is kept unless another measures this much faster. Timed alone on one large
+# layer at one row, the two int8 x int8 kernels time alike where both have VNNI (the pick
+# flipped run to run), but a whole frame step says more: random:csm-1b on the AVX-512 EPYC,
+# window 2048, one model per kernel, their steps in turns (bench_streaming --steps-only
+# --int8-kernels fbgemm,onednn): eager (the CPU's default) FBGEMM's step 303 ms against
+# oneDNN's 430 at one stream, 629 against 615 at 8 (oneDNN's each call sets its product up,
+# 623 calls a frame, many of them small); compiled, oneDNN's 234 against 245 at one stream,
+# 474 against 522 at 8 (frozen into the graphs), but its graphs cannot be read back from
+# inductor's caches without freezing again: a cached compiled start 17 s with FBGEMM's, ~33 s
+# with oneDNN's. CSM_INT8_KERNEL=onednn takes oneDNN's where the compiled step matters most.
+FBGEMM_MARGIN = 0.10
 
 
 def int8_cpu_kernels() -> list[str]:
@@ -397,8 +402,8 @@ def choose_cpu_kernel(model: nn.Module) -> str:
     """The fastest int8 kernel on this CPU, timed on the model's largest weight at batch 1:
     oneDNN's or FBGEMM's int8 x int8 product (x86; activations in two 8-bit parts, one call;
     4.7-12x fp32 on an AVX2 EPYC) or torch's weight-only `_weight_int8pack_mm` (no fast AVX2
-    path: slower than fp32 there). All multiply by the same int8 weights. oneDNN's is kept
-    within ONEDNN_MARGIN of the fastest. Says what it picked, and warns when int8 loses to the
+    path: slower than fp32 there). All multiply by the same int8 weights. FBGEMM's is kept
+    within FBGEMM_MARGIN of the fastest. Says what it picked, and warns when int8 loses to the
     model's own dtype here."""
     from csm_streaming.model.cpu_kernels import time_in_turns
 
@@ -414,8 +419,8 @@ def choose_cpu_kernel(model: nn.Module) -> str:
         candidates["onednn"] = lambda: layer.onednn_mm(x)
     times = {k: v * 1000 for k, v in time_in_turns(candidates, 3).items()}
     best = min((k for k in times if k != "fp"), key=times.get)
-    if "onednn" in times and times["onednn"] <= (1 + ONEDNN_MARGIN) * times[best]:
-        best = "onednn"
+    if "fbgemm" in times and times["fbgemm"] <= (1 + FBGEMM_MARGIN) * times[best]:
+        best = "fbgemm"
     said = ", ".join(f"{k} {v:.2f} ms" for k, v in times.items())
     log.info("int8 CPU kernel: %s (%s, on a %dx%d weight)", best, said, *w.shape)
     if times[best] > times["fp"]:
