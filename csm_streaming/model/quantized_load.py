@@ -37,8 +37,8 @@ def build_quantized(model: nn.Module, fill, mode: str, cache=None) -> int:
     cache (model/weight_cache.py): a CacheWriter is handed what each parameter became (a
     layer's int8 rows and scales, a table, a norm's scale) before packing; a WeightCache holding
     them builds the model from them instead (no fill, no quantizing: the layers' shapes are
-    made on the meta device). Both hand back tensors mapped from their files: the int8 text
-    table stays mapped, not copied (a prompt looks up a row a token, so only the rows looked up
+    made on the meta device). Both read tensors mapped from their files: the int8 text table
+    stays mapped, not copied (a prompt looks up a row a token, so only the rows looked up
     come into memory: ~0.3 GB of CSM-1B's stay out)."""
     device = next(model.parameters()).device
     check_mode(mode, device)
@@ -125,10 +125,8 @@ def _read_or_keep(unit: nn.Module, name: str, cache, device: torch.device):
             unit.load_state_dict(cache.read(name), assign=True)
         else:
             unit.to_empty(device=device).load_state_dict(cache.read(name))
-    elif cache is not None:
-        written = cache.save(name, unit.state_dict())
-        if written is not None and mapped:
-            unit.load_state_dict(written, assign=True)
+    elif cache is not None and cache.save(name, unit.state_dict()) and mapped:
+        unit.load_state_dict(cache.read(name), assign=True)
 
 
 def _pack(made: list, kernel: str) -> int:

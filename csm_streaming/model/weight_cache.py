@@ -51,9 +51,9 @@ def files_source(files: list[Path], config: dict | None) -> dict:
     """A checkpoint's identity: its weight files (a hub snapshot's resolve to blobs named by
     their hash) with their sizes and modification times, and its config."""
     found = []
-    for f in files:
-        st = f.resolve().stat()
-        found.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    for f in map(Path.resolve, files):
+        st = f.stat()
+        found.append([str(f), st.st_size, st.st_mtime_ns])
     return {"files": found, "config": config}
 
 
@@ -113,9 +113,7 @@ class WeightCache:
         """One parameter's built tensors, mapped from its file: a page comes into memory when
         it is first read (copied into the model, or looked up where the tensor itself is
         kept), and goes with the last tensor of the file."""
-        from safetensors.torch import load_file
-
-        return load_file(self.folder / f"{name}.safetensors")
+        return _mapped(self.folder, name)
 
     def remove(self):
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -137,21 +135,24 @@ class CacheWriter:
         except OSError as e:
             self._fail(e)
 
-    def save(self, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """Write one parameter's built tensors -> the same, mapped from the file written (a
-        mapped page costs memory only once read), or None where nothing was written."""
+    def save(self, name: str, tensors: dict[str, torch.Tensor]) -> bool:
+        """Write one parameter's built tensors -> whether they were written."""
         if self.failed:
-            return None
-        from safetensors.torch import load_file, save_file
+            return False
+        from safetensors.torch import save_file
 
-        path = self.part / f"{name}.safetensors"
         try:
-            save_file({k: t.detach().contiguous() for k, t in tensors.items()}, path)
+            save_file({k: t.detach().contiguous() for k, t in tensors.items()},
+                      _file(self.part, name))
             self.bytes += sum(t.nbytes for t in tensors.values())
-            return load_file(path)
+            return True
         except OSError as e:
             self._fail(e)
-            return None
+            return False
+
+    def read(self, name: str) -> dict[str, torch.Tensor]:
+        """What `save` wrote, mapped from its file (as WeightCache.read)."""
+        return _mapped(self.part, name)
 
     def _fail(self, e: OSError):
         if not self.failed:
@@ -177,6 +178,16 @@ class CacheWriter:
 
     def abandon(self):
         shutil.rmtree(self.part, ignore_errors=True)
+
+
+def _file(folder: Path, name: str) -> Path:
+    return folder / f"{name}.safetensors"
+
+
+def _mapped(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(_file(folder, name))
 
 
 def build_through(cache: WeightCache | None, read_state, build):
