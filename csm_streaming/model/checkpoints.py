@@ -192,8 +192,6 @@ def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return state
 
 
-
-
 def _torch_load_mapped(f: Path):
     """torch.load of a weight file, its tensors mapped from the file (their pages are read as
     the model is filled, and can be dropped again by the system: a 6 GB fp32 checkpoint is not

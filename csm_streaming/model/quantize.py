@@ -32,7 +32,7 @@ Every Linear of the backbone, the depth decoder, the projection and the codebook
 quantized, and the 31 audio heads (two int8 parts each: their rounding lands on the logits);
 int4 mode (model/int4_layer.py) keeps int8 for the layers torch's int4 packing cannot take
 (the codebook-0 head, 2051 outputs) and for the audio heads; the text embedding table is
-int8 with a scale per row, the audio table bf16 (model/embedding_tables.py). The activations'
+int8 with a scale per 32 values, the audio table bf16 (model/embedding_tables.py). The activations'
 split for the int8 x int8 products is model/int8_split.py. Quality on the real weights is not
 measured here (no weights can be downloaded on this project's machines):
 benchmarks/bench_quantize.py compares logits against bf16 on random weights.
@@ -284,9 +284,10 @@ def int8_kernel_for(model: nn.Module) -> str:
     named = os.environ.get("CSM_INT8_KERNEL")
     if not named:
         return choose_cpu_kernel(model)
-    if named not in int8_cpu_kernels() + ["int8pack"]:
+    here = sorted({*int8_cpu_kernels(), "int8pack"})
+    if named not in here:
         raise ValueError(f"CSM_INT8_KERNEL={named}: this CPU's int8 kernels are "
-                         f"{', '.join(int8_cpu_kernels() + ['int8pack'])} (unset: the fastest)")
+                         f"{', '.join(here)} (unset: the fastest)")
     log.info("int8 CPU kernel: %s (CSM_INT8_KERNEL)", named)
     return named
 
